@@ -1,0 +1,109 @@
+"""Crash-safe saving and loading of training states and snapshots, and finding the newest one.
+
+A run folder holds `training-state-NNNNNN.pt` (state dicts for resume, `torch.save`) and
+`network-snapshot-NNNNNN.pkl` (persistence pickles for distribution), NNNNNN being kimg. A job killed
+while writing must never leave a truncated file under one of those names, or a resume would pick it
+up: `save_atomic` writes a temporary file in the same folder, fsyncs it and renames it into place.
+
+SECURITY: both formats are pickles; loading one can execute code. Load only files you trust.
+"""
+
+import os
+import pickle
+import re
+
+import torch
+
+# First bytes of a zip archive, the container of torch.save's default format.
+_ZIP_MAGIC = b'PK\x03\x04'
+
+# ----------------------------------------------------------------------------
+# Write `obj` to `path` atomically: a reader sees the old file or the complete new one, never a part.
+
+def save_atomic(obj, path, mode='torch'):
+    """Save `obj` with `torch.save` (mode='torch') or `pickle.dump` (mode='pickle') to `path`.
+
+    The data goes to `path + '.tmp-<pid>'` in the same folder (so the final rename stays on one
+    file system), is flushed and fsynced, and then `os.replace`d onto `path`.
+    """
+    if mode not in ('torch', 'pickle'):
+        raise ValueError(f"mode must be 'torch' or 'pickle', got {mode!r}")
+    path = os.fspath(path)
+    tmp_path = f'{path}.tmp-{os.getpid()}'
+    try:
+        with open(tmp_path, 'wb') as f:
+            if mode == 'torch':
+                torch.save(obj, f)
+            else:
+                pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+# ----------------------------------------------------------------------------
+# Persist the rename itself (the directory entry); not possible on every platform, so best effort.
+
+def _fsync_dir(dir_path):
+    try:
+        fd = os.open(dir_path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+# ----------------------------------------------------------------------------
+# Load a file written by save_atomic (either mode), with errors that name the file.
+
+def load(path, map_location='cpu'):
+    """Load a training state (`torch.save` format) or a pickle, tensors mapped to `map_location`.
+
+    Raises FileNotFoundError for a missing file and RuntimeError naming the file when it cannot be
+    read (truncated, corrupt, or referring to code that cannot be imported). Executes code from the
+    file: trusted files only.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Checkpoint file not found: {path}')
+    try:
+        with open(path, 'rb') as f:
+            is_torch_zip = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+            f.seek(0)
+            if is_torch_zip:
+                return torch.load(f, map_location=map_location, weights_only=False)
+            # Plain pickles (snapshots) hold CPU tensors from persistent classes; map_location
+            # does not apply to them.
+            return pickle.load(f)
+    except Exception as err:
+        raise RuntimeError(f'Could not load checkpoint {path}: {type(err).__name__}: {err} '
+                           '(is the file truncated or corrupt, or does it need code that is not importable?)') from err
+
+# ----------------------------------------------------------------------------
+# Newest file in run_dir whose name matches pattern, '*' standing for the number; None if none.
+
+def latest(run_dir, pattern='training-state-*.pt'):
+    """Path of the matching file with the largest number, e.g. `training-state-000500.pt`.
+
+    `pattern` is a file name with one `*` for the digits (`network-snapshot-*.pkl`). Temporary
+    files of an interrupted save (`...pt.tmp-<pid>`) never match, because the pattern must match the
+    whole name.
+    """
+    if pattern.count('*') != 1:
+        raise ValueError(f"pattern must contain exactly one '*' for the number, got {pattern!r}")
+    prefix, suffix = pattern.split('*')
+    regex = re.compile(re.escape(prefix) + r'(\d+)' + re.escape(suffix))
+    best_num, best_path = -1, None
+    if not os.path.isdir(run_dir):
+        return None
+    for name in os.listdir(run_dir):
+        match = regex.fullmatch(name)
+        if match and int(match.group(1)) > best_num and os.path.isfile(os.path.join(run_dir, name)):
+            best_num, best_path = int(match.group(1)), os.path.join(run_dir, name)
+    return best_path

@@ -1,0 +1,174 @@
+"""Multi-process helpers: the same script runs under `torchrun --nproc_per_node=N` or as one process.
+
+`init()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and
+joins the process group: NCCL when CUDA is available, gloo otherwise (so multi-process runs and their
+tests also work on CPU). Without torchrun, or with one process, nothing is initialised and every
+collective below is a no-op, so callers never branch on "am I distributed?".
+
+Collectives take a *list* of tensors and pack each dtype group into one flat buffer: statistics of
+many layers cost one communication (and at most one host round trip), not one per tensor.
+"""
+
+import os
+
+import torch
+
+# Reduction names accepted by all_reduce_.
+_REDUCE_OPS = ('sum', 'mean', 'max', 'min', 'product')
+
+# ----------------------------------------------------------------------------
+# Join the process group described by torchrun's environment; does nothing for a single process.
+
+def init():
+    if is_initialized():
+        return
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if world_size <= 1:
+        return
+    missing = [name for name in ('RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT') if name not in os.environ]
+    if missing:
+        raise RuntimeError(f'WORLD_SIZE={world_size} but {", ".join(missing)} not set: launch with '
+                           '`torchrun --standalone --nproc_per_node=N ...`, or unset WORLD_SIZE for one process')
+    if not torch.distributed.is_available():
+        raise RuntimeError('WORLD_SIZE > 1 but this PyTorch build has no torch.distributed support')
+    kwargs = {}
+    if torch.cuda.is_available() and torch.distributed.is_nccl_available():
+        # Each process owns the GPU of its local rank; binding it here makes NCCL use it too.
+        torch.cuda.set_device(get_local_rank())
+        kwargs.update(backend='nccl', device_id=torch.device('cuda', get_local_rank()))
+    else:
+        kwargs.update(backend='gloo')
+    torch.distributed.init_process_group(init_method='env://', **kwargs)
+
+# ----------------------------------------------------------------------------
+# Leave the process group at the end of a run (avoids PyTorch's shutdown warnings); no-op if alone.
+
+def shutdown():
+    if is_initialized():
+        torch.distributed.destroy_process_group()
+
+# ----------------------------------------------------------------------------
+# True once init() has joined a process group of more than one process.
+
+def is_initialized():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+# ----------------------------------------------------------------------------
+# Global rank of this process (0 when single-process).
+
+def get_rank():
+    return torch.distributed.get_rank() if is_initialized() else 0
+
+# ----------------------------------------------------------------------------
+# Number of processes (1 when single-process).
+
+def get_world_size():
+    return torch.distributed.get_world_size() if is_initialized() else 1
+
+# ----------------------------------------------------------------------------
+# Rank of this process on its machine, i.e. which GPU it owns (torchrun's LOCAL_RANK, else 0).
+
+def get_local_rank():
+    return int(os.environ.get('LOCAL_RANK', '0'))
+
+# ----------------------------------------------------------------------------
+# The device this process computes on: its own GPU if CUDA is available, else the CPU.
+
+def device():
+    if torch.cuda.is_available():
+        return torch.device('cuda', get_local_rank() % torch.cuda.device_count())
+    return torch.device('cpu')
+
+# ----------------------------------------------------------------------------
+# print() on rank 0 only, so N processes do not print N copies of every line.
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+# ----------------------------------------------------------------------------
+# Wait until every process reaches this point.
+
+def barrier():
+    if not is_initialized():
+        return
+    if torch.distributed.get_backend() == 'nccl':
+        torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        torch.distributed.barrier()
+
+# ----------------------------------------------------------------------------
+# Device on which collective buffers must live: NCCL only moves CUDA tensors, gloo works on the CPU.
+
+def _comm_device():
+    if torch.distributed.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+# ----------------------------------------------------------------------------
+# Group tensors by dtype, keeping their order, so each group can share one flat buffer.
+
+def _group_by_dtype(tensors):
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    groups = {}
+    for tensor in tensors:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f'Expected a list of tensors, got an element of type {type(tensor).__name__}')
+        groups.setdefault(tensor.dtype, []).append(tensor)
+    return groups
+
+# ----------------------------------------------------------------------------
+# Pack a dtype group into one contiguous buffer on the communication device.
+
+def _pack(group):
+    comm = _comm_device()
+    flat = torch.cat([t.detach().reshape(-1).to(comm) for t in group])
+    # Not every backend moves bool tensors; uint8 carries the same values (copied back as bool).
+    return flat.to(torch.uint8) if flat.dtype == torch.bool else flat
+
+# ----------------------------------------------------------------------------
+# Copy a packed buffer back into the tensors it came from (each keeps its device and shape).
+
+@torch.no_grad()
+def _unpack_(flat, group):
+    offset = 0
+    for tensor in group:
+        num = tensor.numel()
+        tensor.copy_(flat[offset : offset + num].view(tensor.shape))
+        offset += num
+
+# ----------------------------------------------------------------------------
+# In-place all-reduce of a list of tensors: one collective per dtype, results copied back.
+
+def all_reduce_(tensors, op='sum'):
+    """Reduce every tensor in `tensors` across processes, in place; returns the list.
+
+    `op` is 'sum', 'mean' (floating dtypes only), 'max', 'min' or 'product'. Tensors of the same
+    dtype are flattened into ONE buffer and reduced with ONE collective. Single process: no-op.
+    """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f'op must be one of {_REDUCE_OPS}, got {op!r}')
+    groups = _group_by_dtype(tensors)
+    if op == 'mean' and any(not dtype.is_floating_point for dtype in groups):
+        raise TypeError('all_reduce_(op="mean") needs floating-point tensors')
+    if get_world_size() > 1:
+        torch_op = {'sum': 'SUM', 'mean': 'SUM', 'max': 'MAX', 'min': 'MIN', 'product': 'PRODUCT'}[op]
+        for group in groups.values():
+            flat = _pack(group)
+            torch.distributed.all_reduce(flat, op=getattr(torch.distributed.ReduceOp, torch_op))
+            if op == 'mean':
+                flat /= get_world_size()
+            _unpack_(flat, group)
+    return tensors
+
+# ----------------------------------------------------------------------------
+# In-place broadcast of a list of tensors from rank `src`: one collective per dtype.
+
+def broadcast_(tensors, src=0):
+    if get_world_size() > 1:
+        for group in _group_by_dtype(tensors).values():
+            flat = _pack(group)
+            torch.distributed.broadcast(flat, src=src)
+            _unpack_(flat, group)
+    return tensors

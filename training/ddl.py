@@ -1,0 +1,215 @@
+"""The Discrete Distribution Layer (DDL), the building block of a Discrete Distribution Network.
+
+A DDL turns features into K candidate images at once (one bias-free 1x1 conv with K*C outputs) and a
+selector keeps one candidate per sample (paper §3.1, our spec `DDN.md` §2):
+- training / reconstruction: the candidate nearest (L2) to the target resized to this layer;
+- decoding: the candidate named by a given code;
+- sampling: a uniformly random candidate (the caller passes per-seed random codes);
+- guided (zero-shot conditional generation): the argmin of any black-box scorer's distances.
+The chosen index is the layer's code; the codes of all layers form the sample's 1D discrete latent.
+
+Implementation notes (why it is fast):
+- Candidates are scored without autograd, in fp32 even under autocast, so selection never depends
+  on the training precision. For the L2 distance the K candidates are not even materialised when a
+  Gram-matrix expansion is cheaper (large K, small feature maps).
+- The chosen image is then recomputed from the chosen head alone (its C rows of the weight gathered
+  per sample, one `bmm`): the only path autograd sees, K times cheaper than the all-K conv. Every
+  mode produces its output image this way, so decode(encode(x)) is bit-identical to the
+  reconstruction, and sampling costs one head per layer instead of K.
+"""
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from training.split_prune import SplittableNodes
+
+# ----------------------------------------------------------------------------
+# What a guidance scorer learns about the layer it scores.
+
+class LayerInfo(NamedTuple):
+    index:      int     # Layer index l, 0-based.
+    num_layers: int     # Latent length L of the network (0 when the layer is used alone).
+    K:          int     # Number of candidates of this layer.
+    size:       int     # Spatial size H (= W) of this layer's images.
+
+# A scorer maps candidates (B, K, C, H, W) in [-1, 1] and LayerInfo to distances (B, K); lower is better.
+Scorer = Callable[[torch.Tensor, LayerInfo], torch.Tensor]
+
+# A chooser turns distances (B, K) into codes (B,); the default is the argmin.
+Chooser = Callable[[torch.Tensor, LayerInfo], torch.Tensor]
+
+# Results of one DDL call.
+class DDLOutput(NamedTuple):
+    image:  torch.Tensor                    # (B, C, H, W) the chosen candidate x_l, fp32.
+    codes:  torch.Tensor                    # (B,) int64 chosen index k_l.
+    loss:   Optional[torch.Tensor]          # (B,) loss of the chosen candidate vs the target, or None.
+    leak:   Optional[torch.Tensor]          # (B, C, H, W) leak map of the chosen head, or None.
+    dist:   Optional[torch.Tensor]          # (B, K) selection distances, or None when not computed.
+
+# Area-resize an image batch to (size, size); identity when already there.
+def resize_area(x, size):
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    if x.shape[-1] < size:
+        return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+    return F.interpolate(x, size=(size, size), mode='area')
+
+# Bilinear upsampling of the previous choice to this layer's size (learning residual).
+def upsample(x, size):
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+
+# ----------------------------------------------------------------------------
+# Discrete Distribution Layer: K candidates, a selector, and the running statistics that
+# Split-and-Prune needs (inherited from SplittableNodes; node k = rows [k*C, (k+1)*C) of `weight`).
+
+class DiscreteDistributionLayer(SplittableNodes):
+    def __init__(self,
+        in_channels,                # Feature channels Cf of the block output.
+        out_channels,               # Image channels C (1 = grayscale, 3 = RGB).
+        K,                          # Number of candidates (nodes).
+        learn_residual  = True,     # Candidates are corrections added to the upsampled previous choice.
+        leak            = True,     # Candidates read the first half of the features; the chosen head
+                                    # applied to the second half gives a leak map for the next block.
+        chain_dropout   = 0.05,     # Probability, per layer and step, that the batch takes random codes.
+        loss_type       = 'l2',     # 'l2' (MSE) or 'l1'; also the selection distance.
+        index           = 0,        # Position l of this layer in its network (for scorers).
+        num_layers      = 0,        # Latent length L of the network (for scorers).
+    ):
+        super().__init__(K)
+        if loss_type not in ('l2', 'l1'):
+            raise ValueError(f'loss_type must be "l2" or "l1", got {loss_type!r}')
+        if leak and in_channels % 2:
+            raise ValueError(f'leak=True needs an even number of feature channels, got {in_channels}')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.learn_residual = learn_residual
+        self.leak = leak
+        self.chain_dropout = chain_dropout
+        self.loss_type = loss_type
+        self.index = index
+        self.num_layers = num_layers
+        self.head_channels = in_channels // 2 if leak else in_channels
+        # The 1x1 conv as a (K*C, Cin) matrix; same init as nn.Conv2d's default.
+        self.weight = nn.Parameter(torch.empty(K * out_channels, self.head_channels))
+        bound = 1 / math.sqrt(self.head_channels)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def node_params(self):
+        return [(self.weight, self.out_channels)]
+
+    def info(self, size):
+        return LayerInfo(self.index, self.num_layers, self.K, size)
+
+    def extra_repr(self):
+        return (f'in={self.in_channels}, C={self.out_channels}, K={self.K}, learn_residual={self.learn_residual}, '
+                f'leak={self.leak}, chain_dropout={self.chain_dropout}, loss={self.loss_type}')
+
+    # The chosen head only: (B, Cin, H, W) x codes (B,) -> (B, C, H, W).
+    def chosen_head(self, feat, codes):
+        B, Cin, H, W = feat.shape
+        w = self.weight.view(self.K, self.out_channels, Cin)[codes]          # (B, C, Cin)
+        return torch.bmm(w, feat.flatten(2)).view(B, self.out_channels, H, W)
+
+    # All K heads: (B, Cin, H, W) -> (B, K, C, H, W), without the residual.
+    def all_heads(self, feat):
+        B, Cin, H, W = feat.shape
+        return torch.matmul(self.weight, feat.flatten(2)).view(B, self.K, self.out_channels, H, W)
+
+    # Selection distances (B, K) of the candidates (heads + residual) to `target`, fp32, no autograd.
+    @torch.no_grad()
+    def distances(self, feat, residual, target):
+        B, Cin, H, W = feat.shape
+        C, K, P = self.out_channels, self.K, H * W
+        e = (residual - target).flatten(2)                                   # (B, C, P)
+        if self.loss_type == 'l1':
+            return (self.all_heads(feat) + e.view(B, 1, C, H, W)).abs().mean((2, 3, 4))
+        f = feat.flatten(2)                                                  # (B, Cin, P)
+        # |h_k + e|^2 = |h_k|^2 + 2 h_k.e + |e|^2 with h_k = W_k f. Either materialise the
+        # heads (cost K*C*Cin*P) or go through the Gram matrix f f^T (cost Cin^2 * (P + K*C)).
+        if Cin * (P + K * C) < K * C * P:
+            gram = torch.bmm(f, f.transpose(1, 2))                           # (B, Cin, Cin)
+            wg = torch.matmul(self.weight, gram)                             # (B, K*C, Cin)
+            sq = (wg * self.weight).sum(2).view(B, K, C).sum(2)              # (B, K) |h_k|^2
+            fe = torch.bmm(f, e.transpose(1, 2))                             # (B, Cin, C)
+            cross = torch.einsum('kci,bic->bk', self.weight.view(K, C, Cin), fe)
+        else:
+            heads = torch.matmul(self.weight, f).view(B, K, C * P)           # (B, K, C*P)
+            sq = heads.square().sum(2)
+            cross = torch.bmm(heads, e.reshape(B, C * P, 1))[..., 0]
+        dist = (sq + 2 * cross + e.square().sum((1, 2))[:, None]) / (C * P)
+        return dist.clamp_(min=0)
+
+    # Run the layer. The mode follows from the arguments:
+    #   codes  -> decode those codes;
+    #   target -> nearest candidate (training: with statistics and chain dropout);
+    #   scorer -> argmin (or `chooser`) of the scorer's distances;
+    #   none   -> uniformly random codes from the global RNG (networks pass per-seed codes instead).
+    # `all_heads=True` evaluates every head and gathers the chosen one (reference path for tests
+    # and benchmarks); the default evaluates only the chosen head.
+    def forward(self,
+        feat:       torch.Tensor,                   # (B, Cf, H, W) block output.
+        prev:       Optional[torch.Tensor] = None,  # (B, C, h, w) previous chosen image, or None.
+        target:     Optional[torch.Tensor] = None,  # (B, C, *, *) training / reconstruction target.
+        codes:      Optional[torch.Tensor] = None,  # (B,) codes to decode.
+        scorer:     Optional[Scorer] = None,        # Guidance distances for the candidates.
+        chooser:    Optional[Chooser] = None,       # Turns scorer distances into codes.
+        all_heads:  bool = False,                   # Evaluate all K heads (reference path).
+    ) -> DDLOutput:
+        B, Cf, H, W = feat.shape
+        if H != W:
+            raise ValueError(f'DDL expects square feature maps, got {H}x{W}')
+        device_type = feat.device.type
+        with torch.autocast(device_type, enabled=False):
+            feat = feat.float()
+            feat_head = feat[:, :self.head_channels]
+            if self.learn_residual and prev is not None:
+                residual = upsample(prev.float(), H)
+            else:
+                residual = torch.zeros(B, self.out_channels, H, W, device=feat.device)
+            if target is not None:
+                target = resize_area(target.float(), H)
+
+            # Select.
+            dist = None
+            if codes is not None:
+                codes = codes.to(device=feat.device, dtype=torch.long)
+            elif target is not None:
+                dist = self.distances(feat_head, residual, target)
+                codes = dist.argmin(dim=1)
+                if self.training:
+                    self.node_stats.observe(dist)
+                    if self.chain_dropout > 0:
+                        # One draw per layer per step, kept on the device.
+                        drop = torch.rand([], device=feat.device) < self.chain_dropout
+                        codes = torch.where(drop, torch.randint(0, self.K, [B], device=feat.device), codes)
+            elif scorer is not None:
+                with torch.no_grad():
+                    cand = self.all_heads(feat_head) + residual[:, None]
+                    info = self.info(H)
+                    dist = scorer(cand, info).float()
+                    if dist.shape != (B, self.K):
+                        raise ValueError(f'Scorer returned shape {tuple(dist.shape)}, expected {(B, self.K)}')
+                    codes = dist.argmin(dim=1) if chooser is None else chooser(dist, info)
+            else:
+                codes = torch.randint(0, self.K, [B], device=feat.device)
+
+            # Output the chosen candidate through the chosen head only.
+            if all_heads:
+                image = self.all_heads(feat_head)[torch.arange(B, device=feat.device), codes]
+            else:
+                image = self.chosen_head(feat_head, codes)
+            image = image + residual
+            leak = self.chosen_head(feat[:, self.head_channels:], codes) if self.leak else None
+            loss = None
+            if target is not None:
+                diff = image - target
+                loss = (diff.square() if self.loss_type == 'l2' else diff.abs()).mean((1, 2, 3))
+        return DDLOutput(image, codes, loss, leak, dist)
+
+# ----------------------------------------------------------------------------

@@ -1,0 +1,291 @@
+"""The single-shot DDN generator: a coarse-to-fine stack of residual blocks with a DDL after each.
+
+Paper §3.4 / our spec `DDN.md` §4. Starting from a fixed positional feature map at `start_size`, the
+network walks the scales 2^s up to the output resolution. Each block refines the features; the DDL
+after it emits K candidate images and keeps one; the chosen image (and the chosen head's leak map)
+is added back into the features that go to the next block. With L layers the latent of an image is
+its L codes (sum of log2 K bits). The recurrence-iteration paradigm of the paper (one shared block
+applied L times) is not implemented here.
+
+One network, four ways to drive it (`DDNGenerator.forward`): train on targets, sample from per-image
+seeds, decode given codes, encode/reconstruct an image; plus a scorer for guided generation.
+"""
+
+import contextlib
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from torch_utils import persistence
+from training.ddl import Chooser, DiscreteDistributionLayer, Scorer, resize_area
+
+# ----------------------------------------------------------------------------
+# The architecture schedule of DDN.md §4, as plain functions of the scale s (size 2^s).
+
+# Feature channels at scale s: 2^(13-s) clipped to [min_channels, max_channels].
+def channels_at(s, max_channels=256, min_channels=4):
+    return int(np.clip(2 ** (13 - s), min_channels, max_channels))
+
+# Number of candidates K at scale s: 4 x channels in [16, 1024], halved for RGB, capped.
+def outputk_at(s, img_channels, max_outputk=64, max_channels=256, min_channels=4):
+    k = int(np.clip(4 * channels_at(s, max_channels, min_channels), 16, 1024))
+    if img_channels == 3:
+        k //= 2
+    return max(2, min(k, max_outputk))
+
+# Number of blocks (and DDLs) at scale s: 2^s, capped.
+def blocks_at(s, max_blockn=32):
+    return int(min(2 ** s, max_blockn))
+
+# ----------------------------------------------------------------------------
+# Convolutions whose result for one image does not depend on the rest of the batch.
+# oneDNN (CPU) and cuDNN's autotuner pick kernels by batch size, which changes the last bits of
+# the output; per-seed generation must be bit-identical whatever the batch, so evaluation-mode
+# forwards run under this context. On CPU the native kernels are also faster for this network.
+
+@contextlib.contextmanager
+def batch_invariant():
+    with torch.backends.mkldnn.flags(enabled=False), \
+         torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        yield
+
+# ----------------------------------------------------------------------------
+# The fixed input of the network: a 2D sinusoidal embedding of the positions; at 1x1, where
+# there is no position, a linear ramp over the channels.
+
+def positional_feature(channels, size):
+    if size == 1:
+        return torch.linspace(-1, 1, channels).view(1, channels, 1, 1)
+    pos = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(pos, pos, indexing='ij')
+    n_freq = max(channels // 4, 1)
+    freqs = (2.0 ** torch.arange(n_freq)) * (math.pi / 2)
+    maps = []
+    for coord in (yy, xx):
+        arg = coord[None] * freqs[:, None, None]
+        maps += [torch.sin(arg), torch.cos(arg)]
+    feat = torch.cat(maps)[:channels]
+    if feat.shape[0] < channels:  # Too few channels for 4 per frequency: pad with ramps.
+        feat = torch.cat([feat, yy[None].expand(channels - feat.shape[0], -1, -1)])
+    return feat[None]
+
+# ----------------------------------------------------------------------------
+# Residual block: GroupNorm -> SiLU -> (up 2x) -> conv3x3 -> GroupNorm -> SiLU -> dropout -> conv3x3,
+# plus a skip (1x1 conv when channels change, upsampled too), the sum scaled by sqrt(1/2).
+
+def _groups(channels):
+    return max(1, min(32, channels // 4))
+
+class Block(nn.Module):
+    def __init__(self,
+        in_channels,            # Input feature channels.
+        out_channels,           # Output feature channels.
+        up          = False,    # Upsample 2x (first block of a new scale).
+        dropout     = 0.0,      # Dropout probability before the second conv.
+    ):
+        super().__init__()
+        self.up = up
+        self.norm0 = nn.GroupNorm(_groups(in_channels), in_channels)
+        self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm1 = nn.GroupNorm(_groups(out_channels), out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x):
+        h = F.silu(self.norm0(x))
+        if self.up:
+            h = F.interpolate(h, scale_factor=2, mode='nearest')
+            x = F.interpolate(x, scale_factor=2, mode='nearest')
+        h = self.conv0(h)
+        h = self.conv1(self.dropout(F.silu(self.norm1(h))))
+        if self.skip is not None:
+            x = self.skip(x)
+        return (h + x) * math.sqrt(0.5)
+
+# ----------------------------------------------------------------------------
+# Results of a generator call.
+
+class DDNOutput(NamedTuple):
+    images:         torch.Tensor                    # (B, C, H, W) output x_L in [-1, 1] (not clipped).
+    codes:          torch.Tensor                    # (B, L') int64 latent, L' = layers run.
+    losses:         Optional[torch.Tensor]          # (B, L') per-layer loss vs the target, or None.
+    layer_images:   Optional[list]                  # The chosen image of every layer, if asked.
+
+# ----------------------------------------------------------------------------
+# The generator.
+
+@persistence.persistent_class
+class DDNGenerator(nn.Module):
+    def __init__(self,
+        img_resolution,                 # Output resolution, a power of two >= 2.
+        img_channels,                   # 1 (grayscale) or 3 (RGB).
+        start_size      = 1,            # Resolution of the first block (power of two).
+        max_blockn      = 32,           # Cap on blocks (and DDLs) per scale.
+        max_outputk     = 64,           # Cap on K per DDL.
+        max_channels    = 256,          # Cap on feature channels (the paper's schedule tops at 256).
+        min_channels    = 4,            # Floor on feature channels.
+        dropout         = 0.0,          # Dropout in the blocks.
+        chain_dropout   = 0.05,         # Chain dropout probability of every DDL.
+        learn_residual  = True,         # DDLs predict corrections of the previous choice.
+        leak            = True,         # Leak feature of the chosen head into the next block.
+        loss_type       = 'l2',         # 'l2' or 'l1' loss and selection distance.
+    ):
+        super().__init__()
+        s0, s1 = math.log2(start_size), math.log2(img_resolution)
+        if img_resolution < 2 or s1 != int(s1):
+            raise ValueError(f'img_resolution must be a power of two >= 2, got {img_resolution}')
+        if start_size < 1 or s0 != int(s0) or start_size > img_resolution:
+            raise ValueError(f'start_size must be a power of two <= img_resolution, got {start_size}')
+        if img_channels not in (1, 3):
+            raise ValueError(f'img_channels must be 1 or 3, got {img_channels}')
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        ch = lambda s: channels_at(s, max_channels, min_channels)  # noqa: E731
+
+        s0, s1 = int(s0), int(s1)
+        self.register_buffer('init_feature', positional_feature(ch(s0), start_size), persistent=False)
+        blocks, ddls = [], []
+        plan = [(s, i) for s in range(s0, s1 + 1) for i in range(blocks_at(s, max_blockn))]
+        cin = ch(s0)
+        for l, (s, i) in enumerate(plan):
+            blocks.append(Block(cin, ch(s), up=(i == 0 and s > s0), dropout=dropout))
+            K = outputk_at(s, img_channels, max_outputk, max_channels, min_channels)
+            ddls.append(DiscreteDistributionLayer(ch(s), img_channels, K, learn_residual=learn_residual,
+                leak=leak, chain_dropout=chain_dropout, loss_type=loss_type, index=l, num_layers=len(plan)))
+            cin = ch(s)
+        self.blocks = nn.ModuleList(blocks)
+        self.ddls = nn.ModuleList(ddls)
+
+    # Latent length L, K per layer, and bits per image.
+    @property
+    def num_layers(self):
+        return len(self.ddls)
+
+    @property
+    def ks(self):
+        return [ddl.K for ddl in self.ddls]
+
+    @property
+    def bits_per_image(self):
+        return float(sum(math.log2(k) for k in self.ks))
+
+    @property
+    def layer_sizes(self):
+        sizes, size = [], self.init_feature.shape[-1]
+        for block in self.blocks:
+            size *= 2 if block.up else 1
+            sizes.append(size)
+        return sizes
+
+    # Uniform random codes (B, L) from one generator per seed: the codes of seed 7 do not
+    # depend on which other seeds share the batch.
+    def sample_codes(self, seeds: Sequence[int], device=None):
+        ks = torch.tensor(self.ks, dtype=torch.float64)
+        rows = []
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(int(seed))
+            u = torch.rand(len(ks), generator=gen, dtype=torch.float64)
+            rows.append((u * ks).long().clamp_(max=ks.long() - 1))
+        codes = torch.stack(rows) if rows else torch.zeros(0, len(ks), dtype=torch.long)
+        return codes.to(device if device is not None else self.init_feature.device)
+
+    # Add the chosen image into the first C feature channels and the leak map into the last C
+    # (DDN.md §2.7: an addition, not a concatenation, so the block widths stay the paper's).
+    def _next_input(self, feat, image, leak):
+        pad = feat.shape[1] - self.img_channels
+        x = feat + F.pad(image.to(feat.dtype), (0, 0, 0, 0, 0, pad))
+        if leak is not None:
+            x = x + F.pad(leak.to(feat.dtype), (0, 0, 0, 0, pad, 0))
+        return x
+
+    # Run the network. The mode follows from the arguments (per layer, in this order):
+    #   codes (B, Lc)  -> the first Lc layers decode these codes;
+    #   target         -> nearest candidate (training / reconstruction / encoding);
+    #   scorer         -> guided selection (argmin, or `chooser`);
+    #   seeds          -> per-seed uniform random codes (sampling).
+    # `num_layers` stops early (e.g. to look at the first levels of the latent tree).
+    def forward(self,
+        target:         Optional[torch.Tensor] = None,  # (B, C, H, W) images in [-1, 1].
+        codes:          Optional[torch.Tensor] = None,  # (B, Lc) codes of the first Lc layers.
+        scorer:         Optional[Scorer] = None,        # Guidance scorer for the remaining layers.
+        chooser:        Optional[Chooser] = None,       # Rule turning scorer distances into codes.
+        seeds:          Optional[Sequence[int]] = None, # Per-image seeds (sampling).
+        num_layers:     Optional[int] = None,           # Run only the first layers.
+        return_layers:  bool = False,                   # Also return every layer's chosen image.
+        all_heads:      bool = False,                   # Evaluate all K heads (reference path).
+    ) -> DDNOutput:
+        L = self.num_layers if num_layers is None else min(num_layers, self.num_layers)
+        device = self.init_feature.device
+        if seeds is not None:
+            sampled = self.sample_codes(seeds, device)
+            codes = sampled if codes is None else torch.cat([codes.to(device), sampled[:, codes.shape[1]:]], 1)
+        B = next(t.shape[0] for t in (target, codes) if t is not None) if (target is not None or codes is not None) else None
+        if B is None:
+            raise ValueError('DDNGenerator needs a target, codes or seeds to know what to generate')
+        if codes is not None and codes.shape[1] < L and target is None and scorer is None:
+            raise ValueError(f'Got codes for {codes.shape[1]} of {L} layers and no rule (target, scorer or seeds) for the rest')
+        if target is not None:
+            target = target.to(device)
+            if target.shape[1:] != (self.img_channels, self.img_resolution, self.img_resolution):
+                raise ValueError(f'Target shape {tuple(target.shape[1:])} does not match the network '
+                                 f'({self.img_channels}, {self.img_resolution}, {self.img_resolution})')
+
+        context = contextlib.nullcontext() if self.training else batch_invariant()
+        with context:
+            return self._run(L, B, target, codes, scorer, chooser, return_layers, all_heads)
+
+    # The layer loop of forward().
+    def _run(self, L, B, target, codes, scorer, chooser, return_layers, all_heads):
+        x = self.init_feature.expand(B, -1, -1, -1)
+        prev, all_codes, losses, layer_images = None, [], [], []
+        targets = {}  # Area-resized target per size, computed once.
+        for l in range(L):
+            feat = self.blocks[l](x)
+            size = feat.shape[-1]
+            layer_codes = codes[:, l] if codes is not None and l < codes.shape[1] else None
+            layer_target = None
+            if layer_codes is None and target is not None:
+                if size not in targets:
+                    targets[size] = resize_area(target.float(), size)
+                layer_target = targets[size]
+            out = self.ddls[l](feat, prev, target=layer_target, codes=layer_codes,
+                               scorer=scorer if layer_target is None else None, chooser=chooser,
+                               all_heads=all_heads)
+            if l + 1 < L:
+                x = self._next_input(feat, out.image, out.leak)
+            prev = out.image
+            all_codes.append(out.codes)
+            if out.loss is not None:
+                losses.append(out.loss)
+            if return_layers:
+                layer_images.append(out.image)
+        return DDNOutput(
+            images=prev,
+            codes=torch.stack(all_codes, dim=1),
+            losses=torch.stack(losses, dim=1) if len(losses) == L else None,
+            layer_images=layer_images if return_layers else None,
+        )
+
+    # Encode images to their latent (L2-guided selection) and return (codes, reconstruction).
+    # Always in evaluation mode: no chain dropout, no statistics, no dropout.
+    @torch.no_grad()
+    def encode(self, images):
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(target=images)
+        finally:
+            self.train(was_training)
+        return out.codes, out.images
+
+    # Decode latents (B, L) to images.
+    @torch.no_grad()
+    def decode(self, codes):
+        return self(codes=codes).images
+
+# ----------------------------------------------------------------------------

@@ -1,0 +1,271 @@
+"""Split-and-Prune: keeps every node of a discrete distribution alive and equally likely.
+
+A node is one of the K outputs of a Discrete Distribution Layer (or one of K free points in the 2D
+toy). Training only moves the node nearest to each target, so two things go wrong without help
+(paper §3.3): *dead nodes* (never nearest, never trained, yet sampled 1/K of the time) and *density
+shift* (nodes born in dense regions win far more than 1/K of the targets). Split-and-Prune fixes both
+after every optimizer step: the most frequently chosen node is split in two and the least chosen is
+pruned to make room, parameters AND optimizer state included.
+
+This file holds the three pieces, each named after the paper:
+- `NodeStatistics`: running selection statistics of one node set (count, near2, dist_acc, seen), kept
+  as device tensors and updated without host syncs;
+- `SplittableNodes`: the base class of any module owning K nodes (it says which parameter rows make
+  node k), so the same code serves the networks and the 2D toy;
+- `split_and_prune()`: one decision pass over all node sets of a model after the optimizer step,
+  statistics summed across ranks first, so every rank takes the same decision.
+"""
+
+import math
+from typing import Iterable, NamedTuple
+
+import torch
+from torch import nn
+
+from torch_utils import distributed
+
+# ----------------------------------------------------------------------------
+# Running statistics of which node was the nearest to each training target.
+# Observations go to `pending_*` buffers (this rank, this step); `fold()` adds the
+# all-reduced pending values into the global statistics, which are therefore identical
+# on every rank. Statistics are float64: halving and proportional redistribution must
+# keep count.sum() == seen exactly enough to test.
+
+class NodeStatistics(nn.Module):
+    def __init__(self,
+        K,                              # Number of nodes.
+    ):
+        super().__init__()
+        self.K = K
+        self.register_buffer('count', torch.zeros(K, dtype=torch.float64))        # Times node k was nearest.
+        self.register_buffer('near2', torch.zeros(K, K, dtype=torch.float64))     # [i, j]: i nearest, j second nearest.
+        self.register_buffer('dist_acc', torch.zeros(K, dtype=torch.float64))     # Accumulated distance of node k to targets.
+        self.register_buffer('seen', torch.zeros([], dtype=torch.float64))        # Number of targets observed.
+        self.register_buffer('num_splits', torch.zeros([], dtype=torch.int64))    # Splits performed so far.
+        # Not yet folded observations of this rank; always zero between optimizer steps.
+        self.register_buffer('pending_count', torch.zeros(K, dtype=torch.float64), persistent=False)
+        self.register_buffer('pending_near2', torch.zeros(K * K, dtype=torch.float64), persistent=False)
+        self.register_buffer('pending_dist', torch.zeros(K, dtype=torch.float64), persistent=False)
+        self.register_buffer('pending_seen', torch.zeros([], dtype=torch.float64), persistent=False)
+
+    # Record one batch of distances (B, K): nearest, second nearest and all distances.
+    @torch.no_grad()
+    def observe(self, dist):
+        B, K = dist.shape
+        assert K == self.K
+        dist = dist.detach()
+        if K >= 2:
+            top2 = dist.topk(2, dim=1, largest=False).indices            # (B, 2), sorted nearest first.
+            i1, i2 = top2[:, 0], top2[:, 1]
+            self.pending_near2.index_add_(0, i1 * K + i2, torch.ones_like(i1, dtype=torch.float64))
+        else:
+            i1 = torch.zeros(B, dtype=torch.long, device=dist.device)
+        self.pending_count.index_add_(0, i1, torch.ones_like(i1, dtype=torch.float64))
+        self.pending_dist.add_(dist.sum(0, dtype=torch.float64))
+        self.pending_seen.add_(B)
+
+    # Tensors to all-reduce, in a fixed order.
+    def pending_tensors(self):
+        return [self.pending_count, self.pending_near2, self.pending_dist, self.pending_seen]
+
+    # Add the (already reduced) pending observations to the statistics and clear them.
+    @torch.no_grad()
+    def fold(self):
+        self.count.add_(self.pending_count)
+        self.near2.add_(self.pending_near2.view(self.K, self.K))
+        self.dist_acc.add_(self.pending_dist)
+        self.seen.add_(self.pending_seen)
+        for t in self.pending_tensors():
+            t.zero_()
+
+    # Forget all statistics (e.g. after loading weights trained elsewhere).
+    @torch.no_grad()
+    def reset(self):
+        for t in [self.count, self.near2, self.dist_acc, self.seen] + self.pending_tensors():
+            t.zero_()
+
+    # Frequency of each node as the nearest, (K,); uniform before any observation.
+    def frequency(self):
+        total = self.count.sum()
+        return torch.where(total > 0, self.count / total.clamp(min=1), torch.full_like(self.count, 1 / self.K))
+
+# ----------------------------------------------------------------------------
+# Base class of a module that owns K nodes. Subclasses create `self.node_stats`
+# and say which rows of which parameters make up each node.
+
+class SplittableNodes(nn.Module):
+    def __init__(self, K):
+        super().__init__()
+        self.K = K
+        self.node_stats = NodeStatistics(K)
+
+    # List of (parameter, rows_per_node): node k owns rows [k * rows, (k + 1) * rows) of dim 0.
+    def node_params(self) -> list[tuple[nn.Parameter, int]]:
+        raise NotImplementedError
+
+# ----------------------------------------------------------------------------
+# The split decision and the redistribution of statistics, batched over G node sets
+# that share K. Pure tensor code: no host sync, no Python loop over samples or nodes.
+
+class SplitDecision(NamedTuple):
+    do_split:   torch.Tensor    # (G,) bool: split this node set now?
+    i_split:    torch.Tensor    # (G,) long: the most frequent node, split in two.
+    i_prune:    torch.Tensor    # (G,) long: the least frequent node, replaced by the clone.
+
+# Decide, for each of G node sets, whether and which nodes to split and prune.
+# rule='tv': split when it brings the node frequencies closer to uniform in total variation
+#            (2|ps/2 - P| + pd < ps - pd), or when the weakest node is below half its share (pd < P/2).
+# rule='paper': the paper's simple thresholds, split when ps > 2/K or pd < 1/(2K).
+def decide(count, dist_acc, rule='tv'):
+    G, K = count.shape
+    i_split = count.argmax(dim=1)
+    dead = count == 0
+    # Among several dead nodes prune the one farthest from the data (largest accumulated distance).
+    i_dead = torch.where(dead, dist_acc, torch.full_like(dist_acc, -math.inf)).argmax(dim=1)
+    i_prune = torch.where(dead.any(dim=1), i_dead, count.argmin(dim=1))
+    total = count.sum(dim=1)
+    p = count / total.clamp(min=1e-12)[:, None]
+    ps = p.gather(1, i_split[:, None])[:, 0]
+    pd = p.gather(1, i_prune[:, None])[:, 0]
+    P = 1.0 / K
+    if rule == 'tv':
+        want = (2 * (ps / 2 - P).abs() + pd < ps - pd) | (pd < P / 2)
+    elif rule == 'paper':
+        want = (ps > 2 * P) | (pd < P / 2)
+    else:
+        raise ValueError(f'Unknown Split-and-Prune rule {rule!r}; expected "tv" or "paper"')
+    do_split = want & (total > 0) & (i_split != i_prune) & (K >= 2)
+    return SplitDecision(do_split, i_split, i_prune)
+
+# Redistribute the statistics of G node sets for the given decision; node sets whose
+# do_split is False keep their statistics. Works on copies; returns (count, near2, dist_acc).
+# Everything but one rank-1 update is an O(G*K) indexed operation.
+def redistribute(count, near2, dist_acc, decision):
+    G, K = count.shape
+    do, s, d = decision
+    count, near2, dist_acc = count.clone(), near2.clone(), dist_acc.clone()
+    g = torch.arange(G, device=count.device)
+    live = do.to(count.dtype)                                           # 1 where the node set splits.
+    keep = 1 - live
+
+    # 1. Prune d. Its count goes to the nodes that were second nearest when d was nearest, in
+    #    proportion to its near2 row (uniformly over the other nodes if that row is empty); its
+    #    near2 row follows the same weights. Its row and column are then cleared: d is gone.
+    row_d = near2[g, d].clone()                                         # (G, K) = near2[d, :]
+    row_d[g, d] = 0
+    row_sum = row_d.sum(1, keepdim=True)
+    uniform = torch.full_like(count, 1 / max(K - 1, 1))
+    uniform[g, d] = 0
+    w = torch.where(row_sum > 0, row_d / row_sum.clamp(min=1e-300), uniform)
+    count_d = count[g, d].clone()
+    count.add_(live[:, None] * count_d[:, None] * w)
+    count[g, d] = count[g, d] * keep
+    near2.add_((live[:, None] * w)[:, :, None] * row_d[:, None, :])
+    near2.diagonal(dim1=1, dim2=2).zero_()                              # A node is never its own second.
+    near2[g, d] = near2[g, d] * keep[:, None]
+    near2[g, :, d] = near2[g, :, d] * keep[:, None]
+
+    # 2. Split s: d becomes a clone of s. Half of s's count goes to d. Both rows are reset. The
+    #    targets that had s second now see two equal candidates: s's column is halved and the
+    #    other half becomes d's column. The targets of s become half s-then-d, half d-then-s.
+    half = count[g, s] / 2
+    count[g, s] = torch.where(do, half, count[g, s])
+    count[g, d] = torch.where(do, half, count[g, d])
+    old_row_s = near2[g, s].sum(1)
+    half_col = near2[g, :, s] / 2                                       # (G, K) = near2[:, s] / 2
+    half_col[g, s] = 0
+    half_col[g, d] = 0
+    near2[g, s] = near2[g, s] * keep[:, None]
+    near2[g, :, s] = torch.where(do[:, None], half_col, near2[g, :, s])
+    near2[g, :, d] = torch.where(do[:, None], half_col, near2[g, :, d])
+    near2[g, s, d] = torch.where(do, old_row_s / 2, near2[g, s, d])
+    near2[g, d, s] = torch.where(do, old_row_s / 2, near2[g, d, s])
+    dist_acc[g, d] = torch.where(do, dist_acc[g, s], dist_acc[g, d])
+    return count, near2, dist_acc
+
+# ----------------------------------------------------------------------------
+# Copy node s's rows onto node d's rows in `tensor` (dim 0) where `do` is True.
+# One gather and one index_copy, no host sync.
+
+@torch.no_grad()
+def _copy_node_rows(tensor, rows, do, s, d):
+    ar = torch.arange(rows, device=tensor.device)
+    src = s * rows + ar
+    dst = d * rows + ar
+    tensor.index_copy_(0, dst, torch.where(do, tensor.index_select(0, src), tensor.index_select(0, dst)))
+
+# Find the node sets of a model in a stable order.
+def find_node_sets(model: nn.Module) -> list[SplittableNodes]:
+    return [m for m in model.modules() if isinstance(m, SplittableNodes)]
+
+# ----------------------------------------------------------------------------
+# One Split-and-Prune pass over every node set of `model`, to call right after
+# `optimizer.step()`:
+# 1. all ranks' pending observations are summed with ONE all-reduce and folded in;
+# 2. node sets with equal K are stacked and decided together;
+# 3. for each split, the node's parameter rows are copied onto the pruned node, together
+#    with the optimizer's per-parameter state rows (Adam's exp_avg, exp_avg_sq, ...) and the
+#    rows of the same parameters in `mirrors` (e.g. the EMA copy of the network);
+# 4. statistics are redistributed with the total mass conserved (count.sum() == seen).
+# `enabled=False` still folds the statistics (for plots) but never splits: the ablation.
+# Returns the number of splits of this pass as a device tensor (no host sync).
+
+@torch.no_grad()
+def split_and_prune(
+    model:      nn.Module,                      # Module containing SplittableNodes.
+    optimizer:  torch.optim.Optimizer = None,   # Optimizer whose state rows follow the weights.
+    mirrors:    Iterable[nn.Module] = (),       # Modules with the same structure (EMA copies).
+    rule:       str = 'tv',                     # 'tv' (total variation test) or 'paper' (thresholds).
+    enabled:    bool = True,                    # False: fold statistics only (ablation).
+) -> torch.Tensor:
+    node_sets = find_node_sets(model)
+    if not node_sets:
+        return torch.zeros([], dtype=torch.int64)
+    device = node_sets[0].node_stats.count.device
+    mirror_sets = [find_node_sets(m) for m in mirrors]
+    for ms in mirror_sets:
+        if len(ms) != len(node_sets):
+            raise ValueError('split_and_prune: a mirror module does not have the same node sets as the model')
+
+    # 1. Fold this step's observations, summed over ranks.
+    pending = [t for ns in node_sets for t in ns.node_stats.pending_tensors()]
+    distributed.all_reduce_(pending)
+    for ns in node_sets:
+        ns.node_stats.fold()
+    total_splits = torch.zeros([], dtype=torch.int64, device=device)
+    if not enabled:
+        return total_splits
+
+    # 2. Decide per group of equal K.
+    groups: dict[int, list[int]] = {}
+    for idx, ns in enumerate(node_sets):
+        groups.setdefault(ns.K, []).append(idx)
+    for K, members in groups.items():
+        stats = [node_sets[i].node_stats for i in members]
+        count = torch.stack([st.count for st in stats])
+        near2 = torch.stack([st.near2 for st in stats])
+        dist_acc = torch.stack([st.dist_acc for st in stats])
+        decision = decide(count, dist_acc, rule=rule)
+        new_count, new_near2, new_dist = redistribute(count, near2, dist_acc, decision)
+        for g, st in enumerate(stats):
+            st.count.copy_(new_count[g])
+            st.near2.copy_(new_near2[g])
+            st.dist_acc.copy_(new_dist[g])
+            st.num_splits.add_(decision.do_split[g].long())
+        total_splits += decision.do_split.sum()
+
+        # 3. Copy weights, optimizer state and mirrored weights of each split node set.
+        for g, i in enumerate(members):
+            do, s, d = decision.do_split[g], decision.i_split[g], decision.i_prune[g]
+            targets = [node_sets[i]] + [ms[i] for ms in mirror_sets]
+            for ns in targets:
+                for param, rows in ns.node_params():
+                    _copy_node_rows(param.data, rows, do, s, d)
+            if optimizer is not None:
+                for param, rows in node_sets[i].node_params():
+                    for value in optimizer.state.get(param, {}).values():
+                        if torch.is_tensor(value) and value.shape == param.shape:
+                            _copy_node_rows(value, rows, do, s, d)
+    return total_splits
+
+# ----------------------------------------------------------------------------
