@@ -7,11 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # The repository root (the folder holding train.py, dnnlib/, torch_utils/, training/).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# The tests run tiny networks: one thread avoids the synchronisation overhead that dominates
+# small ops and keeps the suite fast on a busy 2-core machine (torchrun children already get
+# OMP_NUM_THREADS=1).
+torch.set_num_threads(1)
 
 # ----------------------------------------------------------------------------
 # Path of the repository root.

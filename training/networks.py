@@ -271,21 +271,27 @@ class DDNGenerator(nn.Module):
             layer_images=layer_images if return_layers else None,
         )
 
-    # Encode images to their latent (L2-guided selection) and return (codes, reconstruction).
-    # Always in evaluation mode: no chain dropout, no statistics, no dropout.
-    @torch.no_grad()
-    def encode(self, images):
+    # Temporarily in evaluation mode: no chain dropout, no statistics, no dropout, batch-invariant.
+    @contextlib.contextmanager
+    def evaluating(self):
         was_training = self.training
         self.eval()
         try:
-            out = self(target=images)
+            yield self
         finally:
             self.train(was_training)
+
+    # Encode images to their latent (L2-guided selection): returns (codes, reconstruction).
+    @torch.no_grad()
+    def encode(self, images):
+        with self.evaluating():
+            out = self(target=images)
         return out.codes, out.images
 
     # Decode latents (B, L) to images.
     @torch.no_grad()
     def decode(self, codes):
-        return self(codes=codes).images
+        with self.evaluating():
+            return self(codes=codes).images
 
 # ----------------------------------------------------------------------------

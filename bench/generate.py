@@ -1,0 +1,77 @@
+"""Generation speed of the reference CIFAR-10 DDN: images per second, single-head vs all-K path.
+
+The network is `DDNGenerator(32, 3, max_blockn=32, max_outputk=64)` (L = 63 layers, ~76M
+parameters) with random weights: speed does not depend on training. Each timed step samples one
+batch from fresh seeds, exactly as `generate.py` does (`net(seeds=...)`, eval mode, batch-invariant
+kernels); the all-K path (`all_heads=True`) evaluates every head of every DDL and gathers the chosen
+one, the single-head path computes only the chosen head (DDN.md §2, "Cost").
+
+    python bench/generate.py                       # CPU: small batch, few steps (< 3 minutes)
+    python bench/generate.py --device=cuda --batch=256 --steps=20
+
+Prints a table, then `gen_img_per_s=<single-head images/s>` as the last line.
+"""
+
+import os
+import sys
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from training.networks import DDNGenerator  # noqa: E402
+
+# ----------------------------------------------------------------------------
+# Seconds per batch of one generation path: `warmup` untimed steps, then the mean of `steps`.
+
+@torch.no_grad()
+def time_path(net, batch, steps, warmup, all_heads):
+    device = net.init_feature.device
+    def step(i):
+        seeds = range(i * batch, (i + 1) * batch)
+        images = net(seeds=seeds, all_heads=all_heads).images
+        return images.sum().item()  # The host reads a value: the device work is finished.
+    for i in range(warmup):
+        step(i)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(warmup + i)
+    return (time.perf_counter() - start) / steps
+
+@click.command(context_settings=dict(show_default=True))
+@click.option('--batch', help='Images per step  [default: 2 on CPU, 256 on CUDA]', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--steps', help='Timed steps per path  [default: 2 on CPU, 20 on CUDA]', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--warmup', help='Untimed steps per path', metavar='INT', type=click.IntRange(min=0), default=1)
+@click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+def main(batch, steps, warmup, device):
+    """Images/s of generation with the reference CIFAR-10 network, single-head vs all-K."""
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    on_cuda = device.type == 'cuda'
+    batch = batch or (256 if on_cuda else 2)
+    steps = steps or (20 if on_cuda else 2)
+    torch.manual_seed(0)
+    net = DDNGenerator(32, 3, max_blockn=32, max_outputk=64).eval().requires_grad_(False).to(device)
+    params = sum(p.numel() for p in net.parameters())
+    name = torch.cuda.get_device_name(device) if on_cuda else f'cpu, {torch.get_num_threads()} threads'
+    print(f'DDNGenerator(32, 3, max_blockn=32, max_outputk=64): {params / 1e6:.1f}M parameters, '
+          f'L={net.num_layers}, {net.bits_per_image:.0f} bits/image; device {device} ({name}); torch {torch.__version__}')
+
+    rows = []
+    for label, all_heads in (('single-head', False), ('all-K', True)):
+        sec = time_path(net, batch, steps, warmup, all_heads)
+        rows.append((label, sec, batch / sec))
+    print(f'{"path":<12} {"batch":>6} {"steps":>6} {"s/batch":>9} {"img/s":>9}')
+    for label, sec, ips in rows:
+        print(f'{label:<12} {batch:>6} {steps:>6} {sec:>9.3f} {ips:>9.2f}')
+    ratio = rows[0][2] / rows[1][2]
+    print(f'{"ratio":<12} {"":>6} {"":>6} {"":>9} {ratio:>8.2f}x  (single-head / all-K)')
+    print(f'gen_img_per_s={rows[0][2]:.4g}')
+
+# ----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,51 @@
+"""Worker for tests/test_networks.py: run under `torchrun --nproc_per_node=2` (gloo, CPU).
+
+Each rank trains the same small DDN generator on different images for a few steps, with gradients
+averaged by one all-reduce and Split-and-Prune after each step, then checks that parameters and
+Split-and-Prune statistics are identical on both ranks. Rank 0 writes the findings as JSON.
+"""
+
+import json
+import sys
+
+import torch
+
+from torch_utils import distributed, misc
+from training.networks import DDNGenerator
+from training.split_prune import find_node_sets, split_and_prune
+
+# ----------------------------------------------------------------------------
+
+def main(out_path, steps=8):
+    distributed.init()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    torch.manual_seed(0)  # Same initial weights everywhere.
+    net = DDNGenerator(8, 1, max_outputk=8, max_blockn=1, max_channels=16, chain_dropout=0.2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    torch.manual_seed(100 + rank)  # Different data and chain dropout draws per rank.
+    splits = torch.zeros([], dtype=torch.int64)
+    for _ in range(steps):
+        images = torch.rand(6, 1, 8, 8) * 2 - 1
+        loss = net(target=images).losses.mean()
+        opt.zero_grad()
+        loss.backward()
+        grads = [p.grad for p in net.parameters()]
+        distributed.all_reduce_(grads)
+        for g in grads:
+            g.div_(world)
+        opt.step()
+        splits += split_and_prune(net, opt)
+    misc.check_ddp_consistency(net)  # Raises on any difference of parameters or buffers.
+    seen = [float(ns.node_stats.seen) for ns in find_node_sets(net)]
+    flat = torch.cat([p.detach().flatten() for p in net.parameters()] +
+                     [ns.node_stats.count for ns in find_node_sets(net)])
+    gathered = [torch.zeros_like(flat) for _ in range(world)] if rank == 0 else None
+    torch.distributed.gather(flat, gathered, dst=0)
+    if rank == 0:
+        max_diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
+        with open(out_path, 'w') as f:
+            json.dump(dict(world=world, splits=int(splits), max_diff=max_diff, seen=seen), f)
+    distributed.shutdown()
+
+if __name__ == '__main__':
+    main(sys.argv[1])

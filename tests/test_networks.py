@@ -1,0 +1,167 @@
+"""Tests of the DDN generator: the architecture schedule, the four ways to drive it, per-seed
+determinism, the single-head path, a real overfitting run with and without Split-and-Prune, and
+Split-and-Prune across two processes."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from training.dataset import DigitsDataset
+from training.networks import DDNGenerator, blocks_at, channels_at, outputk_at
+from training.split_prune import split_and_prune
+
+def tiny_net(**kwargs):
+    torch.manual_seed(0)
+    return DDNGenerator(**{**dict(img_resolution=8, img_channels=1, max_outputk=8, max_blockn=2, max_channels=16), **kwargs})
+
+# ----------------------------------------------------------------------------
+# Architecture schedule (DDN.md §4).
+
+def test_reference_cifar_schedule():
+    assert [channels_at(s) for s in range(9)] == [256, 256, 256, 256, 256, 256, 128, 64, 32]
+    assert [blocks_at(s, 32) for s in range(7)] == [1, 2, 4, 8, 16, 32, 32]
+    assert outputk_at(5, 3, max_outputk=1024) == 512 and outputk_at(6, 3, max_outputk=1024) == 256
+    assert outputk_at(6, 1, max_outputk=1024) == 512 and outputk_at(8, 1, max_outputk=1024) == 128
+    net = DDNGenerator(32, 3, max_blockn=32, max_outputk=64)
+    assert net.num_layers == 63  # The released CIFAR-10 model's latent length.
+    assert net.ks == [64] * 63 and net.bits_per_image == 63 * 6
+    assert net.layer_sizes == [1] + [2] * 2 + [4] * 4 + [8] * 8 + [16] * 16 + [32] * 32
+
+@pytest.mark.parametrize('res,C,start', [(2, 1, 1), (8, 3, 1), (16, 1, 4), (4, 3, 4)])
+def test_any_power_of_two(res, C, start):
+    net = tiny_net(img_resolution=res, img_channels=C, start_size=start).eval()
+    out = net(seeds=[0, 1, 2])
+    assert out.images.shape == (3, C, res, res)
+    assert out.codes.shape == (3, net.num_layers)
+    assert net.layer_sizes[0] == start and net.layer_sizes[-1] == res
+    assert all(0 <= int(c) < k for row in out.codes for c, k in zip(row, net.ks))
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(img_resolution=12), 'power of two'),
+    (dict(img_resolution=1), 'power of two'),
+    (dict(start_size=16), 'start_size'),
+    (dict(img_channels=2), 'img_channels'),
+])
+def test_bad_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_net(**kwargs)
+
+def test_bad_calls():
+    net = tiny_net().eval()
+    with pytest.raises(ValueError, match='needs a target, codes or seeds'):
+        net()
+    with pytest.raises(ValueError, match='no rule'):
+        net(codes=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match='does not match'):
+        net(target=torch.zeros(2, 3, 8, 8))
+
+# ----------------------------------------------------------------------------
+# Driving modes.
+
+def test_train_mode_losses_and_gradients():
+    net = tiny_net().train()
+    out = net(target=torch.rand(4, 1, 8, 8) * 2 - 1)
+    assert out.losses.shape == (4, net.num_layers)
+    out.losses.mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert all(d.weight.grad.abs().sum() > 0 for d in net.ddls)
+
+def test_encode_decode_roundtrip_and_nearest():
+    net = tiny_net(chain_dropout=0.5).train()  # encode() must ignore training mode.
+    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    codes, recon = net.encode(x)
+    assert net.training
+    assert torch.equal(net.decode(codes), recon)
+    # Every code is the nearest candidate of its layer given the previous choices.
+    out = net.eval()(codes=codes, return_layers=True)
+    feats_codes = net.eval()(target=x).codes
+    assert torch.equal(feats_codes, codes)
+    assert len(out.layer_images) == net.num_layers
+    assert torch.equal(out.layer_images[-1], recon)
+
+def test_codes_prefix_then_target_or_seeds():
+    net = tiny_net().eval()
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    codes, _ = net.encode(x)
+    prefix = torch.zeros(3, 2, dtype=torch.long)
+    mixed = net(target=x, codes=prefix).codes
+    assert torch.equal(mixed[:, :2], prefix)
+    sampled = net(seeds=[4, 5, 6], codes=prefix).codes
+    assert torch.equal(sampled[:, :2], prefix)
+    assert torch.equal(sampled[:, 2:], net.sample_codes([4, 5, 6])[:, 2:])
+    partial = net(codes=codes, num_layers=3)
+    assert partial.codes.shape == (3, 3) and partial.images.shape[-1] == net.layer_sizes[2]
+
+def test_per_seed_determinism_across_batch_sizes():
+    net = DDNGenerator(16, 3, max_outputk=16, max_blockn=4, max_channels=32).eval()
+    seeds = list(range(10, 18))
+    big = net(seeds=seeds).images
+    for i, seed in enumerate(seeds):
+        assert torch.equal(net(seeds=[seed]).images[0], big[i])
+    assert torch.equal(net(seeds=seeds[3:6]).images, big[3:6])
+    assert not torch.equal(big[0], big[1])
+
+def test_single_head_equals_all_heads_network():
+    net = DDNGenerator(16, 3, max_outputk=32, max_blockn=2, max_channels=32).eval()
+    codes = net.sample_codes(range(6))
+    fast = net(codes=codes).images
+    slow = net(codes=codes, all_heads=True).images
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    to_u8 = lambda x: (x * 127.5 + 128).clip(0, 255).to(torch.uint8)  # noqa: E731
+    assert (to_u8(fast).int() - to_u8(slow).int()).abs().max() <= 1
+
+def test_pickle_roundtrip():
+    net = tiny_net().eval()
+    clone = pickle.loads(pickle.dumps(net))
+    assert torch.equal(clone(seeds=[3, 4]).images, net(seeds=[3, 4]).images)
+
+# ----------------------------------------------------------------------------
+# A small generator overfits 8 real images (the built-in digits). With Split-and-Prune every
+# node's selection frequency stays within 4x of 1/K; the same-seed run without it has nodes far
+# outside that band (dead or starving nodes).
+
+def _overfit(split_prune_on, steps=300):
+    ds = DigitsDataset(resolution=8)
+    x = torch.tensor(np.stack([ds[i][0] for i in range(8)])).float() / 127.5 - 1
+    torch.manual_seed(0)
+    net = DDNGenerator(8, 1, max_outputk=8, max_blockn=1, max_channels=16, chain_dropout=0.05)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    mse_before = (net.encode(x)[1] - x).square().mean().item()
+    for _ in range(steps):
+        loss = net(target=x).losses.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        split_and_prune(net, opt, enabled=split_prune_on)
+    mse_after = (net.encode(x)[1] - x).square().mean().item()
+    rel_freq = [d.node_stats.frequency() * d.K for d in net.ddls]
+    return mse_before, mse_after, rel_freq
+
+def test_overfit_eight_digits_with_and_without_split_prune():
+    before, after, rel_freq = _overfit(True)
+    assert after < before / 10, (before, after)
+    for layer, f in enumerate(rel_freq):
+        assert f.min() >= 0.25 and f.max() <= 4.0, (layer, f)
+    _, after_off, rel_off = _overfit(False)
+    assert after_off < before  # It still learns something ...
+    assert min(f.min().item() for f in rel_off) < 0.25  # ... but leaves starving or dead nodes.
+
+# ----------------------------------------------------------------------------
+# Two processes (gloo on CPU): after steps with splits, parameters and statistics agree.
+
+def test_two_processes_stay_identical(tmp_path, subprocess_env, repo_root):
+    out = tmp_path / 'result.json'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(repo_root / 'tests' / 'scripts' / 'ddl_two_ranks.py'), str(out)]
+    proc = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result['world'] == 2
+    assert result['splits'] > 0
+    assert result['max_diff'] == 0.0
+    assert all(s == 2 * 6 * 8 for s in result['seen'])  # Statistics hold both ranks' targets.

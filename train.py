@@ -1,0 +1,290 @@
+"""Train a Discrete Distribution Network (DDN): EDM's command line, plus a "DDN options" group.
+
+Runs as one process, or one process per GPU under `torchrun --standalone --nproc_per_node=N train.py
+...` (gloo on CPU, NCCL on CUDA). Every run gets a folder `<outdir>/NNNNN-<dataset>-<desc>/` with
+`training_options.json`, `log.txt`, `stats.jsonl`, network snapshots (`network-snapshot-<kimg>.pkl`,
+load with `pickle.load(f)['ema']`), training states (`training-state-<kimg>.pt`, for --resume),
+sample grids and node-usage plots. Pickles and states execute code when loaded: trusted files only.
+"""
+
+import json
+import os
+import re
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import checkpoint, distributed
+from training import dataset as dataset_module
+from training import training_loop
+
+# ----------------------------------------------------------------------------
+# click: options carry a help-section name, and --help prints them section by section.
+
+class GroupedOption(click.Option):
+    def __init__(self, *args, group='Options', **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+class GroupedCommand(click.Command):
+    def format_options(self, ctx, formatter):
+        sections = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections.setdefault(getattr(param, 'group', 'Other options'), []).append(record)
+        for name, records in sections.items():
+            with formatter.section(name):
+                formatter.write_dl(records)
+
+# An option of a given help section, shown with its default.
+def option(group, *decls, **kwargs):
+    kwargs.setdefault('show_default', 'default' in kwargs and not kwargs.get('is_flag', False))
+    return click.option(*decls, cls=GroupedOption, group=group, **kwargs)
+
+MAIN, HYPER, DDN, PERF, IO = 'Main options', 'Hyperparameters', 'DDN options', 'Performance', 'I/O'
+
+# ----------------------------------------------------------------------------
+# Run folder: <outdir>/<next id:05d>-<desc>, EDM's numbering; --nosubdir uses outdir itself.
+
+def next_run_dir(outdir, desc):
+    prev_ids = []
+    if os.path.isdir(outdir):
+        for name in os.listdir(outdir):
+            match = re.match(r'^\d+', name)
+            if match and os.path.isdir(os.path.join(outdir, name)):
+                prev_ids.append(int(match.group()))
+    return os.path.join(outdir, f'{max(prev_ids, default=-1) + 1:05d}-{desc}')
+
+# True if `path` already holds the files of a training run.
+def holds_run(path):
+    return os.path.isfile(os.path.join(path, 'training_options.json')) or \
+        checkpoint.latest(path, training_loop.STATE_PATTERN) is not None or \
+        checkpoint.latest(path, training_loop.SNAPSHOT_PATTERN) is not None
+
+# --resume FILE or RUNDIR -> the training state file (a folder gives its newest state).
+def resolve_resume(path):
+    if os.path.isdir(path):
+        latest = checkpoint.latest(path, training_loop.STATE_PATTERN)
+        if latest is None:
+            raise click.ClickException(f'--resume: no {training_loop.STATE_PATTERN} in folder {path}')
+        return latest
+    if not os.path.isfile(path):
+        raise click.ClickException(f'--resume: no such file or folder: {path}')
+    return path
+
+# ----------------------------------------------------------------------------
+
+@click.command(cls=GroupedCommand, context_settings=dict(max_content_width=120))
+
+# Main options.
+@option(MAIN, '--outdir',        help='Where to save the results', metavar='DIR', type=str, required=True)
+@option(MAIN, '--data',          help='Dataset folder or zip  [default: built-in digits, 16x16]', metavar='ZIP|DIR', type=str)
+@option(MAIN, '--cond',          help='Train a class-conditional model (labels from dataset.json)', metavar='BOOL', type=bool, default=False)
+
+# Hyperparameters.
+@option(HYPER, '--duration',     help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200)
+@option(HYPER, '--batch',        help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=2048)
+@option(HYPER, '--batch-gpu',    help='Limit batch size per process and round  [default: batch / processes]', metavar='INT', type=click.IntRange(min=1))
+@option(HYPER, '--lr',           help='Learning rate (Adam)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3)
+@option(HYPER, '--lr-rampup',    help='Learning-rate warm-up', metavar='KIMG', type=click.FloatRange(min=0), default=10000)
+@option(HYPER, '--ema',          help='EMA half-life, 0 = no EMA', metavar='MIMG', type=click.FloatRange(min=0), default=0)
+@option(HYPER, '--dropout',      help='Dropout probability in the blocks', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0)
+@option(HYPER, '--xflip',        help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False)
+
+# DDN options.
+@option(DDN, '--max-blockn',     help='Max blocks (and DDLs) per resolution', metavar='INT', type=click.IntRange(min=1), default=32)
+@option(DDN, '--max-outputk',    help='Max K (candidates) per DDL', metavar='INT', type=click.IntRange(min=2), default=64)
+@option(DDN, '--max-channels',   help='Max feature channels per block', metavar='INT', type=click.IntRange(min=4), default=256)
+@option(DDN, '--start-size',     help='Resolution of the first block (power of two)', metavar='INT', type=click.IntRange(min=1), default=1)
+@option(DDN, '--chain-dropout',  help='Probability that a layer takes random choices in a step', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.05)
+@option(DDN, '--learn-res',      help='Learning residual: candidates correct the previous choice', metavar='BOOL', type=bool, default=True)
+@option(DDN, '--leak',           help='Leak feature of the chosen head into the next block', metavar='BOOL', type=bool, default=True)
+@option(DDN, '--loss',           help='Loss and selection distance', type=click.Choice(['l2', 'l1']), default='l2')
+@option(DDN, '--split-prune/--no-split-prune', help='Split-and-Prune after every step (off: the ablation)', default=True, show_default=True)
+@option(DDN, '--split-rule',     help='Split test: total variation, or the paper\'s thresholds', type=click.Choice(['tv', 'paper']), default='tv')
+@option(DDN, '--condition',      help='Conditional training (not implemented yet)', metavar='class|color|edge|resizeN', type=str)
+
+# Performance.
+@option(PERF, '--precision',     help='Training precision (autocast; fp16 with loss scaling, CUDA only)', type=click.Choice(['fp32', 'bf16', 'fp16']), default='fp32')
+@option(PERF, '--bench',         help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
+@option(PERF, '--cache',         help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True)
+@option(PERF, '--workers',       help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1)
+@option(PERF, '--device',        help='Device; auto = the GPU of this process if any, else the CPU', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto')
+
+# I/O.
+@option(IO, '--desc',            help='String to include in result dir name', metavar='STR', type=str)
+@option(IO, '--nosubdir',        help='Do not create a subdirectory for results', is_flag=True)
+@option(IO, '--tick',            help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50)
+@option(IO, '--snap',            help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50)
+@option(IO, '--dump',            help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500)
+@option(IO, '--seed',            help='Random seed  [default: random, or the resumed state\'s]', metavar='INT', type=click.IntRange(min=0))
+@option(IO, '--transfer',        help='Initialise the weights from a network snapshot', metavar='PKL', type=str)
+@option(IO, '--resume',          help='Resume from a training state, or a run folder\'s latest', metavar='PT|DIR', type=str)
+@option(IO, '-n', '--dry-run',   help='Print training options and exit', is_flag=True)
+
+def main(**kwargs):
+    """Train a Discrete Distribution Network (Yang, ICLR 2025) on a dataset, or on the built-in digits.
+
+    Examples:
+
+    \b
+    # Built-in 16x16 digits on a CPU in a few minutes
+    python train.py --outdir=training-runs --duration=0.03 --batch=64 --lr-rampup=0 \\
+        --max-channels=64 --max-blockn=4 --max-outputk=32 --tick=2 --snap=5 --dump=5
+
+    \b
+    # CIFAR-10 as the reference run (FID 51.86): 8 GPUs, batch 2048
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+        --data=datasets/cifar10-32x32.zip --batch-gpu=256 --batch=2048
+    """
+    opts = dnnlib.EasyDict(kwargs)
+    distributed.init()
+    world_size = distributed.get_world_size()
+
+    # Not yet implemented: say so rather than train something else.
+    if opts.condition is not None:
+        raise click.UsageError(f'--condition={opts.condition}: conditional training (class|color|edge|resizeN) '
+                               'is not implemented yet')
+    if opts.transfer is not None and opts.resume is not None:
+        raise click.UsageError('--transfer and --resume cannot be used together')
+
+    # Dataset: open it now so that a bad --data fails before anything is written.
+    c = dnnlib.EasyDict()
+    try:
+        c.dataset_kwargs = dataset_module.dataset_kwargs_for(opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
+        dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(f'--data: cannot use {opts.data or "the built-in digits"}: {err}') from None
+    if opts.cond:
+        if not dataset_obj.has_labels:
+            raise click.ClickException('--cond=True needs labels (dataset.json with "labels")')
+        raise click.ClickException('--cond=True: class-conditional training is not implemented yet '
+                                   f'(dataset {dataset_obj.name} has {dataset_obj.label_dim} classes)')
+    c.dataset_kwargs.resolution = dataset_obj.resolution       # Be explicit about what the run used.
+    dataset_info = training_loop.dataset_meta(dataset_obj)
+    dataset_name = dataset_obj.name
+    del dataset_obj
+
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers, prefetch_factor=2)
+    c.network_kwargs = dnnlib.EasyDict(
+        class_name      = 'training.networks.DDNGenerator',
+        img_resolution  = dataset_info['image_shape'][1],
+        img_channels    = dataset_info['image_shape'][0],
+        start_size      = opts.start_size,
+        max_blockn      = opts.max_blockn,
+        max_outputk     = opts.max_outputk,
+        max_channels    = opts.max_channels,
+        dropout         = opts.dropout,
+        chain_dropout   = opts.chain_dropout,
+        learn_residual  = opts.learn_res,
+        leak            = opts.leak,
+        loss_type       = opts.loss,
+    )
+    try:  # Validate the architecture without allocating it.
+        with torch.device('meta'):
+            dnnlib.util.construct_class_by_name(**c.network_kwargs)
+    except ValueError as err:
+        raise click.UsageError(f'Invalid network options: {err}') from None
+    c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DDNLoss')
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    c.split_prune_kwargs = dnnlib.EasyDict(enabled=opts.split_prune, rule=opts.split_rule)
+
+    # Training options.
+    if opts.batch_gpu is not None and opts.batch % (world_size * opts.batch_gpu) != 0:
+        raise click.UsageError(f'--batch={opts.batch} must be divisible by processes x --batch-gpu = {world_size} x {opts.batch_gpu}')
+    if opts.batch % world_size != 0:
+        raise click.UsageError(f'--batch={opts.batch} must be divisible by the number of processes ({world_size})')
+    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.duration * 1000,
+             ema_halflife_kimg=opts.ema * 1000, lr_rampup_kimg=opts.lr_rampup, precision=opts.precision,
+             kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump,
+             cudnn_benchmark=opts.bench, device=opts.device)
+    has_cuda = torch.cuda.is_available() if opts.device == 'auto' else opts.device == 'cuda'
+    if opts.device == 'cuda' and not torch.cuda.is_available():
+        raise click.UsageError('--device=cuda but CUDA is not available')
+    if opts.precision == 'fp16' and not has_cuda:
+        raise click.UsageError('--precision=fp16 needs CUDA (loss scaling); use --precision=bf16 on the CPU')
+
+    # Transfer learning and resume: check the files now, before a run folder exists.
+    resumed_seed = None
+    if opts.transfer is not None:
+        try:
+            training_loop.load_transfer_network(opts.transfer)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise click.ClickException(f'--transfer: {err}') from None
+        c.transfer_pkl = opts.transfer
+    if opts.resume is not None:
+        c.resume_state = resolve_resume(opts.resume)
+        try:
+            state = training_loop.load_training_state(c.resume_state, c.network_kwargs, dataset_info)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise click.ClickException(f'--resume: {err}') from None
+        resumed_seed = int(state.get('seed', 0))
+        del state
+
+    # Seed: given, else the resumed run's (so the continuation is exact), else random (same on all ranks).
+    if opts.seed is not None:
+        c.seed = opts.seed
+    elif resumed_seed is not None:
+        c.seed = resumed_seed
+    else:
+        seed = torch.randint(1 << 31, size=[], dtype=torch.int64)
+        distributed.broadcast_([seed])
+        c.seed = int(seed)
+
+    # Run folder (rank 0 writes; every rank checks, so that all of them agree on an error).
+    desc = opts.desc or f'gpus{world_size}-batch{opts.batch}-{opts.precision}'
+    if opts.nosubdir:
+        run_dir = opts.outdir
+        resuming_here = opts.resume is not None and \
+            os.path.abspath(os.path.dirname(c.resume_state)) == os.path.abspath(run_dir)
+        if holds_run(run_dir) and not resuming_here:
+            raise click.ClickException(f'--nosubdir: {run_dir} already holds a training run; choose another --outdir, '
+                                       f'or continue it in place with --resume={run_dir}')
+    else:
+        run_dir = next_run_dir(opts.outdir, f'{dataset_name}-{desc}')
+    if os.path.exists(opts.outdir) and not os.path.isdir(opts.outdir):
+        raise click.ClickException(f'--outdir: {opts.outdir} exists and is not a folder')
+    c.run_dir = run_dir
+
+    # Print options.
+    distributed.print0()
+    distributed.print0('Training options:')
+    distributed.print0(json.dumps(c, indent=2))
+    distributed.print0()
+    distributed.print0(f'Output directory:        {c.run_dir}')
+    distributed.print0(f'Dataset:                 {c.dataset_kwargs.get("path", "built-in digits")} '
+                       f'({dataset_info["num_images"]} images, {"x".join(map(str, dataset_info["image_shape"]))})')
+    distributed.print0(f'Number of processes:     {world_size}')
+    distributed.print0(f'Batch size:              {c.batch_size} ({c.batch_size // world_size} per process)')
+    distributed.print0(f'Precision:               {c.precision}')
+    distributed.print0()
+    if opts.dry_run:
+        distributed.print0('Dry run; exiting.')
+        return
+
+    # Create the run folder and go.
+    distributed.barrier()       # Every rank has chosen the same folder before rank 0 creates it.
+    if distributed.get_rank() == 0:
+        distributed.print0('Creating output directory...')
+        os.makedirs(c.run_dir, exist_ok=True)
+        options_path = os.path.join(c.run_dir, 'training_options.json')
+        if not os.path.exists(options_path):    # Resuming in place keeps the original options.
+            training_loop.save_bytes_atomic(json.dumps(c, indent=2).encode('utf-8'), options_path)
+        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+    else:
+        logger = None
+    try:
+        training_loop.training_loop(**c)
+    finally:
+        if logger is not None:
+            logger.close()
+        distributed.shutdown()
+
+# ----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
+
+# ----------------------------------------------------------------------------

@@ -1,0 +1,47 @@
+"""The training loss of a Discrete Distribution Network (paper §3.2, our spec `DDN.md` §1).
+
+Every DDL chooses the candidate nearest to the training image (resized to the layer) and is scored by
+the distance of that choice (L2 by default, L1 with the network's `loss_type='l1'`). The loss of the
+model is the mean over its L layers. The argmin is the only discrete step: the gradient flows through
+every chosen candidate, back through the whole coarse-to-fine chain.
+
+Like EDM's loss objects, `DDNLoss` is built from constructor arguments only (`loss_kwargs` in
+`training_options.json`) and called as `loss_fn(net=net, images=images, labels=labels)`; it returns a
+per-sample loss that the training loop sums and scales. The reference code multiplies its loss by the
+number of pixels (EDM's `.sum()` convention); Adam is invariant to that constant, so ours stays a
+per-pixel mean and the numbers in the log are readable MSEs.
+"""
+
+import torch
+
+from torch_utils import training_stats
+
+# ----------------------------------------------------------------------------
+# Mean over layers of the per-layer loss of the chosen candidates; reports per-layer losses.
+
+class DDNLoss:
+    def __init__(self,
+        report_layers   = True,     # Report the loss of the first, middle and last layers to training_stats.
+    ):
+        self.report_layers = report_layers
+
+    def __call__(self,
+        net,                                        # DDNGenerator in training mode.
+        images:     torch.Tensor,                   # (B, C, H, W) training images in [-1, 1].
+        labels:     torch.Tensor = None,            # (B, label_dim) one-hot labels; must be empty for now.
+    ) -> torch.Tensor:                              # (B,) per-sample loss, fp32.
+        if labels is not None and labels.ndim == 2 and labels.shape[1] > 0:
+            # Shape checks only: no host sync. The generator has no label input yet.
+            raise NotImplementedError('DDNLoss: class-conditional training is not implemented yet '
+                                      '(DDNGenerator has no label input)')
+        losses = net(target=images).losses                          # (B, L)
+        loss = losses.mean(dim=1)
+        training_stats.report('Loss/loss', loss)
+        if self.report_layers:
+            L = losses.shape[1]
+            training_stats.report('Loss/layer_first', losses[:, 0])
+            training_stats.report('Loss/layer_mid', losses[:, L // 2])
+            training_stats.report('Loss/layer_last', losses[:, L - 1])
+        return loss
+
+# ----------------------------------------------------------------------------

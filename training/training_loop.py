@@ -1,0 +1,542 @@
+"""The main training loop of a Discrete Distribution Network, shaped like EDM's.
+
+`training_loop(**c)` is what `train.py` calls with the options of `training_options.json`. One step:
+1. per-step seeding from (seed, rank, step), so a resumed run repeats an uninterrupted one exactly;
+2. gradient accumulation over `batch_size / (world_size * batch_gpu)` rounds of `batch_gpu` images,
+   under `torch.autocast` for bf16/fp16;
+3. ONE flattened all-reduce of all gradients across ranks (no DDP: DDP would broadcast buffers and
+   so overwrite the DDL statistics; ours are reduced by Split-and-Prune itself);
+4. Adam step, then Split-and-Prune (`split_and_prune(net, optimizer, mirrors=[ema])`, paper §3.3);
+5. EMA update (half-life in kimg; 0 = no EMA, the snapshot holds the network itself).
+The hot loop never waits for the device: losses and counters stay on it and reach the host once per
+tick through `training_stats`.
+
+Once per tick: a progress line and a `stats.jsonl` line; per `snapshot_ticks`: the network pickle, a
+sample grid and a node-usage plot; per `state_dump_ticks`: the training state for exact resume. Only
+rank 0 writes, always through a temporary file and a rename (a killed job leaves no truncated file).
+
+Optimizer: Adam, lr 1e-3, betas (0.9, 0.999), eps 1e-8 (torch's defaults, as in EDM and the
+reference DDN code), lr ramped up linearly over `lr_rampup_kimg` (EDM's 10 Mimg by default).
+"""
+
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import psutil
+import torch
+
+import dnnlib
+from torch_utils import checkpoint, distributed, misc, training_stats
+from training.split_prune import find_node_sets, split_and_prune
+
+# File names inside a run folder, '*' standing for kimg as 6 digits.
+STATE_PATTERN = 'training-state-*.pt'
+SNAPSHOT_PATTERN = 'network-snapshot-*.pkl'
+
+# Precisions: autocast dtype of each (None = plain fp32).
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+# Seeds of the images in every sample grid (a fixed 8x8 grid, so grids of a run are comparable).
+SAMPLE_GRID_SEEDS = range(64)
+
+# ----------------------------------------------------------------------------
+# Write bytes to `path` atomically (temporary file in the same folder, fsync, rename), for the
+# JSON and PNG files of a run; pickles and states go through checkpoint.save_atomic.
+
+def save_bytes_atomic(data: bytes, path):
+    path = os.fspath(path)
+    tmp_path = f'{path}.tmp-{os.getpid()}'
+    try:
+        with open(tmp_path, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+# Append one line to a file with a single write(), so a killed job never leaves half a line.
+def append_line(path, line):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line.rstrip('\n') + '\n').encode('utf-8'))
+    finally:
+        os.close(fd)
+
+# ----------------------------------------------------------------------------
+# What a training state must agree on to be resumed: the network and the dataset.
+
+def dataset_meta(dataset_obj):
+    return dict(name=dataset_obj.name, image_shape=list(dataset_obj.image_shape),
+                label_dim=int(dataset_obj.label_dim), num_images=len(dataset_obj))
+
+# Canonical JSON of a config (tuples become lists, keys sorted), for comparison and hashing.
+def _canonical(obj):
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+# The arguments of a training_loop() call as plain JSON-able values (what training_options.json holds).
+def _canonical_options(args):
+    return json.loads(json.dumps(args, default=str))
+
+def config_hash(network_kwargs, dataset_info):
+    text = json.dumps(_canonical(dict(network_kwargs=network_kwargs, dataset=dataset_info)), sort_keys=True)
+    return hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]
+
+# Load a training state and check that it belongs to this configuration. Raises ValueError with
+# a message naming every difference (and FileNotFoundError / RuntimeError for unreadable files).
+def load_training_state(path, network_kwargs, dataset_info):
+    state = checkpoint.load(path, map_location='cpu')
+    if not isinstance(state, dict) or 'net' not in state or 'config' not in state:
+        raise ValueError(f'{path} is not a ddn training state (training-state-*.pt); '
+                         'to start from a network snapshot (.pkl) use --transfer')
+    saved = _canonical(state['config'])
+    current = _canonical(dict(network_kwargs=network_kwargs, dataset=dataset_info))
+    diffs = []
+    for section in ('network_kwargs', 'dataset'):
+        old, new = saved.get(section, {}), current[section]
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                diffs.append(f'  {section}.{key}: {old.get(key)!r} in the state, {new.get(key)!r} now')
+    if diffs:
+        raise ValueError(f'Training state {path} comes from another configuration:\n' + '\n'.join(diffs))
+    return state
+
+# Load the network of a snapshot pickle for --transfer. Raises ValueError / RuntimeError.
+def load_transfer_network(path):
+    data = checkpoint.load(path)
+    if not isinstance(data, dict) or not isinstance(data.get('ema'), torch.nn.Module):
+        raise ValueError(f'{path} is not a network snapshot (a pickle of dict(ema=<network>, ...))')
+    return data['ema']
+
+# Copy the weights of a snapshot network into `net` (same architecture required) and forget
+# its node statistics: they describe another run's data.
+@torch.no_grad()
+def transfer_weights(src, net):
+    try:
+        misc.copy_params_and_buffers(src, net, require_all=True)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f'--transfer: the snapshot network does not match this network: {err}') from None
+    for ns in find_node_sets(net):
+        ns.node_stats.reset()
+
+# ----------------------------------------------------------------------------
+# One optimisation step of a DDN: gradient accumulation, all-reduce, Adam, Split-and-Prune, EMA.
+# Shared by the training loop and bench/train_step.py, so the benchmark measures the real step.
+
+class TrainingStep:
+    def __init__(self,
+        net,                            # DDNGenerator in training mode, on `device`.
+        ema,                            # EMA copy of `net`, or `net` itself (no EMA).
+        loss_fn,                        # Callable(net=, images=, labels=) -> (B,) loss, e.g. DDNLoss.
+        optimizer,                      # Optimizer over net's parameters.
+        batch_size,                     # Global batch of one step (all ranks, all rounds).
+        precision       = 'fp32',       # 'fp32', 'bf16' or 'fp16' (fp16: GradScaler, CUDA only).
+        split_prune_kwargs = {},        # enabled, rule: options of split_and_prune().
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
+        self.device = next(net.parameters()).device
+        if precision == 'fp16' and self.device.type != 'cuda':
+            raise ValueError('precision fp16 needs CUDA (loss scaling); use bf16 on the CPU')
+        self.net, self.ema, self.loss_fn, self.optimizer = net, ema, loss_fn, optimizer
+        self.batch_size = batch_size
+        self.precision = precision
+        self.split_prune_kwargs = dict(split_prune_kwargs)
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(precision == 'fp16'))
+        if ema is not net:
+            self.ema_params = list(ema.parameters())
+            self.net_params = list(net.parameters())
+
+    # Forward and backward of one round; gradients add up in .grad. Returns the (B,) loss.
+    def accumulate(self, images, labels=None):
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = self.loss_fn(net=self.net, images=images, labels=labels)
+        # Scaled by the GLOBAL batch: the sum over ranks below then is the gradient of the mean.
+        self.scaler.scale(loss.sum() / self.batch_size).backward()
+        return loss
+
+    # Reduce gradients, update weights, split-and-prune, update the EMA; start the next step's
+    # accumulation from zero. Returns the number of splits as a device tensor (no host sync).
+    @torch.no_grad()
+    def update(self, lr, ema_beta):
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        distributed.all_reduce_(grads)      # One flat buffer per dtype: one collective per step.
+        if not self.scaler.is_enabled():    # fp16 leaves inf/nan to the GradScaler, which skips the step.
+            for g in grads:
+                torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        mirrors = [] if self.ema is self.net else [self.ema]
+        splits = split_and_prune(self.net, self.optimizer, mirrors=mirrors, **self.split_prune_kwargs)
+        if self.ema is not self.net:
+            torch._foreach_lerp_(self.ema_params, self.net_params, 1 - ema_beta)
+        return splits
+
+# ----------------------------------------------------------------------------
+# Learning rate and EMA decay as functions of the training progress (EDM's schedules).
+
+def learning_rate(base_lr, cur_nimg, lr_rampup_kimg):
+    if lr_rampup_kimg <= 0:
+        return base_lr
+    return base_lr * min(cur_nimg / (lr_rampup_kimg * 1000), 1)
+
+def ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio):
+    halflife_nimg = ema_halflife_kimg * 1000
+    if ema_rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * ema_rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+# ----------------------------------------------------------------------------
+# Pictures of a snapshot: a grid of samples and the node usage of Split-and-Prune.
+
+# Samples of fixed seeds as an 8x8 grid, upscaled (nearest) so that cells are at least 64 px.
+@torch.no_grad()
+def sample_grid(net, seeds=SAMPLE_GRID_SEEDS, batch=64):
+    seeds = list(seeds)
+    images = torch.cat([net(seeds=seeds[i : i + batch]).images.float().cpu() for i in range(0, len(seeds), batch)])
+    images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (N, C, H, W)
+    N, C, H, W = images.shape
+    gw = int(math.ceil(math.sqrt(N)))
+    gh = int(math.ceil(N / gw))
+    grid = torch.zeros(gh * gw, C, H, W, dtype=torch.uint8)
+    grid[:N] = images
+    grid = grid.view(gh, gw, C, H, W).permute(0, 3, 1, 4, 2).reshape(gh * H, gw * W, C)
+    scale = max(1, 64 // H)
+    grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
+    return PIL.Image.fromarray(grid[:, :, 0] if C == 1 else grid, 'L' if C == 1 else 'RGB')
+
+# Size of one panel of the node-usage plot.
+USAGE_PANEL_SIZE = (640, 160)
+
+# Layers shown in the node-usage plot: first, middle, last (without repeats).
+def usage_layers(num_layers):
+    return sorted({0, num_layers // 2, num_layers - 1})
+
+# Bars of K * frequency (1 = the uniform share 1/K) of the nodes of a few layers, with the 1/K line.
+@torch.no_grad()
+def node_usage_plot(net):
+    ddls = find_node_sets(net)
+    layers = usage_layers(len(ddls))
+    pw, ph = USAGE_PANEL_SIZE
+    image = PIL.Image.new('RGB', (pw, ph * len(layers)), 'white')
+    draw = PIL.ImageDraw.Draw(image)
+    for row, l in enumerate(layers):
+        stats = ddls[l].node_stats
+        K = stats.K
+        usage = (stats.frequency() * K).double().cpu().numpy()
+        dead = int((stats.count == 0).sum()) if float(stats.count.sum()) > 0 else 0
+        top = row * ph
+        left, right, y0, y1 = 40, pw - 10, top + 22, top + ph - 12    # Plot area; y1 = value 0.
+        ymax = max(2.0, math.ceil(float(usage.max())))
+        draw.text((left, top + 4), f'layer {l}  K={K}  splits {int(stats.num_splits)}  dead {dead}  '
+                  f'max {usage.max():.2f}/K  min {usage.min():.2f}/K', fill='black')
+        draw.line([(left, y0), (left, y1), (right, y1)], fill='black')
+        for v in range(int(ymax) + 1):
+            y = y1 - (y1 - y0) * v / ymax
+            draw.text((left - 14, y - 5), str(v), fill='black')
+        bar_w = (right - left) / K
+        for k, u in enumerate(usage):
+            h = (y1 - y0) * min(u, ymax) / ymax
+            x0 = left + k * bar_w
+            draw.rectangle([x0 + 0.15 * bar_w, y1 - h, x0 + max(0.85 * bar_w, 1), y1], fill=(70, 110, 200))
+        y_uniform = y1 - (y1 - y0) / ymax
+        draw.line([(left, y_uniform), (right, y_uniform)], fill=(220, 40, 40))
+    return image
+
+def _png_bytes(image):
+    buf = io.BytesIO()
+    image.save(buf, format='PNG')
+    return buf.getvalue()
+
+# Summary of Split-and-Prune over all layers, as host numbers (one device-to-host copy).
+@torch.no_grad()
+def node_usage_summary(net):
+    ddls = find_node_sets(net)
+    rows = []
+    for ns in ddls:
+        st = ns.node_stats
+        freq = st.frequency()
+        tv = 0.5 * (freq - 1 / st.K).abs().sum()                      # Distance to uniform usage.
+        dead = torch.where(st.count.sum() > 0, (st.count == 0).sum().double(), torch.zeros_like(tv))
+        rows.append(torch.stack([st.num_splits.double(), dead.double(), tv.double()]))
+    if not rows:
+        return dict(splits=0, dead_nodes=0, usage_tv=0.0)
+    total = torch.stack(rows).cpu().numpy()
+    return dict(splits=int(total[:, 0].sum()), dead_nodes=int(total[:, 1].sum()), usage_tv=float(total[:, 2].mean()))
+
+# ----------------------------------------------------------------------------
+
+def training_loop(
+    run_dir             = '.',      # Output directory (used by rank 0 only).
+    dataset_kwargs      = {},       # Options of the training set (class_name, ...).
+    data_loader_kwargs  = {},       # Options of torch.utils.data.DataLoader.
+    network_kwargs      = {},       # Options of the network (class_name, ...).
+    loss_kwargs         = {},       # Options of the loss function (class_name, ...).
+    optimizer_kwargs    = {},       # Options of the optimizer (class_name, lr, ...).
+    split_prune_kwargs  = {},       # Options of split_and_prune(): enabled, rule.
+    seed                = 0,        # Global random seed.
+    batch_size          = 2048,     # Total batch size of one step, all ranks together.
+    batch_gpu           = None,     # Images per rank per accumulation round, None = batch_size / world_size.
+    total_kimg          = 200000,   # Training duration in thousands of images.
+    ema_halflife_kimg   = 0,        # Half-life of the EMA of the weights; 0 = no EMA.
+    ema_rampup_ratio    = 0.05,     # Half-life at most this fraction of the images seen; None = no ramp-up.
+    lr_rampup_kimg      = 10000,    # Linear learning-rate warm-up; 0 = none.
+    precision           = 'fp32',   # 'fp32', 'bf16' or 'fp16' (autocast; fp16 with loss scaling, CUDA only).
+    kimg_per_tick       = 50,       # Interval of progress lines and stats.jsonl entries.
+    snapshot_ticks      = 50,       # Snapshot + pictures every this many ticks; None = never.
+    state_dump_ticks    = 500,      # Training state every this many ticks; None = never.
+    resume_state        = None,     # training-state-*.pt to continue from.
+    transfer_pkl        = None,     # network-snapshot-*.pkl whose weights initialise the network.
+    cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
+    device              = None,     # 'cpu', 'cuda' or None = this rank's GPU if any, else the CPU.
+):
+    # Initialise.
+    training_options = _canonical_options(locals())     # The arguments of this call, for the snapshots.
+    start_time = time.time()
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    device = distributed.device() if device in (None, 'auto') else torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        device = distributed.device()
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
+
+    # Batch split: every rank takes batch_size / world_size images per step, in rounds of batch_gpu.
+    if batch_size % world_size:
+        raise ValueError(f'batch_size {batch_size} is not divisible by the number of processes {world_size}')
+    batch_gpu_total = batch_size // world_size
+    if batch_gpu is None or batch_gpu > batch_gpu_total:
+        batch_gpu = batch_gpu_total
+    if batch_gpu_total % batch_gpu:
+        raise ValueError(f'batch_size {batch_size} is not divisible by world_size x batch_gpu = {world_size} x {batch_gpu}')
+    num_rounds = batch_gpu_total // batch_gpu
+
+    # Dataset.
+    distributed.print0('Loading dataset...')
+    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    dataset_info = dataset_meta(dataset_obj)
+    network_kwargs = dnnlib.EasyDict(network_kwargs)
+    network_kwargs.setdefault('img_resolution', dataset_obj.resolution)
+    network_kwargs.setdefault('img_channels', dataset_obj.num_channels)
+    if [network_kwargs.img_channels, network_kwargs.img_resolution, network_kwargs.img_resolution] != dataset_obj.image_shape:
+        raise ValueError(f'network_kwargs describe {network_kwargs.img_channels}x{network_kwargs.img_resolution}^2 images '
+                         f'but the dataset has shape {dataset_obj.image_shape}')
+    state = load_training_state(resume_state, network_kwargs, dataset_info) if resume_state is not None else None
+
+    # Network: identical initial weights on every rank (same seed, then a broadcast to be sure).
+    distributed.print0('Constructing network...')
+    torch.manual_seed(seed)
+    net = dnnlib.util.construct_class_by_name(**network_kwargs).to(device)
+    distributed.broadcast_(misc.params_and_buffers(net))
+    if rank == 0:
+        with torch.no_grad():
+            misc.print_module_summary(net.eval(), [torch.zeros([2, *dataset_obj.image_shape], device=device)], max_nesting=2)
+    net.train().requires_grad_(True)
+    distributed.print0(f'Latent: L={net.num_layers} layers, K={sorted(set(net.ks))}, {net.bits_per_image:.0f} bits per image')
+
+    # Optimizer, loss, EMA.
+    distributed.print0('Setting up optimizer...')
+    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_halflife_kimg > 0 else net
+    step_fn = TrainingStep(net, ema, loss_fn, optimizer, batch_size, precision, split_prune_kwargs)
+
+    # Transfer learning or resume.
+    cur_nimg, cur_tick = 0, 0
+    if transfer_pkl is not None:
+        distributed.print0(f'Transferring weights from "{transfer_pkl}"...')
+        transfer_weights(load_transfer_network(transfer_pkl), net)
+        if ema is not net:
+            misc.copy_params_and_buffers(net, ema, require_all=True)
+    if state is not None:
+        distributed.print0(f'Resuming from "{resume_state}" at kimg {state["cur_nimg"] / 1e3:.3f}...')
+        net.load_state_dict(state['net'])
+        if ema is not net:
+            ema.load_state_dict(state['ema'] if state.get('ema') is not None else state['net'])
+        optimizer.load_state_dict(state['optimizer'])
+        if state.get('scaler') and step_fn.scaler.is_enabled():
+            step_fn.scaler.load_state_dict(state['scaler'])
+        cur_nimg, cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
+        del state
+    base_lr = optimizer.defaults['lr']
+
+    # Data: the global stream of images continues where the state left it.
+    loader_kwargs = dict(data_loader_kwargs)
+    loader_kwargs['pin_memory'] = bool(loader_kwargs.get('pin_memory', False)) and device.type == 'cuda'
+    if not loader_kwargs.get('num_workers'):
+        loader_kwargs.pop('prefetch_factor', None)
+    sampler = misc.InfiniteSampler(dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=cur_nimg)
+    dataset_iterator = iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
+
+    # Train.
+    distributed.print0(f'Training for {total_kimg} kimg: {batch_size} images per step = {world_size} process(es) '
+                       f'x {num_rounds} round(s) x {batch_gpu} images, {precision}')
+    distributed.print0()
+    if cur_nimg >= total_kimg * 1000:
+        distributed.print0('The training state is already at the requested duration; nothing to do.')
+        return
+    stats_path = os.path.join(run_dir, 'stats.jsonl') if rank == 0 else None
+    tick_start_nimg, tick_start_time = cur_nimg, time.time()
+    maintenance_time = tick_start_time - start_time
+    prev_splits = node_usage_summary(net)['splits']
+    progress = _TickProgress(enabled=(rank == 0))
+    progress.start(kimg_per_tick * 1000 if cur_tick else batch_size)
+    while True:
+        # One step: the same random numbers whenever step `cur_nimg // batch_size` is run.
+        misc.set_seed_for_step(seed, rank, cur_nimg // batch_size)
+        rank_images = 0
+        for _ in range(num_rounds):
+            images, labels = next(dataset_iterator)
+            images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
+            labels = labels.to(device, non_blocking=True)
+            step_fn.accumulate(images, labels)
+            rank_images += images.shape[0]
+        training_stats.report('Progress/rank_batch', rank_images)
+        step_fn.update(learning_rate(base_lr, cur_nimg, lr_rampup_kimg),
+                       ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio))
+        cur_nimg += batch_size
+        progress.update(batch_size)
+
+        # Maintenance once per tick (the first tick is a single step, for quick feedback).
+        done = cur_nimg >= total_kimg * 1000
+        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+            continue
+        progress.close()
+        tick_end_time = time.time()
+        if ema is not net:                       # Buffers (node statistics) are not averaged: copy them.
+            for b_ema, b_net in zip(ema.buffers(), net.buffers(), strict=True):
+                b_ema.copy_(b_net)
+        usage = node_usage_summary(net)
+        tick_sec = tick_end_time - tick_start_time
+        tick_img = cur_nimg - tick_start_nimg
+        report0 = training_stats.report0
+        report0('Progress/tick', cur_tick)
+        report0('Progress/kimg', cur_nimg / 1e3)
+        report0('Timing/total_sec', tick_end_time - start_time)
+        report0('Timing/sec_per_tick', tick_sec)
+        report0('Timing/sec_per_kimg', tick_sec / max(tick_img, 1) * 1e3)
+        report0('Timing/img_per_sec', tick_img / max(tick_sec, 1e-8))
+        report0('Timing/maintenance_sec', maintenance_time)
+        report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
+        if device.type == 'cuda':
+            report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
+            report0('Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(device) / 2**30)
+            torch.cuda.reset_peak_memory_stats(device)
+        report0('SplitPrune/splits', usage['splits'])
+        report0('SplitPrune/splits_tick', usage['splits'] - prev_splits)
+        report0('SplitPrune/dead_nodes', usage['dead_nodes'])
+        report0('SplitPrune/usage_tv', usage['usage_tv'])
+        training_stats.default_collector.update()
+        stats = training_stats.default_collector.as_dict()
+        mean = training_stats.default_collector.mean
+        fields = [
+            f'tick {cur_tick:<5d}',
+            f'kimg {cur_nimg / 1e3:<9.3f}',
+            f'loss {mean("Loss/loss"):<8.5f}',
+            f'time {dnnlib.util.format_time(tick_end_time - start_time):<10s}',
+            f'sec/tick {tick_sec:<7.1f}',
+            f'img/s {tick_img / max(tick_sec, 1e-8):<8.1f}',
+            f'sec/kimg {tick_sec / max(tick_img, 1) * 1e3:<8.2f}',
+            f'splits {usage["splits"]} (+{usage["splits"] - prev_splits})',
+            f'tv {usage["usage_tv"]:<6.3f}',
+            f'maintenance {maintenance_time:<5.1f}',
+            f'cpumem {mean("Resources/cpu_mem_gb"):<5.2f}',
+        ]
+        if device.type == 'cuda':
+            fields.append(f'gpumem {mean("Resources/peak_gpu_mem_gb"):<5.2f}')
+        distributed.print0('  '.join(fields))
+        prev_splits = usage['splits']
+        kimg_tag = f'{cur_nimg // 1000:06d}'
+
+        # Snapshot: EMA network pickle (+ sample grid and node-usage plot).
+        if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
+            snapshot = copy.deepcopy(ema).eval().requires_grad_(False)
+            misc.check_ddp_consistency(net)
+            misc.check_ddp_consistency(snapshot)
+            if rank == 0:
+                save_bytes_atomic(_png_bytes(sample_grid(snapshot)), os.path.join(run_dir, f'samples-{kimg_tag}.png'))
+                save_bytes_atomic(_png_bytes(node_usage_plot(snapshot)), os.path.join(run_dir, f'node-usage-{kimg_tag}.png'))
+                data = dict(ema=snapshot, loss_fn=loss_fn, dataset_kwargs=dict(dataset_kwargs),
+                            network_kwargs=dict(network_kwargs), training_options=training_options)
+                checkpoint.save_atomic(data, os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl'), mode='pickle')
+                del data
+            del snapshot
+
+        # Training state for exact resume.
+        if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0 and rank == 0:
+            state = dict(
+                net=net.state_dict(),
+                ema=None if ema is net else ema.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scaler=step_fn.scaler.state_dict() if step_fn.scaler.is_enabled() else None,
+                rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if device.type == 'cuda' else None),
+                cur_nimg=cur_nimg, cur_tick=cur_tick, seed=seed, batch_size=batch_size,
+                config=dict(network_kwargs=dict(network_kwargs), dataset=dataset_info),
+                config_hash=config_hash(network_kwargs, dataset_info),
+            )
+            checkpoint.save_atomic(state, os.path.join(run_dir, f'training-state-{kimg_tag}.pt'), mode='torch')
+            del state
+
+        # stats.jsonl: one line per tick.
+        if rank == 0:
+            append_line(stats_path, json.dumps(dict(stats, timestamp=time.time())))
+
+        # Next tick.
+        cur_tick += 1
+        tick_start_nimg = cur_nimg
+        tick_start_time = time.time()
+        maintenance_time = tick_start_time - tick_end_time
+        if done:
+            break
+        progress.start(kimg_per_tick * 1000)
+
+    misc.check_ddp_consistency(net)
+    distributed.print0()
+    distributed.print0('Exiting...')
+
+# ----------------------------------------------------------------------------
+# A tqdm bar over the images of the current tick, shown only on an interactive terminal. It writes
+# to the real stdout, not through the log tee, so log.txt keeps only the per-tick lines.
+
+class _TickProgress:
+    def __init__(self, enabled):
+        stream = sys.__stdout__
+        self.enabled = enabled and stream is not None and stream.isatty()
+        self.bar = None
+
+    def start(self, total):
+        if self.enabled:
+            import tqdm
+            self.bar = tqdm.tqdm(total=total, unit='img', leave=False, file=sys.__stdout__, dynamic_ncols=True)
+
+    def update(self, n):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+# ----------------------------------------------------------------------------
