@@ -237,7 +237,7 @@ def _rank_batches(items, batch):
 @torch.no_grad()
 def sample_batches(net, chunks, label_fn=None):
     for seeds in chunks:
-        kwargs = {} if label_fn is None else {'class_labels': label_fn(seeds)}
+        kwargs = {} if label_fn is None else {'condition': label_fn(seeds)}
         out = net(seeds=seeds, **kwargs)
         yield Batch(seeds, to_uint8(out.images).cpu(), out.codes.cpu(), None)
 

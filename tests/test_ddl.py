@@ -130,7 +130,7 @@ def test_scorer_and_chooser():
     assert seen['shape'] == (4, 10, 3, 4, 4) and seen['info'].K == 10 and seen['info'].size == 4
     cand = layer.all_heads(feat[:, :4])
     assert torch.equal(out.codes, cand[:, :, 0].mean((2, 3)).argmax(1))
-    out2 = layer(feat, None, scorer=scorer, chooser=lambda d, info: d.argmax(1))
+    out2 = layer(feat, None, scorer=scorer, chooser=lambda d, info, u: d.argmax(1))
     assert torch.equal(out2.codes, cand[:, :, 0].mean((2, 3)).argmin(1))
     with pytest.raises(ValueError, match='Scorer returned shape'):
         layer(feat, None, scorer=lambda c, i: torch.zeros(4, 3))

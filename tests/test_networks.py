@@ -165,3 +165,26 @@ def test_two_processes_stay_identical(tmp_path, subprocess_env, repo_root):
     assert result['splits'] > 0
     assert result['max_diff'] == 0.0
     assert all(s == 2 * 6 * 8 for s in result['seen'])  # Statistics hold both ranks' targets.
+
+# ----------------------------------------------------------------------------
+# Guided selection: the scorer decides every layer; seeds only feed the chooser's randomness.
+
+def test_scorer_guides_every_layer_and_chooser_gets_seed_uniforms():
+    net = tiny_net().eval()
+    goal = torch.ones(1, 1, 8, 8) * 0.5
+    def scorer(cand, info):
+        t = torch.nn.functional.interpolate(goal, size=cand.shape[-2:], mode='area')
+        return (cand - t[:, None]).square().mean((2, 3, 4))
+    seen = []
+    def chooser(dist, info, u):
+        seen.append(u.clone())
+        return dist.argmin(1)
+    guided = net(scorer=scorer, chooser=chooser, seeds=[1, 2, 3]).images
+    plain = net(seeds=[1, 2, 3]).images
+    err = lambda x: (x - goal).square().mean().item()  # noqa: E731
+    assert err(guided) < err(plain) / 2
+    assert len(seen) == net.num_layers
+    u = net.seed_uniforms([1, 2, 3])
+    assert all(torch.equal(seen[l], u[:, l]) for l in range(net.num_layers))
+    # Guided output of a seed does not depend on its batch.
+    assert torch.equal(net(scorer=scorer, seeds=[2]).images[0], net(scorer=scorer, seeds=[1, 2, 3]).images[1])

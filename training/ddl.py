@@ -39,8 +39,10 @@ class LayerInfo(NamedTuple):
 # A scorer maps candidates (B, K, C, H, W) in [-1, 1] and LayerInfo to distances (B, K); lower is better.
 Scorer = Callable[[torch.Tensor, LayerInfo], torch.Tensor]
 
-# A chooser turns distances (B, K) into codes (B,); the default is the argmin.
-Chooser = Callable[[torch.Tensor, LayerInfo], torch.Tensor]
+# A chooser turns distances (B, K) into codes (B,); the default is the argmin. Its third argument
+# is one uniform number in [0, 1) per sample (from the sample's seed, or None), for choosers that
+# draw at random (temperature, top-k) and must stay deterministic per seed.
+Chooser = Callable[[torch.Tensor, LayerInfo, Optional[torch.Tensor]], torch.Tensor]
 
 # Results of one DDL call.
 class DDLOutput(NamedTuple):
@@ -57,6 +59,10 @@ def resize_area(x, size):
     if x.shape[-1] < size:
         return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
     return F.interpolate(x, size=(size, size), mode='area')
+
+# Map uniform numbers in [0, 1) to codes in [0, K): the per-seed sampling rule.
+def uniform_to_codes(u, K):
+    return (u.double() * K).long().clamp_(0, K - 1)
 
 # Bilinear upsampling of the previous choice to this layer's size (learning residual).
 def upsample(x, size):
@@ -149,7 +155,8 @@ class DiscreteDistributionLayer(SplittableNodes):
     #   codes  -> decode those codes;
     #   target -> nearest candidate (training: with statistics and chain dropout);
     #   scorer -> argmin (or `chooser`) of the scorer's distances;
-    #   none   -> uniformly random codes from the global RNG (networks pass per-seed codes instead).
+    #   none   -> uniformly random codes: floor(uniform * K) when `uniform` is given (per-seed
+    #             sampling), else from the global RNG.
     # `all_heads=True` evaluates every head and gathers the chosen one (reference path for tests
     # and benchmarks); the default evaluates only the chosen head.
     def forward(self,
@@ -159,6 +166,7 @@ class DiscreteDistributionLayer(SplittableNodes):
         codes:      Optional[torch.Tensor] = None,  # (B,) codes to decode.
         scorer:     Optional[Scorer] = None,        # Guidance distances for the candidates.
         chooser:    Optional[Chooser] = None,       # Turns scorer distances into codes.
+        uniform:    Optional[torch.Tensor] = None,  # (B,) per-sample uniform numbers in [0, 1).
         all_heads:  bool = False,                   # Evaluate all K heads (reference path).
     ) -> DDLOutput:
         B, Cf, H, W = feat.shape
@@ -195,7 +203,9 @@ class DiscreteDistributionLayer(SplittableNodes):
                     dist = scorer(cand, info).float()
                     if dist.shape != (B, self.K):
                         raise ValueError(f'Scorer returned shape {tuple(dist.shape)}, expected {(B, self.K)}')
-                    codes = dist.argmin(dim=1) if chooser is None else chooser(dist, info)
+                    codes = dist.argmin(dim=1) if chooser is None else chooser(dist, info, uniform)
+            elif uniform is not None:
+                codes = uniform_to_codes(uniform.to(feat.device), self.K)
             else:
                 codes = torch.randint(0, self.K, [B], device=feat.device)
 

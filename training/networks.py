@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from torch_utils import persistence
-from training.ddl import Chooser, DiscreteDistributionLayer, Scorer, resize_area
+from training.conditions import condition_channels, make_condition, parse_condition
+from training.ddl import Chooser, DiscreteDistributionLayer, Scorer, resize_area, uniform_to_codes
 
 # ----------------------------------------------------------------------------
 # The architecture schedule of DDN.md §4, as plain functions of the scale s (size 2^s).
@@ -49,7 +50,7 @@ def blocks_at(s, max_blockn=32):
 
 @contextlib.contextmanager
 def batch_invariant():
-    with torch.backends.mkldnn.flags(enabled=False), \
+    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None), \
          torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
         yield
 
@@ -134,6 +135,8 @@ class DDNGenerator(nn.Module):
         learn_residual  = True,         # DDLs predict corrections of the previous choice.
         leak            = True,         # Leak feature of the chosen head into the next block.
         loss_type       = 'l2',         # 'l2' or 'l1' loss and selection distance.
+        condition       = None,         # None, 'class', 'color', 'edge' or 'resizeN' (conditional DDN).
+        label_dim       = 0,            # Number of classes for condition='class'.
     ):
         super().__init__()
         s0, s1 = math.log2(start_size), math.log2(img_resolution)
@@ -145,7 +148,15 @@ class DDNGenerator(nn.Module):
             raise ValueError(f'img_channels must be 1 or 3, got {img_channels}')
         self.img_resolution = img_resolution
         self.img_channels = img_channels
+        self.condition = condition
+        self.label_dim = 0
         ch = lambda s: channels_at(s, max_channels, min_channels)  # noqa: E731
+        if condition is not None:
+            self.cond_channels = condition_channels(condition, img_channels)
+            if parse_condition(condition).kind == 'class':
+                if label_dim < 1:
+                    raise ValueError('condition="class" needs label_dim >= 1 (a labelled dataset)')
+                self.label_dim = label_dim
 
         s0, s1 = int(s0), int(s1)
         self.register_buffer('init_feature', positional_feature(ch(s0), start_size), persistent=False)
@@ -160,6 +171,12 @@ class DDNGenerator(nn.Module):
             cin = ch(s)
         self.blocks = nn.ModuleList(blocks)
         self.ddls = nn.ModuleList(ddls)
+        # Layers whose block input receives the condition: the first block of each scale.
+        self.cond_layers = [l for l, (s, i) in enumerate(plan) if i == 0]
+        if self.label_dim:
+            # A learned class embedding per scale, added to every channel of that block input.
+            self.class_embed = nn.ModuleList([nn.Linear(self.label_dim, self.blocks[l].norm0.num_channels)
+                                              for l in self.cond_layers])
 
     # Latent length L, K per layer, and bits per image.
     @property
@@ -182,17 +199,19 @@ class DDNGenerator(nn.Module):
             sizes.append(size)
         return sizes
 
-    # Uniform random codes (B, L) from one generator per seed: the codes of seed 7 do not
-    # depend on which other seeds share the batch.
+    # Per-seed uniform numbers (B, L) in [0, 1), one generator per seed: what seed 7 gets does
+    # not depend on which other seeds share the batch. They become the codes of unguided layers
+    # and the randomness of random choosers in guided layers.
+    def seed_uniforms(self, seeds: Sequence[int], device=None):
+        rows = [torch.rand(self.num_layers, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+                for seed in seeds]
+        u = torch.stack(rows) if rows else torch.zeros(0, self.num_layers, dtype=torch.float64)
+        return u.to(device if device is not None else self.init_feature.device)
+
+    # Uniform random codes (B, L) of the given seeds.
     def sample_codes(self, seeds: Sequence[int], device=None):
-        ks = torch.tensor(self.ks, dtype=torch.float64)
-        rows = []
-        for seed in seeds:
-            gen = torch.Generator().manual_seed(int(seed))
-            u = torch.rand(len(ks), generator=gen, dtype=torch.float64)
-            rows.append((u * ks).long().clamp_(max=ks.long() - 1))
-        codes = torch.stack(rows) if rows else torch.zeros(0, len(ks), dtype=torch.long)
-        return codes.to(device if device is not None else self.init_feature.device)
+        u = self.seed_uniforms(seeds, device)
+        return torch.stack([uniform_to_codes(u[:, l], k) for l, k in enumerate(self.ks)], dim=1)
 
     # Add the chosen image into the first C feature channels and the leak map into the last C
     # (DDN.md §2.7: an addition, not a concatenation, so the block widths stay the paper's).
@@ -206,7 +225,7 @@ class DDNGenerator(nn.Module):
     # Run the network. The mode follows from the arguments (per layer, in this order):
     #   codes (B, Lc)  -> the first Lc layers decode these codes;
     #   target         -> nearest candidate (training / reconstruction / encoding);
-    #   scorer         -> guided selection (argmin, or `chooser`);
+    #   scorer         -> guided selection (argmin, or `chooser` fed with the seeds' uniforms);
     #   seeds          -> per-seed uniform random codes (sampling).
     # `num_layers` stops early (e.g. to look at the first levels of the latent tree).
     def forward(self,
@@ -214,38 +233,77 @@ class DDNGenerator(nn.Module):
         codes:          Optional[torch.Tensor] = None,  # (B, Lc) codes of the first Lc layers.
         scorer:         Optional[Scorer] = None,        # Guidance scorer for the remaining layers.
         chooser:        Optional[Chooser] = None,       # Rule turning scorer distances into codes.
-        seeds:          Optional[Sequence[int]] = None, # Per-image seeds (sampling).
+        seeds:          Optional[Sequence[int]] = None, # Per-image seeds (sampling, random choosers).
         num_layers:     Optional[int] = None,           # Run only the first layers.
         return_layers:  bool = False,                   # Also return every layer's chosen image.
         all_heads:      bool = False,                   # Evaluate all K heads (reference path).
+        condition:      Optional[torch.Tensor] = None,  # Condition of a conditional net (make_condition()).
     ) -> DDNOutput:
         L = self.num_layers if num_layers is None else min(num_layers, self.num_layers)
         device = self.init_feature.device
-        if seeds is not None:
-            sampled = self.sample_codes(seeds, device)
-            codes = sampled if codes is None else torch.cat([codes.to(device), sampled[:, codes.shape[1]:]], 1)
-        B = next(t.shape[0] for t in (target, codes) if t is not None) if (target is not None or codes is not None) else None
-        if B is None:
+        uniforms = self.seed_uniforms(seeds, device) if seeds is not None else None
+        if codes is not None:
+            codes = codes.to(device=device, dtype=torch.long)
+            if codes.ndim != 2 or codes.shape[1] > self.num_layers:
+                raise ValueError(f'codes must have shape (B, <= {self.num_layers}), got {tuple(codes.shape)}')
+        condition = self._check_condition(condition)
+        sizes = [t.shape[0] for t in (target, codes, uniforms, condition) if t is not None]
+        if not sizes:
             raise ValueError('DDNGenerator needs a target, codes or seeds to know what to generate')
-        if codes is not None and codes.shape[1] < L and target is None and scorer is None:
+        if len(set(sizes)) != 1:
+            raise ValueError(f'Batch sizes of target, codes and seeds differ: {sizes}')
+        if codes is not None and codes.shape[1] < L and target is None and scorer is None and uniforms is None:
             raise ValueError(f'Got codes for {codes.shape[1]} of {L} layers and no rule (target, scorer or seeds) for the rest')
         if target is not None:
             target = target.to(device)
             if target.shape[1:] != (self.img_channels, self.img_resolution, self.img_resolution):
                 raise ValueError(f'Target shape {tuple(target.shape[1:])} does not match the network '
                                  f'({self.img_channels}, {self.img_resolution}, {self.img_resolution})')
-
         context = contextlib.nullcontext() if self.training else batch_invariant()
         with context:
-            return self._run(L, B, target, codes, scorer, chooser, return_layers, all_heads)
+            return self._run(L, sizes[0], target, codes, scorer, chooser, uniforms, return_layers, all_heads, condition)
+
+    # Validate the condition argument against the network's condition type.
+    def _check_condition(self, condition):
+        if self.condition is None:
+            if condition is not None:
+                raise ValueError('This network is unconditional; it takes no condition')
+            return None
+        if condition is None:
+            raise ValueError(f'This network is conditioned on {self.condition!r}; pass condition=make_condition(...)')
+        condition = condition.to(self.init_feature.device).float()
+        if self.label_dim:
+            if condition.ndim != 2 or condition.shape[1] != self.label_dim:
+                raise ValueError(f'Class condition must have shape (B, {self.label_dim}), got {tuple(condition.shape)}')
+        elif condition.ndim != 4 or condition.shape[1] != self.cond_channels:
+            raise ValueError(f'Condition {self.condition!r} must have shape (B, {self.cond_channels}, H, W), '
+                             f'got {tuple(condition.shape)}')
+        return condition
+
+    # Add the condition into the block input x of layer l (first block of each scale only).
+    def _add_condition(self, x, l, condition):
+        if condition is None or l not in self.cond_layers:
+            return x
+        if self.label_dim:
+            emb = self.class_embed[self.cond_layers.index(l)](condition)
+            return x + emb.to(x.dtype)[:, :, None, None]
+        cond = resize_area(condition, x.shape[-1]).to(x.dtype)
+        lo = (x.shape[1] - cond.shape[1]) // 2  # The middle channels.
+        return x + F.pad(cond, (0, 0, 0, 0, lo, x.shape[1] - cond.shape[1] - lo))
+
+    # Condition tensor for a batch of images in [-1, 1] (and one-hot labels), as in training.
+    def make_condition(self, images=None, labels=None, generator=None):
+        if self.condition is None:
+            return None
+        return make_condition(self.condition, images, labels, training=self.training, generator=generator)
 
     # The layer loop of forward().
-    def _run(self, L, B, target, codes, scorer, chooser, return_layers, all_heads):
+    def _run(self, L, B, target, codes, scorer, chooser, uniforms, return_layers, all_heads, condition):
         x = self.init_feature.expand(B, -1, -1, -1)
         prev, all_codes, losses, layer_images = None, [], [], []
         targets = {}  # Area-resized target per size, computed once.
         for l in range(L):
-            feat = self.blocks[l](x)
+            feat = self.blocks[l](self._add_condition(x, l, condition))
             size = feat.shape[-1]
             layer_codes = codes[:, l] if codes is not None and l < codes.shape[1] else None
             layer_target = None
@@ -255,6 +313,7 @@ class DDNGenerator(nn.Module):
                 layer_target = targets[size]
             out = self.ddls[l](feat, prev, target=layer_target, codes=layer_codes,
                                scorer=scorer if layer_target is None else None, chooser=chooser,
+                               uniform=uniforms[:, l] if uniforms is not None else None,
                                all_heads=all_heads)
             if l + 1 < L:
                 x = self._next_input(feat, out.image, out.leak)
@@ -283,15 +342,15 @@ class DDNGenerator(nn.Module):
 
     # Encode images to their latent (L2-guided selection): returns (codes, reconstruction).
     @torch.no_grad()
-    def encode(self, images):
+    def encode(self, images, condition=None):
         with self.evaluating():
-            out = self(target=images)
+            out = self(target=images, condition=condition)
         return out.codes, out.images
 
     # Decode latents (B, L) to images.
     @torch.no_grad()
-    def decode(self, codes):
+    def decode(self, codes, condition=None):
         with self.evaluating():
-            return self(codes=codes).images
+            return self(codes=codes, condition=condition).images
 
 # ----------------------------------------------------------------------------
