@@ -285,8 +285,8 @@ def save_gif(frames, path, duration_ms=80):
 @click.option('--k',                help='Number of points K', metavar='INT', type=click.IntRange(min=2), default=1000, show_default=True)
 @click.option('--steps',            help='Optimisation steps per density', metavar='INT', type=click.IntRange(min=1), default=5000, show_default=True)
 @click.option('--batch',            help='Samples per step', metavar='INT', type=click.IntRange(min=1), default=40, show_default=True)
-@click.option('--lr',               help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option('--opt',              help='Optimizer [default: adam, lr 3e-4; sgd: lr 0.05]', type=click.Choice(['adam', 'sgd']), default='adam')
+@click.option('--lr',               help='Learning rate  [default: adam 0.01 / sqrt(K), sgd 0.05]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--opt',              help='Optimizer', type=click.Choice(['adam', 'sgd']), default='adam', show_default=True)
 @click.option('--split-prune/--no-split-prune', help='Split-and-Prune after every step (off: the plain gradient-descent ablation)', default=True, show_default=True)
 @click.option('--rule',             help='Split-and-Prune decision rule', type=click.Choice(['tv', 'paper']), default='tv', show_default=True)
 @click.option('--bins',             help='Grid size of the densities and of the KL histogram', metavar='INT', type=click.IntRange(min=2), default=100, show_default=True)
@@ -308,9 +308,12 @@ def main(density, k, steps, batch, lr, opt, split_prune, rule, bins, seed, carry
         raise click.BadParameter('give at least one density', param_hint='--density')
     maps = [load_density(name, bins) for name in names]
     if lr is None:
-        lr = 3e-4 if opt == 'adam' else 0.05
+        # Adam moves a point by about lr per hit, whatever the distance: keep that a fraction of the
+        # spacing of K points in the square, which goes as 1 / sqrt(K). SGD moves it by 2 lr of the way.
+        lr = 0.01 / math.sqrt(k) if opt == 'adam' else 0.05
     if carry_over is None:
         carry_over = gif is not None
+    torch.set_num_threads(1)  # Tiny tensors: a thread pool costs more than it gives (and varies under load).
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     snapshot_every = max(steps // frames, 1) if gif else 0

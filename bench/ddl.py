@@ -115,7 +115,8 @@ class Side:
         self.scale = torch.nn.Parameter(torch.ones(1, inputs.feat.shape[1], 1, 1, device=device))
         self.optimizer = torch.optim.Adam([*layer.parameters(), self.scale], lr=LR)
         self.times = []
-        self.last = None                # What the layer returned at the last step.
+        self.record = False             # Keep what the layer returned (for the agreement check)?
+        self.last = None                # What the layer returned at the last recorded step.
 
     # One training step: the optimizer part, then Split-and-Prune.
     def step(self):
@@ -125,11 +126,12 @@ class Side:
     def train_step(self):
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.inputs.feat.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.forward(self.inputs.feat * self.scale)
+            loss, returned = self.forward(self.inputs.feat * self.scale)
         loss.mean().backward()
         self.optimizer.step()
+        self.last = returned if self.record else None
 
-    def forward(self, feat):            # -> per-sample loss (B,)
+    def forward(self, feat):            # -> per-sample loss (B,), what the layer returned
         raise NotImplementedError
 
     def split(self):
@@ -147,8 +149,8 @@ class Ours(Side):
         super().__init__(layer.to(inputs.feat.device), inputs, bf16)
 
     def forward(self, feat):
-        self.last = self.layer(feat, self.inputs.prev, target=self.inputs.target)
-        return self.last.loss
+        out = self.layer(feat, self.inputs.prev, target=self.inputs.target)
+        return out.loss, out
 
     def split(self):
         split_and_prune(self.layer, self.optimizer)
@@ -167,12 +169,14 @@ class Sddn(Side):
         if actual != expected:
             raise RuntimeError(f'sddn.DiscreteDistributionOutput class settings {actual} differ from the benchmarked {expected}')
         cls.inits.clear()               # Class-level registry of every layer built; one layer at a time here.
+        # `size` makes it area-resize the target to its resolution; last_c = Cf with leak_choice: the
+        # candidates read the first half of the features, like ours.
         layer = cls(k=shape.K, last_c=shape.Cf, predict_c=C, leak_choice=True, size=shape.H)
         super().__init__(layer.to(inputs.feat.device), inputs, bf16)
 
     def forward(self, feat):
-        self.last = self.layer(dict(feat_last=feat, target=self.inputs.target, predict=self.inputs.prev))
-        return self.last['loss']
+        d = self.layer(dict(feat_last=feat, target=self.inputs.target, predict=self.inputs.prev))
+        return d['loss'], d
 
     def split(self):
         self.layer.try_split(self.optimizer)
@@ -207,6 +211,7 @@ def check_agreement(shape, device, sddn):
         received.append((loss_matrix.detach().float().cpu(), torch.from_numpy(np.asarray(result['i_nears']))))
         return result
     theirs.layer.sdd.add_loss_matrix = recording_add_loss_matrix
+    ours.record = theirs.record = True
 
     first = None
     agree = total = 0

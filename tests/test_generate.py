@@ -125,6 +125,9 @@ def test_parse_int_list():
     for bad in ['3-1', 'a', '-1', '1,,2', '1.5']:
         with pytest.raises(ValueError):
             generate.parse_int_list(bad)
+    for values in ([0, 1, 2, 3, 7], [5], [9, 3, 4, 5, 1], []):
+        assert generate.parse_int_list(generate.format_int_list(values) or '0')[:len(values)] == values
+    assert generate.format_int_list([0, 1, 2, 3, 7, 9, 10]) == '0-3,7,9-10'
     result = _generate(['--network', 'x.pkl', '--outdir', 'o', '--seeds', '5-2'], ok=False)
     assert result.exit_code != 0 and 'Empty range' in result.output
 
@@ -143,6 +146,12 @@ def test_outputs(reference, snapshot):
     assert latents['codes'].dtype.kind == 'i' and (latents['codes'] < np.array(net.ks)).all()
     # The latents are the per-seed codes of the network.
     np.testing.assert_array_equal(latents['codes'], net.sample_codes(range(10)).numpy())
+    assert sorted(latents) == ['codes', 'ks', 'seeds']                     # No condition: an unconditional net.
+    # The options of the run, next to the outputs.
+    with open(reference / 'generation_options.json') as f:
+        options = json.load(f)
+    assert options['mode'] == 'sample' and options['seeds'] == '0-9' and options['num'] == 10 and options['batch'] == 1
+    assert options['guide'] is None and options['condition'] is None and options['network'] == snapshot
 
 def test_batch_size_invariance(reference, snapshot, tmp_path):
     _generate(['--network', snapshot, '--outdir', tmp_path, '--seeds', '0-9', '--batch', '7'])

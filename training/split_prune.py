@@ -184,15 +184,17 @@ def redistribute(count, near2, dist_acc, decision):
     return count, near2, dist_acc
 
 # ----------------------------------------------------------------------------
-# Copy node s's rows onto node d's rows in `tensor` (dim 0) where `do` is True.
-# One gather and one index_copy, no host sync.
+# Copy node s's rows onto node d's rows in `tensors` (dim 0) where `do` is True. The source rows
+# are `s`'s when splitting and `d`'s own otherwise, so each tensor costs one gather and one
+# index_copy, with no host sync.
 
 @torch.no_grad()
-def _copy_node_rows(tensor, rows, do, s, d):
-    ar = torch.arange(rows, device=tensor.device)
-    src = s * rows + ar
+def _copy_node_rows(tensors, rows, do, s, d):
+    ar = torch.arange(rows, device=do.device)
     dst = d * rows + ar
-    tensor.index_copy_(0, dst, torch.where(do, tensor.index_select(0, src), tensor.index_select(0, dst)))
+    src = torch.where(do, s * rows + ar, dst)
+    for tensor in tensors:
+        tensor.index_copy_(0, dst, tensor.index_select(0, src))
 
 # Find the node sets of a model in a stable order.
 def find_node_sets(model: nn.Module) -> list[SplittableNodes]:
@@ -257,15 +259,13 @@ def split_and_prune(
         # 3. Copy weights, optimizer state and mirrored weights of each split node set.
         for g, i in enumerate(members):
             do, s, d = decision.do_split[g], decision.i_split[g], decision.i_prune[g]
-            targets = [node_sets[i]] + [ms[i] for ms in mirror_sets]
-            for ns in targets:
-                for param, rows in ns.node_params():
-                    _copy_node_rows(param.data, rows, do, s, d)
-            if optimizer is not None:
-                for param, rows in node_sets[i].node_params():
-                    for value in optimizer.state.get(param, {}).values():
-                        if torch.is_tensor(value) and value.shape == param.shape:
-                            _copy_node_rows(value, rows, do, s, d)
+            mirrored = [ms[i].node_params() for ms in mirror_sets]
+            for p, (param, rows) in enumerate(node_sets[i].node_params()):
+                tensors = [param.data] + [m[p][0].data for m in mirrored]
+                if optimizer is not None:
+                    state = optimizer.state.get(param, {})
+                    tensors += [v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]
+                _copy_node_rows(tensors, rows, do, s, d)
     return total_splits
 
 # ----------------------------------------------------------------------------

@@ -208,20 +208,27 @@ def ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio):
 # ----------------------------------------------------------------------------
 # Pictures of a snapshot: a grid of samples and the node usage of Split-and-Prune.
 
-# Samples of fixed seeds as an 8x8 grid, upscaled (nearest) so that cells are at least 64 px.
+# Gap between the cells of a sample grid, in pixels, and its grey level.
+GRID_GAP, GRID_GAP_VALUE = 2, 128
+
+# Samples of fixed seeds as a square grid, upscaled (nearest) so that cells are at least 64 px, with
+# grey gaps between cells (digits touch their borders). Size: n * (H * scale + GRID_GAP) - GRID_GAP.
 @torch.no_grad()
 def sample_grid(net, seeds=SAMPLE_GRID_SEEDS, batch=64):
     seeds = list(seeds)
     images = torch.cat([net(seeds=seeds[i : i + batch]).images.float().cpu() for i in range(0, len(seeds), batch)])
     images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (N, C, H, W)
     N, C, H, W = images.shape
+    scale = max(1, 64 // H)
+    images = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    H, W = H * scale, W * scale
     gw = int(math.ceil(math.sqrt(N)))
     gh = int(math.ceil(N / gw))
-    grid = torch.zeros(gh * gw, C, H, W, dtype=torch.uint8)
-    grid[:N] = images
-    grid = grid.view(gh, gw, C, H, W).permute(0, 3, 1, 4, 2).reshape(gh * H, gw * W, C)
-    scale = max(1, 64 // H)
-    grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
+    grid = torch.full((gh * (H + GRID_GAP), gw * (W + GRID_GAP), C), GRID_GAP_VALUE, dtype=torch.uint8)
+    for i in range(N):
+        y, x = (i // gw) * (H + GRID_GAP), (i % gw) * (W + GRID_GAP)
+        grid[y : y + H, x : x + W] = images[i].permute(1, 2, 0)
+    grid = grid[: grid.shape[0] - GRID_GAP, : grid.shape[1] - GRID_GAP].numpy()
     return PIL.Image.fromarray(grid[:, :, 0] if C == 1 else grid, 'L' if C == 1 else 'RGB')
 
 # Size of one panel of the node-usage plot.

@@ -1,0 +1,179 @@
+"""Latent compression with a trained DDN: images -> packed bit strings -> images.
+
+`python compress.py encode` encodes dataset images to their DDN latents (L2-guided selection,
+`net.encode`) and writes them packed with `training.latent.pack_codes` (mixed-radix, exactly
+ceil(sum log2 K_l) bits per image; see that module) into a small file; it reports bits per image and
+the PSNR of the reconstructions. `python compress.py decode` reads such a file and writes the decoded
+images, which are bit-identical to the reconstructions `encode` measured. With a K=2 network
+("Taiji-DDN") every image becomes a plain binary string of L bits, one per layer.
+
+File format (little endian): b'DDNZ', version (uint8), number of images N (uint32), L (uint32), the L
+values K_l (uint32 each), then the packed codes of the N images (`packed_size(ks, N)` bytes). The K_l
+must match the decoding network.
+
+Pixels follow generate.py: the net works in [-1, 1], images are uint8 (x * 127.5 + 128, clipped);
+PSNR = 10 log10(255^2 / MSE) on the uint8 images, averaged over images.
+
+SECURITY: network snapshots are pickles; loading one executes code. Trusted files only.
+"""
+
+import os
+import struct
+
+import click
+import numpy as np
+import torch
+import tqdm
+
+from generate import load_network, to_float, to_pil, to_uint8
+from training.dataset import open_dataset
+from training.latent import bits_per_image, latent_bits, pack_codes, packed_size, unpack_codes
+
+MAGIC = b'DDNZ'
+VERSION = 1
+
+# ----------------------------------------------------------------------------
+# The codes file.
+
+def write_codes_file(path, codes, ks):
+    codes = np.asarray(codes, dtype=np.int64)
+    payload = pack_codes(codes, ks)
+    header = MAGIC + struct.pack('<BII', VERSION, codes.shape[0], len(ks)) + struct.pack(f'<{len(ks)}I', *ks)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'wb') as f:
+        f.write(header)
+        f.write(payload.tobytes())
+    return len(header), payload.size
+
+# (codes (N, L), ks) of a codes file.
+def read_codes_file(path):
+    with open(path, 'rb') as f:
+        data = f.read()
+    if data[:4] != MAGIC or len(data) < 13:
+        raise click.ClickException(f'{path} is not a DDN codes file (written by `compress.py encode`)')
+    version, num, L = struct.unpack_from('<BII', data, 4)
+    if version != VERSION:
+        raise click.ClickException(f'{path}: codes file version {version}, this script reads version {VERSION}')
+    start = 13 + 4 * L
+    ks = list(struct.unpack_from(f'<{L}I', data, 13))
+    if len(data) - start != packed_size(ks, num):
+        raise click.ClickException(f'{path}: {len(data) - start} bytes of codes, expected {packed_size(ks, num)} for {num} images')
+    return unpack_codes(data[start:], ks, num), ks
+
+# PSNR (dB) of each uint8 image pair (B, C, H, W), in float64; inf for identical images.
+def psnr(a, b):
+    mse = (a.to(torch.float64) - b.to(torch.float64)).square().flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse)
+
+def _device(name):
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    return torch.device(name)
+
+def _load(network, device):
+    try:
+        return load_network(network, device)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+
+# Batches (indices, uint8 images (B, C, H, W)) of the first `num` images of a dataset.
+def _dataset_batches(dataset, num, batch):
+    for start in range(0, num, batch):
+        idx = list(range(start, min(start + batch, num)))
+        yield idx, torch.from_numpy(np.stack([dataset[i][0] for i in idx]))
+
+def _open_dataset(data, net):
+    try:
+        dataset = open_dataset(data, resolution=net.img_resolution) if data in (None, 'digits') else open_dataset(data)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'Cannot open dataset {data}: {e}') from e
+    shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    if list(dataset.image_shape) != shape:
+        raise click.ClickException(f'Dataset images are {dataset.image_shape}, the network makes {shape}')
+    return dataset
+
+def _psnr_line(values):
+    values = torch.cat(values)
+    finite = values[torch.isfinite(values)]
+    mean = float(finite.mean()) if finite.numel() else float('inf')
+    return f'psnr={mean:.2f} dB (mean over {values.numel()} images, {values.numel() - finite.numel()} exact)'
+
+# ----------------------------------------------------------------------------
+
+@click.group()
+def main():
+    """Compress images to DDN latents (bit strings) and back.
+
+    \b
+    python compress.py encode --network RUN_OR_PKL --data digits --max-images 100 --out codes.bin
+    python compress.py decode --network RUN_OR_PKL --codes codes.bin --outdir decoded
+    """
+
+@main.command()
+@click.option('--network',      help='Network snapshot pickle or run folder (latest snapshot)', metavar='PKL|DIR', required=True)
+@click.option('--data',         help='Dataset folder or zip, or "digits"', metavar='ZIP|DIR', default='digits', show_default=True)
+@click.option('--max-images',   help='Encode the first N images', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--out',          help='Output codes file', metavar='BIN', required=True)
+@click.option('--batch',        help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--device',       help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+def encode(network, data, max_images, out, batch, device):
+    """Encode dataset images to packed latents; report bits/image and PSNR."""
+    device = _device(device)
+    path, net = _load(network, device)
+    dataset = _open_dataset(data, net)
+    num = len(dataset) if max_images is None else min(max_images, len(dataset))
+    all_codes, values = [], []
+    for _, images in tqdm.tqdm(_dataset_batches(dataset, num, batch), total=-(-num // batch), desc='encode', leave=False):
+        codes, recon = net.encode(to_float(images.to(device)))
+        all_codes.append(codes.cpu())
+        values.append(psnr(to_uint8(recon).cpu(), images))
+    codes = torch.cat(all_codes).numpy()
+    header, payload = write_codes_file(out, codes, net.ks)
+    click.echo(f'Network: {path} (L={net.num_layers}, K per layer {_describe_ks(net.ks)})')
+    click.echo(f'Encoded {num} images to {out}: {payload} bytes of codes + {header} bytes of header')
+    click.echo(f'bits_per_image={bits_per_image(net.ks)} (information {latent_bits(net.ks):.2f}; '
+               f'raw {net.img_channels * net.img_resolution ** 2 * 8} bits)')
+    click.echo(_psnr_line(values))
+
+@main.command()
+@click.option('--network',      help='Network snapshot pickle or run folder (latest snapshot)', metavar='PKL|DIR', required=True)
+@click.option('--codes',        help='Codes file written by `encode`', metavar='BIN', required=True)
+@click.option('--outdir',       help='Where to write the decoded images', metavar='DIR', required=True)
+@click.option('--data',         help='Also report the PSNR against these originals (the encoded dataset)', metavar='ZIP|DIR', default=None)
+@click.option('--batch',        help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--device',       help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+def decode(network, codes, outdir, data, batch, device):
+    """Decode a codes file to images {index:06d}.png."""
+    device = _device(device)
+    path, net = _load(network, device)
+    all_codes, ks = read_codes_file(codes)
+    if list(ks) != list(net.ks):
+        raise click.ClickException(f'{codes} was written for K per layer {_describe_ks(ks)}, but {path} has {_describe_ks(net.ks)}')
+    num = all_codes.shape[0]
+    dataset = _open_dataset(data, net) if data is not None else None
+    if dataset is not None and len(dataset) < num:
+        raise click.ClickException(f'{codes} holds {num} images but the dataset only {len(dataset)}')
+    os.makedirs(outdir, exist_ok=True)
+    values = []
+    for start in tqdm.trange(0, num, batch, desc='decode', leave=False):
+        chunk = torch.from_numpy(all_codes[start:start + batch]).to(device)
+        images = to_uint8(net.decode(chunk)).cpu()
+        for i, image in enumerate(images.numpy()):
+            to_pil(image).save(os.path.join(outdir, f'{start + i:06d}.png'))
+        if dataset is not None:
+            originals = torch.from_numpy(np.stack([dataset[i][0] for i in range(start, start + len(images))]))
+            values.append(psnr(images, originals))
+    click.echo(f'Decoded {num} images ({bits_per_image(ks)} bits each) to {outdir}')
+    if values:
+        click.echo(_psnr_line(values))
+
+# "64 x 63" for a single K, else the list.
+def _describe_ks(ks):
+    return f'{ks[0]} x {len(ks)}' if len(set(ks)) == 1 else str(list(ks))
+
+# ----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
+
+# ----------------------------------------------------------------------------

@@ -1,0 +1,180 @@
+"""The zero-shot conditional generation figure of the DDN paper, for one task on a few dataset images.
+
+For each chosen image of a dataset, a condition is derived from it (a low-resolution copy, the image
+with a hole, its luminance, a low-bit copy, its edge map, or the image itself), an unconditional DDN
+is guided by that condition (`training/guidance.py`), and one row of the figure shows:
+
+    condition | guided result of each seed | ground truth
+
+Rows are stacked into one PNG (`--out`). Cells are nearest-upscaled to at least `--cell` pixels
+(an integer factor: res * ceil(cell / res)); every cell is framed by a white separator of
+max(1, cell // 32) pixels, so the image is  (S + 2) * cell + (S + 3) * sep  wide and
+N * cell + (N + 1) * sep  high, for S seeds and N images. The run also prints the mean guide
+distance of the guided results and of unguided samples of the same seeds.
+
+Example:
+    python zscg.py --network=training-runs/00000-digits --guide=superres --images=0-3 --seeds=0-5
+
+SECURITY: network snapshots are pickles; loading one executes code. Trusted files only.
+"""
+
+import math
+import os
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+import generate
+from training import guidance
+from training.dataset import open_dataset
+
+# Tasks: the condition is computed from the ground truth.
+TASKS = ('superres', 'inpaint', 'color', 'lowbit', 'edge', 'l2')
+
+# Regions an inpainting row must fill.
+HOLES = ('bottom', 'top', 'left', 'right', 'center')
+
+# ----------------------------------------------------------------------------
+# Command-line helpers.
+
+# '0-3,7' -> [0, 1, 2, 3, 7] (generate.py's parser; a click error on bad input).
+def parse_int_list(text):
+    try:
+        return generate.parse_int_list(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+# The EMA network of a snapshot pickle, URL or run folder (generate.py's loader), in eval mode. ZSCG
+# guides an unconditional network: a conditional one would need its condition at every call.
+def load_network(network, device):
+    try:
+        _, net = generate.load_network(network, device)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    if getattr(net, 'condition', None) is not None:
+        raise click.ClickException(f'{network}: this network is conditioned on {net.condition!r}; zscg.py guides '
+                                   'unconditional networks (generate.py --guide combines guidance with a condition)')
+    return net
+
+# ----------------------------------------------------------------------------
+# Conditions: guide inputs for `guidance.parse_guides` and the picture of the condition.
+
+# Mask (1, 1, res, res) with 1 = known pixel, 0 = the hole.
+def hole_mask(res, hole):
+    m = torch.ones(1, 1, res, res)
+    h = max(1, res // 2)
+    q = res // 4
+    if hole == 'bottom':
+        m[..., res - h:, :] = 0
+    elif hole == 'top':
+        m[..., :h, :] = 0
+    elif hole == 'left':
+        m[..., :, :h] = 0
+    elif hole == 'right':
+        m[..., :, res - h:] = 0
+    else:
+        m[..., q:res - q, q:res - q] = 0
+    return m
+
+# (inputs of parse_guides, condition picture (1, C, res, res) in [-1, 1]) of ground truth x (1, C, res, res).
+def make_condition(task, x, sr_size, bits, hole):
+    res, C = x.shape[-1], x.shape[1]
+    if task == 'superres':
+        low = guidance.resize(x, sr_size)
+        return dict(image=low), torch.nn.functional.interpolate(low, size=(res, res), mode='nearest')
+    if task == 'inpaint':
+        m = hole_mask(res, hole)
+        return dict(image=x * m, mask=m), x * m                   # The hole shows as mid-gray (0).
+    if task == 'color':
+        gray = guidance.luminance(x)
+        return dict(image=gray), gray.expand(-1, C, -1, -1)
+    if task == 'lowbit':
+        q = guidance.quantize(x, bits)
+        return dict(image=q, bits=bits), q
+    if task == 'edge':
+        e = guidance.edge_map(x) * 2 - 1
+        return dict(image=e), e.expand(-1, C, -1, -1)
+    return dict(image=x), x                                       # l2
+
+# ----------------------------------------------------------------------------
+# Figure layout.
+
+def to_uint8(x):
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu().numpy()
+
+# Rows of uint8 images (C, res, res) -> one uint8 (C, H, W) grid with white separators.
+def layout(rows, cell_min):
+    C, res = rows[0][0].shape[0], rows[0][0].shape[-1]
+    scale = max(1, math.ceil(cell_min / res))
+    cell = res * scale
+    sep = max(1, cell // 32)
+    ncols = len(rows[0])
+    grid = np.full((C, len(rows) * cell + (len(rows) + 1) * sep, ncols * cell + (ncols + 1) * sep), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            y, x = sep + r * (cell + sep), sep + c * (cell + sep)
+            grid[:, y:y + cell, x:x + cell] = image.repeat(scale, axis=1).repeat(scale, axis=2)
+    return grid
+
+def save_png(grid, path):
+    image = PIL.Image.fromarray(grid[0], 'L') if grid.shape[0] == 1 else PIL.Image.fromarray(grid.transpose(1, 2, 0), 'RGB')
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path)
+
+# ----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--network', help='Network snapshot pickle, URL, or run folder (its latest snapshot)', metavar='PKL|URL|DIR', required=True)
+@click.option('--data', help='Dataset of the ground-truth images: folder, zip, or "digits"', metavar='PATH|digits', default='digits', show_default=True)
+@click.option('--guide', 'task', help='Task: how the condition is made from each image', type=click.Choice(TASKS), default='superres', show_default=True)
+@click.option('--images', help='Indices of the dataset images, one row each', metavar='LIST', default='0-3', show_default=True)
+@click.option('--seeds', help='Seeds, one column each', metavar='LIST', default='0-5', show_default=True)
+@click.option('--out', help='Output PNG', metavar='PNG', default='zscg.png', show_default=True)
+@click.option('--sr-size', help='superres: resolution of the condition  [default: resolution / 4]', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--bits', help='lowbit: bits per channel of the condition', metavar='INT', type=click.IntRange(min=1, max=8), default=1, show_default=True)
+@click.option('--hole', help='inpaint: the region to fill', type=click.Choice(HOLES), default='bottom', show_default=True)
+@click.option('--temperature', help='Softmax temperature of the choice (0 = argmin: every seed gives the same image)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.2, show_default=True)
+@click.option('--topk', help='Choose uniformly among the N best instead (overrides --temperature)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--cell', help='Smallest cell side in pixels (nearest upscaling)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', default=None)
+def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperature, topk, cell, device):
+    """Zero-shot conditional generation figure: condition | guided results per seed | ground truth."""
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    indices, seeds = parse_int_list(images), parse_int_list(seeds)
+    net = load_network(network, device)
+    res, C = net.img_resolution, net.img_channels
+    dataset = open_dataset(data, resolution=res)
+    if dataset.num_channels != C or dataset.resolution != res:
+        raise click.ClickException(f'Dataset {data} has {dataset.num_channels}x{dataset.resolution}x{dataset.resolution} images, '
+                                   f'the network makes {C}x{res}x{res}')
+    if max(indices) >= len(dataset):
+        raise click.ClickException(f'--images: index {max(indices)} out of range; the dataset has {len(dataset)} images')
+    sr_size = sr_size or max(1, res // 4)
+    if task == 'superres' and (sr_size > res or res % sr_size):
+        raise click.ClickException(f'--sr-size {sr_size} must divide the resolution {res}')
+    chooser = guidance.TopKChooser(topk) if topk else guidance.TemperatureChooser(temperature)
+
+    rows, guided_d, unguided_d = [], [], []
+    with torch.no_grad():
+        unguided = net(seeds=seeds).images
+        for idx in tqdm.tqdm(indices, desc=f'zscg {task}', unit='image'):
+            x = torch.from_numpy(dataset[idx][0]).to(device).float()[None] / 127.5 - 1
+            inputs, condition = make_condition(task, x, sr_size, bits, hole)
+            scorer = guidance.parse_guides(task, img_channels=C, img_resolution=res, device=device,
+                                           **{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+            results = net(scorer=scorer, chooser=chooser, seeds=seeds).images
+            guided_d.append(guidance.final_distance(scorer, results).mean().item())
+            unguided_d.append(guidance.final_distance(scorer, unguided).mean().item())
+            rows.append([to_uint8(condition[0])] + list(to_uint8(results)) + [to_uint8(x[0])])
+    save_png(layout(rows, cell), out)
+    print(f'{task}: mean guide distance {np.mean(guided_d):.4g} guided vs {np.mean(unguided_d):.4g} unguided '
+          f'({len(indices)} images x {len(seeds)} seeds) -> {out}')
+
+# ----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
