@@ -39,8 +39,9 @@ def test_shapes_and_nearest_selection(C, leak, learn_residual, loss_type):
     torch.testing.assert_close(out.loss, brute.gather(1, out.codes[:, None])[:, 0], rtol=1e-4, atol=1e-5)
 
 # Both L2 strategies (materialised heads and Gram expansion) give the same distances.
-@pytest.mark.parametrize('Cf,H,K', [(8, 16, 4), (8, 2, 256)])
-def test_distance_strategies_agree(Cf, H, K):
+@pytest.mark.parametrize('Cf,H,K,gram', [(8, 16, 4, True), (8, 2, 256, True), (64, 4, 4, False), (128, 4, 8, False)])
+def test_distance_strategies_agree(Cf, H, K, gram):
+    assert (Cf * (H * H + K) < K * 3 * H * H) == gram  # The case exercises the intended path.
     torch.manual_seed(1)
     layer = DiscreteDistributionLayer(Cf, 3, K, leak=False, chain_dropout=0.0)
     feat, prev, target = torch.randn(4, Cf, H, H), torch.randn(4, 3, H, H), torch.randn(4, 3, H, H)

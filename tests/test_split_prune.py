@@ -14,7 +14,7 @@ from training.split_prune import decide, redistribute, split_and_prune
 def reference_redistribute(count, near2, dist_acc, s, d):
     count, near2, dist_acc = count.copy(), near2.copy(), dist_acc.copy()
     K = len(count)
-    # Prune d: its count (and its near2 row) go to the nodes that were its second nearest.
+    # Prune d: its count goes to the nodes that were its second nearest.
     row = near2[d].copy()
     row[d] = 0
     if row.sum() > 0:
@@ -24,13 +24,20 @@ def reference_redistribute(count, near2, dist_acc, s, d):
     for j in range(K):
         count[j] += count[d] * w[j] if j != d else 0
     count[d] = 0
+    # Row j takes over w_j of d's near2 row plus its own d column, spread over its other
+    # second-nearest nodes (never j, never d) in proportion to its row, uniformly if empty.
+    spread = np.zeros((K, K))
+    for j in range(K):
+        allowed = [k for k in range(K) if k not in (j, d)]
+        mass = sum(near2[j, k] for k in allowed)
+        for k in allowed:
+            spread[j, k] = near2[j, k] / mass if mass > 0 else 1 / len(allowed)
+    moved = [w[j] * row.sum() + near2[j, d] for j in range(K)]
     for j in range(K):
         for k in range(K):
-            near2[j, k] += w[j] * row[k]
-    for j in range(K):
-        near2[j, j] = 0
-        near2[d, j] = 0
-        near2[j, d] = 0
+            near2[j, k] += moved[j] * spread[j, k]
+    near2[d, :] = 0
+    near2[:, d] = 0
     # Split s: half of its count to the clone d; rows reset; columns halved; the pair gets half of s's row.
     count[s] = count[d] = count[s] / 2
     old_row_s = near2[s].sum()
@@ -97,8 +104,9 @@ def test_redistribute_matches_reference():
             assert new_count[g, s] == new_count[g, d]
         else:
             assert torch.equal(new_count[g], count[g]) and torch.equal(new_near2[g], near2[g])
-        # Mass conserved.
+        # Mass conserved, of count and of near2.
         assert new_count[g].sum().item() == pytest.approx(count[g].sum().item(), rel=1e-12)
+        assert new_near2[g].sum().item() == pytest.approx(near2[g].sum().item(), rel=1e-12)
     assert do.sum() >= 2  # The test exercised real splits.
 
 def test_redistribute_empty_near2_row_goes_uniform():
@@ -210,5 +218,22 @@ def test_mass_conserved_during_training():
     assert total >= 5
     assert st.seen.item() == 60 * 32
     assert st.count.sum().item() == pytest.approx(st.seen.item(), rel=1e-9)
+    assert st.near2.sum().item() == pytest.approx(st.seen.item(), rel=1e-9)
     assert st.near2.diagonal().abs().sum() == 0
     assert (st.count >= 0).all() and (st.near2 >= 0).all()
+
+# ----------------------------------------------------------------------------
+# Right after a split the clone ties exactly with its original: the statistics must credit the
+# node the selector chose (the argmin), not whichever of the tied pair topk happens to list first.
+
+def test_statistics_credit_the_chosen_node_on_ties():
+    layer = DiscreteDistributionLayer(8, 1, 6, leak=False, chain_dropout=0.0).train()
+    with torch.no_grad():
+        layer.weight[5] = layer.weight[2]  # Node 5 is an exact clone of node 2.
+    feat = torch.randn(64, 8, 4, 4)
+    target = layer.chosen_head(feat, torch.full((64,), 2)).detach()  # Node 2 (and 5) is exact.
+    out = layer(feat, None, target=target)
+    assert (out.codes == 2).all()
+    st = layer.node_stats
+    assert st.pending_count[2] == 64 and st.pending_count[5] == 0
+    assert st.pending_near2.view(6, 6)[2, 5] == 64

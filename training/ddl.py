@@ -122,6 +122,16 @@ class DiscreteDistributionLayer(SplittableNodes):
         w = self.weight.view(self.K, self.out_channels, Cin)[codes]          # (B, C, Cin)
         return torch.bmm(w, feat.flatten(2)).view(B, self.out_channels, H, W)
 
+    # With leak: the chosen head applied to both halves of the features in one bmm, so autograd
+    # sees no slicing of the feature tensor: (B, 2*Cin, H, W) -> image, leak (B, C, H, W).
+    def chosen_head_and_leak(self, feat, codes):
+        B, Cf, H, W = feat.shape
+        C, Cin = self.out_channels, self.head_channels
+        w = self.weight.view(self.K, C, Cin)[codes]                          # (B, C, Cin)
+        w2 = w[:, None].expand(B, 2, C, Cin).reshape(2 * B, C, Cin)
+        both = torch.bmm(w2, feat.reshape(2 * B, Cin, H * W)).view(B, 2, C, H, W)
+        return both[:, 0], both[:, 1]
+
     # All K heads: (B, Cin, H, W) -> (B, K, C, H, W), without the residual.
     def all_heads(self, feat):
         B, Cin, H, W = feat.shape
@@ -136,19 +146,22 @@ class DiscreteDistributionLayer(SplittableNodes):
         if self.loss_type == 'l1':
             return (self.all_heads(feat) + e.view(B, 1, C, H, W)).abs().mean((2, 3, 4))
         f = feat.flatten(2)                                                  # (B, Cin, P)
-        # |h_k + e|^2 = |h_k|^2 + 2 h_k.e + |e|^2 with h_k = W_k f. Either materialise the
-        # heads (cost K*C*Cin*P) or go through the Gram matrix f f^T (cost Cin^2 * (P + K*C)).
-        if Cin * (P + K * C) < K * C * P:
-            gram = torch.bmm(f, f.transpose(1, 2))                           # (B, Cin, Cin)
-            wg = torch.matmul(self.weight, gram)                             # (B, K*C, Cin)
-            sq = (wg * self.weight).sum(2).view(B, K, C).sum(2)              # (B, K) |h_k|^2
-            fe = torch.bmm(f, e.transpose(1, 2))                             # (B, Cin, C)
-            cross = torch.einsum('kci,bic->bk', self.weight.view(K, C, Cin), fe)
+        # |h_k + e|^2 with h_k = W_k f: either materialise the heads (cost K*C*Cin*P per sample)
+        # or expand |h_k|^2 + 2 h_k.e + |e|^2 through the Gram matrix f f^T and each node's
+        # W_k^T W_k (cost Cin^2 * (P + K)), whichever is cheaper. Both are exact up to rounding.
+        if Cin * (P + K) < K * C * P:
+            W3 = self.weight.view(K, C, Cin)
+            gram = torch.bmm(f, f.transpose(1, 2)).reshape(B, Cin * Cin)     # (B, Cin^2)
+            wtw = torch.einsum('kci,kcj->kij', W3, W3).reshape(K, Cin * Cin)  # (K, Cin^2)
+            sq = gram @ wtw.t()                                              # (B, K) |h_k|^2
+            fe = torch.bmm(e, f.transpose(1, 2)).reshape(B, C * Cin)         # (B, C*Cin)
+            cross = fe @ self.weight.view(K, C * Cin).t()                    # (B, K) h_k.e
+            dist = (sq + 2 * cross + e.square().sum((1, 2))[:, None]) / (C * P)
         else:
-            heads = torch.matmul(self.weight, f).view(B, K, C * P)           # (B, K, C*P)
-            sq = heads.square().sum(2)
-            cross = torch.bmm(heads, e.reshape(B, C * P, 1))[..., 0]
-        dist = (sq + 2 * cross + e.square().sum((1, 2))[:, None]) / (C * P)
+            heads = torch.bmm(self.weight.expand(B, -1, -1), f)              # (B, K*C, P)
+            heads.view(B, K, C, P).add_(e[:, None])
+            h = heads.view(B, K, C * P)
+            dist = torch.einsum('bkn,bkn->bk', h, h) / (C * P)
         return dist.clamp_(min=0)
 
     # Run the layer. The mode follows from the arguments:
@@ -210,12 +223,16 @@ class DiscreteDistributionLayer(SplittableNodes):
                 codes = torch.randint(0, self.K, [B], device=feat.device)
 
             # Output the chosen candidate through the chosen head only.
+            leak = None
             if all_heads:
                 image = self.all_heads(feat_head)[torch.arange(B, device=feat.device), codes]
+                if self.leak:
+                    leak = self.chosen_head(feat[:, self.head_channels:], codes)
+            elif self.leak:
+                image, leak = self.chosen_head_and_leak(feat, codes)
             else:
                 image = self.chosen_head(feat_head, codes)
             image = image + residual
-            leak = self.chosen_head(feat[:, self.head_channels:], codes) if self.leak else None
             loss = None
             if target is not None:
                 diff = image - target

@@ -54,12 +54,12 @@ class NodeStatistics(nn.Module):
         B, K = dist.shape
         assert K == self.K
         dist = dist.detach()
+        # argmin, exactly as the selector: after a split the clone ties with its original, and
+        # the statistics must credit the node that was actually chosen.
+        i1 = dist.argmin(dim=1)
         if K >= 2:
-            top2 = dist.topk(2, dim=1, largest=False).indices            # (B, 2), sorted nearest first.
-            i1, i2 = top2[:, 0], top2[:, 1]
+            i2 = dist.scatter(1, i1[:, None], math.inf).argmin(dim=1)
             self.pending_near2.index_add_(0, i1 * K + i2, torch.ones_like(i1, dtype=torch.float64))
-        else:
-            i1 = torch.zeros(B, dtype=torch.long, device=dist.device)
         self.pending_count.index_add_(0, i1, torch.ones_like(i1, dtype=torch.float64))
         self.pending_dist.add_(dist.sum(0, dtype=torch.float64))
         self.pending_seen.add_(B)
@@ -138,19 +138,19 @@ def decide(count, dist_acc, rule='tv'):
     return SplitDecision(do_split, i_split, i_prune)
 
 # Redistribute the statistics of G node sets for the given decision; node sets whose
-# do_split is False keep their statistics. Works on copies; returns (count, near2, dist_acc).
-# Everything but one rank-1 update is an O(G*K) indexed operation.
+# do_split is False keep their statistics. Returns new (count, near2, dist_acc); the totals of
+# count and near2 are conserved (both equal `seen` for K >= 3).
 def redistribute(count, near2, dist_acc, decision):
     G, K = count.shape
     do, s, d = decision
-    count, near2, dist_acc = count.clone(), near2.clone(), dist_acc.clone()
+    near2 = near2.clone()
+    count, dist_acc = count.clone(), dist_acc.clone()
     g = torch.arange(G, device=count.device)
     live = do.to(count.dtype)                                           # 1 where the node set splits.
     keep = 1 - live
 
     # 1. Prune d. Its count goes to the nodes that were second nearest when d was nearest, in
-    #    proportion to its near2 row (uniformly over the other nodes if that row is empty); its
-    #    near2 row follows the same weights. Its row and column are then cleared: d is gone.
+    #    proportion to its near2 row (uniformly over the other nodes if that row is empty).
     row_d = near2[g, d].clone()                                         # (G, K) = near2[d, :]
     row_d[g, d] = 0
     row_sum = row_d.sum(1, keepdim=True)
@@ -160,8 +160,17 @@ def redistribute(count, near2, dist_acc, decision):
     count_d = count[g, d].clone()
     count.add_(live[:, None] * count_d[:, None] * w)
     count[g, d] = count[g, d] * keep
-    near2.add_((live[:, None] * w)[:, :, None] * row_d[:, None, :])
-    near2.diagonal(dim1=1, dim2=2).zero_()                              # A node is never its own second.
+    #    near2 mass involving d moves to the rows that take over: row j receives w_j of d's row
+    #    (its targets now have j nearest) plus its own d column (targets that had d second), spread
+    #    over j's other second-nearest nodes in proportion to its row (uniformly if empty).
+    allowed = 1 - torch.eye(K, dtype=near2.dtype, device=near2.device)[None]  # Never j itself ...
+    allowed = allowed * (1 - nn.functional.one_hot(d, K).to(near2.dtype))[:, None, :]  # ... nor d.
+    spread = near2 * allowed
+    spread_sum = spread.sum(2, keepdim=True)
+    spread = torch.where(spread_sum > 0, spread / spread_sum.clamp(min=1e-300),
+                         allowed / allowed.sum(2, keepdim=True).clamp(min=1))
+    moved = live[:, None] * (w * row_sum + near2[g, :, d])              # (G, K) mass per receiving row.
+    near2.addcmul_(moved[:, :, None], spread)
     near2[g, d] = near2[g, d] * keep[:, None]
     near2[g, :, d] = near2[g, :, d] * keep[:, None]
 
