@@ -39,7 +39,7 @@ import torch
 import tqdm
 from torch import nn
 
-from training.split_prune import SplittableNodes, split_and_prune
+from training.split_prune import NodeStatistics, SplittableNodes, split_and_prune
 
 # ----------------------------------------------------------------------------
 # Ground-truth densities: (n, n) float64 maps summing to 1, row 0 at the top (y = +1).
@@ -181,6 +181,7 @@ class FreePoints(SplittableNodes):
         init    = None,     # (K, 2) initial positions; default uniform in [-1, 1]^2.
     ):
         super().__init__(K)
+        self.node_stats = NodeStatistics(K, track_near2=False)
         self.points = nn.Parameter(torch.rand(K, 2) * 2 - 1 if init is None else torch.as_tensor(init, dtype=torch.float32).clone())
 
     def node_params(self):
@@ -253,15 +254,20 @@ def render_density(density, size):
     img = PIL.Image.fromarray(colormap(density / density.max()))
     return img.resize((size, size), PIL.Image.Resampling.NEAREST)
 
-# The points as dots on white: each point darkens its pixel; (size, size) RGB.
-def render_points(xy, size, alpha=0.5):
+# The points as dots on white, (size, size) RGB: each point darkens a square of `dot` pixels (by
+# default about a quarter of the spacing of K evenly spread points, so sparse sets stay visible).
+def render_points(xy, size, dot=None, alpha=0.8):
+    if dot is None:
+        dot = int(np.clip(round(size / math.sqrt(max(len(xy), 1)) / 4), 1, 4))
     px = np.floor((xy[:, 0] + 1) / 2 * size).astype(np.int64)
     py = np.floor((1 - xy[:, 1]) / 2 * size).astype(np.int64)
     inside = (px >= 0) & (px < size) & (py >= 0) & (py < size)
     count = np.bincount(py[inside] * size + px[inside], minlength=size * size).reshape(size, size)
+    if dot > 1:
+        count = scipy.ndimage.convolve(count, np.ones((dot, dot), np.int64), mode='constant')
     ink = 1 - (1 - alpha) ** count                                      # Opacity after `count` dots.
-    dot = np.array([31, 60, 160], dtype=np.float64)
-    img = 255 * (1 - ink[..., None]) + dot * ink[..., None]
+    colour = np.array([20, 45, 140], dtype=np.float64)
+    img = 255 * (1 - ink[..., None]) + colour * ink[..., None]
     return PIL.Image.fromarray(img.astype(np.uint8))
 
 # One GIF frame: points | density, with a caption.
@@ -334,7 +340,7 @@ def main(density, k, steps, batch, lr, opt, split_prune, rule, bins, seed, carry
         kl_real = kl_divergence(sample_density(gt, k, rng), gt)
         dead = count_dead(points, sample_density(gt, max(100 * k, 100_000), rng))
         print(f'{name:14s} K={k} steps={steps} split_prune={split_prune} kl={kl:.4f} kl_real_samples={kl_real:.4f} '
-              f'dead={dead} splits={result.splits} steps_per_s={steps / result.seconds:.1f}')
+              f'dead={dead} splits={result.splits} steps_per_s={steps / result.seconds:.3g}')
         for i, xy in enumerate(result.frames):
             gif_frames.append(render_frame(xy, gt, size, f'{name}  step {(i + 1) * snapshot_every}'))
     if out:

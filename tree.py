@@ -92,7 +92,7 @@ def _to_rgb(image, side):
 # Paste an image into a square cell (x, y, side), inset by `pad`, with an optional coloured frame.
 def _paste(canvas, image, x, y, side, colour=None):
     draw = PIL.ImageDraw.Draw(canvas)
-    frame = max(1, side // 24) if colour is not None else 0
+    frame = min(6, max(2, side // 14)) if colour is not None else 0
     pad = max(1, side // 16)
     inner = side - 2 * pad - 2 * frame
     if inner < 1:
@@ -114,7 +114,7 @@ def render_tree(images, mean, ks, cell):
         sub = side // g
         colour = LEVEL_COLOURS[(d - 1) % len(LEVEL_COLOURS)] if d > 0 else None
         if colour is not None:
-            draw.rectangle([x, y, x + side - 1, y + side - 1], outline=colour, width=max(1, side // 200))
+            draw.rectangle([x, y, x + side - 1, y + side - 1], outline=colour, width=max(1, side // 100))
         centre = mean if d == 0 else images[d - 1][node]
         _paste(canvas, centre, x + (g // 2) * sub, y + (g // 2) * sub, sub, colour if d > 0 else (128, 128, 128))
         for k, (r, q) in enumerate(child_cells(K)):

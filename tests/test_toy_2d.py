@@ -52,7 +52,7 @@ def test_free_points_are_splittable_nodes():
     assert model.node_stats.pending_seen == 2
 
 # Fit K points with and without Split-and-Prune from the same seed.
-def _fit(split_prune, K=64, steps=600, seed=0):
+def _fit(split_prune, K=64, steps=300, seed=0):
     density = toy_2d.load_density('blur_circles', 20)
     torch.manual_seed(seed)
     model = toy_2d.FreePoints(K)

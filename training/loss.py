@@ -28,13 +28,11 @@ class DDNLoss:
     def __call__(self,
         net,                                        # DDNGenerator in training mode.
         images:     torch.Tensor,                   # (B, C, H, W) training images in [-1, 1].
-        labels:     torch.Tensor = None,            # (B, label_dim) one-hot labels; must be empty for now.
+        labels:     torch.Tensor = None,            # (B, label_dim) one-hot labels (class-conditional nets).
     ) -> torch.Tensor:                              # (B,) per-sample loss, fp32.
-        if labels is not None and labels.ndim == 2 and labels.shape[1] > 0:
-            # Shape checks only: no host sync. The generator has no label input yet.
-            raise NotImplementedError('DDNLoss: class-conditional training is not implemented yet '
-                                      '(DDNGenerator has no label input)')
-        losses = net(target=images).losses                          # (B, L)
+        # Conditional nets see the condition made from the batch (random colour weights in training).
+        condition = net.make_condition(images, labels) if getattr(net, 'condition', None) else None
+        losses = net(target=images, condition=condition).losses                  # (B, L)
         loss = losses.mean(dim=1)
         training_stats.report('Loss/loss', loss)
         if self.report_layers:

@@ -34,17 +34,21 @@ from torch_utils import distributed
 class NodeStatistics(nn.Module):
     def __init__(self,
         K,                              # Number of nodes.
+        track_near2     = True,         # Keep near2 (K x K). False: O(K) memory and time per step, and a
+                                        # pruned node's count is spread uniformly (very large K, 2D toy).
     ):
         super().__init__()
         self.K = K
+        self.track_near2 = track_near2
+        K2 = K if track_near2 else 0
         self.register_buffer('count', torch.zeros(K, dtype=torch.float64))        # Times node k was nearest.
-        self.register_buffer('near2', torch.zeros(K, K, dtype=torch.float64))     # [i, j]: i nearest, j second nearest.
+        self.register_buffer('near2', torch.zeros(K2, K2, dtype=torch.float64))     # [i, j]: i nearest, j second nearest.
         self.register_buffer('dist_acc', torch.zeros(K, dtype=torch.float64))     # Accumulated distance of node k to targets.
         self.register_buffer('seen', torch.zeros([], dtype=torch.float64))        # Number of targets observed.
         self.register_buffer('num_splits', torch.zeros([], dtype=torch.int64))    # Splits performed so far.
         # Not yet folded observations of this rank; always zero between optimizer steps.
         self.register_buffer('pending_count', torch.zeros(K, dtype=torch.float64), persistent=False)
-        self.register_buffer('pending_near2', torch.zeros(K * K, dtype=torch.float64), persistent=False)
+        self.register_buffer('pending_near2', torch.zeros(K2 * K2, dtype=torch.float64), persistent=False)
         self.register_buffer('pending_dist', torch.zeros(K, dtype=torch.float64), persistent=False)
         self.register_buffer('pending_seen', torch.zeros([], dtype=torch.float64), persistent=False)
 
@@ -57,7 +61,7 @@ class NodeStatistics(nn.Module):
         # argmin, exactly as the selector: after a split the clone ties with its original, and
         # the statistics must credit the node that was actually chosen.
         i1 = dist.argmin(dim=1)
-        if K >= 2:
+        if K >= 2 and self.track_near2:
             i2 = dist.scatter(1, i1[:, None], math.inf).argmin(dim=1)
             self.pending_near2.index_add_(0, i1 * K + i2, torch.ones_like(i1, dtype=torch.float64))
         self.pending_count.index_add_(0, i1, torch.ones_like(i1, dtype=torch.float64))
@@ -72,7 +76,7 @@ class NodeStatistics(nn.Module):
     @torch.no_grad()
     def fold(self):
         self.count.add_(self.pending_count)
-        self.near2.add_(self.pending_near2.view(self.K, self.K))
+        self.near2.add_(self.pending_near2.view(self.near2.shape))
         self.dist_acc.add_(self.pending_dist)
         self.seen.add_(self.pending_seen)
         for t in self.pending_tensors():
@@ -143,11 +147,21 @@ def decide(count, dist_acc, rule='tv'):
 def redistribute(count, near2, dist_acc, decision):
     G, K = count.shape
     do, s, d = decision
-    near2 = near2.clone()
     count, dist_acc = count.clone(), dist_acc.clone()
     g = torch.arange(G, device=count.device)
     live = do.to(count.dtype)                                           # 1 where the node set splits.
     keep = 1 - live
+    if near2 is None:                                                   # near2 not tracked: O(G*K).
+        w = torch.full_like(count, 1 / max(K - 1, 1))                   # Spread d's count uniformly.
+        w[g, d] = 0
+        count.add_(live[:, None] * count[g, d][:, None] * w)
+        count[g, d] = count[g, d] * keep
+        half = count[g, s] / 2
+        count[g, s] = torch.where(do, half, count[g, s])
+        count[g, d] = torch.where(do, half, count[g, d])
+        dist_acc[g, d] = torch.where(do, dist_acc[g, s], dist_acc[g, d])
+        return count, None, dist_acc
+    near2 = near2.clone()
 
     # 1. Prune d. Its count goes to the nodes that were second nearest when d was nearest, in
     #    proportion to its near2 row (uniformly over the other nodes if that row is empty).
@@ -248,19 +262,20 @@ def split_and_prune(
         return total_splits
 
     # 2. Decide per group of equal K.
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for idx, ns in enumerate(node_sets):
-        groups.setdefault(ns.K, []).append(idx)
-    for K, members in groups.items():
+        groups.setdefault((ns.K, ns.node_stats.track_near2), []).append(idx)
+    for (K, track_near2), members in groups.items():
         stats = [node_sets[i].node_stats for i in members]
         count = torch.stack([st.count for st in stats])
-        near2 = torch.stack([st.near2 for st in stats])
+        near2 = torch.stack([st.near2 for st in stats]) if track_near2 else None
         dist_acc = torch.stack([st.dist_acc for st in stats])
         decision = decide(count, dist_acc, rule=rule)
         new_count, new_near2, new_dist = redistribute(count, near2, dist_acc, decision)
         for g, st in enumerate(stats):
             st.count.copy_(new_count[g])
-            st.near2.copy_(new_near2[g])
+            if track_near2:
+                st.near2.copy_(new_near2[g])
             st.dist_acc.copy_(new_dist[g])
             st.num_splits.add_(decision.do_split[g].long())
         total_splits += decision.do_split.sum()

@@ -28,7 +28,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import psutil
@@ -214,9 +213,14 @@ GRID_GAP, GRID_GAP_VALUE = 2, 128
 # Samples of fixed seeds as a square grid, upscaled (nearest) so that cells are at least 64 px, with
 # grey gaps between cells (digits touch their borders). Size: n * (H * scale + GRID_GAP) - GRID_GAP.
 @torch.no_grad()
-def sample_grid(net, seeds=SAMPLE_GRID_SEEDS, batch=64):
+def sample_grid(net, seeds=SAMPLE_GRID_SEEDS, batch=64, cond_images=None, cond_labels=None):
     seeds = list(seeds)
-    images = torch.cat([net(seeds=seeds[i : i + batch]).images.float().cpu() for i in range(0, len(seeds), batch)])
+    condition = None
+    if getattr(net, 'condition', None):  # Conditional nets: the conditions of the first dataset images.
+        condition = net.make_condition(cond_images[:len(seeds)], cond_labels[:len(seeds)])
+    images = torch.cat([net(seeds=seeds[i : i + batch],
+                            condition=None if condition is None else condition[i : i + batch]).images.float().cpu()
+                        for i in range(0, len(seeds), batch)])
     images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (N, C, H, W)
     N, C, H, W = images.shape
     scale = max(1, 64 // H)
@@ -343,6 +347,11 @@ def training_loop(
     distributed.print0('Loading dataset...')
     dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     dataset_info = dataset_meta(dataset_obj)
+    grid_cond = dict(cond_images=None, cond_labels=None)
+    if network_kwargs.get('condition'):  # Conditions for the sample grids: the first dataset images.
+        items = [dataset_obj[i % len(dataset_obj)] for i in range(len(SAMPLE_GRID_SEEDS))]
+        grid_cond = dict(cond_images=torch.stack([torch.as_tensor(x) for x, _ in items]).float() / 127.5 - 1,
+                         cond_labels=torch.stack([torch.as_tensor(y) for _, y in items]).float())
     network_kwargs = dnnlib.EasyDict(network_kwargs)
     network_kwargs.setdefault('img_resolution', dataset_obj.resolution)
     network_kwargs.setdefault('img_channels', dataset_obj.num_channels)
@@ -356,7 +365,7 @@ def training_loop(
     torch.manual_seed(seed)
     net = dnnlib.util.construct_class_by_name(**network_kwargs).to(device)
     distributed.broadcast_(misc.params_and_buffers(net))
-    if rank == 0:
+    if rank == 0 and not net.condition:  # The summary feeds images only; conditional nets also need a condition.
         with torch.no_grad():
             misc.print_module_summary(net.eval(), [torch.zeros([2, *dataset_obj.image_shape], device=device)], max_nesting=2)
     net.train().requires_grad_(True)
@@ -408,7 +417,7 @@ def training_loop(
     maintenance_time = tick_start_time - start_time
     prev_splits = node_usage_summary(net)['splits']
     progress = _TickProgress(enabled=(rank == 0))
-    progress.start(kimg_per_tick * 1000 if cur_tick else batch_size)
+    progress.start(round(kimg_per_tick * 1000) if cur_tick else batch_size)
     while True:
         # One step: the same random numbers whenever step `cur_nimg // batch_size` is run.
         misc.set_seed_for_step(seed, rank, cur_nimg // batch_size)
@@ -482,9 +491,9 @@ def training_loop(
             misc.check_ddp_consistency(net)
             misc.check_ddp_consistency(snapshot)
             if rank == 0:
-                save_bytes_atomic(_png_bytes(sample_grid(snapshot)), os.path.join(run_dir, f'samples-{kimg_tag}.png'))
+                save_bytes_atomic(_png_bytes(sample_grid(snapshot, **grid_cond)), os.path.join(run_dir, f'samples-{kimg_tag}.png'))
                 save_bytes_atomic(_png_bytes(node_usage_plot(snapshot)), os.path.join(run_dir, f'node-usage-{kimg_tag}.png'))
-                data = dict(ema=snapshot, loss_fn=loss_fn, dataset_kwargs=dict(dataset_kwargs),
+                data = dict(ema=snapshot.cpu(), loss_fn=loss_fn, dataset_kwargs=dict(dataset_kwargs),
                             network_kwargs=dict(network_kwargs), training_options=training_options)
                 checkpoint.save_atomic(data, os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl'), mode='pickle')
                 del data
@@ -516,9 +525,11 @@ def training_loop(
         maintenance_time = tick_start_time - tick_end_time
         if done:
             break
-        progress.start(kimg_per_tick * 1000)
+        progress.start(round(kimg_per_tick * 1000))
 
     misc.check_ddp_consistency(net)
+    if world_size > 1:
+        distributed.print0(f'Parameters and buffers identical on all {world_size} processes.')
     distributed.print0()
     distributed.print0('Exiting...')
 

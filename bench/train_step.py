@@ -1,0 +1,111 @@
+"""Benchmark: training throughput of the reference CIFAR-10 DDN (32x32 RGB, max-blockn 32, max-outputk 64).
+
+Runs full training steps (forward, backward, gradient all-reduce, Adam, Split-and-Prune) with the
+training loop's own `TrainingStep` on synthetic images, on the current device: the CPU in fp32, or
+CUDA in bf16. Reports the median over the timed steps after warm-up; prints a table, then as its
+LAST line `train_img_per_s=<x>`.
+
+    python bench/train_step.py                    # CPU: batch 4, 1 warm-up + 3 timed steps
+    python bench/train_step.py --batch=256        # CUDA default, bf16
+
+On the CPU the reference network costs about 0.3 TFLOP per image per step, so the CPU defaults are
+small (batch 4: a 2-core machine needs one to three minutes per 16 images, and the benchmark should
+finish within about three minutes). On a shared machine
+`--threads=1` can be much faster than the default: OpenMP threads wait for each other when other
+processes hold the cores.
+"""
+
+import os
+import resource
+import statistics
+import sys
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from training.loss import DDNLoss  # noqa: E402
+from training.networks import DDNGenerator  # noqa: E402
+from training.training_loop import TrainingStep  # noqa: E402
+
+# The reference CIFAR-10 network of DDN.md §4.
+REFERENCE_NET = dict(img_resolution=32, img_channels=3, max_blockn=32, max_outputk=64)
+
+# ----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--batch',     help='Images per step  [default: 4 on CPU, 256 on CUDA]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--steps',     help='Timed steps  [default: 3 on CPU, 20 on CUDA]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--warmup',    help='Untimed steps first  [default: 1 on CPU, 5 on CUDA]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--precision', help='fp32 | bf16  [default: fp32 on CPU, bf16 on CUDA]', type=click.Choice(['fp32', 'bf16']))
+@click.option('--device',    help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+@click.option('--threads',   help='CPU threads  [default: torch\'s]', metavar='INT', type=click.IntRange(min=1))
+def main(batch, steps, warmup, precision, device, threads):
+    """Images/s and peak memory of training steps of the reference CIFAR-10 DDN."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise click.UsageError('--device=cuda but CUDA is not available')
+    cuda = device == 'cuda'
+    batch = batch or (256 if cuda else 4)
+    steps = steps or (20 if cuda else 3)
+    warmup = warmup if warmup is not None else (5 if cuda else 1)
+    precision = precision or ('bf16' if cuda else 'fp32')
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    torch.manual_seed(0)
+    net = DDNGenerator(**REFERENCE_NET).to(device).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    step = TrainingStep(net, net, DDNLoss(), optimizer, batch_size=batch, precision=precision)
+    images = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
+
+    times = []
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step.accumulate(images)
+        step.update(lr=1e-3, ema_beta=0)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        if i == warmup - 1 and cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    sec = statistics.median(times)
+    img_per_s = batch / sec
+    if cuda:
+        memory = f'{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA peak allocated)'
+        where = torch.cuda.get_device_name(device)
+    else:
+        memory = f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (CPU peak RSS)'
+        where = f'cpu ({torch.get_num_threads()} threads)'
+    rows = [
+        ('device', where),
+        ('network', f'DDN CIFAR-10 reference: 32x32x3, L={net.num_layers}, K={max(net.ks)}, '
+                    f'{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters'),
+        ('precision', precision),
+        ('batch', str(batch)),
+        ('steps', f'{steps} timed after {warmup} warm-up'),
+        ('sec/step', f'median {sec:.3f} (min {min(times):.3f}, max {max(times):.3f})'),
+        ('img/s', f'{img_per_s:.2f}'),
+        ('peak memory', memory),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f'{name:<{width}}  {value}')
+    print(f'train_img_per_s={img_per_s:.4g}')
+
+# ----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
+
+# ----------------------------------------------------------------------------
