@@ -10,9 +10,10 @@ LAST line `train_img_per_s=<x>`.
 
 On the CPU the reference network costs about 0.3 TFLOP per image per step, so the CPU defaults are
 small (batch 4: a 2-core machine needs one to three minutes per 16 images, and the benchmark should
-finish within about three minutes). On a shared machine
-`--threads=1` can be much faster than the default: OpenMP threads wait for each other when other
-processes hold the cores.
+finish within about three minutes), and it runs ONE thread by default: on a shared machine
+OpenMP threads wait for each other whenever other processes hold the cores, which made two threads
+up to 5x slower and the figure unstable (0.08 to 0.43 img/s between runs) here, while one thread
+gave the same figure within 10%. Pass `--threads=N` to use more on a dedicated machine.
 """
 
 import os
@@ -41,7 +42,7 @@ REFERENCE_NET = dict(img_resolution=32, img_channels=3, max_blockn=32, max_outpu
 @click.option('--warmup',    help='Untimed steps first  [default: 1 on CPU, 5 on CUDA]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--precision', help='fp32 | bf16  [default: fp32 on CPU, bf16 on CUDA]', type=click.Choice(['fp32', 'bf16']))
 @click.option('--device',    help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
-@click.option('--threads',   help='CPU threads  [default: torch\'s]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--threads',   help='CPU threads', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 def main(batch, steps, warmup, precision, device, threads):
     """Images/s and peak memory of training steps of the reference CIFAR-10 DDN."""
     if device == 'auto':
@@ -53,8 +54,7 @@ def main(batch, steps, warmup, precision, device, threads):
     steps = steps or (20 if cuda else 3)
     warmup = warmup if warmup is not None else (5 if cuda else 1)
     precision = precision or ('bf16' if cuda else 'fp32')
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     device = torch.device(device)
     if cuda:
         torch.backends.cudnn.benchmark = True
