@@ -514,5 +514,23 @@ def ref(data_path, dest_path, features, batch, detector_url, workers):
     dist.barrier()
     dist.print0(f'Saved statistics of {stats["num"]} images to "{dest_path}"')
 
+# Leave the process group cleanly at exit (all ranks meet first): tearing it down while another
+# rank is still in a collective, or not at all, can abort the process at interpreter exit.
+def _main():
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Exit as err:
+        raise SystemExit(err.exit_code) from None
+    except click.ClickException as err:
+        err.show()
+        raise SystemExit(err.exit_code) from None
+    except click.exceptions.Abort:
+        raise SystemExit(1) from None
+    else:
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        dist.shutdown()
+
 if __name__ == '__main__':
-    cli()
+    _main()
