@@ -288,7 +288,7 @@ def launch(opts):
         os.makedirs(c.run_dir, exist_ok=True)
         options_path = os.path.join(c.run_dir, 'training_options.json')
         if not os.path.exists(options_path):    # Resuming in place keeps the original options.
-            training_loop.save_bytes_atomic(json.dumps(c, indent=2).encode('utf-8'), options_path)
+            checkpoint.save_atomic(json.dumps(c, indent=2).encode('utf-8'), options_path, mode='bytes')
         logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
     else:
         logger = None

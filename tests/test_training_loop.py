@@ -154,8 +154,8 @@ def test_sample_grid_and_node_usage_plot_sizes():
 
 def test_save_bytes_atomic_and_append_line(tmp_path):
     path = tmp_path / 'a.json'
-    tl.save_bytes_atomic(b'{"x": 1}', path)
-    tl.save_bytes_atomic(b'{"x": 2}', path)
+    checkpoint.save_atomic(b'{"x": 1}', path, mode='bytes')
+    checkpoint.save_atomic(b'{"x": 2}', path, mode='bytes')
     assert json.loads(path.read_text()) == {'x': 2}
     assert os.listdir(tmp_path) == ['a.json']                          # No temporary file left.
     tl.append_line(tmp_path / 's.jsonl', '{"a": 1}')

@@ -21,19 +21,22 @@ _ZIP_MAGIC = b'PK\x03\x04'
 # Write `obj` to `path` atomically: a reader sees the old file or the complete new one, never a part.
 
 def save_atomic(obj, path, mode='torch'):
-    """Save `obj` with `torch.save` (mode='torch') or `pickle.dump` (mode='pickle') to `path`.
+    """Save `obj` with `torch.save` (mode='torch'), `pickle.dump` (mode='pickle'), or as raw
+    bytes (mode='bytes', e.g. an encoded PNG or JSON) to `path`.
 
     The data goes to `path + '.tmp-<pid>'` in the same folder (so the final rename stays on one
     file system), is flushed and fsynced, and then `os.replace`d onto `path`.
     """
-    if mode not in ('torch', 'pickle'):
-        raise ValueError(f"mode must be 'torch' or 'pickle', got {mode!r}")
+    if mode not in ('torch', 'pickle', 'bytes'):
+        raise ValueError(f"mode must be 'torch', 'pickle' or 'bytes', got {mode!r}")
     path = os.fspath(path)
     tmp_path = f'{path}.tmp-{os.getpid()}'
     try:
         with open(tmp_path, 'wb') as f:
             if mode == 'torch':
                 torch.save(obj, f)
+            elif mode == 'bytes':
+                f.write(obj)
             else:
                 pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
             f.flush()

@@ -48,22 +48,6 @@ PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 SAMPLE_GRID_SEEDS = range(64)
 
 # ----------------------------------------------------------------------------
-# Write bytes to `path` atomically (temporary file in the same folder, fsync, rename), for the
-# JSON and PNG files of a run; pickles and states go through checkpoint.save_atomic.
-
-def save_bytes_atomic(data: bytes, path):
-    path = os.fspath(path)
-    tmp_path = f'{path}.tmp-{os.getpid()}'
-    try:
-        with open(tmp_path, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-
 # Append one line to a file with a single write(), so a killed job never leaves half a line.
 def append_line(path, line):
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -491,8 +475,8 @@ def training_loop(
             misc.check_ddp_consistency(net)
             misc.check_ddp_consistency(snapshot)
             if rank == 0:
-                save_bytes_atomic(_png_bytes(sample_grid(snapshot, **grid_cond)), os.path.join(run_dir, f'samples-{kimg_tag}.png'))
-                save_bytes_atomic(_png_bytes(node_usage_plot(snapshot)), os.path.join(run_dir, f'node-usage-{kimg_tag}.png'))
+                checkpoint.save_atomic(_png_bytes(sample_grid(snapshot, **grid_cond)), os.path.join(run_dir, f'samples-{kimg_tag}.png'), mode='bytes')
+                checkpoint.save_atomic(_png_bytes(node_usage_plot(snapshot)), os.path.join(run_dir, f'node-usage-{kimg_tag}.png'), mode='bytes')
                 data = dict(ema=snapshot.cpu(), loss_fn=loss_fn, dataset_kwargs=dict(dataset_kwargs),
                             network_kwargs=dict(network_kwargs), training_options=training_options)
                 checkpoint.save_atomic(data, os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl'), mode='pickle')
