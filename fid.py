@@ -484,16 +484,16 @@ def _common_options(fn):
 @_common_options
 def calc(images_path, ref_path, num, seed, metrics, out, batch, detector_url, workers):
     """Calculate metrics for a folder or zip of images."""
-    dist.init()
-    try:
-        dist.print0(f'Evaluating {metrics} on {num} images from "{images_path}"...')
-        results = calc_metrics(images_path, ref_path, metrics=metrics, num=num, seed=seed, batch=batch,
-            detector_url=detector_url, workers=workers)
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from e
-    if dist.get_rank() == 0 and out:
-        _write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=detector_url or DETECTOR_URL))
-    _print_metrics(results)
+    with dist.session():
+        try:
+            dist.print0(f'Evaluating {metrics} on {num} images from "{images_path}"...')
+            results = calc_metrics(images_path, ref_path, metrics=metrics, num=num, seed=seed, batch=batch,
+                detector_url=detector_url, workers=workers)
+        except (ValueError, OSError) as e:
+            raise click.ClickException(str(e)) from e
+        if dist.get_rank() == 0 and out:
+            _write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=detector_url or DETECTOR_URL))
+        _print_metrics(results)
 
 @cli.command()
 @click.option('--data', 'data_path', help='Dataset folder or zip', metavar='PATH|ZIP', type=str, required=True)
@@ -502,35 +502,17 @@ def calc(images_path, ref_path, num, seed, metrics, out, batch, detector_url, wo
 @_common_options
 def ref(data_path, dest_path, features, batch, detector_url, workers):
     """Calculate reference statistics of a dataset."""
-    dist.init()
-    try:
-        dist.print0(f'Calculating reference statistics of "{data_path}"...')
-        stats = compute_ref(data_path, batch=batch, detector_url=detector_url, features=features, workers=workers)
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from e
-    if dist.get_rank() == 0:
-        save_ref(dest_path, stats['mu'], stats['sigma'], features=stats.get('features'), num=stats['num'],
-            detector=detector_url or DETECTOR_URL)
-    dist.barrier()
-    dist.print0(f'Saved statistics of {stats["num"]} images to "{dest_path}"')
-
-# Leave the process group cleanly at exit (all ranks meet first): tearing it down while another
-# rank is still in a collective, or not at all, can abort the process at interpreter exit.
-def _main():
-    try:
-        cli(standalone_mode=False)
-    except click.exceptions.Exit as err:
-        raise SystemExit(err.exit_code) from None
-    except click.ClickException as err:
-        err.show()
-        raise SystemExit(err.exit_code) from None
-    except click.exceptions.Abort:
-        raise SystemExit(1) from None
-    else:
-        if dist.is_initialized():
-            dist.barrier()
-    finally:
-        dist.shutdown()
+    with dist.session():
+        try:
+            dist.print0(f'Calculating reference statistics of "{data_path}"...')
+            stats = compute_ref(data_path, batch=batch, detector_url=detector_url, features=features, workers=workers)
+        except (ValueError, OSError) as e:
+            raise click.ClickException(str(e)) from e
+        if dist.get_rank() == 0:
+            save_ref(dest_path, stats['mu'], stats['sigma'], features=stats.get('features'), num=stats['num'],
+                detector=detector_url or DETECTOR_URL)
+        dist.barrier()
+        dist.print0(f'Saved statistics of {stats["num"]} images to "{dest_path}"')
 
 if __name__ == '__main__':
-    _main()
+    cli()

@@ -607,13 +607,11 @@ def main(**kwargs):
     # A color-conditional net: colourise a grayscale image, 16 ways
     python generate.py --network=color-net.pkl --outdir=col --seeds=0-15 --condition-image=gray.png
     """
-    dist.init()
-    try:
-        _main(dnnlib.EasyDict(kwargs))
-    except (OSError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
-    finally:
-        dist.shutdown()
+    with dist.session():
+        try:
+            _main(dnnlib.EasyDict(kwargs))
+        except (OSError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
 
 def _main(opts):
     # Which mode; conflicting options are errors rather than silently ignored.

@@ -142,11 +142,8 @@ def main(**kwargs):
         --data=datasets/cifar10-32x32.zip --batch-gpu=256 --batch=2048
     """
     opts = dnnlib.EasyDict(kwargs)
-    distributed.init()
-    try:
+    with distributed.session():
         launch(opts)
-    finally:
-        distributed.shutdown()
 
 # Validate the options, build the config `c`, create the run folder and train.
 def launch(opts):

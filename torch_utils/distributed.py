@@ -9,6 +9,7 @@ Collectives take a *list* of tensors and pack each dtype group into one flat buf
 many layers cost one communication (and at most one host round trip), not one per tensor.
 """
 
+import contextlib
 import os
 
 import torch
@@ -41,11 +42,31 @@ def init():
     torch.distributed.init_process_group(init_method='env://', **kwargs)
 
 # ----------------------------------------------------------------------------
-# Leave the process group at the end of a run (avoids PyTorch's shutdown warnings); no-op if alone.
+# Leave the process group at the end of a run; no-op if alone. After a successful run (`clean=True`)
+# all ranks meet at a barrier first: a rank that tears down gloo while a peer still uses the
+# connection can make that peer abort at interpreter exit ("terminate called without an active
+# exception"). After a failure the barrier is skipped, since the other ranks may never reach it.
 
-def shutdown():
-    if is_initialized():
-        torch.distributed.destroy_process_group()
+def shutdown(clean=True):
+    if not is_initialized():
+        return
+    if clean:
+        barrier()
+    torch.distributed.destroy_process_group()
+
+# ----------------------------------------------------------------------------
+# `with distributed.session(): ...` joins the process group for the body and leaves it afterwards,
+# cleanly when the body returned and without waiting for the others when it raised.
+
+@contextlib.contextmanager
+def session():
+    init()
+    try:
+        yield
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown(clean=True)
 
 # ----------------------------------------------------------------------------
 # True once init() has joined a process group of more than one process.
