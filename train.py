@@ -95,9 +95,13 @@ def resolve_resume(path):
 @option(HYPER, '--xflip',        help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False)
 
 # DDN options.
+@option(DDN, '--arch',           help='single-shot: a coarse-to-fine stack (the paper\'s default); recurrence: one UNet + DDL shared by all layers', type=click.Choice(['single-shot', 'recurrence']), default='single-shot')
+@option(DDN, '--iters',          help='Latent length L of --arch=recurrence (times the shared layer runs)', metavar='INT', type=click.IntRange(min=1), default=32)
+@option(DDN, '--levels',         help='Downsamplings in the UNet of --arch=recurrence', metavar='INT', type=click.IntRange(min=0), default=3)
+@option(DDN, '--iter-embed',     help='--arch=recurrence: add a learned embedding of the layer index', metavar='BOOL', type=bool, default=False)
 @option(DDN, '--max-blockn',     help='Max blocks (and DDLs) per resolution', metavar='INT', type=click.IntRange(min=1), default=32)
-@option(DDN, '--max-outputk',    help='Max K (candidates) per DDL', metavar='INT', type=click.IntRange(min=2), default=64)
-@option(DDN, '--max-channels',   help='Max feature channels per block', metavar='INT', type=click.IntRange(min=4), default=256)
+@option(DDN, '--max-outputk',    help='Max K (candidates) per DDL (--arch=recurrence: its K)', metavar='INT', type=click.IntRange(min=2), default=64)
+@option(DDN, '--max-channels',   help='Max feature channels per block (--arch=recurrence: the UNet\'s width)', metavar='INT', type=click.IntRange(min=4), default=256)
 @option(DDN, '--start-size',     help='Resolution of the first block (power of two)', metavar='INT', type=click.IntRange(min=1), default=1)
 @option(DDN, '--chain-dropout',  help='Probability that a layer takes random choices in a step', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.05)
 @option(DDN, '--learn-res',      help='Learning residual: candidates correct the previous choice', metavar='BOOL', type=bool, default=True)
@@ -181,13 +185,8 @@ def launch(opts):
 
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers, prefetch_factor=2)
     c.network_kwargs = dnnlib.EasyDict(
-        class_name      = 'training.networks.DDNGenerator',
         img_resolution  = dataset_info['image_shape'][1],
         img_channels    = dataset_info['image_shape'][0],
-        start_size      = opts.start_size,
-        max_blockn      = opts.max_blockn,
-        max_outputk     = opts.max_outputk,
-        max_channels    = opts.max_channels,
         dropout         = opts.dropout,
         chain_dropout   = opts.chain_dropout,
         learn_residual  = opts.learn_res,
@@ -196,6 +195,12 @@ def launch(opts):
         condition       = condition,
         label_dim       = dataset_info['label_dim'] if condition == 'class' else 0,
     )
+    if opts.arch == 'single-shot':
+        c.network_kwargs.update(class_name='training.networks.DDNGenerator', start_size=opts.start_size,
+            max_blockn=opts.max_blockn, max_outputk=opts.max_outputk, max_channels=opts.max_channels)
+    else:
+        c.network_kwargs.update(class_name='training.networks.DDNRecurrent', num_iters=opts.iters,
+            outputk=opts.max_outputk, channels=opts.max_channels, levels=opts.levels, iter_embed=opts.iter_embed)
     try:  # Validate the architecture without allocating it.
         with torch.device('meta'):
             dnnlib.util.construct_class_by_name(**c.network_kwargs)

@@ -308,6 +308,7 @@ def test_conditional_training(tmp_path, env, extra):
     data = [] if extra != ['--cond=True'] else ['--data', _png_folder(tmp_path / 'labels', 16, count=6, labels=True)]
     proc = run_train([f'--outdir={outdir}', '--duration=0.001', *TINY, *extra, *data], env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'class_embed' in proc.stdout if extra == ['--cond=True'] else 'Total' in proc.stdout  # Module summary.
     run_dir = outdir / run_dirs(outdir)[0]
     assert (run_dir / 'samples-000000.png').exists()
     with open(sorted(run_dir.glob('network-snapshot-*.pkl'))[-1], 'rb') as f:

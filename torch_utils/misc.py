@@ -194,12 +194,13 @@ def ddp_sync(module, sync):
 # ----------------------------------------------------------------------------
 # Run one forward pass and print a table of submodules: parameters, buffers, output shapes, dtypes.
 
-def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
+def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True, kwargs=None):
     """Print the module tree as exercised by `module(*inputs)` and return the forward's outputs.
 
     Each parameter and buffer is counted once, by the innermost module that owns it. Modules
     deeper than `max_nesting` are folded into their parents; with `skip_redundant`, rows that add
-    no parameters, buffers or new output tensors are left out.
+    no parameters, buffers or new output tensors are left out, and a module called several times
+    (weights shared across layers) gets a row for its first call only, marked with the call count.
     """
     if not isinstance(inputs, (tuple, list)):
         raise TypeError('inputs must be a tuple or list of positional arguments')
@@ -221,13 +222,17 @@ def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
     hooks += [m.register_forward_hook(post_hook) for m in module.modules()]
     try:
         with torch.no_grad():
-            outputs = module(*inputs)
+            outputs = module(*inputs, **(kwargs or {}))
     finally:
         for hook in hooks:
             hook.remove()
 
     # Hooks fire children first, so the innermost module claims each tensor.
     names = {id(mod): name or '<top-level>' for name, mod in module.named_modules()}
+    calls = {}
+    for mod, _outs in entries:
+        calls[id(mod)] = calls.get(id(mod), 0) + 1
+    listed = set()
     seen = set()
     rows = [['Module', 'Parameters', 'Buffers', 'Output shape', 'Datatype'], ['---'] * 5]
     total_params = total_buffers = 0
@@ -236,8 +241,12 @@ def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
         buffers = [t for t in mod.buffers() if id(t) not in seen]
         new_outs = [t for t in outs if id(t) not in seen]
         seen.update(id(t) for t in params + buffers + new_outs)
-        if skip_redundant and not (params or buffers or new_outs):
+        if skip_redundant and (id(mod) in listed or not (params or buffers or new_outs)):
             continue
+        listed.add(id(mod))
+        name = names.get(id(mod), type(mod).__name__)
+        if calls[id(mod)] > 1:
+            name += f' (x{calls[id(mod)]})'
         num_params = sum(t.numel() for t in params)
         num_buffers = sum(t.numel() for t in buffers)
         total_params += num_params
@@ -245,7 +254,7 @@ def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
         out_rows = new_outs or [None]
         for i, out in enumerate(out_rows):
             rows.append([
-                names.get(id(mod), type(mod).__name__) + ('' if i == 0 else f':{i}'),
+                name + ('' if i == 0 else f':{i}'),
                 (str(num_params) if num_params else '-') if i == 0 else '',
                 (str(num_buffers) if num_buffers else '-') if i == 0 else '',
                 str(list(out.shape)) if out is not None else '-',

@@ -4,11 +4,15 @@ Paper §3.4 / our spec `DDN.md` §4. Starting from a fixed positional feature ma
 network walks the scales 2^s up to the output resolution. Each block refines the features; the DDL
 after it emits K candidate images and keeps one; the chosen image (and the chosen head's leak map)
 is added back into the features that go to the next block. With L layers the latent of an image is
-its L codes (sum of log2 K bits). The recurrence-iteration paradigm of the paper (one shared block
-applied L times) is not implemented here.
+its L codes (sum of log2 K bits).
 
-One network, four ways to drive it (`DDNGenerator.forward`): train on targets, sample from per-image
-seeds, decode given codes, encode/reconstruct an image; plus a scorer for guided generation.
+`DDNRecurrent` is the paper's other paradigm, recurrence iteration (paper Fig. 1c): one network and
+one DDL, their weights shared by all L layers, applied L times at the output resolution to the
+previous choice, like the steps of a diffusion sampler.
+
+Both networks are driven the same four ways (`forward`, shared through `_DDNBase`): train on
+targets, sample from per-image seeds, decode given codes, encode/reconstruct an image; plus a scorer
+for guided generation.
 """
 
 import contextlib
@@ -118,39 +122,15 @@ class DDNOutput(NamedTuple):
     layer_images:   Optional[list]                  # The chosen image of every layer, if asked.
 
 # ----------------------------------------------------------------------------
-# The generator.
+# What both generators share: the latent bookkeeping, the four ways to drive a network, per-seed
+# randomness and conditions. A subclass builds its layers and implements `_run()` (the layer loop),
+# `_add_condition()`, `ks` and `layer_sizes`; it also registers `init_feature` (its fixed input,
+# which tells the device).
 
-@persistence.persistent_class
-class DDNGenerator(nn.Module):
-    def __init__(self,
-        img_resolution,                 # Output resolution, a power of two >= 2.
-        img_channels,                   # 1 (grayscale) or 3 (RGB).
-        start_size      = 1,            # Resolution of the first block (power of two).
-        max_blockn      = 32,           # Cap on blocks (and DDLs) per scale.
-        max_outputk     = 64,           # Cap on K per DDL.
-        max_channels    = 256,          # Cap on feature channels (the paper's schedule tops at 256).
-        min_channels    = 4,            # Floor on feature channels.
-        dropout         = 0.0,          # Dropout in the blocks.
-        chain_dropout   = 0.05,         # Chain dropout probability of every DDL.
-        learn_residual  = True,         # DDLs predict corrections of the previous choice.
-        leak            = True,         # Leak feature of the chosen head into the next block.
-        loss_type       = 'l2',         # 'l2' or 'l1' loss and selection distance.
-        condition       = None,         # None, 'class', 'color', 'edge' or 'resizeN' (conditional DDN).
-        label_dim       = 0,            # Number of classes for condition='class'.
-    ):
-        super().__init__()
-        s0, s1 = math.log2(start_size), math.log2(img_resolution)
-        if img_resolution < 2 or s1 != int(s1):
-            raise ValueError(f'img_resolution must be a power of two >= 2, got {img_resolution}')
-        if start_size < 1 or s0 != int(s0) or start_size > img_resolution:
-            raise ValueError(f'start_size must be a power of two <= img_resolution, got {start_size}')
-        if img_channels not in (1, 3):
-            raise ValueError(f'img_channels must be 1 or 3, got {img_channels}')
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
+class _DDNBase(nn.Module):
+    def _init_condition(self, condition, label_dim, img_channels):
         self.condition = condition
         self.label_dim = 0
-        ch = lambda s: channels_at(s, max_channels, min_channels)  # noqa: E731
         if condition is not None:
             self.cond_channels = condition_channels(condition, img_channels)
             if parse_condition(condition).kind == 'class':
@@ -158,46 +138,14 @@ class DDNGenerator(nn.Module):
                     raise ValueError('condition="class" needs label_dim >= 1 (a labelled dataset)')
                 self.label_dim = label_dim
 
-        s0, s1 = int(s0), int(s1)
-        self.register_buffer('init_feature', positional_feature(ch(s0), start_size), persistent=False)
-        blocks, ddls = [], []
-        plan = [(s, i) for s in range(s0, s1 + 1) for i in range(blocks_at(s, max_blockn))]
-        cin = ch(s0)
-        for l, (s, i) in enumerate(plan):
-            blocks.append(Block(cin, ch(s), up=(i == 0 and s > s0), dropout=dropout))
-            K = outputk_at(s, img_channels, max_outputk, max_channels, min_channels)
-            ddls.append(DiscreteDistributionLayer(ch(s), img_channels, K, learn_residual=learn_residual,
-                leak=leak, chain_dropout=chain_dropout, loss_type=loss_type, index=l, num_layers=len(plan)))
-            cin = ch(s)
-        self.blocks = nn.ModuleList(blocks)
-        self.ddls = nn.ModuleList(ddls)
-        # Layers whose block input receives the condition: the first block of each scale.
-        self.cond_layers = [l for l, (s, i) in enumerate(plan) if i == 0]
-        if self.label_dim:
-            # A learned class embedding per scale, added to every channel of that block input.
-            self.class_embed = nn.ModuleList([nn.Linear(self.label_dim, self.blocks[l].norm0.num_channels)
-                                              for l in self.cond_layers])
-
     # Latent length L, K per layer, and bits per image.
     @property
     def num_layers(self):
-        return len(self.ddls)
-
-    @property
-    def ks(self):
-        return [ddl.K for ddl in self.ddls]
+        return len(self.ks)
 
     @property
     def bits_per_image(self):
         return float(sum(math.log2(k) for k in self.ks))
-
-    @property
-    def layer_sizes(self):
-        sizes, size = [], self.init_feature.shape[-1]
-        for block in self.blocks:
-            size *= 2 if block.up else 1
-            sizes.append(size)
-        return sizes
 
     # Per-seed uniform numbers (B, L) in [0, 1), one generator per seed: what seed 7 gets does
     # not depend on which other seeds share the batch. They become the codes of unguided layers
@@ -249,7 +197,7 @@ class DDNGenerator(nn.Module):
         condition = self._check_condition(condition)
         sizes = [t.shape[0] for t in (target, codes, uniforms, condition) if t is not None]
         if not sizes:
-            raise ValueError('DDNGenerator needs a target, codes or seeds to know what to generate')
+            raise ValueError(f'{type(self).__name__} needs a target, codes or seeds to know what to generate')
         if len(set(sizes)) != 1:
             raise ValueError(f'Batch sizes of target, codes and seeds differ: {sizes}')
         if codes is not None and codes.shape[1] < L and target is None and scorer is None and uniforms is None:
@@ -280,15 +228,13 @@ class DDNGenerator(nn.Module):
                              f'got {tuple(condition.shape)}')
         return condition
 
-    # Add the condition into the block input x of layer l (first block of each scale only).
-    def _add_condition(self, x, l, condition):
-        if condition is None or l not in self.cond_layers:
-            return x
+    # Add a (checked) condition into the block input x: a class through its embedding `embed`,
+    # added to every channel; an image resized to x and added to the middle channels.
+    def _inject_condition(self, x, condition, embed=None):
         if self.label_dim:
-            emb = self.class_embed[self.cond_layers.index(l)](condition)
-            return x + emb.to(x.dtype)[:, :, None, None]
+            return x + embed(condition).to(x.dtype)[:, :, None, None]
         cond = resize_area(condition, x.shape[-1]).to(x.dtype)
-        lo = (x.shape[1] - cond.shape[1]) // 2  # The middle channels.
+        lo = (x.shape[1] - cond.shape[1]) // 2
         return x + F.pad(cond, (0, 0, 0, 0, lo, x.shape[1] - cond.shape[1] - lo))
 
     # Condition tensor for a batch of images in [-1, 1] (and one-hot labels), as in training.
@@ -297,38 +243,18 @@ class DDNGenerator(nn.Module):
             return None
         return make_condition(self.condition, images, labels, training=self.training, generator=generator)
 
-    # The layer loop of forward().
-    def _run(self, L, B, target, codes, scorer, chooser, uniforms, return_layers, all_heads, condition):
-        x = self.init_feature.expand(B, -1, -1, -1)
-        prev, all_codes, losses, layer_images = None, [], [], []
-        targets = {}  # Area-resized target per size, computed once.
-        for l in range(L):
-            feat = self.blocks[l](self._add_condition(x, l, condition))
-            size = feat.shape[-1]
-            layer_codes = codes[:, l] if codes is not None and l < codes.shape[1] else None
-            layer_target = None
-            if layer_codes is None and target is not None:
-                if size not in targets:
-                    targets[size] = resize_area(target.float(), size)
-                layer_target = targets[size]
-            out = self.ddls[l](feat, prev, target=layer_target, codes=layer_codes,
-                               scorer=scorer if layer_target is None else None, chooser=chooser,
-                               uniform=uniforms[:, l] if uniforms is not None else None,
-                               all_heads=all_heads)
-            if l + 1 < L:
-                x = self._next_input(feat, out.image, out.leak)
-            prev = out.image
-            all_codes.append(out.codes)
-            if out.loss is not None:
-                losses.append(out.loss)
-            if return_layers:
-                layer_images.append(out.image)
-        return DDNOutput(
-            images=prev,
-            codes=torch.stack(all_codes, dim=1),
-            losses=torch.stack(losses, dim=1) if len(losses) == L else None,
-            layer_images=layer_images if return_layers else None,
-        )
+    # One DDL call of layer l inside _run(): picks the layer's code source and target.
+    def _layer(self, ddl, l, feat, prev, targets, target, codes, scorer, chooser, uniforms, all_heads):
+        size = feat.shape[-1]
+        layer_codes = codes[:, l] if codes is not None and l < codes.shape[1] else None
+        layer_target = None
+        if layer_codes is None and target is not None:
+            if size not in targets:
+                targets[size] = resize_area(target.float(), size)
+            layer_target = targets[size]
+        return ddl(feat, prev, target=layer_target, codes=layer_codes,
+                   scorer=scorer if layer_target is None else None, chooser=chooser,
+                   uniform=uniforms[:, l] if uniforms is not None else None, all_heads=all_heads)
 
     # Temporarily in evaluation mode: no chain dropout, no statistics, no dropout, batch-invariant.
     @contextlib.contextmanager
@@ -352,5 +278,225 @@ class DDNGenerator(nn.Module):
     def decode(self, codes, condition=None):
         with self.evaluating():
             return self(codes=codes, condition=condition).images
+
+# Collects the layers' DDL outputs inside _run() and stacks them into a DDNOutput.
+class _Trace:
+    def __init__(self, return_layers):
+        self.return_layers = return_layers
+        self.codes, self.losses, self.images = [], [], []
+
+    def add(self, out):
+        self.codes.append(out.codes)
+        if out.loss is not None:
+            self.losses.append(out.loss)
+        self.images.append(out.image)
+
+    def output(self):
+        L = len(self.codes)
+        return DDNOutput(
+            images=self.images[-1],
+            codes=torch.stack(self.codes, dim=1),
+            losses=torch.stack(self.losses, dim=1) if len(self.losses) == L else None,
+            layer_images=self.images if self.return_layers else None,
+        )
+
+# Check the arguments shared by both generators.
+def _check_image_args(img_resolution, img_channels):
+    s1 = math.log2(img_resolution)
+    if img_resolution < 2 or s1 != int(s1):
+        raise ValueError(f'img_resolution must be a power of two >= 2, got {img_resolution}')
+    if img_channels not in (1, 3):
+        raise ValueError(f'img_channels must be 1 or 3, got {img_channels}')
+
+# ----------------------------------------------------------------------------
+# The single-shot generator (the default paradigm).
+
+@persistence.persistent_class
+class DDNGenerator(_DDNBase):
+    def __init__(self,
+        img_resolution,                 # Output resolution, a power of two >= 2.
+        img_channels,                   # 1 (grayscale) or 3 (RGB).
+        start_size      = 1,            # Resolution of the first block (power of two).
+        max_blockn      = 32,           # Cap on blocks (and DDLs) per scale.
+        max_outputk     = 64,           # Cap on K per DDL.
+        max_channels    = 256,          # Cap on feature channels (the paper's schedule tops at 256).
+        min_channels    = 4,            # Floor on feature channels.
+        dropout         = 0.0,          # Dropout in the blocks.
+        chain_dropout   = 0.05,         # Chain dropout probability of every DDL.
+        learn_residual  = True,         # DDLs predict corrections of the previous choice.
+        leak            = True,         # Leak feature of the chosen head into the next block.
+        loss_type       = 'l2',         # 'l2' or 'l1' loss and selection distance.
+        condition       = None,         # None, 'class', 'color', 'edge' or 'resizeN' (conditional DDN).
+        label_dim       = 0,            # Number of classes for condition='class'.
+    ):
+        super().__init__()
+        _check_image_args(img_resolution, img_channels)
+        s0, s1 = math.log2(start_size), int(math.log2(img_resolution))
+        if start_size < 1 or s0 != int(s0) or start_size > img_resolution:
+            raise ValueError(f'start_size must be a power of two <= img_resolution, got {start_size}')
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self._init_condition(condition, label_dim, img_channels)
+        ch = lambda s: channels_at(s, max_channels, min_channels)  # noqa: E731
+
+        s0 = int(s0)
+        self.register_buffer('init_feature', positional_feature(ch(s0), start_size), persistent=False)
+        blocks, ddls = [], []
+        plan = [(s, i) for s in range(s0, s1 + 1) for i in range(blocks_at(s, max_blockn))]
+        cin = ch(s0)
+        for l, (s, i) in enumerate(plan):
+            blocks.append(Block(cin, ch(s), up=(i == 0 and s > s0), dropout=dropout))
+            K = outputk_at(s, img_channels, max_outputk, max_channels, min_channels)
+            ddls.append(DiscreteDistributionLayer(ch(s), img_channels, K, learn_residual=learn_residual,
+                leak=leak, chain_dropout=chain_dropout, loss_type=loss_type, index=l, num_layers=len(plan)))
+            cin = ch(s)
+        self.blocks = nn.ModuleList(blocks)
+        self.ddls = nn.ModuleList(ddls)
+        # Layers whose block input receives the condition: the first block of each scale.
+        self.cond_layers = [l for l, (s, i) in enumerate(plan) if i == 0]
+        if self.label_dim:
+            # A learned class embedding per scale, added to every channel of that block input.
+            self.class_embed = nn.ModuleList([nn.Linear(self.label_dim, self.blocks[l].norm0.num_channels)
+                                              for l in self.cond_layers])
+
+    @property
+    def ks(self):
+        return [ddl.K for ddl in self.ddls]
+
+    @property
+    def layer_sizes(self):
+        sizes, size = [], self.init_feature.shape[-1]
+        for block in self.blocks:
+            size *= 2 if block.up else 1
+            sizes.append(size)
+        return sizes
+
+    # Add the condition into the block input x of layer l (first block of each scale only).
+    def _add_condition(self, x, l, condition):
+        if condition is None or l not in self.cond_layers:
+            return x
+        embed = self.class_embed[self.cond_layers.index(l)] if self.label_dim else None
+        return self._inject_condition(x, condition, embed)
+
+    # The layer loop of forward().
+    def _run(self, L, B, target, codes, scorer, chooser, uniforms, return_layers, all_heads, condition):
+        x = self.init_feature.expand(B, -1, -1, -1)
+        prev, trace = None, _Trace(return_layers)
+        targets = {}  # Area-resized target per size, computed once.
+        for l in range(L):
+            feat = self.blocks[l](self._add_condition(x, l, condition))
+            out = self._layer(self.ddls[l], l, feat, prev, targets, target, codes, scorer, chooser, uniforms, all_heads)
+            if l + 1 < L:
+                x = self._next_input(feat, out.image, out.leak)
+            prev = out.image
+            trace.add(out)
+        return trace.output()
+
+# ----------------------------------------------------------------------------
+# The recurrence-iteration generator (paper Fig. 1c): one small UNet and one DDL, shared by all L
+# layers. Layer l feeds the UNet the fixed positional features plus the previous choice (and the
+# leak map of the chosen head), at the output resolution; the DDL emits K candidates of the next
+# image. The latent is L codes of K each, as for the single-shot generator, but the parameter count
+# does not grow with L. `iter_embed=True` adds a learned embedding of l to the UNet input (a
+# diffusion model's time embedding); off by default, so every layer is literally the same function.
+
+class UNet(nn.Module):
+    def __init__(self,
+        channels,               # Feature channels at every level.
+        levels,                 # Number of 2x downsamplings.
+        dropout     = 0.0,      # Dropout in the blocks.
+    ):
+        super().__init__()
+        self.down = nn.ModuleList([Block(channels, channels, dropout=dropout) for _ in range(levels)])
+        self.mid = Block(channels, channels, dropout=dropout)
+        self.up = nn.ModuleList([Block(channels, channels, up=True, dropout=dropout) for _ in range(levels)])
+        self.out = Block(channels, channels, dropout=dropout)
+
+    def forward(self, x):
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = F.avg_pool2d(x, 2)
+        x = self.mid(x)
+        for block in self.up:
+            x = (block(x) + skips.pop()) * math.sqrt(0.5)
+        return self.out(x)
+
+@persistence.persistent_class
+class DDNRecurrent(_DDNBase):
+    def __init__(self,
+        img_resolution,                 # Output resolution, a power of two >= 2.
+        img_channels,                   # 1 (grayscale) or 3 (RGB).
+        num_iters       = 32,           # Latent length L: how many times the shared layer runs.
+        outputk         = 64,           # K of the shared DDL.
+        channels        = 64,           # Feature channels of the UNet.
+        levels          = 3,            # Downsamplings in the UNet (capped so the bottom is >= 1x1).
+        dropout         = 0.0,          # Dropout in the blocks.
+        chain_dropout   = 0.05,         # Chain dropout probability of the DDL (drawn at every layer).
+        learn_residual  = True,         # The DDL predicts corrections of the previous choice.
+        leak            = True,         # Leak feature of the chosen head into the next iteration.
+        loss_type       = 'l2',         # 'l2' or 'l1' loss and selection distance.
+        iter_embed      = False,        # Add a learned embedding of the layer index to the input.
+        condition       = None,         # None, 'class', 'color', 'edge' or 'resizeN' (conditional DDN).
+        label_dim       = 0,            # Number of classes for condition='class'.
+    ):
+        super().__init__()
+        _check_image_args(img_resolution, img_channels)
+        if num_iters < 1:
+            raise ValueError(f'num_iters must be >= 1, got {num_iters}')
+        if outputk < 2:
+            raise ValueError(f'outputk must be >= 2, got {outputk}')
+        if channels < 2 * img_channels or channels % 4:
+            raise ValueError(f'channels must be a multiple of 4 and >= {2 * img_channels}, got {channels}')
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.L = num_iters
+        self._init_condition(condition, label_dim, img_channels)
+        levels = min(levels, int(math.log2(img_resolution)))
+        self.register_buffer('init_feature', positional_feature(channels, img_resolution), persistent=False)
+        self.unet = UNet(channels, levels, dropout=dropout)
+        self.ddl = DiscreteDistributionLayer(channels, img_channels, outputk, learn_residual=learn_residual,
+            leak=leak, chain_dropout=chain_dropout, loss_type=loss_type, index=0, num_layers=num_iters)
+        self.iter_embed = nn.Parameter(torch.zeros(num_iters, channels)) if iter_embed else None
+        if self.label_dim:
+            self.class_embed = nn.Linear(self.label_dim, channels)
+
+    @property
+    def ks(self):
+        return [self.ddl.K] * self.L
+
+    @property
+    def layer_sizes(self):
+        return [self.img_resolution] * self.L
+
+    # Every layer sees the condition (the same module runs at every layer).
+    def _add_condition(self, x, l, condition):
+        if condition is None:
+            return x
+        return self._inject_condition(x, condition, self.class_embed if self.label_dim else None)
+
+    # The layer loop of forward(): the shared UNet + DDL, L times. Scorers and choosers are told
+    # which layer they score (the shared DDL alone cannot know).
+    def _run(self, L, B, target, codes, scorer, chooser, uniforms, return_layers, all_heads, condition):
+        x0 = self.init_feature.expand(B, -1, -1, -1)
+        prev, leak, trace = None, None, _Trace(return_layers)
+        targets = {}
+        for l in range(L):
+            x = x0 if prev is None else self._next_input(x0, prev, leak)
+            if self.iter_embed is not None:
+                x = x + self.iter_embed[l].to(x.dtype)[None, :, None, None]
+            feat = self.unet(self._add_condition(x, l, condition))
+            out = self._layer(self.ddl, l, feat, prev, targets, target, codes,
+                              _at_layer(scorer, l), _at_layer(chooser, l), uniforms, all_heads)
+            prev, leak = out.image, out.leak
+            trace.add(out)
+        return trace.output()
+
+# A scorer or chooser that sees LayerInfo.index = l.
+def _at_layer(fn, l):
+    if fn is None:
+        return None
+    return lambda first, info, *rest: fn(first, info._replace(index=l), *rest)
 
 # ----------------------------------------------------------------------------

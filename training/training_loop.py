@@ -349,9 +349,13 @@ def training_loop(
     torch.manual_seed(seed)
     net = dnnlib.util.construct_class_by_name(**network_kwargs).to(device)
     distributed.broadcast_(misc.params_and_buffers(net))
-    if rank == 0 and not net.condition:  # The summary feeds images only; conditional nets also need a condition.
+    if rank == 0:
         with torch.no_grad():
-            misc.print_module_summary(net.eval(), [torch.zeros([2, *dataset_obj.image_shape], device=device)], max_nesting=2)
+            images = torch.zeros([2, *dataset_obj.image_shape], device=device)
+            labels = torch.zeros([2, net.label_dim], device=device)
+            labels[:, :1] = 1  # Class 0 (conditional nets take a condition too).
+            net.eval()
+            misc.print_module_summary(net, [images], max_nesting=2, kwargs=dict(condition=net.make_condition(images, labels)))
     net.train().requires_grad_(True)
     distributed.print0(f'Latent: L={net.num_layers} layers, K={sorted(set(net.ks))}, {net.bits_per_image:.0f} bits per image')
 
