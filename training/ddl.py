@@ -2,7 +2,8 @@
 
 A DDL turns features into K candidate images at once (one bias-free 1x1 conv with K*C outputs) and a
 selector keeps one candidate per sample (paper §3.1, our spec `DDN.md` §2):
-- training / reconstruction: the candidate nearest (L2) to the target resized to this layer;
+- training / reconstruction: the candidate nearest (L2) to the target resized to this layer (in
+  training, optionally after adding a per-node balancing bias: Split-and-Prune's rule='bias');
 - decoding: the candidate named by a given code;
 - sampling: a uniformly random candidate (the caller passes per-seed random codes);
 - guided (zero-shot conditional generation): the argmin of any black-box scorer's distances.
@@ -50,7 +51,7 @@ class DDLOutput(NamedTuple):
     codes:  torch.Tensor                    # (B,) int64 chosen index k_l.
     loss:   Optional[torch.Tensor]          # (B,) loss of the chosen candidate vs the target, or None.
     leak:   Optional[torch.Tensor]          # (B, C, H, W) leak map of the chosen head, or None.
-    dist:   Optional[torch.Tensor]          # (B, K) selection distances, or None when not computed.
+    dist:   Optional[torch.Tensor]          # (B, K) selection distances (no balancing bias), or None.
 
 # Area-resize an image batch to (size, size); identity when already there.
 def resize_area(x, size):
@@ -166,7 +167,8 @@ class DiscreteDistributionLayer(SplittableNodes):
 
     # Run the layer. The mode follows from the arguments:
     #   codes  -> decode those codes;
-    #   target -> nearest candidate (training: with statistics and chain dropout);
+    #   target -> nearest candidate (training: with statistics, chain dropout and the
+    #             balancing bias of rule='bias', see `NodeStatistics.biased`);
     #   scorer -> argmin (or `chooser`) of the scorer's distances;
     #   none   -> uniformly random codes: floor(uniform * K) when `uniform` is given (per-seed
     #             sampling), else from the global RNG.
@@ -202,13 +204,19 @@ class DiscreteDistributionLayer(SplittableNodes):
                 codes = codes.to(device=feat.device, dtype=torch.long)
             elif target is not None:
                 dist = self.distances(feat_head, residual, target)
-                codes = dist.argmin(dim=1)
                 if self.training:
-                    self.node_stats.observe(dist)
+                    # Training selection minimises dist + the node set's balancing bias (zero
+                    # unless Split-and-Prune runs with rule='bias'), and credits that choice in
+                    # the statistics. Reconstruction (eval) stays the plain nearest node.
+                    select = self.node_stats.biased(dist)
+                    codes = select.argmin(dim=1)
+                    self.node_stats.observe(dist, select)
                     if self.chain_dropout > 0:
                         # One draw per layer per step, kept on the device.
                         drop = torch.rand([], device=feat.device) < self.chain_dropout
                         codes = torch.where(drop, torch.randint(0, self.K, [B], device=feat.device), codes)
+                else:
+                    codes = dist.argmin(dim=1)
             elif scorer is not None:
                 with torch.no_grad():
                     cand = self.all_heads(feat_head) + residual[:, None]

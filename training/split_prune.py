@@ -14,6 +14,12 @@ This file holds the three pieces, each named after the paper:
   node k), so the same code serves the networks and the 2D toy;
 - `split_and_prune()`: one decision pass over all node sets of a model after the optimizer step,
   statistics summed across ranks first, so every rank takes the same decision.
+
+Beyond the paper, `split_and_prune(rule='bias')` is the balanced alternative the author suggests (our
+spec `DDN.md` §3): nothing is split or pruned and no parameter is discarded; instead each node set
+keeps a per-node bias `select_bias` on the log of the selection distance (training selects the
+argmin of dist * exp(bias)), nudged after every step toward uniform frequencies, as in
+auxiliary-loss-free load balancing of mixture-of-experts models. See `balance_bias()`.
 """
 
 import math
@@ -46,23 +52,40 @@ class NodeStatistics(nn.Module):
         self.register_buffer('dist_acc', torch.zeros(K, dtype=torch.float64))     # Accumulated distance of node k to targets.
         self.register_buffer('seen', torch.zeros([], dtype=torch.float64))        # Number of targets observed.
         self.register_buffer('num_splits', torch.zeros([], dtype=torch.int64))    # Splits performed so far.
+        # Bias of training selection on log(distance) (rule='bias', beyond the paper): zero-mean,
+        # and zero under Split-and-Prune, where selection is the plain nearest node.
+        self.register_buffer('select_bias', torch.zeros(K, dtype=torch.float64))
         # Not yet folded observations of this rank; always zero between optimizer steps.
         self.register_buffer('pending_count', torch.zeros(K, dtype=torch.float64), persistent=False)
         self.register_buffer('pending_near2', torch.zeros(K2 * K2, dtype=torch.float64), persistent=False)
         self.register_buffer('pending_dist', torch.zeros(K, dtype=torch.float64), persistent=False)
         self.register_buffer('pending_seen', torch.zeros([], dtype=torch.float64), persistent=False)
 
-    # Record one batch of distances (B, K): nearest, second nearest and all distances.
+    # State dicts saved before `select_bias` existed load with a zero bias (what they trained with).
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + 'count' in state_dict and prefix + 'select_bias' not in state_dict:
+            state_dict[prefix + 'select_bias'] = torch.zeros_like(self.select_bias)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # The distances (B, K) that training selection minimises: `dist` scaled by exp(select_bias),
+    # i.e. the bias is added to log(dist). With a zero bias the result equals `dist` exactly, so
+    # the choice is the plain nearest node.
+    def biased(self, dist):
+        return dist * self.select_bias.exp().to(dist.dtype)
+
+    # Record one batch of distances (B, K): nearest, second nearest and all distances. `select`
+    # (B, K) are the distances the selector minimised (e.g. `biased(dist)`); default `dist`.
     @torch.no_grad()
-    def observe(self, dist):
+    def observe(self, dist, select=None):
         B, K = dist.shape
         assert K == self.K
         dist = dist.detach()
+        select = dist if select is None else select.detach()
         # argmin, exactly as the selector: after a split the clone ties with its original, and
         # the statistics must credit the node that was actually chosen.
-        i1 = dist.argmin(dim=1)
+        i1 = select.argmin(dim=1)
         if K >= 2 and self.track_near2:
-            i2 = dist.scatter(1, i1[:, None], math.inf).argmin(dim=1)
+            i2 = select.scatter(1, i1[:, None], math.inf).argmin(dim=1)
             self.pending_near2.index_add_(0, i1 * K + i2, torch.ones_like(i1, dtype=torch.float64))
         self.pending_count.index_add_(0, i1, torch.ones_like(i1, dtype=torch.float64))
         self.pending_dist.add_(dist.sum(0, dtype=torch.float64))
@@ -82,10 +105,10 @@ class NodeStatistics(nn.Module):
         for t in self.pending_tensors():
             t.zero_()
 
-    # Forget all statistics (e.g. after loading weights trained elsewhere).
+    # Forget all statistics and the balancing bias (e.g. after loading weights trained elsewhere).
     @torch.no_grad()
     def reset(self):
-        for t in [self.count, self.near2, self.dist_acc, self.seen] + self.pending_tensors():
+        for t in [self.count, self.near2, self.dist_acc, self.seen, self.select_bias] + self.pending_tensors():
             t.zero_()
 
     # Frequency of each node as the nearest, (K,); uniform before any observation.
@@ -137,7 +160,7 @@ def decide(count, dist_acc, rule='tv'):
     elif rule == 'paper':
         want = (ps > 2 * P) | (pd < P / 2)
     else:
-        raise ValueError(f'Unknown Split-and-Prune rule {rule!r}; expected "tv" or "paper"')
+        raise ValueError(f'Unknown Split-and-Prune rule {rule!r}; expected "tv", "paper" (or "bias" in split_and_prune)')
     do_split = want & (total > 0) & (i_split != i_prune) & (K >= 2)
     return SplitDecision(do_split, i_split, i_prune)
 
@@ -207,6 +230,23 @@ def redistribute(count, near2, dist_acc, decision):
     return count, near2, dist_acc
 
 # ----------------------------------------------------------------------------
+# The balanced alternative to Split-and-Prune (beyond the paper, DDN.md §3): nudge the selection
+# biases of G node sets sharing K toward uniform frequencies, as auxiliary-loss-free load balancing
+# does for the experts of a mixture-of-experts model. From THIS step's counts c_k out of n targets:
+#     b_k += bias_rate * sign(c_k - n/K),  then  b -= mean(b),
+# and training selects argmin_k dist_k * exp(b_k). An overloaded node's distances are inflated, so
+# it is chosen less; a dead node's distances shrink each step until it wins targets and starts training.
+# The bias acts on log(dist), not on dist: distances shrink by orders of magnitude during training
+# (and differ between layers), and an additive bias accumulated while they were large would dwarf
+# them later and hand one node every target. On the log scale a bias means the same at any scale.
+# Re-centering stops a common drift, which could not change any argmin anyway. A node set that
+# saw nothing this step keeps its bias. Inputs (G, K) and (G,), float64; returns the new biases.
+def balance_bias(bias, count, seen, bias_rate):
+    K = count.shape[1]
+    bias = bias + bias_rate * torch.sign(count - seen[:, None] / K)
+    return bias - bias.mean(dim=1, keepdim=True)
+
+# ----------------------------------------------------------------------------
 # Copy node s's rows onto node d's rows in `tensors` (dim 0) where `do` is True. The source rows
 # are `s`'s when splitting and `d`'s own otherwise, so each tensor costs one gather and one
 # index_copy, with no host sync.
@@ -232,16 +272,22 @@ def find_node_sets(model: nn.Module) -> list[SplittableNodes]:
 #    with the optimizer's per-parameter state rows (Adam's exp_avg, exp_avg_sq, ...) and the
 #    rows of the same parameters in `mirrors` (e.g. the EMA copy of the network);
 # 4. statistics are redistributed with the total mass conserved (count.sum() == seen).
-# `enabled=False` still folds the statistics (for plots) but never splits: the ablation.
-# Returns the number of splits of this pass as a device tensor (no host sync).
+# rule='bias' (beyond the paper) replaces 2.-4.: each node set's `select_bias` is nudged toward
+# uniform frequencies from this step's reduced counts (`balance_bias`); nothing is split, so
+# weights, optimizer state and mirrors are left alone. The training selection of a node set must
+# minimise `node_stats.biased(dist)` for the bias to act (the DDL does).
+# `enabled=False` still folds the statistics (for plots) but never splits nor balances: the ablation.
+# Returns the number of splits of this pass as a device tensor (no host sync); always 0 for 'bias'.
 
 @torch.no_grad()
 def split_and_prune(
     model:      nn.Module,                      # Module containing SplittableNodes.
     optimizer:  torch.optim.Optimizer = None,   # Optimizer whose state rows follow the weights.
     mirrors:    Iterable[nn.Module] = (),       # Modules with the same structure (EMA copies).
-    rule:       str = 'tv',                     # 'tv' (total variation test) or 'paper' (thresholds).
+    rule:       str = 'tv',                     # 'tv' (total variation test), 'paper' (thresholds), or
+                                                # 'bias' (balancing by selection bias, beyond the paper).
     enabled:    bool = True,                    # False: fold statistics only (ablation).
+    bias_rate:  float = 1e-2,                   # rule='bias': step of the log-distance bias per call.
 ) -> torch.Tensor:
     node_sets = find_node_sets(model)
     if not node_sets:
@@ -252,13 +298,24 @@ def split_and_prune(
         if len(ms) != len(node_sets):
             raise ValueError('split_and_prune: a mirror module does not have the same node sets as the model')
 
-    # 1. Fold this step's observations, summed over ranks.
+    # 1. Fold this step's observations, summed over ranks. The balancing bias is updated from the
+    #    reduced pending values before they are folded (and cleared): the same on every rank.
     pending = [t for ns in node_sets for t in ns.node_stats.pending_tensors()]
     distributed.all_reduce_(pending)
+    total_splits = torch.zeros([], dtype=torch.int64, device=device)
+    if enabled and rule == 'bias':
+        by_k: dict[int, list[NodeStatistics]] = {}
+        for ns in node_sets:
+            by_k.setdefault(ns.K, []).append(ns.node_stats)
+        for stats in by_k.values():
+            new_bias = balance_bias(torch.stack([st.select_bias for st in stats]),
+                                    torch.stack([st.pending_count for st in stats]),
+                                    torch.stack([st.pending_seen for st in stats]), bias_rate)
+            for g, st in enumerate(stats):
+                st.select_bias.copy_(new_bias[g])
     for ns in node_sets:
         ns.node_stats.fold()
-    total_splits = torch.zeros([], dtype=torch.int64, device=device)
-    if not enabled:
+    if not enabled or rule == 'bias':
         return total_splits
 
     # 2. Decide per group of equal K.

@@ -3,6 +3,8 @@
 Each rank trains the same small DDN generator on different images for a few steps, with gradients
 averaged by one all-reduce and Split-and-Prune after each step, then checks that parameters and
 Split-and-Prune statistics are identical on both ranks. Rank 0 writes the findings as JSON.
+An optional second argument names the split_and_prune rule (default 'tv'; 'bias' balances by
+selection bias, whose per-node biases must then agree across ranks too).
 """
 
 import json
@@ -16,7 +18,7 @@ from training.split_prune import find_node_sets, split_and_prune
 
 # ----------------------------------------------------------------------------
 
-def main(out_path, steps=8):
+def main(out_path, rule='tv', steps=8):
     distributed.init()
     rank, world = distributed.get_rank(), distributed.get_world_size()
     torch.manual_seed(0)  # Same initial weights everywhere.
@@ -34,18 +36,20 @@ def main(out_path, steps=8):
         for g in grads:
             g.div_(world)
         opt.step()
-        splits += split_and_prune(net, opt)
+        splits += split_and_prune(net, opt, rule=rule, bias_rate=0.1)
     misc.check_ddp_consistency(net)  # Raises on any difference of parameters or buffers.
     seen = [float(ns.node_stats.seen) for ns in find_node_sets(net)]
     flat = torch.cat([p.detach().flatten() for p in net.parameters()] +
-                     [ns.node_stats.count for ns in find_node_sets(net)])
+                     [ns.node_stats.count for ns in find_node_sets(net)] +
+                     [ns.node_stats.select_bias for ns in find_node_sets(net)])
+    bias_max = max(float(ns.node_stats.select_bias.abs().max()) for ns in find_node_sets(net))
     gathered = [torch.zeros_like(flat) for _ in range(world)] if rank == 0 else None
     torch.distributed.gather(flat, gathered, dst=0)
     if rank == 0:
         max_diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
         with open(out_path, 'w') as f:
-            json.dump(dict(world=world, splits=int(splits), max_diff=max_diff, seen=seen), f)
+            json.dump(dict(world=world, splits=int(splits), max_diff=max_diff, seen=seen, bias_max=bias_max), f)
     distributed.shutdown()
 
 if __name__ == '__main__':
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
