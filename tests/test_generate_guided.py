@@ -19,7 +19,6 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -80,14 +79,8 @@ def _fails(args, message):
     return result
 
 # ----------------------------------------------------------------------------
-# Fixtures: the digits, a tiny unconditional net, a tiny colour-conditional net, a digit classifier.
-
-@pytest.fixture(scope='module')
-def digits():
-    ds = DigitsDataset(resolution=8, use_labels=True)
-    images = torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))])).float() / 127.5 - 1
-    labels = torch.from_numpy(np.stack([ds.get_label(i) for i in range(len(ds))])).argmax(1)
-    return images, labels
+# Fixtures: a tiny unconditional net, a tiny colour-conditional net, the pickled digit classifier
+# (the digits and the classifier come from conftest.py).
 
 # Train `net` briefly (nearest-candidate loss + Split-and-Prune); `condition_of(batch)` for conditional nets.
 def _train(net, images, steps, condition_of=None):
@@ -144,19 +137,10 @@ def guide_files(digits, tmp_path_factory):
     files['e'] = G.load_guide_image(files['edges'])
     return files
 
-# An MLP digit classifier on 8x8 images in [-1, 1], pickled (the way --guide-classifier loads it).
+# The digit classifier of conftest.py, pickled (the way --guide-classifier loads it).
 @pytest.fixture(scope='module')
-def classifier(digits, tmp_path_factory):
-    images, labels = digits
-    torch.manual_seed(0)
-    clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(clf.parameters(), lr=1e-2)
-    for _ in range(150):
-        loss = nn.functional.cross_entropy(clf(images), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    clf.eval().requires_grad_(False)
+def classifier(digit_classifier, tmp_path_factory):
+    clf = digit_classifier
     path = tmp_path_factory.mktemp('clf') / 'classifier.pkl'
     with open(path, 'wb') as f:
         pickle.dump(clf, f)

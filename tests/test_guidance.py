@@ -23,7 +23,6 @@ sys.path.insert(0, REPO)
 
 import zscg  # noqa: E402
 from training import guidance as G  # noqa: E402
-from training.dataset import DigitsDataset  # noqa: E402
 from training.ddl import LayerInfo  # noqa: E402
 from training.networks import DDNGenerator  # noqa: E402
 from training.split_prune import split_and_prune  # noqa: E402
@@ -34,13 +33,6 @@ COND = slice(1000, 1016)
 
 # ----------------------------------------------------------------------------
 # Fixtures: the digits in [-1, 1], a tiny trained DDN, its snapshot, a tiny digit classifier.
-
-@pytest.fixture(scope='module')
-def digits():
-    ds = DigitsDataset(resolution=8, use_labels=True)
-    images = torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))])).float() / 127.5 - 1
-    labels = torch.from_numpy(np.stack([ds.get_label(i) for i in range(len(ds))])).argmax(1)
-    return images, labels
 
 @pytest.fixture(scope='module')
 def net(digits):
@@ -66,21 +58,10 @@ def snapshot(net, tmp_path_factory):
         pickle.dump(dict(ema=net), f)
     return str(path)
 
-# An MLP digit classifier on 8x8 images in [-1, 1]; ~95% training accuracy after a second.
+# The digit classifier of conftest.py.
 @pytest.fixture(scope='module')
-def classifier(digits):
-    images, labels = digits
-    torch.manual_seed(0)
-    clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(clf.parameters(), lr=1e-2)
-    for _ in range(150):
-        loss = nn.functional.cross_entropy(clf(images), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    clf.eval().requires_grad_(False)
-    assert (clf(images).argmax(1) == labels).float().mean() > 0.9
-    return clf
+def classifier(digit_classifier):
+    return digit_classifier
 
 # Images of `net` guided by `scorer` (argmin unless a chooser is given) and unguided, same seeds.
 def _generate(net, scorer=None, chooser=G.argmin, seeds=SEEDS):
