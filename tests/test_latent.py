@@ -70,17 +70,17 @@ def tiny_net():
     return DDNGenerator(img_resolution=8, img_channels=1, max_outputk=8, max_blockn=1, max_channels=32).eval()
 
 @pytest.fixture(scope='module')
-def digits():
+def digits_u8():
     dataset = open_dataset('digits', resolution=8)
     return torch.from_numpy(np.stack([dataset[i][0] for i in range(24)]))
 
-def test_decode_of_unpacked_codes_equals_encode_reconstruction(tiny_net, digits):
-    codes, recon = tiny_net.encode(to_float(digits))
-    unpacked = unpack_codes(pack_codes(codes.numpy(), tiny_net.ks), tiny_net.ks, len(digits))
+def test_decode_of_unpacked_codes_equals_encode_reconstruction(tiny_net, digits_u8):
+    codes, recon = tiny_net.encode(to_float(digits_u8))
+    unpacked = unpack_codes(pack_codes(codes.numpy(), tiny_net.ks), tiny_net.ks, len(digits_u8))
     decoded = tiny_net.decode(torch.from_numpy(unpacked))
     assert torch.equal(decoded, recon)
 
-def test_compress_cli_round_trip(tmp_path, tiny_net, digits):
+def test_compress_cli_round_trip(tmp_path, tiny_net, digits_u8):
     pkl, codes_file, outdir = tmp_path / 'net.pkl', tmp_path / 'codes.bin', tmp_path / 'decoded'
     with open(pkl, 'wb') as f:
         pickle.dump(dict(ema=tiny_net), f)
@@ -94,7 +94,7 @@ def test_compress_cli_round_trip(tmp_path, tiny_net, digits):
     result = runner.invoke(compress.main, ['decode', '--network', str(pkl), '--codes', str(codes_file),
                                            '--outdir', str(outdir), '--data', 'digits', '--device', 'cpu'])
     assert result.exit_code == 0, result.output
-    expected = to_uint8(tiny_net.encode(to_float(digits))[1]).numpy()
+    expected = to_uint8(tiny_net.encode(to_float(digits_u8))[1]).numpy()
     for i in range(24):
         np.testing.assert_array_equal(np.asarray(PIL.Image.open(outdir / f'{i:06d}.png')), expected[i, 0])
 
