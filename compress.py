@@ -100,6 +100,12 @@ def _psnr_line(values):
 
 # ----------------------------------------------------------------------------
 
+# The options both commands share: which network, on which device, how many images at once.
+def _network_options(fn):
+    fn = click.option('--device', help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)(fn)
+    fn = click.option('--batch', help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)(fn)
+    return click.option('--network', help='Network snapshot pickle or run folder (latest snapshot)', metavar='PKL|DIR', required=True)(fn)
+
 @click.group()
 def main():
     """Compress images to DDN latents (bit strings) and back.
@@ -110,12 +116,10 @@ def main():
     """
 
 @main.command()
-@click.option('--network',      help='Network snapshot pickle or run folder (latest snapshot)', metavar='PKL|DIR', required=True)
+@_network_options
 @click.option('--data',         help='Dataset folder or zip, or "digits"', metavar='ZIP|DIR', default='digits', show_default=True)
 @click.option('--max-images',   help='Encode the first N images', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--out',          help='Output codes file', metavar='BIN', required=True)
-@click.option('--batch',        help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--device',       help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
 def encode(network, data, max_images, out, batch, device):
     """Encode dataset images to packed latents; report bits/image and PSNR."""
     device = _device(device)
@@ -136,12 +140,10 @@ def encode(network, data, max_images, out, batch, device):
     click.echo(_psnr_line(values))
 
 @main.command()
-@click.option('--network',      help='Network snapshot pickle or run folder (latest snapshot)', metavar='PKL|DIR', required=True)
+@_network_options
 @click.option('--codes',        help='Codes file written by `encode`', metavar='BIN', required=True)
 @click.option('--outdir',       help='Where to write the decoded images', metavar='DIR', required=True)
 @click.option('--data',         help='Also report the PSNR against these originals (the encoded dataset)', metavar='ZIP|DIR', default=None)
-@click.option('--batch',        help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--device',       help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
 def decode(network, codes, outdir, data, batch, device):
     """Decode a codes file to images {index:06d}.png."""
     device = _device(device)
