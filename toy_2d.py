@@ -188,14 +188,20 @@ class FreePoints(SplittableNodes):
         return [(self.points, 1)]
 
     # Squared distances (B, K) of a batch (B, 2) to every point; record the selection statistics in
-    # training; return the squared L2 distance (B,) of each sample to its nearest point. Only the
-    # nearest points get a gradient: the (B, K) matrix is computed without autograd.
+    # training; return the squared L2 distance (B,) of each sample to its selected point (the
+    # nearest, after the balancing bias in training). Only the selected points get a gradient: the
+    # (B, K) matrix is computed without autograd.
     def forward(self, batch):
         with torch.no_grad():
             dist = torch.cdist(batch, self.points).square_()
             if self.training:
-                self.node_stats.observe(dist)
-            nearest = dist.argmin(dim=1)
+                # As in the DDL: training selection applies the balancing bias (zero unless
+                # split_and_prune runs with rule='bias') and the statistics credit that choice.
+                select = self.node_stats.biased(dist)
+                self.node_stats.observe(dist, select)
+                nearest = select.argmin(dim=1)
+            else:
+                nearest = dist.argmin(dim=1)
         return (self.points[nearest] - batch).square().sum(dim=1)
 
 # ----------------------------------------------------------------------------
@@ -216,7 +222,7 @@ def make_optimizer(model, name, lr):
 # Run `steps` optimisation steps of `model` on `density`. Each step: a batch of samples, the loss
 # sum over the batch (each sample pulls its nearest point), the optimizer step, Split-and-Prune
 # (which only folds the statistics when `split_prune` is False).
-def fit(model, optimizer, density, steps, batch, rng, split_prune=True, rule='tv', snapshot_every=0, progress=None):
+def fit(model, optimizer, density, steps, batch, rng, split_prune=True, rule='tv', bias_rate=1e-2, snapshot_every=0, progress=None):
     model.train()
     frames, splits = [], torch.zeros([], dtype=torch.int64)
     chunk = 1000  # Steps whose samples are drawn at once.
@@ -229,7 +235,7 @@ def fit(model, optimizer, density, steps, batch, rng, split_prune=True, rule='tv
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            splits += split_and_prune(model, optimizer, rule=rule, enabled=split_prune)
+            splits += split_and_prune(model, optimizer, rule=rule, enabled=split_prune, bias_rate=bias_rate)
             step = start + i + 1
             if snapshot_every and step % snapshot_every == 0:
                 frames.append(model.points.detach().numpy().copy())
@@ -294,7 +300,8 @@ def save_gif(frames, path, duration_ms=80):
 @click.option('--lr',               help='Learning rate  [default: adam 0.01 / sqrt(K), sgd 0.05]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--opt',              help='Optimizer', type=click.Choice(['adam', 'sgd']), default='adam', show_default=True)
 @click.option('--split-prune/--no-split-prune', help='Split-and-Prune after every step (off: the plain gradient-descent ablation)', default=True, show_default=True)
-@click.option('--rule',             help='Split-and-Prune decision rule', type=click.Choice(['tv', 'paper']), default='tv', show_default=True)
+@click.option('--rule',             help='Node balancing: Split-and-Prune (tv or paper test), or a selection bias (nothing split)', type=click.Choice(['tv', 'paper', 'bias']), default='tv', show_default=True)
+@click.option('--bias-rate',        help='--rule=bias: step of the log-distance bias per step', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
 @click.option('--bins',             help='Grid size of the densities and of the KL histogram', metavar='INT', type=click.IntRange(min=2), default=100, show_default=True)
 @click.option('--seed',             help='Random seed', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--carry-over/--no-carry-over', help='Keep the points (and optimizer) from one density to the next [default: only with --gif]', default=None)
@@ -302,7 +309,7 @@ def save_gif(frames, path, duration_ms=80):
 @click.option('--gif',              help='Render the optimisation to this GIF', metavar='GIF', type=str, default=None)
 @click.option('--frames',           help='GIF frames per density', metavar='INT', type=click.IntRange(min=1), default=24, show_default=True)
 @click.option('--size',             help='GIF panel size in pixels', metavar='INT', type=click.IntRange(min=16), default=256, show_default=True)
-def main(density, k, steps, batch, lr, opt, split_prune, rule, bins, seed, carry_over, out, gif, frames, size):
+def main(density, k, steps, batch, lr, opt, split_prune, rule, bias_rate, bins, seed, carry_over, out, gif, frames, size):
     """Fit K free points to 2D densities with gradient descent and Split-and-Prune; print KL divergences.
 
     Prints, for each density, the KL divergence of the fitted points to the ground truth, that of K
@@ -333,7 +340,7 @@ def main(density, k, steps, batch, lr, opt, split_prune, rule, bins, seed, carry
         else:
             model.node_stats.reset()  # The statistics describe the previous density.
         with tqdm.tqdm(total=steps, desc=name, unit='step', leave=False) as progress:
-            result = fit(model, optimizer, gt, steps, batch, rng, split_prune=split_prune, rule=rule,
+            result = fit(model, optimizer, gt, steps, batch, rng, split_prune=split_prune, rule=rule, bias_rate=bias_rate,
                          snapshot_every=snapshot_every, progress=progress)
         points = model.points.detach().numpy().astype(np.float64)
         kl = kl_divergence(points, gt)

@@ -51,6 +51,16 @@ def test_free_points_are_splittable_nodes():
     assert loss.shape == (2,) and torch.allclose(loss, torch.tensor([0.25, 1.0]))
     assert model.node_stats.pending_seen == 2
 
+# With rule='bias' the points' training selection follows the balancing bias, as the DDL's does;
+# evaluation (and the returned distances' meaning) stays the plain nearest point.
+def test_free_points_training_selection_uses_the_bias():
+    model = toy_2d.FreePoints(2, init=np.array([[0.0, 0.0], [1.0, 0.0]]))
+    model.node_stats.select_bias.copy_(torch.tensor([3.0, -3.0], dtype=torch.float64))
+    batch = torch.tensor([[0.4, 0.0]])                     # Nearest to point 0 (0.16 vs 0.36).
+    assert torch.allclose(model(batch), torch.tensor([0.36]))  # exp(3) * 0.16 > exp(-3) * 0.36.
+    assert model.node_stats.pending_count.tolist() == [0.0, 1.0]
+    assert torch.allclose(model.eval()(batch), torch.tensor([0.16]))
+
 # Fit K points with and without Split-and-Prune from the same seed.
 def _fit(split_prune, K=64, steps=300, seed=0):
     density = toy_2d.load_density('blur_circles', 20)
