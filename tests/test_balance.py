@@ -8,11 +8,9 @@ import pickle
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from training.dataset import DigitsDataset
 from training.ddl import DiscreteDistributionLayer
 from training.networks import DDNGenerator
 from training.split_prune import balance_bias, split_and_prune
@@ -135,9 +133,7 @@ def test_zero_bias_is_bit_identical_to_nearest():
 # 3. A small generator overfitting 8 digits (as in test_networks.py): node frequencies over the
 # second half of training, with balancing by bias and with no balancing at all, same seed.
 
-def _train_digits(rule, enabled, steps=300, bias_rate=0.2):
-    ds = DigitsDataset(resolution=8)
-    x = torch.tensor(np.stack([ds[i][0] for i in range(8)])).float() / 127.5 - 1
+def _train_digits(x, rule, enabled, steps=300, bias_rate=0.2):
     torch.manual_seed(0)
     net = DDNGenerator(8, 1, max_outputk=8, max_blockn=1, max_channels=16, chain_dropout=0.05)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -156,9 +152,9 @@ def _train_digits(rule, enabled, steps=300, bias_rate=0.2):
     mse_after = (net.encode(x)[1] - x).square().mean().item()
     return net, int(splits), rel_freq, mse_before, mse_after
 
-def test_bias_balances_node_frequencies_without_splits():
-    net, splits, rel, before, after = _train_digits('bias', True)
-    _, splits_off, rel_off, _, _ = _train_digits('tv', False)
+def test_bias_balances_node_frequencies_without_splits(digits):
+    net, splits, rel, before, after = _train_digits(digits[0][:8], 'bias', True)
+    _, splits_off, rel_off, _, _ = _train_digits(digits[0][:8], 'tv', False)
     tv = (rel - 1).abs().sum(1).mean().item() / (2 * rel.shape[1])           # Mean total variation to uniform.
     tv_off = (rel_off - 1).abs().sum(1).mean().item() / (2 * rel_off.shape[1])
     dead, dead_off = int((rel == 0).sum()), int((rel_off == 0).sum())

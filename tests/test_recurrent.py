@@ -13,7 +13,6 @@ import torch
 
 import generate
 import train
-from training.dataset import DigitsDataset
 from training.networks import DDNRecurrent
 from training.split_prune import split_and_prune
 
@@ -122,9 +121,7 @@ def test_class_condition_changes_the_output():
 # Overfitting 8 real digits: the shared DDL learns, and Split-and-Prune keeps its nodes in use
 # (statistics pooled over all layers); without it, nodes starve.
 
-def _overfit(split_prune_on, steps=150):
-    ds = DigitsDataset(resolution=8)
-    x = torch.tensor(np.stack([ds[i][0] for i in range(8)])).float() / 127.5 - 1
+def _overfit(x, split_prune_on, steps=150):
     net = tiny_rec(num_iters=4, chain_dropout=0.05)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     mse_before = (net.encode(x)[1] - x).square().mean().item()
@@ -138,12 +135,12 @@ def _overfit(split_prune_on, steps=150):
     mse_after = (net.encode(x)[1] - x).square().mean().item()
     return mse_before, mse_after, net.ddl.node_stats.frequency() * net.ddl.K, net.ddl.node_stats.seen.item(), splits
 
-def test_overfit_eight_digits_with_and_without_split_prune():
-    before, after, rel_freq, seen, _ = _overfit(True)
+def test_overfit_eight_digits_with_and_without_split_prune(digits):
+    before, after, rel_freq, seen, _ = _overfit(digits[0][:8], True)
     assert after < before / 5, (before, after)
     assert seen == 150 * 8 * 4  # Every layer's targets, pooled.
     assert rel_freq.min() >= 0.25 and rel_freq.max() <= 4.0, rel_freq
-    _, after_off, rel_off, _, _ = _overfit(False)
+    _, after_off, rel_off, _, _ = _overfit(digits[0][:8], False)
     assert after_off < before
     assert rel_off.min() < 0.25, rel_off
 
