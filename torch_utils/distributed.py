@@ -61,8 +61,8 @@ def shutdown(clean=True):
 # ranks may never reach it) and the exception propagates. If the body returns in a multi-process
 # run, all ranks meet at a barrier and the process ENDS there, with os._exit(0) after flushing
 # stdout and stderr, without running C++ destructors. Tearing gloo down in a finished process
-# intermittently aborted one rank ("terminate called without an active exception", SIGABRT; about
-# 1 two-process run in 40 on a busy CPU machine, even after a barrier), which turns a finished
+# intermittently aborted one rank ("terminate called without an active exception", SIGABRT; a few
+# two-process train runs in a hundred on a busy CPU machine, even after a barrier), which turns a finished
 # run into a failed torchrun job. Every file our programs write is closed before this point, and
 # after the barrier no collective is pending, so nothing is lost. A single process returns normally.
 
