@@ -183,9 +183,13 @@ def build_app(network, device):
         info = gr.Markdown()
         with gr.Row():
             with gr.Column():
+                # A black canvas (the digits' background) to draw on; only the strokes are read.
+                blank = np.zeros((CANVAS_SIZE, CANVAS_SIZE, 4), np.uint8)
+                blank[..., 3] = 255
                 strokes = gr.ImageEditor(label='Draw colour strokes (drawn pixels = known region; the eraser removes)',
+                                         value=dict(background=blank, layers=[], composite=blank),
                                          type='numpy', image_mode='RGBA', canvas_size=(CANVAS_SIZE, CANVAS_SIZE),
-                                         brush=gr.Brush(default_size=24), height=CANVAS_SIZE + 140)
+                                         brush=gr.Brush(default_size=32, default_color='#ffffff', colors=['#ffffff', '#808080', '#ff0000', '#00ff00', '#0000ff', '#ffff00']), height=CANVAS_SIZE + 140)
                 upload = gr.Image(label='Upload a guide image', type='numpy', image_mode='RGB', height=160)
                 resize = gr.Checkbox(label='Resize the upload to the network (otherwise its size must fit)', value=False)
             with gr.Column():
@@ -197,15 +201,15 @@ def build_app(network, device):
                 text = gr.Textbox(label='Text prompt', placeholder='a smiling face')
                 seeds = gr.Textbox(value='0-7', label=f'Seeds (at most {MAX_SEEDS})')
                 with gr.Row():
-                    temperature = gr.Number(value=0, minimum=0, label='Temperature (0 = argmin)')
+                    temperature = gr.Number(value=0.3, minimum=0, label='Temperature (0 = argmin)')
                     topk = gr.Number(value=0, minimum=0, precision=0, label='Top-k (0 = off)')
                     path_seed = gr.Textbox(value='', label='Seed to trace (default: the first)')
                 run_btn = gr.Button('Generate', variant='primary')
         status = gr.Markdown()
         with gr.Row():
-            guided_out = gr.Gallery(label='Guided', columns=8, height='auto', format='png')
-            plain_out = gr.Gallery(label='Unguided, same seeds', columns=8, height='auto', format='png')
-        path_out = gr.Gallery(label='Coarse to fine: the chosen image of every layer', columns=12, height='auto', format='png')
+            guided_out = gr.Gallery(label='Guided', columns=4, height=300, format='png')
+            plain_out = gr.Gallery(label='Unguided, same seeds', columns=4, height=300, format='png')
+        path_out = gr.Gallery(label='Coarse to fine: the chosen image of every layer', columns=12, height=140, format='png')
         gif_out = gr.File(label='GIF of the path')
 
         load_btn.click(load, inputs=net_box, outputs=info, api_name='load')
