@@ -587,19 +587,24 @@ def load_guide_image(path, channels=None, resolution=None, allow_resize=False):
     bicubic up). Images must be square.
     """
     with PIL.Image.open(path) as image:
-        if channels is None:
-            channels = 1 if image.mode in ('1', 'L', 'LA', 'I', 'I;16', 'F') else 3
-        if channels not in (1, 3):
-            raise ValueError(f'channels must be 1 or 3, got {channels}')
-        image = image.convert('L' if channels == 1 else 'RGB')
-        w, h = image.size
-        if w != h:
-            raise ValueError(f'Guide image {path} is {w}x{h}; guide images must be square')
-        if resolution is not None and w != resolution:
-            if not allow_resize:
-                raise ValueError(f'Guide image {path} is {w}x{h}, but {resolution}x{resolution} is needed')
-            image = image.resize((resolution, resolution), PIL.Image.Resampling.BOX if w > resolution else PIL.Image.Resampling.BICUBIC)
-        array = np.array(image, dtype=np.uint8)
+        return guide_from_pil(image, channels=channels, resolution=resolution, allow_resize=allow_resize, source=f'Guide image {path}')
+
+def guide_from_pil(image, channels=None, resolution=None, allow_resize=False, source='Guide image'):
+    """`load_guide_image` of an open PIL image (an upload, a drawing): the same conversion, so a
+    picture gives the same guide whether it arrives as a file or from a page. `source` names it in errors."""
+    if channels is None:
+        channels = 1 if image.mode in ('1', 'L', 'LA', 'I', 'I;16', 'F') else 3
+    if channels not in (1, 3):
+        raise ValueError(f'channels must be 1 or 3, got {channels}')
+    image = image.convert('L' if channels == 1 else 'RGB')
+    w, h = image.size
+    if w != h:
+        raise ValueError(f'{source} is {w}x{h}; guide images must be square')
+    if resolution is not None and w != resolution:
+        if not allow_resize:
+            raise ValueError(f'{source} is {w}x{h}, but {resolution}x{resolution} is needed')
+        image = image.resize((resolution, resolution), PIL.Image.Resampling.BOX if w > resolution else PIL.Image.Resampling.BICUBIC)
+    array = np.array(image, dtype=np.uint8)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(array).float()[None] / 127.5 - 1
 

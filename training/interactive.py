@@ -1,0 +1,163 @@
+"""Zero-shot conditional generation for an interactive front end (demo.py).
+
+Paper §3.5 / `DDN.md` §5. The web demo lets a user draw colour strokes, upload a guide image, mix
+guides and look at the coarse-to-fine path of one sample. Everything that decides an image happens
+here and in `training/guidance.py` (the same scorers and choosers as `generate.py`); the page only
+turns widgets into these arguments. So a guided image of the demo is the image `generate.py` writes
+for the same seed, guide and choice rule.
+
+- `strokes_to_guide()`: RGBA stroke layers drawn over an empty canvas -> a guide image and a mask
+  (white = known) at the network's resolution: the drawn pixels are the known region.
+- `upload_to_guide()`: an uploaded picture -> a guide image, checked against the network.
+- `run_guided()`: guided samples for a list of seeds, the unguided samples of the same seeds, and the
+  chosen image of every layer of one of them.
+- `coarse_to_fine()` / `write_gif()`: that path as frames of one size, and as an animated GIF.
+"""
+
+import io
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+from training import guidance
+from training.ddl import resize_area
+
+# ----------------------------------------------------------------------------
+# The choice rule of guided layers (see generate.py --guide-temp / --guide-topk).
+
+def make_chooser(temperature: Optional[float] = None, topk: Optional[int] = None):
+    """argmin with seed tie-breaks, softmax(-z / T) sampling, or a uniform pick among the N best."""
+    if temperature is not None and topk is not None:
+        raise ValueError('A temperature and a top-k are two choice rules; give one of them')
+    if topk is not None:
+        if topk < 1:
+            raise ValueError(f'top-k must be >= 1, got {topk}')
+        return guidance.TopKChooser(int(topk))
+    if temperature is not None:
+        if not temperature >= 0:
+            raise ValueError(f'temperature must be >= 0, got {temperature}')
+        return guidance.TemperatureChooser(float(temperature))
+    return guidance.argmin
+
+# ----------------------------------------------------------------------------
+# Widgets -> guide tensors.
+
+def strokes_to_guide(layers: Sequence[np.ndarray], channels: int, resolution: int, min_cover: float = 0.5):
+    """Guide image (1, C, R, R) in [-1, 1] and mask (1, 1, R, R) in {0, 1} from drawn stroke layers.
+
+    layers:    HxWx4 uint8 RGBA arrays (the editor's layers, transparent where nothing is drawn),
+               composited in order; the canvas must be square.
+    min_cover: a pixel of the network's grid is known when at least this fraction of its area is
+               covered by strokes.
+    The guide is the strokes' colour averaged over the covered part of each pixel (not blended with
+    the empty canvas), rounded to uint8 and converted as a guide file is (`guidance.guide_from_pil`):
+    saving it and the mask as PNGs and passing them to `generate.py --guide inpaint` gives the same
+    images. Raises ValueError when nothing (or too little) is drawn.
+    """
+    layers = [np.asarray(layer) for layer in layers if layer is not None]
+    if not layers:
+        raise ValueError('Nothing is drawn: draw some strokes on the canvas first')
+    h, w = layers[0].shape[:2]
+    if h != w:
+        raise ValueError(f'The canvas is {w}x{h}; it must be square')
+    rgb = np.zeros((h, w, 3), np.float32)
+    alpha = np.zeros((h, w), np.float32)
+    for layer in layers:
+        if layer.ndim != 3 or layer.shape[:2] != (h, w) or layer.shape[2] not in (3, 4):
+            raise ValueError(f'Stroke layers must be HxWx4 RGBA images of one size, got {layer.shape}')
+        a = layer[..., 3].astype(np.float32) / 255 if layer.shape[2] == 4 else np.ones((h, w), np.float32)
+        rgb = rgb * (1 - a[..., None]) + layer[..., :3].astype(np.float32) * a[..., None]
+        alpha = alpha + a * (1 - alpha)
+    if alpha.max() <= 0:
+        raise ValueError('Nothing is drawn: draw some strokes on the canvas first')
+    premult = resize_area(torch.from_numpy(rgb * alpha[..., None]).permute(2, 0, 1)[None], resolution)
+    cover = resize_area(torch.from_numpy(alpha)[None, None], resolution)
+    mask = (cover >= min_cover).float()
+    if mask.sum() == 0:
+        raise ValueError(f'The strokes are too thin to cover any pixel of the {resolution}x{resolution} '
+                         'image: draw thicker strokes')
+    colour = (premult / cover.clamp(min=1e-6)).round().clamp(0, 255).to(torch.uint8)
+    picture = PIL.Image.fromarray(colour[0].permute(1, 2, 0).numpy(), 'RGB')
+    return guidance.guide_from_pil(picture, channels=channels), mask
+
+def upload_to_guide(picture, channels: int, resolution: int, low_res: bool = False, resize: bool = False):
+    """An uploaded picture (PIL image or HxW[xC] uint8 array) as a (1, C, h, w) tensor in [-1, 1],
+    converted as `generate.py --guide-image` converts a file.
+
+    low_res: the guide may be smaller than the network's images (superres): its size must divide the
+             network's resolution. Otherwise it must be resolution x resolution.
+    resize:  resize a picture of another size to the network's resolution instead of refusing it.
+    Raises ValueError naming the expected size.
+    """
+    if picture is None:
+        raise ValueError('No image uploaded')
+    image = picture if isinstance(picture, PIL.Image.Image) else PIL.Image.fromarray(np.asarray(picture))
+    w, h = image.size
+    fits = w == h and ((w <= resolution and resolution % w == 0) if low_res else w == resolution)
+    if not fits and not resize:
+        want = f'a square size that divides {resolution}' if low_res else f'{resolution}x{resolution}'
+        raise ValueError(f'The upload is {w}x{h}, but this network needs {want} (or tick "resize the upload")')
+    if w != h:
+        image = image.resize((resolution, resolution), PIL.Image.Resampling.BOX)
+    return guidance.guide_from_pil(image, channels=channels, resolution=None if fits else resolution,
+                                   allow_resize=True, source='The upload')
+
+# ----------------------------------------------------------------------------
+# Guided and unguided samples of the same seeds, and one sample's coarse-to-fine path.
+
+class GuidedResult(NamedTuple):
+    seeds:      list            # The seeds, in order.
+    guided:     torch.Tensor    # (N, C, H, W) guided images in [-1, 1].
+    unguided:   torch.Tensor    # (N, C, H, W) unguided images of the same seeds.
+    codes:      torch.Tensor    # (N, L) codes of the guided images.
+    path:       list            # The chosen image (1, C, h, w) of every layer of `path_seed`, coarse to fine.
+    path_seed:  int             # The seed whose path is shown.
+
+@torch.no_grad()
+def run_guided(net, scorer, seeds: Sequence[int], chooser=guidance.argmin, path_seed: Optional[int] = None,
+               condition_fn=None) -> GuidedResult:
+    """Sample `seeds` with `scorer` (a guidance scorer, e.g. from `guidance.parse_guides`; None for
+    unguided only) and without it. Images depend only on the seed, not on the batch, so each one is
+    the image generate.py writes for that seed with the same guide and chooser."""
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError('No seeds given')
+    path_seed = seeds[0] if path_seed is None else int(path_seed)
+    if path_seed not in seeds:
+        raise ValueError(f'The seed to trace ({path_seed}) is not among the seeds {seeds}')
+    condition = None if condition_fn is None else condition_fn(seeds)
+    plain = net(seeds=seeds, condition=condition)
+    if scorer is None:
+        out = net(seeds=seeds, condition=condition, return_layers=True)
+    else:
+        out = net(seeds=seeds, condition=condition, scorer=scorer, chooser=chooser, return_layers=True)
+    i = seeds.index(path_seed)
+    path = [layer[i:i + 1].float().cpu() for layer in out.layer_images]
+    return GuidedResult(seeds, out.images.float().cpu(), plain.images.float().cpu(), out.codes.cpu(), path, path_seed)
+
+def coarse_to_fine(path: Sequence[torch.Tensor], size: int) -> list:
+    """The layers' chosen images (1, C, h, w) in [-1, 1] as uint8 HxWxC frames of size x size,
+    nearest-upscaled so each coarse pixel stays a visible square."""
+    frames = []
+    for x in path:
+        x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode='nearest')
+        u8 = (x[0] * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        frames.append(np.repeat(u8, 3, axis=2) if u8.shape[2] == 1 else u8)
+    return frames
+
+def write_gif(frames: Sequence[np.ndarray], path=None, ms_per_frame: int = 300, hold_last_ms: int = 1200) -> bytes:
+    """An animated GIF of `frames` (HxWx3 uint8), looping, the last frame held longer. Returns the
+    bytes; also writes them to `path` when given."""
+    if not frames:
+        raise ValueError('No frames to write')
+    images = [PIL.Image.fromarray(f) for f in frames]
+    durations = [ms_per_frame] * (len(images) - 1) + [hold_last_ms]
+    buf = io.BytesIO()
+    images[0].save(buf, format='GIF', save_all=True, append_images=images[1:], duration=durations, loop=0)
+    data = buf.getvalue()
+    if path is not None:
+        with open(path, 'wb') as f:
+            f.write(data)
+    return data
