@@ -112,16 +112,18 @@ class Block(nn.Module):
         dropout         = 0.0,      # Dropout probability before the second conv.
         resample_proj   = False,    # Learned 1x1 skip on an upsampling block even if channels do not change.
         eps             = 1e-6,     # GroupNorm epsilon (EDM's and the reference DDN's).
+        edm_init        = True,     # EDM's initialisation; False keeps PyTorch's defaults.
     ):
         super().__init__()
+        init = _init_conv if edm_init else (lambda conv, gain=1.0: conv)
         self.up = up
         self.norm0 = nn.GroupNorm(_groups(in_channels), in_channels, eps=eps)
-        self.conv0 = _init_conv(nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.conv0 = init(nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.norm1 = nn.GroupNorm(_groups(out_channels), out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv1 = _init_conv(nn.Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)
+        self.conv1 = init(nn.Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)
         proj = in_channels != out_channels or (up and resample_proj)
-        self.skip = _init_conv(nn.Conv2d(in_channels, out_channels, 1)) if proj else None
+        self.skip = init(nn.Conv2d(in_channels, out_channels, 1)) if proj else None
 
     def forward(self, x):
         h = F.silu(self.norm0(x))
@@ -445,6 +447,9 @@ class DDNGenerator(_DDNBase):
 # does not grow with L. `iter_embed=True` adds a learned embedding of l to the UNet input (a
 # diffusion model's time embedding); off by default, so every layer is literally the same function.
 
+# Its blocks keep PyTorch's initialisation and GroupNorm eps 1e-5: the reference's EDM settings are
+# those of the single-shot network; the recurrent paradigm has no reference code to match, and its
+# snapshots and tuned tests predate them.
 class UNet(nn.Module):
     def __init__(self,
         channels,               # Feature channels at every level.
@@ -452,10 +457,11 @@ class UNet(nn.Module):
         dropout     = 0.0,      # Dropout in the blocks.
     ):
         super().__init__()
-        self.down = nn.ModuleList([Block(channels, channels, dropout=dropout) for _ in range(levels)])
-        self.mid = Block(channels, channels, dropout=dropout)
-        self.up = nn.ModuleList([Block(channels, channels, up=True, dropout=dropout) for _ in range(levels)])
-        self.out = Block(channels, channels, dropout=dropout)
+        block = lambda up=False: Block(channels, channels, up=up, dropout=dropout, eps=1e-5, edm_init=False)  # noqa: E731
+        self.down = nn.ModuleList([block() for _ in range(levels)])
+        self.mid = block()
+        self.up = nn.ModuleList([block(up=True) for _ in range(levels)])
+        self.out = block()
 
     def forward(self, x):
         skips = []
