@@ -84,7 +84,7 @@ def test_class_conditional_network():
 #   150 steps, per-batch weights (the author's): 0.190/0.251, 0.241/0.257, 0.243/0.271 -> 0.87
 #    75 steps: 0.214/0.266, 0.311/0.278, 0.231/0.238 -> 0.95 (one seed loses: too short to test)
 #   450 steps: 0.197/0.209, 0.215/0.216, 0.191/0.251 -> 0.89 (the guided net catches up on some seeds)
-#   150 steps, 1573 training digits: 0.209/0.248, 0.223/0.223, 0.214/0.251 -> 0.89
+#   150 steps, 1541 training digits (256 held out): 0.209/0.248, 0.223/0.223, 0.214/0.251 -> 0.89
 #   150 steps under ATEN_CPU_CAPABILITY=default (other kernels, other rounding, other runs):
 #       0.204/0.232, 0.211/0.253, 0.236/0.272 -> 0.86
 # Single seeds vary by about +-0.07 in the ratio (and a different CPU kernel set acts like a
