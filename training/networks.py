@@ -254,11 +254,13 @@ class _DDNBase(nn.Module):
 
     # Add a (checked) condition into the block input x: a class through its embedding `embed`,
     # added to every channel; an image resized to x and added to the middle channels.
-    def _inject_condition(self, x, condition, embed=None):
+    # The single-shot net places the channels as the reference does (from C/2 - c/2); the recurrent
+    # one keeps its original placement ((C - c) / 2), so its snapshots compute as before.
+    def _inject_condition(self, x, condition, embed=None, reference_placement=True):
         if self.label_dim:
             return x + embed(condition).to(x.dtype)[:, :, None, None]
         cond = resize_area(condition, x.shape[-1]).to(x.dtype)
-        lo = x.shape[1] // 2 - cond.shape[1] // 2  # The reference's placement of the middle channels.
+        lo = x.shape[1] // 2 - cond.shape[1] // 2 if reference_placement else (x.shape[1] - cond.shape[1]) // 2
         return x + F.pad(cond, (0, 0, 0, 0, lo, x.shape[1] - cond.shape[1] - lo))
 
     # Condition tensor for a batch of images in [-1, 1] (and one-hot labels), as in training.
@@ -525,7 +527,7 @@ class DDNRecurrent(_DDNBase):
     def _add_condition(self, x, l, condition):
         if condition is None:
             return x
-        return self._inject_condition(x, condition, self.class_embed if self.label_dim else None)
+        return self._inject_condition(x, condition, self.class_embed if self.label_dim else None, reference_placement=False)
 
     # The layer loop of forward(): the shared UNet + DDL, L times. Scorers and choosers are told
     # which layer they score (the shared DDL alone cannot know).
