@@ -577,7 +577,8 @@ _FILE = click.Path(exists=True, dir_okay=False)
 @click.option('--guide-topk', help='Guided choice: uniform among the N best candidates  [default: argmin]', metavar='N', type=click.IntRange(min=1), default=None)
 # Metrics.
 @click.option('--fid-ref', 'fid_ref', help='Reference statistics: compute FID (and IS) of the generated images', metavar='NPZ|URL', type=str, default=None)
-@click.option('--detector', 'detector_url', help='Detector pickle/TorchScript path or URL  [default: Inception-v3]', metavar='PATH|URL', type=str, default=None)
+@click.option('--detector', 'detector_url', help='Detector: inception, dinov2, clip, or a TorchScript/pickle path or URL  [default: inception]', metavar='NAME|PATH|URL', type=str, default=None)
+@click.option('--trust-pickle', help='Allow a --detector pickle that runs code when loaded (trusted files only)', is_flag=True)
 def main(**kwargs):
     """Generate images with a trained DDN, reconstruct a dataset, or decode latents; optionally compute FID.
 
@@ -728,8 +729,8 @@ def _main(opts):
             raise ValueError('--fid-ref: FID needs at least 2 images')
         try:
             ref = metric_lib.load_ref(opts.fid_ref)
-            detector = metric_lib.load_detector(opts.detector_url, device)
-        except (OSError, ValueError, TypeError) as e:
+            detector = metric_lib.load_detector(opts.detector_url, device, trust_pickle=opts.trust_pickle)
+        except (OSError, ValueError, TypeError, ImportError) as e:
             raise ValueError(f'--fid-ref: {e}') from e
         metrics = ['fid'] + (['is'] if len(names) >= IS_MIN_IMAGES else [])
 

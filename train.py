@@ -240,6 +240,9 @@ def launch(opts):
             raise click.UsageError(f'--metrics: {err}') from None
         if condition not in (None, 'class'):
             raise click.UsageError(f'--metrics measures unconditional samples; a --condition={condition} network needs a condition image per sample')
+        if opts.detector is not None and not (os.path.isfile(opts.detector) or dnnlib.util.is_url(opts.detector)
+                                              or opts.detector in metric_lib.NAMED_DETECTORS):
+            raise click.UsageError(f'--detector: no such file: {opts.detector} (or name one of {", ".join(metric_lib.NAMED_DETECTORS)}, or a URL)')
         if opts.detector is not None and os.path.isfile(opts.detector):
             try:
                 metric_lib.load_detector(opts.detector, 'cpu', trust_pickle=opts.trust_pickle)

@@ -33,7 +33,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
-from training.detectors import DETECTOR_URL, detector_name, load_detector  # noqa: F401 (part of this API)
+from training.detectors import DETECTOR_URL, NAMED as NAMED_DETECTORS, detector_name, load_detector  # noqa: F401 (part of this API)
 
 # Metric names of `calc_metrics`.
 METRICS = ('fid', 'kid', 'sfid', 'is', 'pr')
