@@ -18,9 +18,7 @@ Detector files load without running code (TorchScript, or pickles of TorchScript
 Inception); any other pickle needs --trust-pickle, since unpickling it runs code named by the file.
 """
 
-import json
 import os
-import tempfile
 
 import click
 import numpy as np
@@ -107,14 +105,6 @@ def calc_metrics(images_path, ref_path=None, metrics=('fid',), num=None, seed=0,
 # ----------------------------------------------------------------------------
 # Command line.
 
-# Write JSON atomically (temporary file in the same folder, then rename).
-def _write_json(path, obj):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile('w', dir=folder, suffix='.json.tmp', delete=False) as f:
-        json.dump(obj, f, indent=2)
-    os.replace(f.name, path)
-
 # Print the metrics last, one `name=value` per line, so scripts can grep them.
 def _print_metrics(results):
     for name, reason in results.get('unavailable', {}).items():
@@ -186,7 +176,7 @@ def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector
         except (ValueError, OSError, ImportError) as e:
             raise click.ClickException(str(e)) from e
         if dist.get_rank() == 0 and out:
-            _write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=metric_lib.detector_name(detector_url)))
+            metric_lib.write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=metric_lib.detector_name(detector_url)))
         _print_metrics(results)
 
 @cli.command()

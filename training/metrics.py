@@ -584,27 +584,20 @@ class SnapshotMetrics:
             if best is None or value < best['value']:
                 best = self.best[name] = dict(metric=name, snapshot=snapshot, kimg=kimg, value=value)
                 if dist.get_rank() == 0:
-                    _write_json(os.path.join(self.run_dir, f'metric-{name}-best.json'), best)
+                    write_json(os.path.join(self.run_dir, f'metric-{name}-best.json'), best)
             text += f'  best {best["value"]:.6g} at {best["snapshot"]}'
         if dist.get_rank() == 0:
-            _append_line(os.path.join(self.run_dir, f'metric-{name}.jsonl'), json.dumps(line))
+            from training.training_loop import append_line  # Here: training_loop imports this module.
+            append_line(os.path.join(self.run_dir, f'metric-{name}.jsonl'), json.dumps(line))
         dist.print0(text)
 
 # Write JSON atomically (temporary file in the same folder, then rename).
-def _write_json(path, obj):
+def write_json(path, obj):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile('w', dir=folder, suffix='.json.tmp', delete=False) as f:
         json.dump(obj, f, indent=2)
     os.replace(f.name, path)
-
-# Append one line with a single write(), so a killed job never leaves half a line.
-def _append_line(path, line):
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line.rstrip('\n') + '\n').encode('utf-8'))
-    finally:
-        os.close(fd)
 
 # ----------------------------------------------------------------------------
 
