@@ -112,7 +112,7 @@ def _print_metrics(results):
     if 'fid_splits' in results:
         dist.print0(f'FID over {results["splits"]} disjoint splits: {results["fid_mean"]:g} +- {results["fid_std"]:g} '
                     f'({", ".join(f"{v:g}" for v in results["fid_splits"])})')
-    for name in ('fid_mean', 'fid_std', 'kid', 'kid_se', 'sfid', 'is', 'is_std', 'precision', 'recall', 'fid'):
+    for name in ('fid', 'fid_mean', 'fid_std', 'kid', 'kid_se', 'sfid', 'is', 'is_std', 'precision', 'recall'):
         if name in results:
             dist.print0(f'{name}={results[name]:g}')
     for name in results.get('unavailable', {}):

@@ -238,13 +238,18 @@ def test_clip_needs_open_clip_and_names_the_file_offline(tmp_path, monkeypatch, 
     with pytest.raises(OSError) as info:
         metrics.load_detector('clip', 'cpu')
     assert detectors.CLIP_WEIGHTS_URL in str(info.value) and os.path.join(cache_dir, 'clip', 'ViT-L-14.pt') in str(info.value)
+    # A file that is not a TorchScript archive is refused before open_clip would unpickle it.
+    path = os.path.join(cache_dir, 'clip', 'ViT-L-14.pt')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({'weights': torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match='not OpenAI'):
+        metrics.load_detector('clip', 'cpu')
     # With the file in place, open_clip builds the model from it.
-    os.makedirs(os.path.join(cache_dir, 'clip'), exist_ok=True)
-    open(os.path.join(cache_dir, 'clip', 'ViT-L-14.pt'), 'wb').close()
+    _script(_Embed(), path)
     calls = []
-    sys.modules['open_clip'].create_model = lambda name, pretrained, device: calls.append((name, pretrained)) or _Embed()
+    sys.modules['open_clip'].load_openai_model = lambda name, precision, device: calls.append((name, precision)) or _Embed()
     detector = metrics.load_detector('clip', 'cpu')
-    assert calls == [('ViT-L-14', os.path.join(cache_dir, 'clip', 'ViT-L-14.pt'))] and detector(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).shape == (1, 3)
+    assert calls == [(path, 'fp32')] and detector(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).shape == (1, 3)
 
 # ----------------------------------------------------------------------------
 # train.py --metrics.

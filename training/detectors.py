@@ -195,8 +195,13 @@ def load_clip():
             torch.hub.download_url_to_file(CLIP_WEIGHTS_URL, path)
     except OSError as e:
         raise OSError(f'Cannot download CLIP ViT-L/14 ({e}). Offline: copy {CLIP_WEIGHTS_URL} to\n  {path}') from e
-    # OpenAI's file is a TorchScript archive; open_clip reads it with torch.jit.load.
-    model = open_clip.create_model(CLIP_MODEL, pretrained=path, device='cpu')
+    # OpenAI's file is a TorchScript archive: open_clip reads it with torch.jit.load and rebuilds the network
+    # (QuickGELU, as trained) from its weights. Anything else is refused here, before open_clip would unpickle it.
+    with open(path, 'rb') as f:
+        head = f.read()
+    if not _is_torchscript_zip(head):
+        raise ValueError(f'{path} is not OpenAI\'s CLIP file (a TorchScript archive); download {CLIP_WEIGHTS_URL} again')
+    model = open_clip.load_openai_model(path, precision='fp32', device='cpu')
     return clip_detector(model.eval())
 
 # ----------------------------------------------------------------------------
