@@ -29,6 +29,7 @@ from torch_utils import distributed as dist
 from training import metrics as metric_lib
 from training.dataset import ImageFolderDataset
 from training.metrics import REF_FEATURES, collate_images as _collate_images, select_indices as _select, to_rgb as _to_rgb
+from training.metrics import DETECTOR_URL, load_detector, load_ref  # noqa: F401 (generate.py reads them here)
 
 # ----------------------------------------------------------------------------
 # Image sources: a folder or zip, a dataset, or an iterable of uint8 NCHW batches.

@@ -60,10 +60,10 @@ import torch
 import tqdm
 
 import dnnlib
+import fid
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from training import guidance
-from training import metrics as metric_lib
 from training.conditions import parse_condition
 from training.dataset import open_dataset
 from training.ddl import resize_area
@@ -577,8 +577,7 @@ _FILE = click.Path(exists=True, dir_okay=False)
 @click.option('--guide-topk', help='Guided choice: uniform among the N best candidates  [default: argmin]', metavar='N', type=click.IntRange(min=1), default=None)
 # Metrics.
 @click.option('--fid-ref', 'fid_ref', help='Reference statistics: compute FID (and IS) of the generated images', metavar='NPZ|URL', type=str, default=None)
-@click.option('--detector', 'detector_url', help='Detector: inception, dinov2, clip, or a TorchScript/pickle path or URL  [default: inception]', metavar='NAME|PATH|URL', type=str, default=None)
-@click.option('--trust-pickle', help='Allow a --detector pickle that runs code when loaded (trusted files only)', is_flag=True)
+@click.option('--detector', 'detector_url', help='Detector pickle/TorchScript path or URL  [default: Inception-v3]', metavar='PATH|URL', type=str, default=None)
 def main(**kwargs):
     """Generate images with a trained DDN, reconstruct a dataset, or decode latents; optionally compute FID.
 
@@ -728,9 +727,9 @@ def _main(opts):
         if len(names) < 2:
             raise ValueError('--fid-ref: FID needs at least 2 images')
         try:
-            ref = metric_lib.load_ref(opts.fid_ref)
-            detector = metric_lib.load_detector(opts.detector_url, device, trust_pickle=opts.trust_pickle)
-        except (OSError, ValueError, TypeError, ImportError) as e:
+            ref = fid.load_ref(opts.fid_ref)
+            detector = fid.load_detector(opts.detector_url, device)
+        except (OSError, ValueError, TypeError) as e:
             raise ValueError(f'--fid-ref: {e}') from e
         metrics = ['fid'] + (['is'] if len(names) >= IS_MIN_IMAGES else [])
 
@@ -748,7 +747,7 @@ def _main(opts):
                    reconstruct=opts.data, max_images=opts.max_images, batch=opts.batch, subdirs=opts.subdirs,
                    world_size=dist.get_world_size(), condition=getattr(net, 'condition', None),
                    **{'class': opts.class_idx}, condition_image=opts.condition_image, guide=guide_info,
-                   fid_ref=opts.fid_ref, detector=opts.detector_url or (metric_lib.DETECTOR_URL if opts.fid_ref is not None else None))
+                   fid_ref=opts.fid_ref, detector=opts.detector_url or (fid.DETECTOR_URL if opts.fid_ref is not None else None))
     os.makedirs(opts.outdir, exist_ok=True)
     if dist.get_rank() == 0:
         _write_atomic(os.path.join(opts.outdir, 'generation_options.json'), lambda f: json.dump(options, f, indent=2), mode='w')
@@ -762,7 +761,7 @@ def _main(opts):
     stream = recorder.consume(tqdm.tqdm(batches, total=chunks, unit='batch', disable=dist.get_rank() != 0))
     results = {}
     if opts.fid_ref is not None:
-        results = metric_lib.calc_metrics(stream, ref, metrics=metrics, device=device, detector=detector)
+        results = fid.calc_metrics(stream, ref, metrics=metrics, batch=opts.batch, device=device, detector=detector, progress=False)
     else:
         for _ in stream:
             pass
@@ -792,7 +791,7 @@ def _main(opts):
             if guide_info is not None:
                 info.update(guide=guide_info)
             if opts.fid_ref is not None:
-                info.update(fid_ref=opts.fid_ref, detector=opts.detector_url or metric_lib.DETECTOR_URL)
+                info.update(fid_ref=opts.fid_ref, detector=opts.detector_url or fid.DETECTOR_URL)
             _write_atomic(os.path.join(opts.outdir, 'metrics.json'), lambda f: json.dump(info, f, indent=2), mode='w')
         print(f'Saved {len(rec.names)} images, latents.npz and grid.png to "{opts.outdir}"')
     dist.barrier()
