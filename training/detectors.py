@@ -30,6 +30,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import safe_pickle
+from training.guidance import CLIP_MEAN, CLIP_STD  # noqa: F401 (CLIP's normalisation, shared with the CLIP guide)
 
 # StyleGAN3's Inception-v3 (a PyTorch translation of TensorFlow's inception-2015-12-05), as in EDM.
 DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
@@ -147,7 +148,6 @@ class EmbeddingDetector(torch.nn.Module):
         return features.to(torch.float32)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 def dinov2_detector(backbone):
     return EmbeddingDetector(backbone, 'forward', 224, IMAGENET_MEAN, IMAGENET_STD, 'DINOv2 ViT-L/14')

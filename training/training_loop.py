@@ -35,8 +35,8 @@ import torch
 
 import dnnlib
 from torch_utils import checkpoint, distributed, misc, training_stats
-from training.metrics import SnapshotMetrics
 from training.split_prune import find_node_sets, split_and_prune
+from training.metrics import SnapshotMetrics
 
 # File names inside a run folder, '*' standing for kimg as 6 digits.
 STATE_PATTERN = 'training-state-*.pt'
