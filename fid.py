@@ -53,6 +53,10 @@ def image_batches(source, batch=64, num=None, seed=0, workers=2, progress=True):
     for images in tqdm.tqdm(loader, unit='batch', disable=(not progress or rank != 0)):
         yield from _to_rgb(images).split(batch)
 
+# The images of a folder or zip, for --splits (image_batches scans paths the same way).
+def _scan_folder(path):
+    return ImageFolderDataset(os.fspath(path))
+
 # Detector features of this rank's images, one (B, D) tensor per batch.
 def compute_features(source, detector, batch=64, device=None, num=None, seed=0, progress=True, workers=2):
     batches = image_batches(source, batch=batch, num=num, seed=seed, workers=workers, progress=progress)
@@ -86,7 +90,7 @@ def calc_metrics(images_path, ref_path=None, metrics=('fid',), num=None, seed=0,
     # Disjoint consecutive parts of the chosen images (contiguous seed ranges when the files are seeds).
     if not isinstance(images_path, (str, os.PathLike, torch.utils.data.Dataset)):
         raise ValueError('splits need a folder, zip or dataset of images, not an iterable of batches')
-    dataset = ImageFolderDataset(os.fspath(images_path)) if isinstance(images_path, (str, os.PathLike)) else images_path
+    dataset = _scan_folder(images_path) if isinstance(images_path, (str, os.PathLike)) else images_path
     chosen = _select(len(dataset), num, seed, f'"{images_path}"' if isinstance(images_path, (str, os.PathLike)) else 'the dataset')
     if len(chosen) < 2 * splits:
         raise ValueError(f'--splits {splits} needs at least {2 * splits} images, got {len(chosen)}')
