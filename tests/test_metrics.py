@@ -289,7 +289,7 @@ def test_train_metrics_equal_fid_py_on_generated_pngs(tmp_path):
     stdout = _run([os.path.join(REPO, 'train.py'), '--outdir', tmp_path / 'runs', '--desc', 'm', '--metrics', 'fid24,kid24',
                    '--detector', detector, *TINY], env)
     run_dir = tmp_path / 'runs' / '00000-digits-m'
-    snapshots = sorted(name for name in os.listdir(run_dir) if name.startswith('network-snapshot-'))
+    snapshots = sorted(name for name in os.listdir(run_dir) if name.startswith('network-snapshot-') and name.endswith('.pkl'))
     lines = _jsonl(run_dir / 'metric-fid24.jsonl')
     assert [line['snapshot'] for line in lines] == snapshots and len(snapshots) == 3
     assert all(line['num'] == 24 and line['value'] == line['results']['fid'] > 0 for line in lines)
