@@ -18,6 +18,7 @@ import dnnlib
 from training.conditions import parse_condition
 from torch_utils import checkpoint, distributed
 from training import dataset as dataset_module
+from training import metrics as metric_lib
 from training import training_loop
 
 # ----------------------------------------------------------------------------
@@ -128,6 +129,9 @@ def resolve_resume(path):
 @option(IO, '--seed',            help='Random seed  [default: random, or the resumed state\'s]', metavar='INT', type=click.IntRange(min=0))
 @option(IO, '--transfer',        help='Initialise the weights from a network snapshot', metavar='PKL', type=str)
 @option(IO, '--resume',          help='Resume from a training state, or a run folder\'s latest', metavar='PT|DIR', type=str)
+@option(IO, '--metrics',         help='Metrics of every snapshot, e.g. fid50k,fid10k,kid10k,pr10k', metavar='LIST', type=str)
+@option(IO, '--detector',        help='Detector of --metrics: inception, dinov2, clip, or a file or URL  [default: inception]', metavar='NAME|PATH', type=str)
+@option(IO, '--trust-pickle',    help='Allow a --detector pickle that runs code when loaded (trusted files only)', is_flag=True)
 @option(IO, '-n', '--dry-run',   help='Print training options and exit', is_flag=True)
 
 def main(**kwargs):
@@ -227,6 +231,27 @@ def launch(opts):
         raise click.UsageError('--device=cuda but CUDA is not available')
     if opts.precision == 'fp16' and not has_cuda:
         raise click.UsageError('--precision=fp16 needs CUDA (loss scaling); use --precision=bf16 on the CPU')
+
+    # Metrics of the snapshots: check the names, and a local detector file, before a run folder exists.
+    if opts.metrics:
+        try:
+            metric_lib.parse_training_metrics(opts.metrics)
+        except ValueError as err:
+            raise click.UsageError(f'--metrics: {err}') from None
+        if condition not in (None, 'class'):
+            raise click.UsageError(f'--metrics measures unconditional samples; a --condition={condition} network needs a condition image per sample')
+        if opts.detector is not None and not (os.path.isfile(opts.detector) or dnnlib.util.is_url(opts.detector)
+                                              or opts.detector in metric_lib.NAMED_DETECTORS):
+            raise click.UsageError(f'--detector: no such file: {opts.detector} (or name one of {", ".join(metric_lib.NAMED_DETECTORS)}, or a URL)')
+        if opts.detector is not None and os.path.isfile(opts.detector):
+            try:
+                metric_lib.load_detector(opts.detector, 'cpu', trust_pickle=opts.trust_pickle)
+            except (OSError, ValueError, TypeError) as err:
+                raise click.ClickException(f'--detector: {err}') from None
+        c.metrics = opts.metrics
+        c.metric_kwargs = dnnlib.EasyDict(detector_url=opts.detector, trust_pickle=opts.trust_pickle)
+    elif opts.detector is not None or opts.trust_pickle:
+        raise click.UsageError('--detector and --trust-pickle are only used with --metrics')
 
     # Transfer learning and resume: check the files now, before a run folder exists.
     resumed_seed = None

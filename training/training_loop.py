@@ -36,6 +36,7 @@ import torch
 import dnnlib
 from torch_utils import checkpoint, distributed, misc, training_stats
 from training.split_prune import find_node_sets, split_and_prune
+from training.metrics import SnapshotMetrics
 
 # File names inside a run folder, '*' standing for kimg as 6 digits.
 STATE_PATTERN = 'training-state-*.pt'
@@ -303,6 +304,8 @@ def training_loop(
     transfer_pkl        = None,     # network-snapshot-*.pkl whose weights initialise the network.
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
     device              = None,     # 'cpu', 'cuda' or None = this rank's GPU if any, else the CPU.
+    metrics             = None,     # Metrics of every snapshot, e.g. 'fid50k,kid10k' (training.metrics); None = none.
+    metric_kwargs       = {},       # detector_url, trust_pickle, batch: options of training.metrics.SnapshotMetrics.
 ):
     # Initialise.
     training_options = _canonical_options(locals())     # The arguments of this call, for the snapshots.
@@ -392,6 +395,11 @@ def training_loop(
         loader_kwargs.pop('prefetch_factor', None)
     sampler = misc.InfiniteSampler(dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=cur_nimg)
     dataset_iterator = iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
+
+    # Metrics of the snapshots: detector and reference statistics are ready before the first step.
+    snapshot_metrics = None
+    if metrics:
+        snapshot_metrics = SnapshotMetrics(metrics, run_dir, dataset_kwargs, device=device, **metric_kwargs)
 
     # Train.
     distributed.print0(f'Training for {total_kimg} kimg: {batch_size} images per step = {world_size} process(es) '
@@ -485,6 +493,8 @@ def training_loop(
                             network_kwargs=dict(network_kwargs), training_options=training_options)
                 checkpoint.save_atomic(data, os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl'), mode='pickle')
                 del data
+            if snapshot_metrics is not None:    # On all ranks, each generating its share of the samples.
+                snapshot_metrics(snapshot, f'network-snapshot-{kimg_tag}.pkl', cur_nimg / 1e3)
             del snapshot
 
         # Training state for exact resume.

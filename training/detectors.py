@@ -1,0 +1,235 @@
+"""Feature detectors for FID-style metrics, loaded without running code from the file.
+
+A detector is a torch module called as `detector(images, return_features=True)` on uint8 RGB NCHW
+images (any resolution) that returns (N, D) features; `return_features=False` may give (N, classes)
+class probabilities (Inception Score), and a method `spatial_features(images)` (N, Ds) spatial
+features (sFID). Three standard detectors are known by name:
+
+- `inception` (default): StyleGAN3's Inception-v3 `inception-2015-12-05.pkl`, as EDM uses it (FID);
+- `dinov2`: DINOv2 ViT-L/14 (Oquab et al. 2023) CLS features, 224x224 bicubic input, ImageNet
+  normalisation (FD-DINOv2, Stein et al. 2023), from torch hub;
+- `clip`: CLIP ViT-L/14 (OpenAI weights) image embeddings, 224x224, CLIP normalisation (CLIP-FID,
+  Kynkaanniemi et al. 2023), through the optional package open_clip.
+Anything else is a path or URL of a detector file.
+
+Loading is safe by default: TorchScript archives go through `torch.jit.load` (TorchScript holds no
+Python code); plain pickles go through `torch_utils.safe_pickle`, which allows tensors, containers and
+exactly one extra global, `torch.storage._load_from_bytes`, the function StyleGAN3's pickle uses to
+carry its TorchScript archive (as bytes); it is answered with `torch.jit.load` for TorchScript bytes and
+`torch.load(weights_only=True)` otherwise. Any other pickle, and any `torch.save`'d module, needs
+`trust_pickle=True` (`--trust-pickle`), because loading it runs code named by the file.
+"""
+
+import io
+import os
+import pickle
+import zipfile
+
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import safe_pickle
+from training.guidance import CLIP_MEAN, CLIP_STD  # noqa: F401 (CLIP's normalisation, shared with the CLIP guide)
+
+# StyleGAN3's Inception-v3 (a PyTorch translation of TensorFlow's inception-2015-12-05), as in EDM.
+DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
+
+# DINOv2: the hub repository, the entry point and the released weights it loads.
+DINOV2_REPO = 'facebookresearch/dinov2'
+DINOV2_MODEL = 'dinov2_vitl14'
+DINOV2_WEIGHTS_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth'
+
+# CLIP ViT-L/14: open_clip's model name and tag, and OpenAI's released file (a TorchScript archive).
+CLIP_MODEL, CLIP_PRETRAINED = 'ViT-L-14', 'openai'
+CLIP_WEIGHTS_URL = 'https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt'
+
+# Named detectors -> the feature dimension papers report with them.
+NAMED = {'inception': 2048, 'dinov2': 1024, 'clip': 768}
+
+# Raised for a detector file that would run code when loaded, unless the user trusts it.
+class UntrustedDetectorError(ValueError):
+    pass
+
+# ----------------------------------------------------------------------------
+# Files: TorchScript archives, StyleGAN3-style pickles, and (trusted only) other pickles.
+
+# Whether zip bytes are a TorchScript archive (torch.jit.save writes `<name>/constants.pkl` and code).
+def _is_torchscript_zip(data):
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            return any(name.endswith('/constants.pkl') for name in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+# The one global StyleGAN3's detector pickle needs: its payload is the bytes of a TorchScript archive.
+def _load_from_bytes(data):
+    if data[:4] == b'PK\x03\x04' and _is_torchscript_zip(data):
+        return torch.jit.load(io.BytesIO(data), map_location='cpu')
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+
+DETECTOR_PICKLE_GLOBALS = {('torch.storage', '_load_from_bytes'): _load_from_bytes}
+
+def _trust_hint(source):
+    return f'load it only if you trust {source}: pass --trust-pickle (trust_pickle=True)'
+
+# A detector module from the bytes of a file; `trust_pickle` allows full unpickling.
+def deserialize(data, source, trust_pickle=False):
+    try:
+        if data[:4] == b'PK\x03\x04':
+            if _is_torchscript_zip(data):
+                return torch.jit.load(io.BytesIO(data), map_location='cpu')
+            if not trust_pickle:
+                raise UntrustedDetectorError(f'The detector {source} is a torch.save file of a pickled module; '
+                    f'loading it runs code named by the file. Export it with torch.jit.save, or {_trust_hint(source)}')
+            return torch.load(io.BytesIO(data), map_location='cpu', weights_only=False)
+        try:
+            return safe_pickle.load(data, allowed=DETECTOR_PICKLE_GLOBALS, source=source)
+        except safe_pickle.UnsafePickleError as e:
+            if not trust_pickle:
+                raise UntrustedDetectorError(f'{e}. The detector {source} is not a TorchScript pickle like '
+                    f'inception-2015-12-05.pkl; {_trust_hint(source)}') from e
+            return pickle.loads(data)
+    except UntrustedDetectorError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, ImportError, AttributeError, EOFError, ValueError) as e:
+        raise ValueError(f'Cannot load the detector {source} (expected a TorchScript file or pickle): {e}') from e
+
+# Bytes of a URL fetched once into dnnlib's cache; rank 0 downloads first so the other ranks read its copy.
+def _download(url, cache_dir=None):
+    leader = dist.get_rank() == 0
+    if not leader:
+        dist.barrier()
+    data, error = None, None
+    try:
+        with dnnlib.util.open_url(url, cache_dir=cache_dir, cache=True, num_attempts=3, verbose=leader) as f:
+            data = f.read()
+    except OSError as e:
+        error = e
+    # The leader reaches the barrier even when it failed, so that the others wake up and fail with it instead of hanging.
+    if leader:
+        dist.barrier()
+    if error is not None:
+        raise OSError(f'{error}\nOr pass --detector PATH (detector_url=PATH in Python) naming a local copy of the detector.') from error
+    return data
+
+# ----------------------------------------------------------------------------
+# DINOv2 and CLIP: a backbone wrapped into the detector calling convention.
+
+# uint8 RGB NCHW -> float, resized (bicubic, as both papers' torchvision pipelines) and normalised.
+def _preprocess(images, size, mean, std):
+    x = images.to(torch.float32) / 255
+    if x.shape[-2:] != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode='bicubic', align_corners=False, antialias=True)
+        x = x.clamp(0, 1)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+# A backbone (images -> embeddings) as a detector: `forward(images, return_features=True)`.
+class EmbeddingDetector(torch.nn.Module):
+    def __init__(self,
+        backbone,               # Module: normalised (N, 3, size, size) float -> (N, D) through `method`.
+        method,                 # Name of the backbone's embedding method ('forward', 'encode_image').
+        size,                   # Input resolution of the backbone.
+        mean,                   # Per-channel normalisation mean (RGB, in [0, 1] units).
+        std,                    # Per-channel normalisation std.
+        name,                   # What it is, for messages.
+    ):
+        super().__init__()
+        self.backbone, self.method = backbone, method
+        self.size, self.mean, self.std, self.name = size, tuple(mean), tuple(std), name
+
+    @torch.no_grad()
+    def forward(self, images, return_features=True):
+        if not return_features:
+            raise TypeError(f'{self.name} gives features only, no class probabilities')
+        features = getattr(self.backbone, self.method)(_preprocess(images, self.size, self.mean, self.std))
+        return features.to(torch.float32)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+def dinov2_detector(backbone):
+    return EmbeddingDetector(backbone, 'forward', 224, IMAGENET_MEAN, IMAGENET_STD, 'DINOv2 ViT-L/14')
+
+def clip_detector(model):
+    return EmbeddingDetector(model, 'encode_image', 224, CLIP_MEAN, CLIP_STD, 'CLIP ViT-L/14')
+
+# Where torch hub keeps DINOv2's code and weights.
+def dinov2_paths():
+    hub = torch.hub.get_dir()
+    return (os.path.join(hub, DINOV2_REPO.replace('/', '_') + '_main'),
+            os.path.join(hub, 'checkpoints', os.path.basename(DINOV2_WEIGHTS_URL)))
+
+# The architecture from torch hub (the local copy if there is one), weights loaded weights_only.
+def _hub_dinov2(repo_dir):
+    if os.path.isdir(repo_dir):
+        return torch.hub.load(repo_dir, DINOV2_MODEL, source='local', pretrained=False)
+    return torch.hub.load(DINOV2_REPO, DINOV2_MODEL, pretrained=False, trust_repo=True)
+
+def load_dinov2():
+    repo_dir, weights = dinov2_paths()
+    try:
+        backbone = _hub_dinov2(repo_dir)
+        if not os.path.isfile(weights):
+            torch.hub.download_url_to_file(DINOV2_WEIGHTS_URL, weights)
+    except (OSError, RuntimeError) as e:    # urllib's URLError is an OSError.
+        raise OSError(f'Cannot get DINOv2 ViT-L/14 ({e}). Offline: copy the {DINOV2_REPO} repository to\n  {repo_dir}\n'
+                      f'and {DINOV2_WEIGHTS_URL} to\n  {weights}\n(the torch hub folder; set TORCH_HOME to move it)') from e
+    backbone.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True))
+    return dinov2_detector(backbone.eval())
+
+# Where the OpenAI CLIP file is looked for first.
+def clip_path():
+    return dnnlib.util.make_cache_dir_path('clip', os.path.basename(CLIP_WEIGHTS_URL))
+
+def load_clip():
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ImportError('--detector clip needs open_clip: pip install open_clip_torch') from e
+    path = clip_path()
+    try:
+        if not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(CLIP_WEIGHTS_URL, path)
+    except OSError as e:
+        raise OSError(f'Cannot download CLIP ViT-L/14 ({e}). Offline: copy {CLIP_WEIGHTS_URL} to\n  {path}') from e
+    # OpenAI's file is a TorchScript archive: open_clip reads it with torch.jit.load and rebuilds the network
+    # (QuickGELU, as trained) from its weights. Anything else is refused here, before open_clip would unpickle it.
+    with open(path, 'rb') as f:
+        head = f.read()
+    if not _is_torchscript_zip(head):
+        raise ValueError(f'{path} is not OpenAI\'s CLIP file (a TorchScript archive); download {CLIP_WEIGHTS_URL} again')
+    model = open_clip.load_openai_model(path, precision='fp32', device='cpu')
+    return clip_detector(model.eval())
+
+# ----------------------------------------------------------------------------
+
+# Feature detector by name, path or URL (default: StyleGAN3's Inception-v3 pickle), in eval mode on `device`.
+def load_detector(url_or_path=None, device=None, cache_dir=None, trust_pickle=False):
+    source = url_or_path or DETECTOR_URL
+    device = dist.device() if device is None else torch.device(device)
+    if source == 'inception':
+        source = DETECTOR_URL
+    if source == 'dinov2':
+        detector = load_dinov2()
+    elif source == 'clip':
+        detector = load_clip()
+    else:
+        if dnnlib.util.is_url(source):
+            data = _download(source, cache_dir=cache_dir)
+        elif os.path.isfile(source):
+            with open(source, 'rb') as f:
+                data = f.read()
+        else:
+            raise FileNotFoundError(f'Detector file not found: {source} (expected a path, a URL, or one of {", ".join(NAMED)})')
+        detector = deserialize(data, source, trust_pickle=trust_pickle)
+    if not isinstance(detector, torch.nn.Module):
+        raise TypeError(f'The detector {source} holds a {type(detector).__name__}, not a torch module')
+    # Gradients are never needed: extraction runs under torch.no_grad().
+    return detector.eval().to(device)
+
+# The name a detector is recorded under in reference files and results.
+def detector_name(url_or_path=None):
+    return url_or_path or DETECTOR_URL
