@@ -14,7 +14,7 @@ must match the decoding network.
 Pixels follow generate.py: the net works in [-1, 1], images are uint8 (x * 127.5 + 128, clipped);
 PSNR = 10 log10(255^2 / MSE) on the uint8 images, averaged over images.
 
-SECURITY: network snapshots are pickles; loading one executes code. Trusted files only.
+SECURITY: --network loads without running code from the file (training/snapshot.py) unless --trust-pickle.
 """
 
 import os
@@ -70,9 +70,9 @@ def _device(name):
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     return torch.device(name)
 
-def _load(network, device):
+def _load(network, device, trust_pickle=False):
     try:
-        return load_network(network, device)
+        return load_network(network, device, trust_pickle)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 
@@ -102,6 +102,7 @@ def _psnr_line(values):
 
 # The options both commands share: which network, on which device, how many images at once.
 def _network_options(fn):
+    fn = click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)(fn)
     fn = click.option('--device', help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)(fn)
     fn = click.option('--batch', help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)(fn)
     return click.option('--network', help='Network snapshot pickle or run folder (latest snapshot)', metavar='PKL|DIR', required=True)(fn)
@@ -120,10 +121,10 @@ def main():
 @click.option('--data',         help='Dataset folder or zip, or "digits"', metavar='ZIP|DIR', default='digits', show_default=True)
 @click.option('--max-images',   help='Encode the first N images', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--out',          help='Output codes file', metavar='BIN', required=True)
-def encode(network, data, max_images, out, batch, device):
+def encode(network, data, max_images, out, batch, device, trust_pickle):
     """Encode dataset images to packed latents; report bits/image and PSNR."""
     device = _device(device)
-    path, net = _load(network, device)
+    path, net = _load(network, device, trust_pickle)
     dataset = _open_dataset(data, net)
     num = len(dataset) if max_images is None else min(max_images, len(dataset))
     all_codes, values = [], []
@@ -144,10 +145,10 @@ def encode(network, data, max_images, out, batch, device):
 @click.option('--codes',        help='Codes file written by `encode`', metavar='BIN', required=True)
 @click.option('--outdir',       help='Where to write the decoded images', metavar='DIR', required=True)
 @click.option('--data',         help='Also report the PSNR against these originals (the encoded dataset)', metavar='ZIP|DIR', default=None)
-def decode(network, codes, outdir, data, batch, device):
+def decode(network, codes, outdir, data, batch, device, trust_pickle):
     """Decode a codes file to images {index:06d}.png."""
     device = _device(device)
-    path, net = _load(network, device)
+    path, net = _load(network, device, trust_pickle)
     all_codes, ks = read_codes_file(codes)
     if list(ks) != list(net.ks):
         raise click.ClickException(f'{codes} was written for K per layer {_describe_ks(ks)}, but {path} has {_describe_ks(net.ks)}')

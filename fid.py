@@ -29,7 +29,7 @@ import tqdm
 
 import dnnlib.util
 from torch_utils import distributed as dist
-from training.dataset import ImageFolderDataset
+from training.dataset import GENERATED_IMAGE_PATTERN, GENERATED_MARKER, ImageFolderDataset
 
 # StyleGAN3's Inception-v3 (a PyTorch translation of TensorFlow's inception-2015-12-05), as in EDM.
 DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
@@ -225,7 +225,9 @@ def image_batches(source, batch=64, num=None, seed=0, workers=2, progress=True):
     rank, world = dist.get_rank(), dist.get_world_size()
     what = f'"{os.fspath(source)}"' if isinstance(source, (str, os.PathLike)) else type(source).__name__
     if isinstance(source, (str, os.PathLike)):
-        source = ImageFolderDataset(os.fspath(source))
+        # A generate.py --outdir (it holds generation_options.json): its samples only, not grid.png.
+        generated = os.path.isfile(os.path.join(os.fspath(source), GENERATED_MARKER))
+        source = ImageFolderDataset(os.fspath(source), name_pattern=GENERATED_IMAGE_PATTERN if generated else None)
     if isinstance(source, torch.utils.data.Dataset):
         # Strided shares: rank r takes images r, r + W, r + 2W, ... of the selected set.
         share = _select(len(source), num, seed, what)[rank::world]

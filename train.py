@@ -4,12 +4,19 @@ Runs as one process, or one process per GPU under `torchrun --standalone --nproc
 ...` (gloo on CPU, NCCL on CUDA). Every run gets a folder `<outdir>/NNNNN-<dataset>-<desc>/` with
 `training_options.json`, `log.txt`, `stats.jsonl`, network snapshots (`network-snapshot-<kimg>.pkl`,
 load with `pickle.load(f)['ema']`), training states (`training-state-<kimg>.pt`, for --resume),
-sample grids and node-usage plots. Pickles and states execute code when loaded: trusted files only.
+sample grids and node-usage plots. Every snapshot is also written in the safe format
+(`network-snapshot-<kimg>.safetensors`); --transfer and --resume load without running code from the
+file (training/snapshot.py). SIGTERM or SIGUSR1 stops a run after the current step with a training state.
 """
 
 import json
 import os
 import re
+
+try:
+    import fcntl
+except ImportError:     # Windows: no advisory locks; run ids are then only unique up to a race.
+    fcntl = None
 
 import click
 import torch
@@ -57,6 +64,26 @@ def next_run_dir(outdir, desc):
             if match and os.path.isdir(os.path.join(outdir, name)):
                 prev_ids.append(int(match.group()))
     return os.path.join(outdir, f'{max(prev_ids, default=-1) + 1:05d}-{desc}')
+
+# Create the next run folder atomically: two runs started together never get the same id. The id
+# is chosen and its folder created under an exclusive lock on <outdir>/.run-id.lock, and mkdir
+# (which fails if the folder exists) is the final arbiter.
+def make_run_dir(outdir, desc):
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, '.run-id.lock'), 'a') as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            while True:
+                run_dir = next_run_dir(outdir, desc)
+                try:
+                    os.mkdir(run_dir)
+                    return run_dir
+                except FileExistsError:
+                    continue
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 # True if `path` already holds the files of a training run.
 def holds_run(path):
@@ -128,6 +155,7 @@ def resolve_resume(path):
 @option(IO, '--seed',            help='Random seed  [default: random, or the resumed state\'s]', metavar='INT', type=click.IntRange(min=0))
 @option(IO, '--transfer',        help='Initialise the weights from a network snapshot', metavar='PKL', type=str)
 @option(IO, '--resume',          help='Resume from a training state, or a run folder\'s latest', metavar='PT|DIR', type=str)
+@option(IO, '--trust-pickle',    help='Let --transfer load a pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
 @option(IO, '-n', '--dry-run',   help='Print training options and exit', is_flag=True)
 
 def main(**kwargs):
@@ -232,10 +260,12 @@ def launch(opts):
     resumed_seed = None
     if opts.transfer is not None:
         try:
-            training_loop.load_transfer_network(opts.transfer)
+            training_loop.load_transfer_network(opts.transfer, opts.trust_pickle)
         except (OSError, ValueError, RuntimeError) as err:
             raise click.ClickException(f'--transfer: {err}') from None
         c.transfer_pkl = opts.transfer
+        if opts.trust_pickle:
+            c.trust_pickle = True
     if opts.resume is not None:
         c.resume_state = resolve_resume(opts.resume)
         try:
@@ -243,6 +273,9 @@ def launch(opts):
         except (OSError, ValueError, RuntimeError) as err:
             raise click.ClickException(f'--resume: {err}') from None
         resumed_seed = int(state.get('seed', 0))
+        if int(state.get('batch_size', opts.batch)) != opts.batch:
+            raise click.UsageError(f'--batch={opts.batch}, but the training state {c.resume_state} was trained with '
+                                   f'--batch={state["batch_size"]}; resume with that batch so the run repeats exactly')
         del state
 
     # Seed: given, else the resumed run's (so the continuation is exact), else random (same on all ranks).
@@ -257,6 +290,8 @@ def launch(opts):
 
     # Run folder (rank 0 writes; every rank checks, so that all of them agree on an error).
     desc = opts.desc or f'gpus{world_size}-batch{opts.batch}-{opts.precision}'
+    if os.path.exists(opts.outdir) and not os.path.isdir(opts.outdir):
+        raise click.ClickException(f'--outdir: {opts.outdir} exists and is not a folder')
     if opts.nosubdir:
         run_dir = opts.outdir
         resuming_here = opts.resume is not None and \
@@ -264,10 +299,16 @@ def launch(opts):
         if holds_run(run_dir) and not resuming_here:
             raise click.ClickException(f'--nosubdir: {run_dir} already holds a training run; choose another --outdir, '
                                        f'or continue it in place with --resume={run_dir}')
-    else:
+    elif opts.dry_run:
         run_dir = next_run_dir(opts.outdir, f'{dataset_name}-{desc}')
-    if os.path.exists(opts.outdir) and not os.path.isdir(opts.outdir):
-        raise click.ClickException(f'--outdir: {opts.outdir} exists and is not a folder')
+    else:   # Reserved now by rank 0 (an atomic mkdir), then shared with the other ranks.
+        try:
+            run_dir = [make_run_dir(opts.outdir, f'{dataset_name}-{desc}') if distributed.get_rank() == 0 else None]
+        except OSError as err:
+            raise click.ClickException(f'--outdir: cannot create a run folder in {opts.outdir}: {err}') from None
+        if world_size > 1:
+            torch.distributed.broadcast_object_list(run_dir, src=0)
+        run_dir = run_dir[0]
     c.run_dir = run_dir
 
     # Print options.
@@ -291,6 +332,7 @@ def launch(opts):
     if distributed.get_rank() == 0:
         distributed.print0('Creating output directory...')
         os.makedirs(c.run_dir, exist_ok=True)
+        checkpoint.remove_stale_temps(c.run_dir)    # Left by a killed run of this folder.
         options_path = os.path.join(c.run_dir, 'training_options.json')
         if not os.path.exists(options_path):    # Resuming in place keeps the original options.
             checkpoint.save_atomic(json.dumps(c, indent=2).encode('utf-8'), options_path, mode='bytes')

@@ -15,7 +15,7 @@ distance of the guided results and of unguided samples of the same seeds.
 Example:
     python zscg.py --network=training-runs/00000-digits --guide=superres --images=0-3 --seeds=0-5
 
-SECURITY: network snapshots are pickles; loading one executes code. Trusted files only.
+SECURITY: --network loads without running code from the file (training/snapshot.py) unless --trust-pickle.
 """
 
 import math
@@ -49,9 +49,9 @@ def parse_int_list(text):
 
 # The EMA network of a snapshot pickle, URL or run folder (generate.py's loader), in eval mode. ZSCG
 # guides an unconditional network: a conditional one would need its condition at every call.
-def load_network(network, device):
+def load_network(network, device, trust_pickle=False):
     try:
-        _, net = generate.load_network(network, device)
+        _, net = generate.load_network(network, device, trust_pickle=trust_pickle)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     if getattr(net, 'condition', None) is not None:
@@ -141,11 +141,12 @@ def save_png(grid, path):
 @click.option('--topk', help='Choose uniformly among the N best instead (overrides --temperature)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--cell', help='Smallest cell side in pixels (nearest upscaling)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', default=None)
-def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperature, topk, cell, device):
+@click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
+def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperature, topk, cell, device, trust_pickle):
     """Zero-shot conditional generation figure: condition | guided results per seed | ground truth."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     indices, seeds = parse_int_list(images), parse_int_list(seeds)
-    net = load_network(network, device)
+    net = load_network(network, device, trust_pickle)
     res, C = net.img_resolution, net.img_channels
     dataset = open_dataset(data, resolution=res)
     if dataset.num_channels != C or dataset.resolution != res:
