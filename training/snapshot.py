@@ -315,8 +315,9 @@ def load_state(path):
     try:
         return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ''
-        raise UnsafeFileError(f'{path}: refusing to load: the file names code that a training state never holds '
-                              f'({first})') from None
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(err))
+        what = f'the global {found.group(1)}' if found else 'code'
+        raise UnsafeFileError(f'{path}: refusing to load: the file names {what}, which a training state never holds '
+                              '(a state has only tensors, state dicts and plain values)') from None
     except Exception as err:
         raise ValueError(f'Could not load training state {path}: {type(err).__name__}: {err} (truncated or corrupt?)') from None

@@ -1,0 +1,169 @@
+"""Training runs that stop and start again: SIGTERM / SIGUSR1 save a state and exit 0, a resumed run
+repeats the tick and snapshot schedule of the uninterrupted one, file names never collide, and two
+runs started together never share a run folder."""
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+import dnnlib
+import train
+from torch_utils import checkpoint
+from training import training_loop as tl
+
+TINY_NET = dict(img_resolution=8, img_channels=1, max_blockn=1, max_outputk=8, max_channels=8)
+
+def _loop_kwargs(run_dir, **overrides):
+    kwargs = dict(
+        run_dir=str(run_dir),
+        dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.DigitsDataset', resolution=8, max_size=200),
+        data_loader_kwargs=dnnlib.EasyDict(num_workers=0),
+        network_kwargs=dnnlib.EasyDict(class_name='training.networks.DDNGenerator', **TINY_NET),
+        loss_kwargs=dnnlib.EasyDict(class_name='training.loss.DDNLoss'),
+        optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=1e-2),
+        split_prune_kwargs=dnnlib.EasyDict(enabled=True, rule='tv'),
+        seed=3, batch_size=20, ema_halflife_kimg=0.1, lr_rampup_kimg=0,
+        kimg_per_tick=0.1, snapshot_ticks=2, state_dump_ticks=1, device='cpu',
+    )
+    kwargs.update(overrides)
+    os.makedirs(run_dir, exist_ok=True)
+    return kwargs
+
+def _ticks(run_dir):
+    return [(round(line['Progress/tick']['mean']), round(line['Progress/kimg']['mean'] * 1000))
+            for line in map(json.loads, open(os.path.join(run_dir, 'stats.jsonl')))]
+
+def _files(run_dir, prefix):
+    return sorted(name for name in os.listdir(run_dir) if name.startswith(prefix) and '.tmp-' not in name)
+
+# Ticks of 0.1 kimg: every snapshot and state keeps its own file (kimg 0.020, 0.120, ...); resuming
+# from the state of tick 2 repeats ticks 3.. exactly (numbers, kimg, and the snapshot schedule).
+def test_short_ticks_and_resume_repeat_the_schedule(tmp_path):
+    tl.training_loop(**_loop_kwargs(tmp_path / 'full', total_kimg=0.5))
+    full = _ticks(tmp_path / 'full')
+    assert full == [(0, 20), (1, 120), (2, 220), (3, 320), (4, 420), (5, 500)]
+    states = _files(tmp_path / 'full', 'training-state-')
+    assert len(states) == 5                                 # Ticks 1..5, none overwritten.
+    assert _files(tmp_path / 'full', 'network-snapshot-') == sorted(
+        f'network-snapshot-{tag}.{ext}' for tag in ('000000', '000000.220', '000000.420', '000000.500') for ext in ('pkl', 'safetensors'))
+    assert checkpoint.latest(str(tmp_path / 'full'), tl.STATE_PATTERN).endswith('training-state-000000.500.pt')
+
+    half = os.path.join(tmp_path / 'full', 'training-state-000000.220.pt')
+    tl.training_loop(**_loop_kwargs(tmp_path / 'resumed', total_kimg=0.5, resume_state=half))
+    assert _ticks(tmp_path / 'resumed') == full[3:]
+    assert _files(tmp_path / 'resumed', 'network-snapshot-') == sorted(
+        f'network-snapshot-000000.{n}.{ext}' for n in ('420', '500') for ext in ('pkl', 'safetensors'))
+    a = checkpoint.load(checkpoint.latest(str(tmp_path / 'full'), tl.STATE_PATTERN))
+    b = checkpoint.load(checkpoint.latest(str(tmp_path / 'resumed'), tl.STATE_PATTERN))
+    for name, value in a['net'].items():
+        assert torch.equal(value, b['net'][name]), name
+
+    # Another batch size would not repeat the run: refused.
+    with pytest.raises(ValueError, match='batch_size 20, not 40'):
+        tl.training_loop(**_loop_kwargs(tmp_path / 'other', total_kimg=0.5, resume_state=half, batch_size=40))
+
+# Many runs created at the same moment in one --outdir all get their own id and folder.
+def _make(outdir, barrier, queue):
+    barrier.wait()
+    queue.put(train.make_run_dir(outdir, 'digits-x'))
+
+def test_run_ids_unique_under_concurrency(tmp_path):
+    n = 8
+    ctx = multiprocessing.get_context('fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn')
+    barrier, queue = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_make, args=(str(tmp_path), barrier, queue)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    dirs = [queue.get(timeout=60) for _ in range(n)]
+    for p in procs:
+        p.join(timeout=60)
+    assert len(set(dirs)) == n
+    assert sorted(os.path.basename(d)[:5] for d in dirs) == [f'{i:05d}' for i in range(n)]
+
+# ----------------------------------------------------------------------------
+# Preemption: a signal to one rank of a 2-process run stops both after the same step, with a state;
+# the resumed run ends with the parameters of an uninterrupted one.
+
+COMMON = ['--batch=16', '--chain-dropout=0', '--tick=0.08', '--snap=100', '--dump=100', '--lr-rampup=0',
+          '--max-channels=8', '--max-blockn=1', '--max-outputk=8', '--seed=5', '--workers=0', '--ema=0.0005', '--duration=0.0012']
+
+def _torchrun(args):
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', train.__file__, *args]
+
+@pytest.fixture
+def env(subprocess_env):
+    return dict(subprocess_env, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+
+def test_signal_saves_state_and_resume_matches(tmp_path, env):
+    # The uninterrupted run.
+    proc = subprocess.run(_torchrun([f'--outdir={tmp_path / "full"}', *COMMON]), env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    full_dir = tmp_path / 'full' / os.listdir(tmp_path / 'full')[0]
+
+    # The same run, sent SIGUSR1 (to rank 1 only) once its second tick line is in the log.
+    outdir = tmp_path / 'stopped'
+    proc = subprocess.Popen(_torchrun([f'--outdir={outdir}', *COMMON]), env=env, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be signalled'
+            logs = [os.path.join(outdir, d, 'log.txt') for d in os.listdir(outdir)] if outdir.exists() else []
+            if logs and os.path.exists(logs[0]) and open(logs[0]).read().count('\ntick ') >= 1:
+                break
+            time.sleep(0.02)
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+        workers[-1].send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert 'Stopped by SIGUSR1 at kimg' in output and '--resume=' in output, output
+    run_dir = outdir / os.listdir(outdir)[0]
+    state = checkpoint.load(checkpoint.latest(str(run_dir), tl.STATE_PATTERN))
+    assert 0 < state['cur_nimg'] < 1200
+
+    # Resume from the run folder to the same duration: the same parameters as the uninterrupted run.
+    proc = subprocess.run(_torchrun([f'--outdir={outdir}', f'--resume={run_dir}', *COMMON]), env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    resumed_dir = outdir / sorted(os.listdir(outdir))[-1]
+    a = checkpoint.load(checkpoint.latest(str(full_dir), tl.STATE_PATTERN))
+    b = checkpoint.load(checkpoint.latest(str(resumed_dir), tl.STATE_PATTERN))
+    assert a['cur_nimg'] == b['cur_nimg'] == 1200
+    for key in ('net', 'ema'):
+        for name, value in (a[key] or {}).items():
+            torch.testing.assert_close(b[key][name], value, rtol=0, atol=0, msg=f'{key}.{name}')
+    # And the same ticks: those before the stop, then the rest.
+    assert [t for t in _ticks(full_dir) if t[1] > state['cur_nimg']] == _ticks(resumed_dir)
+
+# One process, SIGTERM: exit 0 with the resume line.
+def test_sigterm_single_process(tmp_path, env):
+    outdir = tmp_path / 'run'
+    args = [f'--outdir={outdir}', '--nosubdir', *[a for a in COMMON if not a.startswith('--duration')], '--duration=1']
+    proc = subprocess.Popen([sys.executable, train.__file__, *args], env=env, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (outdir / 'stats.jsonl').exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert 'Stopped by SIGTERM' in output and f'--resume={outdir}' in output
+    assert checkpoint.latest(str(outdir), tl.STATE_PATTERN) is not None
