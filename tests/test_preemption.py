@@ -75,7 +75,14 @@ def _make(outdir, barrier, queue):
     barrier.wait()
     queue.put(train.make_run_dir(outdir, 'digits-x'))
 
-def test_run_ids_unique_under_concurrency(tmp_path):
+def test_run_ids_unique_under_concurrency(tmp_path, monkeypatch):
+    # Widen the window between choosing the id and creating the folder, as a busy machine does.
+    choose = train.next_run_dir
+    def slow_next_run_dir(outdir, desc):
+        run_dir = choose(outdir, desc)
+        time.sleep(0.2)
+        return run_dir
+    monkeypatch.setattr(train, 'next_run_dir', slow_next_run_dir)
     n = 8
     ctx = multiprocessing.get_context('fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn')
     barrier, queue = ctx.Barrier(n), ctx.Queue()
