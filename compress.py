@@ -123,6 +123,8 @@ def main():
 @click.option('--out',          help='Output codes file', metavar='BIN', required=True)
 def encode(network, data, max_images, out, batch, device, trust_pickle):
     """Encode dataset images to packed latents; report bits/image and PSNR."""
+    if os.path.isdir(out):
+        raise click.BadParameter(f'{out} is a folder; give a file name', param_hint='--out')
     device = _device(device)
     path, net = _load(network, device, trust_pickle)
     dataset = _open_dataset(data, net)
@@ -142,7 +144,7 @@ def encode(network, data, max_images, out, batch, device, trust_pickle):
 
 @main.command()
 @_network_options
-@click.option('--codes',        help='Codes file written by `encode`', metavar='BIN', required=True)
+@click.option('--codes',        help='Codes file written by `encode`', metavar='BIN', type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option('--outdir',       help='Where to write the decoded images', metavar='DIR', required=True)
 @click.option('--data',         help='Also report the PSNR against these originals (the encoded dataset)', metavar='ZIP|DIR', default=None)
 def decode(network, codes, outdir, data, batch, device, trust_pickle):

@@ -12,6 +12,7 @@ file (training/snapshot.py). SIGTERM or SIGUSR1 stops a run after the current st
 import json
 import os
 import re
+import shutil
 
 try:
     import fcntl
@@ -89,6 +90,11 @@ def make_run_dir(outdir, desc):
 def holds_run(path):
     return os.path.isfile(os.path.join(path, 'training_options.json')) or \
         checkpoint.latest(path, training_loop.STATE_PATTERN) is not None or \
+        checkpoint.latest(path, training_loop.SNAPSHOT_PATTERN) is not None
+
+# True if a run folder holds a snapshot or a training state.
+def holds_saved_work(path):
+    return checkpoint.latest(path, training_loop.STATE_PATTERN) is not None or \
         checkpoint.latest(path, training_loop.SNAPSHOT_PATTERN) is not None
 
 # --resume FILE or RUNDIR -> the training state file (a folder gives its newest state).
@@ -341,6 +347,14 @@ def launch(opts):
         logger = None
     try:
         training_loop.training_loop(**c)
+    except dataset_module.DatasetError as err:     # A bad image met during training: name it, no traceback.
+        message = str(err).strip().splitlines()[-1]
+        if logger is not None:
+            logger.close()
+            logger = None
+            if not opts.nosubdir and not holds_saved_work(c.run_dir):
+                shutil.rmtree(c.run_dir, ignore_errors=True)    # Nothing worth keeping was written.
+        raise click.ClickException(f'--data: {message.removeprefix("training.dataset.DatasetError: ")}') from None
     finally:
         if logger is not None:
             logger.close()

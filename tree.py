@@ -26,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from generate import load_network, to_uint8
+from zscg import check_png_out
 
 # Level colours: the root's children's grid border, then one per level.
 LEVEL_COLOURS = [(230, 25, 75), (245, 130, 48), (60, 180, 75), (0, 130, 200), (145, 30, 180), (240, 50, 230), (128, 128, 0)]
@@ -142,6 +143,7 @@ def main(network, levels, out, cell, device, trust_pickle):
     \b
     python tree.py --network training-runs/00000-digits --levels 3 --out tree.png
     """
+    check_png_out(out)
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
     try:
         path, net = load_network(network, device, trust_pickle)

@@ -119,6 +119,18 @@ def layout(rows, cell_min):
             grid[:, y:y + cell, x:x + cell] = image.repeat(scale, axis=1).repeat(scale, axis=2)
     return grid
 
+# --out must name a PNG file in a writable place; checked before any work.
+def check_png_out(out):
+    if os.path.isdir(out):
+        raise click.BadParameter(f'{out} is a folder; give a file name ending in .png', param_hint='--out')
+    if os.path.splitext(out)[1].lower() != '.png':
+        raise click.BadParameter(f'{out}: the output is a PNG; give a name ending in .png', param_hint='--out')
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise click.BadParameter(f'{out}: no permission to write in {parent}', param_hint='--out')
+
 def save_png(grid, path):
     image = PIL.Image.fromarray(grid[0], 'L') if grid.shape[0] == 1 else PIL.Image.fromarray(grid.transpose(1, 2, 0), 'RGB')
     if os.path.dirname(path):
@@ -144,7 +156,11 @@ def save_png(grid, path):
 @click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
 def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperature, topk, cell, device, trust_pickle):
     """Zero-shot conditional generation figure: condition | guided results per seed | ground truth."""
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    check_png_out(out)
+    try:
+        device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise click.BadParameter(f'{device!r} is not a device (expected e.g. cpu, cuda, cuda:1)', param_hint='--device') from None
     indices, seeds = parse_int_list(images), parse_int_list(seeds)
     net = load_network(network, device, trust_pickle)
     res, C = net.img_resolution, net.img_channels

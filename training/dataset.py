@@ -56,6 +56,11 @@ def to_uint8_array(image, what='image'):
 # ----------------------------------------------------------------------------
 # Base class: subset (max_size), mirroring (xflip), labels and caching on top of raw images.
 
+# An image of the dataset cannot be read (raised while training, possibly in a DataLoader worker,
+# which re-raises it in the main process with the same type and message).
+class DatasetError(ValueError):
+    pass
+
 class Dataset(torch.utils.data.Dataset):
     def __init__(self,
         name,                       # Dataset name, used in run folder names.
@@ -128,7 +133,7 @@ class Dataset(torch.utils.data.Dataset):
             try:
                 image = self._load_raw_image(raw_idx)
             except (OSError, ValueError, SyntaxError) as err:     # Truncated or corrupt files, in a worker too.
-                raise ValueError(f'{self._describe_raw_image(raw_idx)}: cannot decode: {err}') from None
+                raise DatasetError(f'{self._describe_raw_image(raw_idx)}: cannot decode: {err}') from None
             if image.dtype != np.uint8 or list(image.shape) != self.image_shape:
                 raise ValueError(f'{self._describe_raw_image(raw_idx)} has shape {list(image.shape)} (dtype {image.dtype}); '
                                  f'expected {self.image_shape} (uint8) like the rest of the dataset')
