@@ -159,7 +159,7 @@ def resolve_resume(path):
 @option(IO, '--snap',            help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50)
 @option(IO, '--dump',            help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500)
 @option(IO, '--seed',            help='Random seed  [default: random, or the resumed state\'s]', metavar='INT', type=click.IntRange(min=0))
-@option(IO, '--transfer',        help='Initialise the weights from a network snapshot', metavar='PKL', type=str)
+@option(IO, '--transfer',        help='Initialise the weights from a network snapshot (.safetensors, .pkl or a run folder\'s newest)', metavar='FILE|DIR', type=str)
 @option(IO, '--resume',          help='Resume from a training state, or a run folder\'s latest', metavar='PT|DIR', type=str)
 @option(IO, '--trust-pickle',    help='Let --transfer load a pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
 @option(IO, '-n', '--dry-run',   help='Print training options and exit', is_flag=True)

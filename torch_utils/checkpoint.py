@@ -5,7 +5,9 @@ A run folder holds `training-state-NNNNNN.pt` (state dicts for resume, `torch.sa
 while writing must never leave a truncated file under one of those names, or a resume would pick it
 up: `save_atomic` writes a temporary file in the same folder, fsyncs it and renames it into place.
 
-SECURITY: both formats are pickles; loading one can execute code. Load only files you trust.
+SECURITY: both formats are pickles; `load` here unpickles fully and can execute code: trusted files
+only. Files from elsewhere go through training/snapshot.py (`load_state`: weights_only; `load_network`:
+restricted unpickler or safetensors).
 """
 
 import os
