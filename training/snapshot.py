@@ -19,6 +19,7 @@ one place that tells the formats apart; another pickle layout (the author's rele
 plugs in through `PICKLE_FORMATS`.
 """
 
+import importlib
 import io
 import json
 import os
@@ -145,6 +146,9 @@ def _checked_reconstruct(source):
     def reconstruct(meta):
         if not isinstance(meta, dict):
             raise UnsafeFileError(f'{source}: malformed persistent object ({type(meta).__name__})')
+        if 'module_src' in meta:    # EDM's persistence carries the class's source code, to be exec'd.
+            raise UnsafeFileError(f'{source}: an EDM-style pickle that carries source code to run (class {meta.get("class_name")!r}), '
+                                  'not a ddn snapshot')
         network_class(f'{meta.get("module_name")}.{meta.get("class_name")}', source)  # Refuses anything else.
         return persistence._reconstruct_persistent_obj(meta)
     return reconstruct
@@ -157,7 +161,7 @@ def _ddn_allowed(source):
         ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
     }
 
-def _is_ddn_pickle(globals_found):
+def _is_ddn_pickle(data, globals_found):
     return ('torch_utils.persistence', '_reconstruct_persistent_obj') in globals_found
 
 def _load_ddn_pickle(data, source):
@@ -165,11 +169,23 @@ def _load_ddn_pickle(data, source):
 
 class PickleFormat(NamedTuple):
     name:   str                                 # Shown in messages.
-    detect: Callable                            # [(module, name), ...] globals of the pickle -> bool.
+    detect: Callable                            # (bytes, [(module, name), ...] globals of the pickle) -> bool.
     load:   Callable                            # (bytes, source) -> network, or a dict with 'ema'; no code runs.
 
-# Pickle layouts we can read without trusting the file, tried in order. The author's released
-# networks (training/author.py) plug in here.
+# The author's released networks (EDM persistence pickles naming `sddn` classes; training/author.py,
+# read without running their code), where that module exists. They name the same persistence hook
+# as ours, so they are tried first.
+def _author_formats():
+    try:
+        author = importlib.import_module('training.author')
+    except ModuleNotFoundError as err:
+        if err.name != 'training.author':
+            raise
+        return []
+    return [PickleFormat("the author's DDN snapshot", lambda data, found: author.is_author_pickle(data),
+                         lambda data, source: author.load_author_pickle(data, source=source))]
+
+# Pickle layouts we can read without trusting the file, tried in order after the author's.
 PICKLE_FORMATS = [PickleFormat('ddn snapshot', _is_ddn_pickle, _load_ddn_pickle)]
 
 # ----------------------------------------------------------------------------
@@ -188,8 +204,8 @@ def file_format(data):
             found = safe_pickle.globals_of(data)
         except Exception:       # Truncated or not a pickle after all.
             return 'unknown'
-        for fmt in PICKLE_FORMATS:
-            if fmt.detect(found):
+        for fmt in [*_author_formats(), *PICKLE_FORMATS]:
+            if fmt.detect(data, found):
                 return fmt
         return 'pickle'
     return 'unknown'
