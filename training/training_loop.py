@@ -107,14 +107,13 @@ def load_transfer_network(path, trust_pickle=False):
     return snapshot_io.load_network(path, 'cpu', trust_pickle=trust_pickle)[1]
 
 # Name tag of the files written at `cur_nimg`: kimg as 6 digits (EDM's names), or kimg with three
-# decimals when a snapshot or state of this run already has that kimg (ticks shorter than 1 kimg,
-# a short last tick), so that no file ever replaces an earlier one of another point in training.
-def file_tag(run_dir, cur_nimg):
-    tag = f'{cur_nimg // 1000:06d}'
-    taken = [pattern.replace('*', tag) for pattern in (STATE_PATTERN, SNAPSHOT_PATTERN, SAFE_SNAPSHOT_PATTERN)]
-    if any(os.path.exists(os.path.join(run_dir, name)) for name in taken):
-        tag = f'{cur_nimg // 1000:06d}.{cur_nimg % 1000:03d}'
-    return tag
+# decimals when the run's previous files had the same kimg (`last_kimg`; ticks shorter than 1 kimg,
+# a short last tick), so that no file replaces one of another point in training. The rule depends
+# only on the schedule (a resumed run names its files as the uninterrupted one does).
+def file_tag(cur_nimg, last_kimg):
+    if cur_nimg // 1000 != last_kimg:
+        return f'{cur_nimg // 1000:06d}'
+    return f'{cur_nimg // 1000:06d}.{cur_nimg % 1000:03d}'
 
 # SIGTERM / SIGUSR1 -> a flag read after every step; all ranks stop after the same step.
 class _StopRequest:
@@ -437,6 +436,7 @@ def training_loop(
         cur_nimg = int(state['cur_nimg'])
         cur_tick = int(state.get('next_tick', int(state['cur_tick']) + 1))
         resume_tick_start = int(state.get('tick_start_nimg', cur_nimg))
+        last_tag_kimg = int(state.get('last_tag_kimg', cur_nimg // 1000))
         del state
     base_lr = optimizer.defaults['lr']
 
@@ -457,7 +457,9 @@ def training_loop(
         return
     stats_path = os.path.join(run_dir, 'stats.jsonl') if rank == 0 else None
     tick_start_nimg, tick_start_time = cur_nimg, time.time()
-    if resume_state is not None:
+    if resume_state is None:
+        last_tag_kimg = -1                  # kimg of the newest file name of this run (see file_tag).
+    else:
         tick_start_nimg = resume_tick_start
     maintenance_time = tick_start_time - start_time
     prev_splits = node_usage_summary(net)['splits']
@@ -474,6 +476,7 @@ def training_loop(
             scaler=step_fn.scaler.state_dict() if step_fn.scaler.is_enabled() else None,
             rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if device.type == 'cuda' else None),
             cur_nimg=cur_nimg, cur_tick=next_tick - 1, next_tick=next_tick, tick_start_nimg=tick_start_nimg,
+            last_tag_kimg=last_tag_kimg,
             seed=seed, batch_size=batch_size,
             config=dict(network_kwargs=dict(network_kwargs), dataset=dataset_info),
             config_hash=config_hash(network_kwargs, dataset_info),
@@ -502,7 +505,8 @@ def training_loop(
         # A stop signal: save where we are (the tick in progress continues on resume) and leave.
         if not done and stop.requested():
             progress.close()
-            path = write_state(file_tag(run_dir, cur_nimg), cur_tick) if rank == 0 else None
+            tag, last_tag_kimg = file_tag(cur_nimg, last_tag_kimg), cur_nimg // 1000
+            path = write_state(tag, cur_tick) if rank == 0 else None
             distributed.print0(f'Stopped by {signal.Signals(stop.signum).name} at kimg {cur_nimg / 1e3:.3f}: training state saved to {path}')
             distributed.print0(f'To continue, run the same command with --resume={run_dir}')
             stop.restore()
@@ -556,10 +560,14 @@ def training_loop(
             fields.append(f'gpumem {mean("Resources/peak_gpu_mem_gb"):<5.2f}')
         distributed.print0('  '.join(fields))
         prev_splits = usage['splits']
-        kimg_tag = file_tag(run_dir, cur_nimg) if rank == 0 else None
+        write_snapshot = snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0)
+        write_dump = state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0
+        kimg_tag = file_tag(cur_nimg, last_tag_kimg)
+        if write_snapshot or write_dump:
+            last_tag_kimg = cur_nimg // 1000
 
         # Snapshot: EMA network pickle (+ sample grid and node-usage plot).
-        if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
+        if write_snapshot:
             snapshot = copy.deepcopy(ema).eval().requires_grad_(False)
             misc.check_ddp_consistency(net)
             misc.check_ddp_consistency(snapshot)
@@ -576,7 +584,7 @@ def training_loop(
             del snapshot
 
         # Training state for exact resume.
-        if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0 and rank == 0:
+        if write_dump and rank == 0:
             tick_start_nimg = cur_nimg      # The next tick starts here.
             write_state(kimg_tag, cur_tick + 1)
 
