@@ -85,6 +85,13 @@ def adapt(command, set_=None, add=(), placeholders=None):
     assert not missing, f'README command {command!r} has no {sorted(missing)}'
     return [sys.executable, script, *out, *add], env
 
+# Commands that do not depend on each other, two at a time (the suite runs on 2 cores; most of a
+# command's time is starting Python and importing torch). Each job: (command, keyword arguments).
+def run_all(work, jobs):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda job: run(work, job[0], **job[1]), jobs))
+
 def run(work, command, set_=None, add=(), placeholders=None, ok=True):
     argv, extra_env = adapt(command, set_, add, placeholders)
     env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', DDN_CACHE_DIR=str(work / '.cache'), PYTHONPATH=REPO)
@@ -209,16 +216,16 @@ def test_first_command_run_folder(work):
 # generate -> fid ref -> fid calc, generate --fid-ref, decode latents, reconstruct.
 def test_generation_and_evaluation(work):
     RUN = _cifar_run(work)
-    run(work, readme('generate.py --network training-runs/00000-cifar10-32x32-...'),
-        set_={'--network': RUN, '--seeds': '0-19', '--batch': '8'})
+    run_all(work, [(readme('generate.py --network training-runs/00000-cifar10-32x32-...'),
+                    dict(set_={'--network': RUN, '--seeds': '0-19', '--batch': '8'})),
+                   (readme('fid.py ref --data datasets/cifar10-32x32.zip'), dict(add=DETECTOR))])
     assert (work / 'out' / 'cifar10' / 'grid.png').exists() and (work / 'out' / 'cifar10' / 'latents.npz').exists()
-    run(work, readme('fid.py ref --data datasets/cifar10-32x32.zip'), add=DETECTOR)
-    proc = run(work, readme('fid.py calc --images out/cifar10'), set_={'-n': '20'}, add=DETECTOR)
+    proc, scored = run_all(work, [
+        (readme('fid.py calc --images out/cifar10'), dict(set_={'-n': '20'}, add=DETECTOR)),
+        (readme('--fid-ref refs/cifar10-32x32.npz'), dict(set_={'--seeds': '0-19'}, add=DETECTOR, placeholders={'RUN': RUN}))])
     fid_line = [line for line in proc.stdout.splitlines() if line.startswith('fid=')]
     assert fid_line and np.isfinite(float(fid_line[0].split('=')[1])), proc.stdout
-    proc = run(work, readme('--fid-ref refs/cifar10-32x32.npz'), set_={'--seeds': '0-19'}, add=DETECTOR,
-               placeholders={'RUN': RUN})
-    assert any(line.startswith('fid=') for line in proc.stdout.splitlines()), proc.stdout
+    assert any(line.startswith('fid=') for line in scored.stdout.splitlines()), scored.stdout
     # The same seeds give the same latents in one go (another --batch); images agree to one level
     # (the 1-level differences across batch sizes are a known open issue of the RGB nets).
     assert np.array_equal(np.load(work / 'out' / 'cifar10-scored' / 'latents.npz')['codes'],
@@ -226,26 +233,27 @@ def test_generation_and_evaluation(work):
     first = _images(work / 'out' / 'cifar10')
     for name, image in _images(work / 'out' / 'cifar10-scored').items():
         assert np.abs(image.astype(int) - first[f'000000/{name}']).max() <= 1, name
-    # Decode the saved latents: the very images.
-    run(work, readme('--outdir out/decoded --codes out/cifar10/latents.npz'), placeholders={'RUN': RUN})
+    # Decode the saved latents: the very images; and reconstruct dataset images.
+    _, proc = run_all(work, [(readme('--outdir out/decoded --codes out/cifar10/latents.npz'), dict(placeholders={'RUN': RUN})),
+                             (readme('--outdir out/recon --reconstruct datasets/cifar10-32x32.zip'),
+                              dict(set_={'--max-images': '8'}, placeholders={'RUN': RUN}))])
     decoded = _images(work / 'out' / 'decoded')
     assert len(decoded) == 20
     for name, image in decoded.items():
         assert np.abs(image.astype(int) - first[f'000000/{name}']).max() <= 1, name
-    proc = run(work, readme('--outdir out/recon --reconstruct datasets/cifar10-32x32.zip'), set_={'--max-images': '8'},
-               placeholders={'RUN': RUN})
     assert 'psnr=' in proc.stdout and len(_images(work / 'out' / 'recon')) == 8
 
 # Zero-shot conditional generation: every guide of the README (clip only if a CLIP package is installed).
 def test_guided_generation(work):
     RUN = _cifar_run(work)
-    for fragment, outdir in [('--outdir out/sr', 'sr'), ('--outdir out/fill', 'fill'), ('--outdir out/bw', 'bw'),
-                             ('--outdir out/cls', 'cls'), ('--outdir out/style', 'style')]:
-        seeds = {'--seeds': '0-3'} if '--seeds' in readme(fragment) else {}
-        proc = run(work, readme(fragment), set_=seeds, placeholders={'RUN': RUN})
+    guides = ['sr', 'fill', 'bw', 'cls', 'style', 'txt']
+    jobs = [(readme(f'--outdir out/{name}'), dict(set_={'--seeds': '0-3'} if '--seeds' in readme(f'--outdir out/{name}') else {},
+                                                   placeholders={'RUN': RUN}, ok=name != 'txt')) for name in guides]
+    procs = run_all(work, jobs)
+    for name, proc in zip(guides[:-1], procs[:-1]):
         assert 'guide_distance=' in proc.stdout, proc.stdout
-        assert len(_images(work / 'out' / outdir)) >= 4
-    proc = run(work, readme('--outdir out/txt'), placeholders={'RUN': RUN}, ok=False)
+        assert len(_images(work / 'out' / name)) >= 4
+    proc = procs[-1]
     try:
         import open_clip  # noqa: F401
         assert proc.returncode == 0, proc.stderr
@@ -254,12 +262,12 @@ def test_guided_generation(work):
 
 # The paper's experiments: ZSCG figure, latent tree, compression with Taiji-DDN.
 def test_experiments(work):
-    proc = run(work, readme('python zscg.py'), set_={'--seeds': '0-2', '--images': '0-1'},
-               placeholders={'RUN': 'training-runs/00001-digits-tree'})
-    assert os.path.exists(work / 'zscg.png') and 'guided vs' in proc.stdout
-    run(work, readme('python tree.py'))
+    zscg, _, proc = run_all(work, [
+        (readme('python zscg.py'), dict(set_={'--seeds': '0-2', '--images': '0-1'}, placeholders={'RUN': 'training-runs/00001-digits-tree'})),
+        (readme('python tree.py'), {}),
+        (readme('compress.py encode'), dict(set_={'--max-images': '8'}))])
+    assert os.path.exists(work / 'zscg.png') and 'guided vs' in zscg.stdout
     assert PIL.Image.open(work / 'tree.png').size[0] > 0
-    proc = run(work, readme('compress.py encode'), set_={'--max-images': '8'})
     assert 'bits_per_image=' in proc.stdout
     run(work, readme('compress.py decode'))
     assert len(_images(work / 'decoded')) == 8

@@ -194,7 +194,11 @@ def main():
     # Preemption.
     proc = subprocess.Popen([sys.executable, P('train.py'), '--outdir=r6', '--duration=1', '--tick=0.1', *TINY], cwd=W, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(15)
+    seen = ''
+    while not seen.startswith('tick '):       # Training has started.
+        seen = proc.stdout.readline()
+        assert seen or proc.poll() is None, 'the run ended'
+    time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     ok = proc.returncode == 0 and 'To continue' in out
