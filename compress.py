@@ -105,7 +105,7 @@ def _network_options(fn):
     fn = click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)(fn)
     fn = click.option('--device', help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)(fn)
     fn = click.option('--batch', help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)(fn)
-    return click.option('--network', help='Network snapshot pickle or run folder (latest snapshot)', metavar='PKL|DIR', required=True)(fn)
+    return click.option('--network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (latest snapshot)', metavar='FILE|URL|DIR', required=True)(fn)
 
 @click.group()
 def main():

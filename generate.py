@@ -570,7 +570,7 @@ def _print_metrics(results):
 _FILE = click.Path(exists=True, dir_okay=False)
 
 @click.command(context_settings=dict(show_default=True))
-@click.option('--network', 'network', help='Network snapshot pickle, URL, or run folder (its latest snapshot)', metavar='PKL|URL|DIR', required=True)
+@click.option('--network', 'network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (its latest snapshot)', metavar='FILE|URL|DIR', required=True)
 @click.option('--outdir', help='Where to save the images, latents and metrics', metavar='DIR', type=str, required=True)
 @click.option('--seeds', help='Random seeds, e.g. 0-49999 or 1,5,9-12  [default: 0-63]', metavar='LIST', callback=_seeds_option, default=None)
 @click.option('--subdirs', help='Create a subfolder for every 1000 seeds', is_flag=True)

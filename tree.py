@@ -131,7 +131,7 @@ def render_tree(images, mean, ks, cell):
 # ----------------------------------------------------------------------------
 
 @click.command()
-@click.option('--network',  help='Network snapshot pickle or run folder (latest snapshot)', metavar='PKL|DIR', required=True)
+@click.option('--network',  help='Network snapshot (.safetensors or .pkl), URL, or run folder (latest snapshot)', metavar='FILE|URL|DIR', required=True)
 @click.option('--levels',   help='Levels (layers) of the tree to draw', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--out',      help='Output PNG', metavar='PNG', default='tree.png', show_default=True)
 @click.option('--cell',     help='Side of a leaf cell in pixels  [default: output resolution + padding, >= 24]', metavar='INT', type=click.IntRange(min=4), default=None)

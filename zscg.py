@@ -140,7 +140,7 @@ def save_png(grid, path):
 # ----------------------------------------------------------------------------
 
 @click.command()
-@click.option('--network', help='Network snapshot pickle, URL, or run folder (its latest snapshot)', metavar='PKL|URL|DIR', required=True)
+@click.option('--network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (its latest snapshot)', metavar='FILE|URL|DIR', required=True)
 @click.option('--data', help='Dataset of the ground-truth images: folder, zip, or "digits"', metavar='PATH|digits', default='digits', show_default=True)
 @click.option('--guide', 'task', help='Task: how the condition is made from each image', type=click.Choice(TASKS), default='superres', show_default=True)
 @click.option('--images', help='Indices of the dataset images, one row each', metavar='LIST', default='0-3', show_default=True)
