@@ -356,7 +356,10 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
         out_w, out_h = (resolution[0], resolution[0]) if transform == 'center-crop-wide' else resolution
         if out_w != out_h or out_w & (out_w - 1):
             raise click.ClickException(f'Output images would be {out_w}x{out_h}; they must be square with a power-of-two side')
-    writer = DatasetWriter(dest, source=source, force=force)
+    try:
+        writer = DatasetWriter(dest, source=source, force=force)
+    except OSError as err:      # A read-only or missing parent folder, a full disk.
+        raise click.ClickException(f'--dest {dest}: cannot write there: {err}') from None
     try:
         num_images, images = open_source(source, max_images)
         if num_images == 0:
