@@ -20,6 +20,7 @@ reference DDN code), lr ramped up linearly over `lr_rampup_kimg` (EDM's 10 Mimg 
 """
 
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -119,13 +120,12 @@ def file_tag(cur_nimg, last_kimg):
 class _StopRequest:
     def __init__(self):
         self.signum = None
-        self.previous = {}
         self.group = None
         if distributed.get_world_size() > 1:    # A CPU collective: no device sync per step, even with NCCL.
             self.group = torch.distributed.new_group(backend='gloo')
         for sig in STOP_SIGNALS:
             try:
-                self.previous[sig] = signal.signal(sig, self._handle)
+                signal.signal(sig, self._handle)
             except ValueError:                  # Not the main thread: no handlers, never stops early.
                 pass
 
@@ -142,10 +142,20 @@ class _StopRequest:
             self.signum = flag or None
         return bool(flag)
 
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
+# training_loop leaves the handlers of STOP_SIGNALS as it found them, also when it raises.
+def _restores_stop_handlers(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for sig, handler in saved.items():
+                try:
+                    signal.signal(sig, handler)
+                except (ValueError, TypeError):     # Not the main thread, or a handler set from C.
+                    pass
+    return wrapper
 
 # Copy the weights of a snapshot network into `net` (same architecture required) and forget
 # its node statistics: they describe another run's data.
@@ -326,6 +336,7 @@ def node_usage_summary(net):
 
 # ----------------------------------------------------------------------------
 
+@_restores_stop_handlers
 def training_loop(
     run_dir             = '.',      # Output directory (used by rank 0 only).
     dataset_kwargs      = {},       # Options of the training set (class_name, ...).
@@ -509,7 +520,6 @@ def training_loop(
             path = write_state(tag, cur_tick) if rank == 0 else None
             distributed.print0(f'Stopped by {signal.Signals(stop.signum).name} at kimg {cur_nimg / 1e3:.3f}: training state saved to {path}')
             distributed.print0(f'To continue, run the same command with --resume={run_dir}')
-            stop.restore()
             return
 
         # Maintenance once per tick (the first tick is a single step, for quick feedback).
@@ -601,7 +611,6 @@ def training_loop(
             break
         progress.start(round(kimg_per_tick * 1000))
 
-    stop.restore()
     misc.check_ddp_consistency(net)
     if world_size > 1:
         distributed.print0(f'Parameters and buffers identical on all {world_size} processes.')
