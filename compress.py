@@ -27,38 +27,45 @@ import tqdm
 
 from generate import load_network, to_float, to_pil, to_uint8
 from training.dataset import open_dataset
+from training.snapshot import fingerprint
 from training.latent import bits_per_image, latent_bits, pack_codes, packed_size, unpack_codes
 
 MAGIC = b'DDNZ'
-VERSION = 1
+VERSION = 2     # 2 adds the 8-byte fingerprint of the network (training.snapshot.fingerprint); 1 is still read.
 
 # ----------------------------------------------------------------------------
 # The codes file.
 
-def write_codes_file(path, codes, ks):
+def write_codes_file(path, codes, ks, network=None):
     codes = np.asarray(codes, dtype=np.int64)
     payload = pack_codes(codes, ks)
-    header = MAGIC + struct.pack('<BII', VERSION, codes.shape[0], len(ks)) + struct.pack(f'<{len(ks)}I', *ks)
+    version = 1 if network is None else VERSION
+    header = MAGIC + struct.pack('<BII', version, codes.shape[0], len(ks)) + struct.pack(f'<{len(ks)}I', *ks)
+    if network is not None:
+        header += bytes.fromhex(network)[:8].ljust(8, b'\0')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, 'wb') as f:
         f.write(header)
         f.write(payload.tobytes())
     return len(header), payload.size
 
-# (codes (N, L), ks) of a codes file.
-def read_codes_file(path):
+# (codes (N, L), ks) of a codes file; with `with_network` also the fingerprint of the network that
+# wrote it (None for version 1 files).
+def read_codes_file(path, with_network=False):
     with open(path, 'rb') as f:
         data = f.read()
     if data[:4] != MAGIC or len(data) < 13:
         raise click.ClickException(f'{path} is not a DDN codes file (written by `compress.py encode`)')
     version, num, L = struct.unpack_from('<BII', data, 4)
-    if version != VERSION:
-        raise click.ClickException(f'{path}: codes file version {version}, this script reads version {VERSION}')
-    start = 13 + 4 * L
+    if version not in (1, VERSION):
+        raise click.ClickException(f'{path}: codes file version {version}, this script reads versions 1 and {VERSION}')
+    start = 13 + 4 * L + (8 if version >= 2 else 0)
     ks = list(struct.unpack_from(f'<{L}I', data, 13))
+    network = data[13 + 4 * L:start].hex() if version >= 2 else None
     if len(data) - start != packed_size(ks, num):
         raise click.ClickException(f'{path}: {len(data) - start} bytes of codes, expected {packed_size(ks, num)} for {num} images')
-    return unpack_codes(data[start:], ks, num), ks
+    codes = unpack_codes(data[start:], ks, num)
+    return (codes, ks, network) if with_network else (codes, ks)
 
 # PSNR (dB) of each uint8 image pair (B, C, H, W), in float64; inf for identical images.
 def psnr(a, b):
@@ -135,7 +142,7 @@ def encode(network, data, max_images, out, batch, device, trust_pickle):
         all_codes.append(codes.cpu())
         values.append(psnr(to_uint8(recon).cpu(), images))
     codes = torch.cat(all_codes).numpy()
-    header, payload = write_codes_file(out, codes, net.ks)
+    header, payload = write_codes_file(out, codes, net.ks, network=fingerprint(net))
     click.echo(f'Network: {path} (L={net.num_layers}, K per layer {_describe_ks(net.ks)})')
     click.echo(f'Encoded {num} images to {out}: {payload} bytes of codes + {header} bytes of header')
     click.echo(f'bits_per_image={bits_per_image(net.ks)} (information {latent_bits(net.ks):.2f}; '
@@ -151,9 +158,12 @@ def decode(network, codes, outdir, data, batch, device, trust_pickle):
     """Decode a codes file to images {index:06d}.png."""
     device = _device(device)
     path, net = _load(network, device, trust_pickle)
-    all_codes, ks = read_codes_file(codes)
+    all_codes, ks, made_by = read_codes_file(codes, with_network=True)
     if list(ks) != list(net.ks):
         raise click.ClickException(f'{codes} was written for K per layer {_describe_ks(ks)}, but {path} has {_describe_ks(net.ks)}')
+    if made_by is not None and made_by != fingerprint(net):
+        click.echo(f'WARNING: {codes} was written by another network (fingerprint {made_by}, {path} is {fingerprint(net)}); '
+                   'the same codes decode to different images', err=True)
     num = all_codes.shape[0]
     dataset = _open_dataset(data, net) if data is not None else None
     if dataset is not None and len(dataset) < num:

@@ -151,6 +151,23 @@ def test_generate_outdir_seeds_device_and_latents(net_file, tmp_path):
     finally:
         os.chmod(ro, 0o700)
 
+# 10. compress.py codes record their network too: decoding them with another one warns.
+def test_compress_codes_name_their_network(net_file, tmp_path):
+    codes = tmp_path / 'codes.bin'
+    data = tmp_path / 'data'
+    data.mkdir()
+    for i in range(3):
+        PIL.Image.new('L', (8, 8), 60 * i).save(data / f'{i}.png')
+    assert CliRunner().invoke(compress.main, ['encode', '--network', str(net_file), '--data', str(data), '--out', str(codes)]).exit_code == 0
+    torch.manual_seed(1)
+    other = tmp_path / 'other.safetensors'
+    snapshot.save_network_safe(DDNGenerator(**TINY), other)
+    result = CliRunner().invoke(compress.main, ['decode', '--network', str(other), '--codes', str(codes), '--outdir', str(tmp_path / 'a')])
+    assert result.exit_code == 0 and 'written by another network' in result.output, result.output
+    result = CliRunner().invoke(compress.main, ['decode', '--network', str(net_file), '--codes', str(codes), '--outdir', str(tmp_path / 'b')])
+    assert result.exit_code == 0 and 'another network' not in result.output
+    assert compress.read_codes_file(codes, with_network=True)[2] == snapshot.fingerprint(snapshot.load_network(net_file)[1])
+
 # 4. fid.py reads a generate.py outdir's samples, not its grid.png (with or without --subdirs).
 def test_fid_scans_only_generated_samples(net_file, tmp_path):
     for subdirs in ([], ['--subdirs']):
