@@ -327,6 +327,9 @@ def main(density, k, steps, batch, lr, opt, split_prune, rule, bias_rate, bins, 
     names = [name.strip() for name in density.split(',') if name.strip()]
     if not names:
         raise click.BadParameter('give at least one density', param_hint='--density')
+    for path, ext, option in ((out, '.npy', '--out'), (gif, '.gif', '--gif')):   # Checked before the work.
+        if path is not None and (os.path.isdir(path) or not path.lower().endswith(ext)):
+            raise click.BadParameter(f'{path}: give a file name ending in {ext}', param_hint=option)
     maps = [load_density(name, bins) for name in names]
     if lr is None:
         # Adam moves a point by about lr per hit, whatever the distance: keep that a fraction of the

@@ -185,6 +185,8 @@ def test_script_messages(net_file, tmp_path):
     _fails(zscg.main, ['--network', net_file, '--device', 'foo'], 'is not a device')
     _fails(tree.main, ['--network', net_file, '--out', tmp_path / 't.jpgx'], 'ending in .png')
     _fails(toy_2d.main, ['--density', 'foo', '--steps', '1'], 'neither built in')
+    _fails(toy_2d.main, ['--density', 'uniform', '--steps', '1', '--out', tmp_path], 'ending in .npy')
+    _fails(toy_2d.main, ['--density', 'uniform', '--steps', '1', '--gif', tmp_path / 'a.png'], 'ending in .gif')
     PIL.Image.new('L', (16, 16)).save(tmp_path / 'black.png')
     _fails(toy_2d.main, ['--density', str(tmp_path / 'black.png'), '--steps', '1'], 'all black')
 
