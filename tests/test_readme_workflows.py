@@ -65,7 +65,7 @@ def adapt(command, set_=None, add=(), placeholders=None):
         tokens = [t for t in tokens[1:] if not t.startswith('--standalone') and not t.startswith('--nproc_per_node')]
     elif tokens[0] == 'python':
         tokens = tokens[1:]
-    script, args = os.path.join(REPO, tokens[0]), tokens[1:]
+    script, args = os.path.join(REPO, tokens[0]), [t for t in tokens[1:] if t != '...']   # '...': "your other options".
     out, seen, i = [], set(), 0
     while i < len(args):
         arg = args[i]
@@ -295,3 +295,27 @@ def test_convert_and_python_loading(work):
     assert snapshot.fingerprint(a) == snapshot.fingerprint(b)
     info = json.loads(json.dumps(dict(L=a.num_layers)))
     assert info['L'] == b.num_layers
+
+# FFHQ: dataset_tool on a folder of non-square photos, then the FFHQ recipe; the other paradigm and
+# the bias balancing (their README lines end in "...", the options of the recipes above).
+def test_ffhq_recurrence_and_bias(work):
+    photos = work / 'downloads' / 'ffhq' / 'images1024x1024'
+    photos.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        _png(photos / f'{i:05d}.png', rng.integers(0, 256, (80, 70, 3)))
+    run(work, readme('--dest=datasets/ffhq-64x64.zip'))
+    with __import__('zipfile').ZipFile(work / 'datasets' / 'ffhq-64x64.zip') as z:
+        first = [n for n in z.namelist() if n.endswith('.png')][0]
+        assert PIL.Image.open(z.open(first)).size == (64, 64)
+    tiny = ['--duration=0.00008', '--max-channels=8', '--max-blockn=1', '--max-outputk=4', '--tick=0.04', '--snap=100', *EXTRA_TRAIN]
+    procs = run_all(work, [
+        (readme('--data=datasets/ffhq-64x64.zip --batch=512'), dict(set_={'--batch': '8', '--batch-gpu': '8'}, add=tiny)),
+        (readme('--arch=recurrence --iters=9'), dict(set_={'--iters': '3', '--max-channels': '8', '--max-outputk': '4'},
+                                                     add=['--duration=0.00008', '--batch=8', '--tick=0.04', *EXTRA_TRAIN])),
+        (readme('--split-rule=bias --bias-rate=0.01'), dict(add=['--batch=8', *tiny]))])
+    assert all('Exiting...' in proc.stdout for proc in procs)
+    runs = sorted(_runs(work))
+    assert any('ffhq-64x64' in r for r in runs)
+    for name in runs[-3:]:
+        assert list((work / 'training-runs' / name).glob('network-snapshot-*.safetensors')), name
