@@ -249,6 +249,7 @@ def _bad_cases(tmp_path, run_dir):
         (['--start-size=3'], 'start_size must be a power of two'),
         ([f'--resume={state}', '--max-outputk=16'], 'network_kwargs.max_outputk: 8 in the state, 16 now'),
         ([f'--resume={os.path.join(run_dir, "network-snapshot-000002.pkl")}'], 'not a ddn training state'),
+        ([f'--resume={state}', '--batch=40'], 'was trained with --batch=50'),
         ([f'--resume={tmp_path / "nothing-here"}'], 'no such file or folder'),
         ([f'--resume={empty}'], 'no training-state-*.pt in folder'),
         (['--transfer', str(tmp_path / 'missing.pkl')], 'Network not found'),
