@@ -109,14 +109,13 @@ def _torchrun(args):
 def env(subprocess_env):
     return dict(subprocess_env, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
 
-def test_signal_saves_state_and_resume_matches(tmp_path, env):
-    # The uninterrupted run.
-    proc = subprocess.run(_torchrun([f'--outdir={tmp_path / "full"}', *COMMON]), env=env, cwd=str(tmp_path),
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    full_dir = tmp_path / 'full' / os.listdir(tmp_path / 'full')[0]
+def _run_dirs(outdir):
+    return sorted(outdir / name for name in os.listdir(outdir) if os.path.isdir(outdir / name)) if outdir.exists() else []
 
-    # The same run, sent SIGUSR1 (to rank 1 only) once its second tick line is in the log.
+def test_signal_saves_state_and_resume_matches(tmp_path, env):
+    # The uninterrupted run, and beside it the same run sent SIGUSR1 (to rank 1 only) after its first tick.
+    full = subprocess.Popen(_torchrun([f'--outdir={tmp_path / "full"}', *COMMON]), env=env, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     outdir = tmp_path / 'stopped'
     proc = subprocess.Popen(_torchrun([f'--outdir={outdir}', *COMMON]), env=env, cwd=str(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -124,20 +123,24 @@ def test_signal_saves_state_and_resume_matches(tmp_path, env):
         deadline = time.time() + 240
         while True:
             assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be signalled'
-            logs = [os.path.join(outdir, d, 'log.txt') for d in os.listdir(outdir)] if outdir.exists() else []
-            if logs and os.path.exists(logs[0]) and open(logs[0]).read().count('\ntick ') >= 1:
+            logs = [d / 'log.txt' for d in _run_dirs(outdir)]
+            if logs and logs[0].exists() and logs[0].read_text().count('\ntick ') >= 1:
                 break
             time.sleep(0.02)
         workers = psutil.Process(proc.pid).children()
         assert len(workers) == 2
         workers[-1].send_signal(signal.SIGUSR1)
         output, _ = proc.communicate(timeout=120)
+        full_output, _ = full.communicate(timeout=300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in (proc, full):
+            if p.poll() is None:
+                p.kill()
+    assert full.returncode == 0, full_output
+    full_dir = _run_dirs(tmp_path / 'full')[0]
     assert proc.returncode == 0, output
     assert 'Stopped by SIGUSR1 at kimg' in output and '--resume=' in output, output
-    run_dir = outdir / os.listdir(outdir)[0]
+    run_dir = _run_dirs(outdir)[0]
     state = checkpoint.load(checkpoint.latest(str(run_dir), tl.STATE_PATTERN))
     assert 0 < state['cur_nimg'] < 1200
 
@@ -145,7 +148,7 @@ def test_signal_saves_state_and_resume_matches(tmp_path, env):
     proc = subprocess.run(_torchrun([f'--outdir={outdir}', f'--resume={run_dir}', *COMMON]), env=env, cwd=str(tmp_path),
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    resumed_dir = outdir / sorted(os.listdir(outdir))[-1]
+    resumed_dir = _run_dirs(outdir)[-1]
     a = checkpoint.load(checkpoint.latest(str(full_dir), tl.STATE_PATTERN))
     b = checkpoint.load(checkpoint.latest(str(resumed_dir), tl.STATE_PATTERN))
     assert a['cur_nimg'] == b['cur_nimg'] == 1200
