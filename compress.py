@@ -14,7 +14,7 @@ must match the decoding network.
 Pixels follow generate.py: the net works in [-1, 1], images are uint8 (x * 127.5 + 128, clipped);
 PSNR = 10 log10(255^2 / MSE) on the uint8 images, averaged over images.
 
-SECURITY: network snapshots are pickles; loading one executes code. Trusted files only.
+SECURITY: --network loads without running code from the file (training/snapshot.py) unless --trust-pickle.
 """
 
 import os
@@ -27,38 +27,45 @@ import tqdm
 
 from generate import load_network, to_float, to_pil, to_uint8
 from training.dataset import open_dataset
+from training.snapshot import fingerprint
 from training.latent import bits_per_image, latent_bits, pack_codes, packed_size, unpack_codes
 
 MAGIC = b'DDNZ'
-VERSION = 1
+VERSION = 2     # 2 adds the 8-byte fingerprint of the network (training.snapshot.fingerprint); 1 is still read.
 
 # ----------------------------------------------------------------------------
 # The codes file.
 
-def write_codes_file(path, codes, ks):
+def write_codes_file(path, codes, ks, network=None):
     codes = np.asarray(codes, dtype=np.int64)
     payload = pack_codes(codes, ks)
-    header = MAGIC + struct.pack('<BII', VERSION, codes.shape[0], len(ks)) + struct.pack(f'<{len(ks)}I', *ks)
+    version = 1 if network is None else VERSION
+    header = MAGIC + struct.pack('<BII', version, codes.shape[0], len(ks)) + struct.pack(f'<{len(ks)}I', *ks)
+    if network is not None:
+        header += bytes.fromhex(network)[:8].ljust(8, b'\0')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, 'wb') as f:
         f.write(header)
         f.write(payload.tobytes())
     return len(header), payload.size
 
-# (codes (N, L), ks) of a codes file.
-def read_codes_file(path):
+# (codes (N, L), ks) of a codes file; with `with_network` also the fingerprint of the network that
+# wrote it (None for version 1 files).
+def read_codes_file(path, with_network=False):
     with open(path, 'rb') as f:
         data = f.read()
     if data[:4] != MAGIC or len(data) < 13:
         raise click.ClickException(f'{path} is not a DDN codes file (written by `compress.py encode`)')
     version, num, L = struct.unpack_from('<BII', data, 4)
-    if version != VERSION:
-        raise click.ClickException(f'{path}: codes file version {version}, this script reads version {VERSION}')
-    start = 13 + 4 * L
+    if version not in (1, VERSION):
+        raise click.ClickException(f'{path}: codes file version {version}, this script reads versions 1 and {VERSION}')
+    start = 13 + 4 * L + (8 if version >= 2 else 0)
     ks = list(struct.unpack_from(f'<{L}I', data, 13))
+    network = data[13 + 4 * L:start].hex() if version >= 2 else None
     if len(data) - start != packed_size(ks, num):
         raise click.ClickException(f'{path}: {len(data) - start} bytes of codes, expected {packed_size(ks, num)} for {num} images')
-    return unpack_codes(data[start:], ks, num), ks
+    codes = unpack_codes(data[start:], ks, num)
+    return (codes, ks, network) if with_network else (codes, ks)
 
 # PSNR (dB) of each uint8 image pair (B, C, H, W), in float64; inf for identical images.
 def psnr(a, b):
@@ -70,9 +77,9 @@ def _device(name):
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     return torch.device(name)
 
-def _load(network, device):
+def _load(network, device, trust_pickle=False):
     try:
-        return load_network(network, device)
+        return load_network(network, device, trust_pickle)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 
@@ -102,9 +109,10 @@ def _psnr_line(values):
 
 # The options both commands share: which network, on which device, how many images at once.
 def _network_options(fn):
+    fn = click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)(fn)
     fn = click.option('--device', help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)(fn)
     fn = click.option('--batch', help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)(fn)
-    return click.option('--network', help='Network snapshot pickle or run folder (latest snapshot)', metavar='PKL|DIR', required=True)(fn)
+    return click.option('--network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (latest snapshot)', metavar='FILE|URL|DIR', required=True)(fn)
 
 @click.group()
 def main():
@@ -120,10 +128,12 @@ def main():
 @click.option('--data',         help='Dataset folder or zip, or "digits"', metavar='ZIP|DIR', default='digits', show_default=True)
 @click.option('--max-images',   help='Encode the first N images', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--out',          help='Output codes file', metavar='BIN', required=True)
-def encode(network, data, max_images, out, batch, device):
+def encode(network, data, max_images, out, batch, device, trust_pickle):
     """Encode dataset images to packed latents; report bits/image and PSNR."""
+    if os.path.isdir(out):
+        raise click.BadParameter(f'{out} is a folder; give a file name', param_hint='--out')
     device = _device(device)
-    path, net = _load(network, device)
+    path, net = _load(network, device, trust_pickle)
     dataset = _open_dataset(data, net)
     num = len(dataset) if max_images is None else min(max_images, len(dataset))
     all_codes, values = [], []
@@ -132,7 +142,7 @@ def encode(network, data, max_images, out, batch, device):
         all_codes.append(codes.cpu())
         values.append(psnr(to_uint8(recon).cpu(), images))
     codes = torch.cat(all_codes).numpy()
-    header, payload = write_codes_file(out, codes, net.ks)
+    header, payload = write_codes_file(out, codes, net.ks, network=fingerprint(net))
     click.echo(f'Network: {path} (L={net.num_layers}, K per layer {_describe_ks(net.ks)})')
     click.echo(f'Encoded {num} images to {out}: {payload} bytes of codes + {header} bytes of header')
     click.echo(f'bits_per_image={bits_per_image(net.ks)} (information {latent_bits(net.ks):.2f}; '
@@ -141,16 +151,19 @@ def encode(network, data, max_images, out, batch, device):
 
 @main.command()
 @_network_options
-@click.option('--codes',        help='Codes file written by `encode`', metavar='BIN', required=True)
+@click.option('--codes',        help='Codes file written by `encode`', metavar='BIN', type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option('--outdir',       help='Where to write the decoded images', metavar='DIR', required=True)
 @click.option('--data',         help='Also report the PSNR against these originals (the encoded dataset)', metavar='ZIP|DIR', default=None)
-def decode(network, codes, outdir, data, batch, device):
+def decode(network, codes, outdir, data, batch, device, trust_pickle):
     """Decode a codes file to images {index:06d}.png."""
     device = _device(device)
-    path, net = _load(network, device)
-    all_codes, ks = read_codes_file(codes)
+    path, net = _load(network, device, trust_pickle)
+    all_codes, ks, made_by = read_codes_file(codes, with_network=True)
     if list(ks) != list(net.ks):
         raise click.ClickException(f'{codes} was written for K per layer {_describe_ks(ks)}, but {path} has {_describe_ks(net.ks)}')
+    if made_by is not None and made_by != fingerprint(net):
+        click.echo(f'WARNING: {codes} was written by another network (fingerprint {made_by}, {path} is {fingerprint(net)}); '
+                   'the same codes decode to different images', err=True)
     num = all_codes.shape[0]
     dataset = _open_dataset(data, net) if data is not None else None
     if dataset is not None and len(dataset) < num:

@@ -31,12 +31,16 @@ import shutil
 import struct
 import tarfile
 import zipfile
+import zlib
 from typing import NamedTuple
 
 import click
 import numpy as np
 import PIL.Image
 import tqdm
+
+from torch_utils.checkpoint import remove_stale_temps
+from training.dataset import to_uint8_array
 
 # ----------------------------------------------------------------------------
 # One source image: pixels as uint8 HW (grayscale) or HWC (RGB), its class or None, a name for errors.
@@ -135,13 +139,14 @@ def _is_hidden(fname):
 # ----------------------------------------------------------------------------
 # Decode an image file to uint8 HW (grayscale modes) or HWC RGB (everything else; alpha dropped).
 
-def _decode_image(f):
-    with PIL.Image.open(f) as image:
-        if image.mode in ('1', 'L', 'LA', 'I', 'I;16', 'F'):
-            image = image.convert('L') if image.mode != 'L' else image
-        elif image.mode != 'RGB':
-            image = image.convert('RGB')
-        return np.array(image, dtype=np.uint8)
+def _decode_image(f, name):
+    try:
+        with PIL.Image.open(f) as image:
+            return to_uint8_array(image, name)      # 16-bit grayscale scaled, not clipped to white.
+    except (OSError, SyntaxError) as err:
+        raise click.ClickException(f'{name}: cannot decode: {err}') from None
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
 
 # ----------------------------------------------------------------------------
 # Images of a folder (recursive) or a zip, sorted by path, labels from its dataset.json if present.
@@ -165,9 +170,13 @@ def open_image_files(source, max_images=None):
     fnames = fnames[:max_images]
     labels = None
     if 'dataset.json' in all_fnames:
-        with open_file('dataset.json') as f:
-            labels = json.load(f).get('labels')
-        labels = dict(labels) if labels is not None else None
+        try:
+            with open_file('dataset.json') as f:
+                labels = json.load(f)['labels']
+            labels = dict(labels) if labels is not None else None
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+            raise click.ClickException(f'{source}/dataset.json is malformed ({type(err).__name__}: {err}); expected '
+                                       '{"labels": [["path.png", class], ...]} or {"labels": null}') from None
 
     # Decode lazily, one image at a time, so huge folders do not need to fit in memory.
     def iterate():
@@ -176,7 +185,7 @@ def open_image_files(source, max_images=None):
                 if labels is not None and fname not in labels:
                     raise click.ClickException(f'{source}/dataset.json has no label for {fname}')
                 with open_file(fname) as f:
-                    img = _decode_image(f)
+                    img = _decode_image(f, f'{source}/{fname}')
                 yield SourceImage(img, None if labels is None else int(labels[fname]), fname)
         finally:
             if archive is not None:
@@ -274,9 +283,15 @@ def make_transform(transform, resolution):
 class DatasetWriter:
     def __init__(self,
         dest,                       # Folder, or a path ending in .zip.
+        source          = None,     # --source: never replaced.
+        force           = False,    # Replace an existing .zip --dest.
     ):
         self.dest = dest
         self.is_zip = dest.lower().endswith('.zip')
+        if source is not None and os.path.exists(dest) and os.path.exists(source) and os.path.samefile(source, dest):
+            raise click.ClickException(f'--dest {dest} is the --source: converting would replace the dataset it reads')
+        if self.is_zip and os.path.isfile(dest) and not force:
+            raise click.ClickException(f'--dest {dest} exists; add --force to replace it, or choose another name')
         if os.path.isdir(dest) and os.listdir(dest):
             raise click.ClickException(f'--dest folder {dest} is not empty; choose a new or empty folder')
         if os.path.exists(dest) and not os.path.isdir(dest) and not self.is_zip:
@@ -285,6 +300,7 @@ class DatasetWriter:
             raise click.ClickException(f'--dest {dest} is a folder, not a .zip file')
         parent = os.path.dirname(os.path.abspath(dest))
         os.makedirs(parent, exist_ok=True)
+        remove_stale_temps(parent)      # Left by a killed conversion.
         self.tmp = os.path.join(parent, f'.{os.path.basename(os.path.normpath(dest))}.tmp-{os.getpid()}')
         if self.is_zip:
             # PNGs are already compressed: store them as they are.
@@ -334,13 +350,16 @@ def _encode_png(img):
 # ----------------------------------------------------------------------------
 # The conversion itself: read, transform, check, write; all or nothing.
 
-def convert_dataset(source, dest, max_images=None, transform=None, resolution=None):
+def convert_dataset(source, dest, max_images=None, transform=None, resolution=None, force=False):
     transform_fn = make_transform(transform, resolution)
     if resolution is not None:
         out_w, out_h = (resolution[0], resolution[0]) if transform == 'center-crop-wide' else resolution
         if out_w != out_h or out_w & (out_w - 1):
             raise click.ClickException(f'Output images would be {out_w}x{out_h}; they must be square with a power-of-two side')
-    writer = DatasetWriter(dest)
+    try:
+        writer = DatasetWriter(dest, source=source, force=force)
+    except OSError as err:      # A read-only or missing parent folder, a full disk.
+        raise click.ClickException(f'--dest {dest}: cannot write there: {err}') from None
     try:
         num_images, images = open_source(source, max_images)
         if num_images == 0:
@@ -369,6 +388,11 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
         has_labels = all(label is not None for _fname, label in labels)
         writer.write('dataset.json', json.dumps({'labels': labels if has_labels else None}).encode('utf-8'))
         writer.commit()
+    except (EOFError, OSError, tarfile.TarError, zlib.error) as err:
+        # A truncated .gz / tarball: click would print only "Aborted!" for an EOFError.
+        writer.abort()
+        raise click.ClickException(f'Cannot convert {source} to {dest}: {type(err).__name__}: {err} '
+                                   '(a truncated or corrupt download, or an unwritable --dest?)') from None
     except BaseException:
         writer.abort()
         raise
@@ -383,9 +407,10 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
 @click.option('--max-images',   help='Convert at most this many images', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--transform',    help='Crop before resizing', type=click.Choice(['center-crop', 'center-crop-wide']), default=None)
 @click.option('--resolution',   help='Output resolution, e.g. 32x32', metavar='WxH', type=str, callback=parse_resolution, default=None)
-def main(source, dest, max_images, transform, resolution):
+@click.option('--force',        help='Replace an existing --dest .zip (never the --source)', is_flag=True)
+def main(source, dest, max_images, transform, resolution, force):
     """Convert an image dataset into ddn's dataset format (a folder or .zip of PNGs + dataset.json)."""
-    num = convert_dataset(source=source, dest=dest, max_images=max_images, transform=transform, resolution=resolution)
+    num = convert_dataset(source=source, dest=dest, max_images=max_images, transform=transform, resolution=resolution, force=force)
     click.echo(f'Wrote {num} images to {dest}')
 
 # ----------------------------------------------------------------------------

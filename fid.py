@@ -27,7 +27,7 @@ import tqdm
 
 from torch_utils import distributed as dist
 from training import metrics as metric_lib
-from training.dataset import ImageFolderDataset
+from training.dataset import GENERATED_IMAGE_PATTERN, GENERATED_MARKER, ImageFolderDataset
 from training.metrics import REF_FEATURES, collate_images as _collate_images, select_indices as _select, to_rgb as _to_rgb
 from training.metrics import DETECTOR_URL, load_detector, load_ref  # noqa: F401 (generate.py reads them here)
 
@@ -39,7 +39,7 @@ def image_batches(source, batch=64, num=None, seed=0, workers=2, progress=True):
     rank, world = dist.get_rank(), dist.get_world_size()
     what = f'"{os.fspath(source)}"' if isinstance(source, (str, os.PathLike)) else type(source).__name__
     if isinstance(source, (str, os.PathLike)):
-        source = ImageFolderDataset(os.fspath(source))
+        source = _scan_folder(source)
     if isinstance(source, torch.utils.data.Dataset):
         # Strided shares: rank r takes images r, r + W, r + 2W, ... of the selected set.
         share = _select(len(source), num, seed, what)[rank::world]
@@ -53,9 +53,11 @@ def image_batches(source, batch=64, num=None, seed=0, workers=2, progress=True):
     for images in tqdm.tqdm(loader, unit='batch', disable=(not progress or rank != 0)):
         yield from _to_rgb(images).split(batch)
 
-# The images of a folder or zip, for --splits (image_batches scans paths the same way).
+# The images of a folder or zip. A generate.py --outdir (it holds generation_options.json) gives its
+# samples only, not grid.png.
 def _scan_folder(path):
-    return ImageFolderDataset(os.fspath(path))
+    generated = os.path.isfile(os.path.join(os.fspath(path), GENERATED_MARKER))
+    return ImageFolderDataset(os.fspath(path), name_pattern=GENERATED_IMAGE_PATTERN if generated else None)
 
 # Detector features of this rank's images, one (B, D) tensor per batch.
 def compute_features(source, detector, batch=64, device=None, num=None, seed=0, progress=True, workers=2):

@@ -41,8 +41,9 @@ Pixel convention (EDM): the network works in [-1, 1]; images are saved as uint8 
 clipped to [0, 255], and read back as x = u / 127.5 - 1. Reconstruction MSE and PSNR are measured
 on the uint8 images as saved, i.e. in the [0, 255] range (PSNR = 10 log10(255^2 / MSE)).
 
-SECURITY: network snapshots, detectors, guide classifiers and feature networks are pickles (or
-TorchScript); loading one executes code. Trusted files only.
+SECURITY: `--network` reads the safe format (.safetensors) or our snapshot pickles through a restricted
+unpickler that runs nothing from the file; guide classifiers and feature networks are TorchScript.
+Other pickles load only with `--trust-pickle` (they run code). See training/snapshot.py.
 """
 
 import json
@@ -50,7 +51,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from typing import Iterator, NamedTuple, Optional
 
 import click
@@ -63,7 +63,7 @@ import dnnlib
 import fid
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
-from training import author, guidance
+from training import guidance, snapshot
 from training.conditions import parse_condition
 from training.dataset import open_dataset
 from training.ddl import resize_area
@@ -74,6 +74,12 @@ GRID_MIN_CELL = 32
 
 # Inception Score is computed over 10 splits, so it needs at least this many images.
 IS_MIN_IMAGES = 10
+
+# Most seeds one --seeds list may hold (a typo such as 0-99999999999 would otherwise fill the memory).
+MAX_SEEDS = 10_000_000
+
+# Files of an earlier run in an --outdir, removed by --force (besides the {name:06d}.png images).
+OUTPUT_FILES = ('latents.npz', 'grid.png', 'generation_options.json', 'metrics.json')
 
 # ----------------------------------------------------------------------------
 # Parsing of seed lists: '1,5,9-12' -> [1, 5, 9, 10, 11, 12].
@@ -91,6 +97,8 @@ def parse_int_list(text):
             lo, hi = int(m.group(1)), int(m.group(2))
             if hi < lo:
                 raise ValueError(f'Empty range {part!r}: write low-high with low <= high')
+            if hi - lo + 1 + len(values) > MAX_SEEDS:
+                raise ValueError(f'{text!r} holds more than {MAX_SEEDS} values; split the work into several runs')
             items = range(lo, hi + 1)
         elif re.fullmatch(r'\d+', part):
             items = [int(part)]
@@ -124,47 +132,15 @@ def _seeds_option(ctx, param, value):
         raise click.BadParameter(str(e)) from e
 
 # ----------------------------------------------------------------------------
-# Loading the network: a snapshot pickle (path or URL, cached) or the latest snapshot of a run folder.
+# Loading the network (training/snapshot.py): a safe .safetensors or a snapshot pickle (path or URL,
+# cached), or the newest snapshot of a run folder. Pickles load through the restricted unpickler
+# unless --trust-pickle.
 
-def resolve_network(network):
-    """Path or URL of the snapshot that `--network` names: a run folder gives its newest
-    `network-snapshot-*.pkl`. Raises FileNotFoundError with the reason."""
-    if dnnlib.util.is_url(network):
-        return network
-    if os.path.isdir(network):
-        path = checkpoint.latest(network, 'network-snapshot-*.pkl')
-        if path is None:
-            raise FileNotFoundError(f'No network-snapshot-*.pkl in run folder {network}')
-        return path
-    if not os.path.isfile(network):
-        raise FileNotFoundError(f'Network not found: {network} (expected a network-snapshot-*.pkl, a URL or a run folder)')
-    return network
+resolve_network = snapshot.resolve_network
 
-def load_network(network, device):
-    """The EMA generator of a snapshot (`pickle.load(f)['ema']`), in eval mode on `device`.
-    With several processes rank 0 fetches a URL first, so the others read its cached copy."""
-    path = resolve_network(network)
-    leader = dist.get_rank() == 0
-    remote = dnnlib.util.is_url(path)
-    if remote and not leader:
-        dist.barrier()
-    data, error = None, None
-    try:
-        with dnnlib.util.open_url(path, verbose=leader) as f:
-            raw = f.read()
-        # The author's released snapshots: read without running their code (training/author.py).
-        data = author.load_author_pickle(raw, source=path) if author.is_author_pickle(raw) else pickle.loads(raw)
-    except Exception as e:  # Anything can come out of an unpickler; name the file whatever it is.
-        error = e
-    if remote and leader:
-        dist.barrier()  # Reached even on failure, so the other ranks do not hang.
-    if error is not None:
-        raise OSError(f'Could not load network {path}: {type(error).__name__}: {error}') from error
-    net = data['ema'] if isinstance(data, dict) and 'ema' in data else data
-    if not (isinstance(net, torch.nn.Module) and hasattr(net, 'ks') and hasattr(net, 'encode')):
-        what = f'a dict with keys {sorted(data)}' if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f'{path} holds {what}, not a DDN snapshot (a dict whose "ema" is a DDNGenerator)')
-    return path, net.eval().requires_grad_(False).to(device)
+def load_network(network, device, trust_pickle=False):
+    """(path, network): the EMA generator of `--network` in eval mode on `device` (see training/snapshot.py)."""
+    return snapshot.load_network(network, device, trust_pickle=trust_pickle)
 
 # ----------------------------------------------------------------------------
 # Pixels: [-1, 1] floats <-> uint8, and image files.
@@ -210,21 +186,24 @@ def side_by_side(left, right):
 def _write_atomic(path, write, mode='wb'):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile(mode, dir=folder, prefix='.tmp-', delete=False) as f:
-        try:
+    tmp = f'{path}.tmp-{os.getpid()}'     # checkpoint.remove_stale_temps cleans it up after a kill.
+    try:
+        with open(tmp, mode) as f:
             write(f)
-        except BaseException:
-            f.close()
-            os.remove(f.name)
-            raise
-    os.replace(f.name, path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
-def save_latents(path, name_key, names, codes, ks, classes=None, conditions=None):
+def save_latents(path, name_key, names, codes, ks, classes=None, conditions=None, network=None):
     """`names` (N,) under `name_key` ('seeds' or 'indices'), `codes` (N, L) and `ks` (L,), all int64;
-    for conditional networks also `classes` (N,) int64 or `conditions` (N or 1, C, h, w) float32."""
+    for conditional networks also `classes` (N,) int64 or `conditions` (N or 1, C, h, w) float32;
+    `network`: the fingerprint of the network that made them (snapshot.fingerprint), a string."""
     arrays = {name_key: np.asarray(names, np.int64).reshape(-1),
               'codes': np.asarray(codes, np.int64).reshape(len(names), len(ks)),
               'ks': np.asarray(ks, np.int64)}
+    if network is not None:
+        arrays['network'] = np.asarray(network)
     if classes is not None:
         arrays['classes'] = np.asarray(classes, np.int64).reshape(-1)
     if conditions is not None:
@@ -263,6 +242,11 @@ def load_latents(path, ks):
     if names.shape[0] != codes.shape[0]:
         raise ValueError(f'{path}: {names.shape[0]} {name_key} for {codes.shape[0]} rows of codes')
     return name_key, names.astype(np.int64), codes.astype(np.int64)
+
+def latents_network(path):
+    """The fingerprint of the network that made a latents file, or None (older files)."""
+    with np.load(path, allow_pickle=False) as npz:
+        return str(npz['network']) if 'network' in npz.files else None
 
 def load_latent_conditions(path, net, num):
     """The conditions stored with `num` rows of latents for a conditional `net`: (classes (num,) or
@@ -404,7 +388,7 @@ def build_guide(opts, net, device):
         return guidance.parse_guides(opts.guide, img_channels=net.img_channels, img_resolution=net.img_resolution,
             image=opts.guide_image, mask=opts.guide_mask, bits=opts.guide_bits, classifier=opts.guide_classifier,
             class_idx=opts.class_idx, text=opts.guide_text, style=opts.guide_style, features=opts.guide_features,
-            device=device)
+            device=device, trust_pickle=opts.get('trust_pickle', False))
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         raise ValueError(f'--guide {opts.guide}: {e}') from e
     except ImportError as e:
@@ -530,11 +514,43 @@ class Recorder:
 # ----------------------------------------------------------------------------
 # Command line.
 
+# An --outdir must be new or empty, unless --force (then an earlier run's files are removed first,
+# so no image is left that the new latents.npz does not describe, and fid.py would not count one).
+def check_outdir(outdir, force):
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.UsageError(f'--outdir {outdir} exists and is not a folder')
+    if os.path.isdir(outdir) and os.listdir(outdir) and not force:
+        raise click.UsageError(f'--outdir {outdir} is not empty; choose a new folder, or add --force to replace '
+                               'the images, latents and grid of an earlier run there')
+    parent = os.path.dirname(os.path.abspath(outdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(outdir if os.path.isdir(outdir) else parent, os.W_OK):
+        raise click.UsageError(f'--outdir {outdir}: no permission to write there')
+
+# Make the folder and remove the outputs of an earlier generate.py run in it (our file names only).
+def clear_outdir(outdir):
+    os.makedirs(outdir, exist_ok=True)
+    checkpoint.remove_stale_temps(outdir)
+    for name in os.listdir(outdir):
+        path = os.path.join(outdir, name)
+        if name in OUTPUT_FILES or (re.fullmatch(r'\d{6}\.png', name) and os.path.isfile(path)):
+            os.remove(path)
+        elif re.fullmatch(r'\d{6}', name) and os.path.isdir(path):
+            for sub in os.listdir(path):
+                if re.fullmatch(r'\d{6}\.png', sub):
+                    os.remove(os.path.join(path, sub))
+            if not os.listdir(path):
+                os.rmdir(path)
+
 # The device of this process: --device, with a bare 'cuda' meaning this rank's own GPU.
 def _pick_device(name):
     if name is None:
         return dist.device()
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise click.BadParameter(f'{name!r} is not a device (expected e.g. cpu, cuda, cuda:1)', param_hint='--device') from None
     if device.type == 'cuda':
         if not torch.cuda.is_available():
             raise click.ClickException(f'--device {name}: CUDA is not available on this machine')
@@ -554,10 +570,11 @@ def _print_metrics(results):
 _FILE = click.Path(exists=True, dir_okay=False)
 
 @click.command(context_settings=dict(show_default=True))
-@click.option('--network', 'network', help='Network snapshot pickle, URL, or run folder (its latest snapshot)', metavar='PKL|URL|DIR', required=True)
+@click.option('--network', 'network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (its latest snapshot)', metavar='FILE|URL|DIR', required=True)
 @click.option('--outdir', help='Where to save the images, latents and metrics', metavar='DIR', type=str, required=True)
 @click.option('--seeds', help='Random seeds, e.g. 0-49999 or 1,5,9-12  [default: 0-63]', metavar='LIST', callback=_seeds_option, default=None)
 @click.option('--subdirs', help='Create a subfolder for every 1000 seeds', is_flag=True)
+@click.option('--force', help='Write into a non-empty --outdir, replacing an earlier run\'s images, latents and grid', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label of class-conditional networks (and target of --guide classifier)  [default: random per seed]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
@@ -580,6 +597,7 @@ _FILE = click.Path(exists=True, dir_okay=False)
 # Metrics.
 @click.option('--fid-ref', 'fid_ref', help='Reference statistics: compute FID (and IS) of the generated images', metavar='NPZ|URL', type=str, default=None)
 @click.option('--detector', 'detector_url', help='Detector pickle/TorchScript path or URL  [default: Inception-v3]', metavar='PATH|URL', type=str, default=None)
+@click.option('--trust-pickle', help='Load pickles that are not plain ddn snapshots (--network, --guide-classifier, --guide-features, --detector): they run code', is_flag=True)
 def main(**kwargs):
     """Generate images with a trained DDN, reconstruct a dataset, or decode latents; optionally compute FID.
 
@@ -634,11 +652,13 @@ def _main(opts):
     check_guide_options(opts, guide_types)
     chooser, chooser_info = make_chooser(opts.guide_temp, opts.guide_topk)
     device = _pick_device(opts.device)
+    check_outdir(opts.outdir, opts.force)
 
     dist.print0(f'Loading network from "{opts.network}"...')
-    net_path, net = load_network(opts.network, device)
+    net_path, net = load_network(opts.network, device, trust_pickle=opts.trust_pickle)
+    net_id = snapshot.fingerprint(net)
     dist.print0(f'Network: {net_path} ({net.img_channels}x{net.img_resolution}x{net.img_resolution}, '
-                f'L={net.num_layers}, {net.bits_per_image:.0f} bits per image)')
+                f'L={net.num_layers}, {net.bits_per_image:.0f} bits per image, fingerprint {net_id})')
 
     # The network's condition: class labels (--class) or an image (--condition-image).
     kind = condition_kind(net)
@@ -677,6 +697,10 @@ def _main(opts):
     elif mode == 'decode':
         scorer = None
         name_key, file_names, all_codes = load_latents(opts.codes_path, net.ks)
+        made_by = latents_network(opts.codes_path)
+        if made_by is not None and made_by != net_id:
+            dist.print0(f'WARNING: {opts.codes_path} was made by another network (fingerprint {made_by}, this one is {net_id}); '
+                        'the same codes decode to different images')
         classes, conditions = load_latent_conditions(opts.codes_path, net, len(file_names)) if kind else (None, None)
         if opts.max_images is not None:
             file_names, all_codes = file_names[:opts.max_images], all_codes[:opts.max_images]
@@ -730,7 +754,7 @@ def _main(opts):
             raise ValueError('--fid-ref: FID needs at least 2 images')
         try:
             ref = fid.load_ref(opts.fid_ref)
-            detector = fid.load_detector(opts.detector_url, device)
+            detector = fid.load_detector(opts.detector_url, device, trust_pickle=opts.trust_pickle)
         except (OSError, ValueError, TypeError) as e:
             raise ValueError(f'--fid-ref: {e}') from e
         metrics = ['fid'] + (['is'] if len(names) >= IS_MIN_IMAGES else [])
@@ -750,7 +774,9 @@ def _main(opts):
                    world_size=dist.get_world_size(), condition=getattr(net, 'condition', None),
                    **{'class': opts.class_idx}, condition_image=opts.condition_image, guide=guide_info,
                    fid_ref=opts.fid_ref, detector=opts.detector_url or (fid.DETECTOR_URL if opts.fid_ref is not None else None))
-    os.makedirs(opts.outdir, exist_ok=True)
+    if dist.get_rank() == 0:
+        clear_outdir(opts.outdir)
+    dist.barrier()
     if dist.get_rank() == 0:
         _write_atomic(os.path.join(opts.outdir, 'generation_options.json'), lambda f: json.dump(options, f, indent=2), mode='w')
 
@@ -774,7 +800,7 @@ def _main(opts):
         classes = rec.conditions if kind == 'class' else None
         conditions = None if kind in (None, 'class') else stored if stored is not None else rec.conditions
         save_latents(os.path.join(opts.outdir, 'latents.npz'), name_key, rec.names, rec.codes, net.ks,
-                     classes=classes, conditions=conditions)
+                     classes=classes, conditions=conditions, network=net_id)
         grid_names = names[:GRID_IMAGES]
         grid = make_grid([rec.grid[n][0] for n in grid_names])
         if mode == 'reconstruct':
@@ -785,7 +811,7 @@ def _main(opts):
         if scorer is not None:
             total, count = rec.guide_dist
             results['guide_distance'] = total / count
-        to_pil(grid).save(os.path.join(opts.outdir, 'grid.png'))
+        _write_atomic(os.path.join(opts.outdir, 'grid.png'), lambda f: to_pil(grid).save(f, format='png'))
         if results:
             info = dict(results, mode=mode, network=net_path, num=len(names))
             if mode == 'reconstruct':

@@ -112,10 +112,17 @@ def density_names():
 
 # A grayscale image as a density: brighter = more likely; area-resized to (n, n).
 def image_density(path, n):
-    img = PIL.Image.open(path).convert('RGB')
+    try:
+        with PIL.Image.open(path) as image:
+            img = image.convert('RGB')
+    except OSError as err:
+        raise click.ClickException(f'--density {path}: cannot read the image: {err}') from None
     if img.size != (n, n):
         img = img.resize((n, n), PIL.Image.Resampling.BOX)
-    return _normalise(np.asarray(img, dtype=np.float64).mean(axis=2))
+    gray = np.asarray(img, dtype=np.float64).mean(axis=2)
+    if not gray.sum() > 0:
+        raise click.ClickException(f'--density {path} is all black: a density needs some bright (likely) pixels')
+    return _normalise(gray)
 
 # Density map by name (see density_names()) or image path, on an (n, n) grid.
 def load_density(name, n=100):
@@ -125,8 +132,9 @@ def load_density(name, n=100):
         return image_density(name, n)
     folder = playground_image_dir()
     if folder is None:
-        raise click.ClickException(f'Density {name!r} is one of distribution-playground\'s images; install them with '
-                                   f'`pip install --no-deps distribution-playground` (built in: {", ".join(BUILTIN_DENSITIES)})')
+        raise click.ClickException(f'Density {name!r} is neither built in ({", ".join(BUILTIN_DENSITIES)}) nor an image file; '
+                                   'distribution-playground\'s densities (QR_code, spiral, words, ...) need '
+                                   '`pip install --no-deps distribution-playground`')
     path = os.path.join(folder, ALIASES.get(name, name) + '.png')
     if not os.path.isfile(path):
         raise click.ClickException(f'Unknown density {name!r}; choose from {", ".join(density_names())} or give an image path')
@@ -319,6 +327,9 @@ def main(density, k, steps, batch, lr, opt, split_prune, rule, bias_rate, bins, 
     names = [name.strip() for name in density.split(',') if name.strip()]
     if not names:
         raise click.BadParameter('give at least one density', param_hint='--density')
+    for path, ext, option in ((out, '.npy', '--out'), (gif, '.gif', '--gif')):   # Checked before the work.
+        if path is not None and (os.path.isdir(path) or not path.lower().endswith(ext)):
+            raise click.BadParameter(f'{path}: give a file name ending in {ext}', param_hint=option)
     maps = [load_density(name, bins) for name in names]
     if lr is None:
         # Adam moves a point by about lr per hit, whatever the distance: keep that a fraction of the

@@ -4,12 +4,20 @@ Runs as one process, or one process per GPU under `torchrun --standalone --nproc
 ...` (gloo on CPU, NCCL on CUDA). Every run gets a folder `<outdir>/NNNNN-<dataset>-<desc>/` with
 `training_options.json`, `log.txt`, `stats.jsonl`, network snapshots (`network-snapshot-<kimg>.pkl`,
 load with `pickle.load(f)['ema']`), training states (`training-state-<kimg>.pt`, for --resume),
-sample grids and node-usage plots. Pickles and states execute code when loaded: trusted files only.
+sample grids and node-usage plots. Every snapshot is also written in the safe format
+(`network-snapshot-<kimg>.safetensors`); --transfer and --resume load without running code from the
+file (training/snapshot.py). SIGTERM or SIGUSR1 stops a run after the current step with a training state.
 """
 
 import json
 import os
 import re
+import shutil
+
+try:
+    import fcntl
+except ImportError:     # Windows: no advisory locks; run ids are then only unique up to a race.
+    fcntl = None
 
 import click
 import torch
@@ -59,10 +67,35 @@ def next_run_dir(outdir, desc):
                 prev_ids.append(int(match.group()))
     return os.path.join(outdir, f'{max(prev_ids, default=-1) + 1:05d}-{desc}')
 
+# Create the next run folder atomically: two runs started together never get the same id. The id
+# is chosen and its folder created under an exclusive lock on <outdir>/.run-id.lock, and mkdir
+# (which fails if the folder exists) is the final arbiter.
+def make_run_dir(outdir, desc):
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, '.run-id.lock'), 'a') as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            while True:
+                run_dir = next_run_dir(outdir, desc)
+                try:
+                    os.mkdir(run_dir)
+                    return run_dir
+                except FileExistsError:
+                    continue
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
 # True if `path` already holds the files of a training run.
 def holds_run(path):
     return os.path.isfile(os.path.join(path, 'training_options.json')) or \
         checkpoint.latest(path, training_loop.STATE_PATTERN) is not None or \
+        checkpoint.latest(path, training_loop.SNAPSHOT_PATTERN) is not None
+
+# True if a run folder holds a snapshot or a training state.
+def holds_saved_work(path):
+    return checkpoint.latest(path, training_loop.STATE_PATTERN) is not None or \
         checkpoint.latest(path, training_loop.SNAPSHOT_PATTERN) is not None
 
 # --resume FILE or RUNDIR -> the training state file (a folder gives its newest state).
@@ -127,11 +160,11 @@ def resolve_resume(path):
 @option(IO, '--snap',            help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50)
 @option(IO, '--dump',            help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500)
 @option(IO, '--seed',            help='Random seed  [default: random, or the resumed state\'s]', metavar='INT', type=click.IntRange(min=0))
-@option(IO, '--transfer',        help='Initialise the weights from a network snapshot', metavar='PKL', type=str)
+@option(IO, '--transfer',        help='Initialise the weights from a network snapshot (.safetensors, .pkl or a run folder\'s newest)', metavar='FILE|DIR', type=str)
 @option(IO, '--resume',          help='Resume from a training state, or a run folder\'s latest', metavar='PT|DIR', type=str)
 @option(IO, '--metrics',         help='Metrics of every snapshot, e.g. fid50k,fid10k,kid10k,pr10k', metavar='LIST', type=str)
 @option(IO, '--detector',        help='Detector of --metrics: inception, dinov2, clip, or a file or URL  [default: inception]', metavar='NAME|PATH', type=str)
-@option(IO, '--trust-pickle',    help='Allow a --detector pickle that runs code when loaded (trusted files only)', is_flag=True)
+@option(IO, '--trust-pickle',    help='Let --transfer and --detector load a pickle that runs code (trusted files only)', is_flag=True)
 @option(IO, '-n', '--dry-run',   help='Print training options and exit', is_flag=True)
 
 def main(**kwargs):
@@ -250,17 +283,21 @@ def launch(opts):
                 raise click.ClickException(f'--detector: {err}') from None
         c.metrics = opts.metrics
         c.metric_kwargs = dnnlib.EasyDict(detector_url=opts.detector, trust_pickle=opts.trust_pickle)
-    elif opts.detector is not None or opts.trust_pickle:
-        raise click.UsageError('--detector and --trust-pickle are only used with --metrics')
+    elif opts.detector is not None:
+        raise click.UsageError('--detector is only used with --metrics')
+    if opts.trust_pickle and opts.metrics is None and opts.transfer is None:
+        raise click.UsageError('--trust-pickle is only used with --transfer or --metrics')
 
     # Transfer learning and resume: check the files now, before a run folder exists.
     resumed_seed = None
     if opts.transfer is not None:
         try:
-            training_loop.load_transfer_network(opts.transfer)
+            training_loop.load_transfer_network(opts.transfer, opts.trust_pickle)
         except (OSError, ValueError, RuntimeError) as err:
             raise click.ClickException(f'--transfer: {err}') from None
         c.transfer_pkl = opts.transfer
+        if opts.trust_pickle:
+            c.trust_pickle = True
     if opts.resume is not None:
         c.resume_state = resolve_resume(opts.resume)
         try:
@@ -268,6 +305,9 @@ def launch(opts):
         except (OSError, ValueError, RuntimeError) as err:
             raise click.ClickException(f'--resume: {err}') from None
         resumed_seed = int(state.get('seed', 0))
+        if int(state.get('batch_size', opts.batch)) != opts.batch:
+            raise click.UsageError(f'--batch={opts.batch}, but the training state {c.resume_state} was trained with '
+                                   f'--batch={state["batch_size"]}; resume with that batch so the run repeats exactly')
         del state
 
     # Seed: given, else the resumed run's (so the continuation is exact), else random (same on all ranks).
@@ -282,6 +322,8 @@ def launch(opts):
 
     # Run folder (rank 0 writes; every rank checks, so that all of them agree on an error).
     desc = opts.desc or f'gpus{world_size}-batch{opts.batch}-{opts.precision}'
+    if os.path.exists(opts.outdir) and not os.path.isdir(opts.outdir):
+        raise click.ClickException(f'--outdir: {opts.outdir} exists and is not a folder')
     if opts.nosubdir:
         run_dir = opts.outdir
         resuming_here = opts.resume is not None and \
@@ -289,10 +331,16 @@ def launch(opts):
         if holds_run(run_dir) and not resuming_here:
             raise click.ClickException(f'--nosubdir: {run_dir} already holds a training run; choose another --outdir, '
                                        f'or continue it in place with --resume={run_dir}')
-    else:
+    elif opts.dry_run:
         run_dir = next_run_dir(opts.outdir, f'{dataset_name}-{desc}')
-    if os.path.exists(opts.outdir) and not os.path.isdir(opts.outdir):
-        raise click.ClickException(f'--outdir: {opts.outdir} exists and is not a folder')
+    else:   # Reserved now by rank 0 (an atomic mkdir), then shared with the other ranks.
+        try:
+            run_dir = [make_run_dir(opts.outdir, f'{dataset_name}-{desc}') if distributed.get_rank() == 0 else None]
+        except OSError as err:
+            raise click.ClickException(f'--outdir: cannot create a run folder in {opts.outdir}: {err}') from None
+        if world_size > 1:
+            torch.distributed.broadcast_object_list(run_dir, src=0)
+        run_dir = run_dir[0]
     c.run_dir = run_dir
 
     # Print options.
@@ -316,6 +364,7 @@ def launch(opts):
     if distributed.get_rank() == 0:
         distributed.print0('Creating output directory...')
         os.makedirs(c.run_dir, exist_ok=True)
+        checkpoint.remove_stale_temps(c.run_dir)    # Left by a killed run of this folder.
         options_path = os.path.join(c.run_dir, 'training_options.json')
         if not os.path.exists(options_path):    # Resuming in place keeps the original options.
             checkpoint.save_atomic(json.dumps(c, indent=2).encode('utf-8'), options_path, mode='bytes')
@@ -324,6 +373,14 @@ def launch(opts):
         logger = None
     try:
         training_loop.training_loop(**c)
+    except dataset_module.DatasetError as err:     # A bad image met during training: name it, no traceback.
+        message = str(err).strip().splitlines()[-1]
+        if logger is not None:
+            logger.close()
+            logger = None
+            if not opts.nosubdir and not holds_saved_work(c.run_dir):
+                shutil.rmtree(c.run_dir, ignore_errors=True)    # Nothing worth keeping was written.
+        raise click.ClickException(f'--data: {message.removeprefix("training.dataset.DatasetError: ")}') from None
     finally:
         if logger is not None:
             logger.close()

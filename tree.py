@@ -11,7 +11,7 @@ output, is upsampled bilinearly (as the next layer's learning residual sees it).
 For the paper's figure (K = 8, L = 3) train e.g. on the built-in digits with
 `--start-size 4 --max-blockn 1 --max-outputk 8` (layers at 4x4, 8x8, 16x16) and draw `--levels 3`.
 
-SECURITY: network snapshots are pickles; loading one executes code. Trusted files only.
+SECURITY: --network loads without running code from the file (training/snapshot.py) unless --trust-pickle.
 """
 
 import itertools
@@ -26,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from generate import load_network, to_uint8
+from zscg import check_png_out
 
 # Level colours: the root's children's grid border, then one per level.
 LEVEL_COLOURS = [(230, 25, 75), (245, 130, 48), (60, 180, 75), (0, 130, 200), (145, 30, 180), (240, 50, 230), (128, 128, 0)]
@@ -130,20 +131,22 @@ def render_tree(images, mean, ks, cell):
 # ----------------------------------------------------------------------------
 
 @click.command()
-@click.option('--network',  help='Network snapshot pickle or run folder (latest snapshot)', metavar='PKL|DIR', required=True)
+@click.option('--network',  help='Network snapshot (.safetensors or .pkl), URL, or run folder (latest snapshot)', metavar='FILE|URL|DIR', required=True)
 @click.option('--levels',   help='Levels (layers) of the tree to draw', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--out',      help='Output PNG', metavar='PNG', default='tree.png', show_default=True)
 @click.option('--cell',     help='Side of a leaf cell in pixels  [default: output resolution + padding, >= 24]', metavar='INT', type=click.IntRange(min=4), default=None)
 @click.option('--device',   help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
-def main(network, levels, out, cell, device):
+@click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
+def main(network, levels, out, cell, device, trust_pickle):
     """Draw the first levels of a trained DDN's latent tree as recursive grids.
 
     \b
     python tree.py --network training-runs/00000-digits --levels 3 --out tree.png
     """
+    check_png_out(out)
     device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
     try:
-        path, net = load_network(network, device)
+        path, net = load_network(network, device, trust_pickle)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     if levels > net.num_layers:

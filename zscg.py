@@ -15,7 +15,7 @@ distance of the guided results and of unguided samples of the same seeds.
 Example:
     python zscg.py --network=training-runs/00000-digits --guide=superres --images=0-3 --seeds=0-5
 
-SECURITY: network snapshots are pickles; loading one executes code. Trusted files only.
+SECURITY: --network loads without running code from the file (training/snapshot.py) unless --trust-pickle.
 """
 
 import math
@@ -49,9 +49,9 @@ def parse_int_list(text):
 
 # The EMA network of a snapshot pickle, URL or run folder (generate.py's loader), in eval mode. ZSCG
 # guides an unconditional network: a conditional one would need its condition at every call.
-def load_network(network, device):
+def load_network(network, device, trust_pickle=False):
     try:
-        _, net = generate.load_network(network, device)
+        _, net = generate.load_network(network, device, trust_pickle=trust_pickle)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     if getattr(net, 'condition', None) is not None:
@@ -119,6 +119,18 @@ def layout(rows, cell_min):
             grid[:, y:y + cell, x:x + cell] = image.repeat(scale, axis=1).repeat(scale, axis=2)
     return grid
 
+# --out must name a PNG file in a writable place; checked before any work.
+def check_png_out(out):
+    if os.path.isdir(out):
+        raise click.BadParameter(f'{out} is a folder; give a file name ending in .png', param_hint='--out')
+    if os.path.splitext(out)[1].lower() != '.png':
+        raise click.BadParameter(f'{out}: the output is a PNG; give a name ending in .png', param_hint='--out')
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise click.BadParameter(f'{out}: no permission to write in {parent}', param_hint='--out')
+
 def save_png(grid, path):
     image = PIL.Image.fromarray(grid[0], 'L') if grid.shape[0] == 1 else PIL.Image.fromarray(grid.transpose(1, 2, 0), 'RGB')
     if os.path.dirname(path):
@@ -128,7 +140,7 @@ def save_png(grid, path):
 # ----------------------------------------------------------------------------
 
 @click.command()
-@click.option('--network', help='Network snapshot pickle, URL, or run folder (its latest snapshot)', metavar='PKL|URL|DIR', required=True)
+@click.option('--network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (its latest snapshot)', metavar='FILE|URL|DIR', required=True)
 @click.option('--data', help='Dataset of the ground-truth images: folder, zip, or "digits"', metavar='PATH|digits', default='digits', show_default=True)
 @click.option('--guide', 'task', help='Task: how the condition is made from each image', type=click.Choice(TASKS), default='superres', show_default=True)
 @click.option('--images', help='Indices of the dataset images, one row each', metavar='LIST', default='0-3', show_default=True)
@@ -141,11 +153,16 @@ def save_png(grid, path):
 @click.option('--topk', help='Choose uniformly among the N best instead (overrides --temperature)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--cell', help='Smallest cell side in pixels (nearest upscaling)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', default=None)
-def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperature, topk, cell, device):
+@click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
+def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperature, topk, cell, device, trust_pickle):
     """Zero-shot conditional generation figure: condition | guided results per seed | ground truth."""
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    check_png_out(out)
+    try:
+        device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise click.BadParameter(f'{device!r} is not a device (expected e.g. cpu, cuda, cuda:1)', param_hint='--device') from None
     indices, seeds = parse_int_list(images), parse_int_list(seeds)
-    net = load_network(network, device)
+    net = load_network(network, device, trust_pickle)
     res, C = net.img_resolution, net.img_channels
     dataset = open_dataset(data, resolution=res)
     if dataset.num_channels != C or dataset.resolution != res:

@@ -147,7 +147,7 @@ def test_outputs(reference, snapshot):
     assert latents['codes'].dtype.kind == 'i' and (latents['codes'] < np.array(net.ks)).all()
     # The latents are the per-seed codes of the network.
     np.testing.assert_array_equal(latents['codes'], net.sample_codes(range(10)).numpy())
-    assert sorted(latents) == ['codes', 'ks', 'seeds']                     # No condition: an unconditional net.
+    assert sorted(latents) == ['codes', 'ks', 'network', 'seeds']                     # No condition: an unconditional net.
     # The options of the run, next to the outputs.
     with open(reference / 'generation_options.json') as f:
         options = json.load(f)
@@ -273,9 +273,9 @@ def test_errors(run_dir, snapshot, reference, tmp_path):
         assert result.exit_code != 0 and message in result.output, result.output
     out = ['--outdir', tmp_path / 'out']
     fails(['--network', tmp_path / 'missing.pkl', *out], 'Network not found')
-    fails(['--network', tmp_path, *out], 'No network-snapshot-*.pkl in run folder')
+    fails(['--network', tmp_path, *out], 'No network-snapshot-*.safetensors or .pkl in run folder')
     (tmp_path / 'junk.pkl').write_bytes(b'not a pickle')
-    fails(['--network', tmp_path / 'junk.pkl', *out], 'Could not load network')
+    fails(['--network', tmp_path / 'junk.pkl', *out], 'is not a network file')
     fails(['--network', snapshot, '--class', '3', *out], 'unconditional')
     fails(['--network', snapshot, '--reconstruct', tmp_path / 'nowhere', *out], 'Cannot read dataset')
     (tmp_path / 'empty').mkdir()

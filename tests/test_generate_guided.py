@@ -79,7 +79,7 @@ def _fails(args, message):
     return result
 
 # ----------------------------------------------------------------------------
-# Fixtures: a tiny unconditional net, a tiny colour-conditional net, the pickled digit classifier
+# Fixtures: a tiny unconditional net, a tiny colour-conditional net, the digit classifier (TorchScript)
 # (the digits and the classifier come from conftest.py).
 
 # Train `net` briefly (nearest-candidate loss + Split-and-Prune); `condition_of(batch)` for conditional nets.
@@ -137,13 +137,12 @@ def guide_files(digits, tmp_path_factory):
     files['e'] = G.load_guide_image(files['edges'])
     return files
 
-# The digit classifier of conftest.py, pickled (the way --guide-classifier loads it).
+# The digit classifier of conftest.py as TorchScript (what --guide-classifier loads without --trust-pickle).
 @pytest.fixture(scope='module')
 def classifier(digit_classifier, tmp_path_factory):
     clf = digit_classifier
-    path = tmp_path_factory.mktemp('clf') / 'classifier.pkl'
-    with open(path, 'wb') as f:
-        pickle.dump(clf, f)
+    path = tmp_path_factory.mktemp('clf') / 'classifier.pt'
+    torch.jit.trace(clf, torch.zeros(1, 1, 8, 8)).save(str(path))
     return clf, str(path)
 
 # ----------------------------------------------------------------------------

@@ -72,7 +72,8 @@ def test_tiny_run_folder(tiny_run, env, repo_root):
     files = sorted(os.listdir(run_dir))
     expected = ['log.txt', 'stats.jsonl', 'training_options.json']
     expected += [f'{prefix}-{kimg:06d}.{ext}' for kimg in (0, 1, 2)
-                 for prefix, ext in (('network-snapshot', 'pkl'), ('samples', 'png'), ('node-usage', 'png'))]
+                 for prefix, ext in (('network-snapshot', 'pkl'), ('network-snapshot', 'safetensors'), ('samples', 'png'),
+                                     ('node-usage', 'png'))]
     expected += ['training-state-000001.pt', 'training-state-000002.pt']
     assert files == sorted(expected)
 
@@ -248,10 +249,11 @@ def _bad_cases(tmp_path, run_dir):
         (['--start-size=3'], 'start_size must be a power of two'),
         ([f'--resume={state}', '--max-outputk=16'], 'network_kwargs.max_outputk: 8 in the state, 16 now'),
         ([f'--resume={os.path.join(run_dir, "network-snapshot-000002.pkl")}'], 'not a ddn training state'),
+        ([f'--resume={state}', '--batch=40'], 'was trained with --batch=50'),
         ([f'--resume={tmp_path / "nothing-here"}'], 'no such file or folder'),
         ([f'--resume={empty}'], 'no training-state-*.pt in folder'),
-        (['--transfer', str(tmp_path / 'missing.pkl')], 'Checkpoint file not found'),
-        (['--transfer', state], 'is not a network snapshot'),
+        (['--transfer', str(tmp_path / 'missing.pkl')], 'Network not found'),
+        (['--transfer', state], 'not a network snapshot'),
     ]
 
 def test_bad_input(tiny_run, tmp_path):

@@ -5,7 +5,9 @@ A run folder holds `training-state-NNNNNN.pt` (state dicts for resume, `torch.sa
 while writing must never leave a truncated file under one of those names, or a resume would pick it
 up: `save_atomic` writes a temporary file in the same folder, fsyncs it and renames it into place.
 
-SECURITY: both formats are pickles; loading one can execute code. Load only files you trust.
+SECURITY: both formats are pickles; `load` here unpickles fully and can execute code: trusted files
+only. Files from elsewhere go through training/snapshot.py (`load_state`: weights_only; `load_network`:
+restricted unpickler or safetensors).
 """
 
 import os
@@ -46,6 +48,30 @@ def save_atomic(obj, path, mode='torch'):
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+# ----------------------------------------------------------------------------
+# Remove the temporary files (`*.tmp-<pid>`) that a killed process left in `folder`. A file whose
+# process still runs is kept (it may be writing right now). Returns the removed paths.
+
+def remove_stale_temps(folder):
+    import psutil
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        match = re.search(r'\.tmp-(\d+)$', name)
+        path = os.path.join(folder, name)
+        if match is None or not os.path.isfile(path):
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and psutil.pid_exists(pid):
+            continue
+        try:
+            os.remove(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 # ----------------------------------------------------------------------------
 # Persist the rename itself (the directory entry); not possible on every platform, so best effort.
@@ -94,19 +120,23 @@ def load(path, map_location='cpu'):
 def latest(run_dir, pattern='training-state-*.pt'):
     """Path of the matching file with the largest number, e.g. `training-state-000500.pt`.
 
-    `pattern` is a file name with one `*` for the digits (`network-snapshot-*.pkl`). Temporary
+    `pattern` is a file name with one `*` for the digits (`network-snapshot-*.pkl`); `000002.500`
+    (kimg 2.5, the name of a file of a tick shorter than 1 kimg) comes after `000002`. Temporary
     files of an interrupted save (`...pt.tmp-<pid>`) never match, because the pattern must match the
     whole name.
     """
     if pattern.count('*') != 1:
         raise ValueError(f"pattern must contain exactly one '*' for the number, got {pattern!r}")
     prefix, suffix = pattern.split('*')
-    regex = re.compile(re.escape(prefix) + r'(\d+)' + re.escape(suffix))
-    best_num, best_path = -1, None
+    # The number: kimg (6 digits), optionally with 3 decimals (files of ticks shorter than 1 kimg).
+    regex = re.compile(re.escape(prefix) + r'(\d+)(?:\.(\d{3}))?' + re.escape(suffix))
+    best_num, best_path = None, None
     if not os.path.isdir(run_dir):
         return None
     for name in os.listdir(run_dir):
         match = regex.fullmatch(name)
-        if match and int(match.group(1)) > best_num and os.path.isfile(os.path.join(run_dir, name)):
-            best_num, best_path = int(match.group(1)), os.path.join(run_dir, name)
+        if match and os.path.isfile(os.path.join(run_dir, name)):
+            num = (int(match.group(1)), int(match.group(2) or 0))
+            if best_num is None or num > best_num:
+                best_num, best_path = num, os.path.join(run_dir, name)
     return best_path

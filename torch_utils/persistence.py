@@ -14,9 +14,10 @@ calls the constructor with those arguments and loads the state dict. Consequence
 - The class must be importable under the same name when loading (the repository on `sys.path`).
   Classes defined inside functions cannot be pickled this way.
 
-SECURITY: unpickling imports modules and runs constructors, i.e. executes code. Load only pickles
-from sources you trust. (State dicts saved with `torch.save` and loaded with `weights_only=True`, or a
-safetensors file, are the formats for untrusted sharing.)
+SECURITY: a plain `pickle.load` imports modules and runs constructors, i.e. executes code: load only
+pickles from sources you trust. `training/snapshot.py` loads our snapshots through a restricted
+unpickler that lets this hook build only our network classes, and reads and writes the safetensors
+format, which is the one to share.
 
 `copy.deepcopy` does not go through the pickle path: it copies the live object (same devices,
 dtypes, buffers, hooks), as `ema = copy.deepcopy(net)` in the training loop expects.

@@ -13,6 +13,7 @@ not used. The network scales images to [-1, 1] itself, so datasets stay raw and 
 
 import json
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -24,11 +25,41 @@ import dnnlib
 # File extensions read as images (lower case).
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
+# The sample images of a generate.py --outdir ({name:06d}.png, or {thousands:06d}/{name:06d}.png
+# with --subdirs), which a folder marks by its generation_options.json; grid.png is not one of them.
+GENERATED_IMAGE_PATTERN = r'(\d{6}/)?\d{6}\.png'
+GENERATED_MARKER = 'generation_options.json'
+
 # PIL modes stored as one channel; every other mode is converted to RGB (alpha is dropped).
-_GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
+_GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
+
+# PIL modes of integer grayscale with more than 8 bits (16-bit PNGs open as 'I;16' or 'I').
+_WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L')
+
+def to_uint8_array(image, what='image'):
+    """uint8 pixels of a PIL image: HW for grayscale modes, HWC RGB for the others (alpha dropped).
+    16-bit grayscale is scaled from [0, 65535] (value / 257, rounded), not clipped to white; a
+    floating-point image ('F') or values beyond 16 bits raise ValueError naming `what`."""
+    if image.mode in _WIDE_GRAY_MODES:
+        array = np.asarray(image).astype(np.int64)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise ValueError(f'{what}: {image.mode} pixel values outside [0, 65535]; convert it to an 8- or 16-bit image')
+        return ((array * 255 + 32767) // 65535).astype(np.uint8)
+    if image.mode == 'F':
+        raise ValueError(f'{what} is a floating-point image (mode F); convert it to an 8- or 16-bit PNG')
+    if image.mode in _GRAYSCALE_MODES:
+        image = image.convert('L') if image.mode != 'L' else image
+    elif image.mode != 'RGB':
+        image = image.convert('RGB')
+    return np.array(image, dtype=np.uint8)
 
 # ----------------------------------------------------------------------------
 # Base class: subset (max_size), mirroring (xflip), labels and caching on top of raw images.
+
+# An image of the dataset cannot be read (raised while training, possibly in a DataLoader worker,
+# which re-raises it in the main process with the same type and message).
+class DatasetError(ValueError):
+    pass
 
 class Dataset(torch.utils.data.Dataset):
     def __init__(self,
@@ -99,7 +130,10 @@ class Dataset(torch.utils.data.Dataset):
         raw_idx = int(self._raw_idx[idx])
         image = self._cached_images.get(raw_idx)
         if image is None:
-            image = self._load_raw_image(raw_idx)
+            try:
+                image = self._load_raw_image(raw_idx)
+            except (OSError, ValueError, SyntaxError) as err:     # Truncated or corrupt files, in a worker too.
+                raise DatasetError(f'{self._describe_raw_image(raw_idx)}: cannot decode: {err}') from None
             if image.dtype != np.uint8 or list(image.shape) != self.image_shape:
                 raise ValueError(f'{self._describe_raw_image(raw_idx)} has shape {list(image.shape)} (dtype {image.dtype}); '
                                  f'expected {self.image_shape} (uint8) like the rest of the dataset')
@@ -170,6 +204,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self,
         path,                       # Folder or .zip file.
         resolution      = None,     # Expected side length; None accepts whatever the images have.
+        name_pattern    = None,     # Regex the relative path of an image must match, e.g. GENERATED_IMAGE_PATTERN.
         **super_kwargs,             # Options of Dataset: max_size, use_labels, xflip, random_seed, cache.
     ):
         self._path = os.fspath(path)
@@ -186,7 +221,8 @@ class ImageFolderDataset(Dataset):
         else:
             raise FileNotFoundError(f'Dataset not found: {self._path}')
         self._image_fnames = sorted(fname for fname in all_fnames
-                                    if os.path.splitext(fname)[1].lower() in IMAGE_EXTENSIONS and not _is_hidden(fname))
+                                    if os.path.splitext(fname)[1].lower() in IMAGE_EXTENSIONS and not _is_hidden(fname)
+                                    and (name_pattern is None or re.fullmatch(name_pattern, fname)))
         if not self._image_fnames:
             raise ValueError(f'No PNG/JPG images found in {self._path}')
 
@@ -237,11 +273,7 @@ class ImageFolderDataset(Dataset):
     # Decode one image to uint8 CHW, grayscale staying one channel.
     def _load_raw_image(self, raw_idx):
         with self._open_file(self._image_fnames[raw_idx]) as f, PIL.Image.open(f) as image:
-            if image.mode in _GRAYSCALE_MODES:
-                image = image.convert('L') if image.mode != 'L' else image
-            elif image.mode != 'RGB':
-                image = image.convert('RGB')
-            array = np.array(image, dtype=np.uint8)
+            array = to_uint8_array(image, self._describe_raw_image(raw_idx))
         return array[np.newaxis] if array.ndim == 2 else array.transpose(2, 0, 1)
 
     # Labels from dataset.json; None when it is absent or its "labels" is null.
@@ -252,11 +284,16 @@ class ImageFolderDataset(Dataset):
                 return None
         elif 'dataset.json' not in self._get_zipfile().namelist():
             return None
-        with self._open_file('dataset.json') as f:
-            labels = json.load(f).get('labels')
-        if labels is None:
-            return None
-        labels = dict(labels)
+        try:
+            with self._open_file('dataset.json') as f:
+                meta = json.load(f)
+            labels = meta.get('labels') if isinstance(meta, dict) else meta['labels']
+            if labels is None:
+                return None
+            labels = dict(labels)
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+            raise ValueError(f'dataset.json in {self._path} is malformed ({type(err).__name__}: {err}); expected '
+                             '{"labels": [["path/in/dataset.png", class], ...]} or {"labels": null}') from None
         result = []
         for fname in self._image_fnames:
             if fname not in labels:

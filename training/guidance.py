@@ -29,8 +29,8 @@ Conventions of the built-in scorers:
   a plain argmin, would always take node 0: pass `chooser=argmin` from this file instead.)
 
 The CLIP scorer needs a CLIP package (`open_clip_torch` or OpenAI's `clip`); it is not a dependency
-of ddn. Classifier and feature networks may be TorchScript files or pickles; loading a pickle
-executes code: trusted files only.
+of ddn. Classifier and feature networks are TorchScript files; pickles (which execute code when
+loaded) only with `trust_pickle=True` (`--trust-pickle`).
 """
 
 import math
@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from training.ddl import LayerInfo, uniform_to_codes
+from training.snapshot import UnsafeFileError
 # Resize (N, C, H, W) images to (size, size) the way targets reach a layer: area down, bilinear up.
 from training.ddl import resize_area as resize  # noqa: F401 (re-exported for zscg.py and users)
 
@@ -620,14 +621,22 @@ def load_mask(path, resolution=None):
         array = np.array(image, dtype=np.float32) / 255
     return torch.from_numpy(array)[None, None]
 
-def load_module(path, device='cpu'):
-    """A classifier or feature network from a TorchScript file, or else a pickle (of the module, or
-    of a dict holding it under 'classifier' / 'features' / 'net'). Pickles execute code: trusted files only."""
+def load_module(path, device='cpu', trust_pickle=False):
+    """A classifier or feature network from a TorchScript file (safe: TorchScript runs no Python
+    from the file), or, only with `trust_pickle`, a pickle (of the module, or of a dict holding it
+    under 'classifier' / 'features' / 'net'): unpickling runs code from the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Module file not found: {path}')
     if zipfile.is_zipfile(path):  # TorchScript archives are zip files; pickles are not.
-        return torch.jit.load(path, map_location=device).eval()
+        try:
+            return torch.jit.load(path, map_location=device).eval()
+        except RuntimeError as e:
+            raise ValueError(f'{path} is a zip archive but not a TorchScript module '
+                             f'(save one with torch.jit.script(module).save(path)): {str(e).splitlines()[0]}') from None
+    if not trust_pickle:
+        raise UnsafeFileError(f'{path} is not a TorchScript archive: a pickled module runs code from the file when loaded. '
+                              'Save it as TorchScript (torch.jit.script(module).save(path)), or pass --trust-pickle if you trust it')
     with open(path, 'rb') as f:
         obj = pickle.load(f)
     if isinstance(obj, dict):
@@ -686,6 +695,7 @@ def parse_guides(
     style           = None,                 # --guide-style: path or tensor; None = `image`.
     features        = None,                 # --guide-features: feature network for style (path or module).
     device          = 'cpu',                # Where classifier / CLIP / feature networks run.
+    trust_pickle    = False,                # Let classifier / features be pickles (they run code when loaded).
 ) -> CombinedScorer:
     """Build the scorer of a guide spec, checking every input it needs and its shape against the
     network. Paths are loaded with `load_guide_image` / `load_mask` / `load_module`. Raises ValueError
@@ -735,13 +745,13 @@ def parse_guides(
         elif name == 'edge':
             s = EdgeScorer(guide_image(image, 'edge map', (1,)))
         elif name == 'classifier':
-            module = load_module(classifier, device) if isinstance(classifier, (str, os.PathLike)) else classifier
+            module = load_module(classifier, device, trust_pickle) if isinstance(classifier, (str, os.PathLike)) else classifier
             r = classifier_resolution or getattr(module, 'img_resolution', None) or res
             s = ClassifierScorer(module, class_idx, resolution=r)
         elif name == 'clip':
             s = ClipScorer(text, device=device)
         else:  # style: statistics do not depend on the image size, so any square size is accepted.
-            feats = load_module(features, device) if isinstance(features, (str, os.PathLike)) else features
+            feats = load_module(features, device, trust_pickle) if isinstance(features, (str, os.PathLike)) else features
             st = style if style is not None else image
             x = load_guide_image(st, channels=ch) if isinstance(st, (str, os.PathLike)) else _as_batch(st, 'style image')
             if x.shape[1] != ch:

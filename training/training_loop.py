@@ -20,11 +20,13 @@ reference DDN code), lr ramped up linearly over `lr_rampup_kimg` (EDM's 10 Mimg 
 """
 
 import copy
+import functools
 import hashlib
 import io
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -35,12 +37,18 @@ import torch
 
 import dnnlib
 from torch_utils import checkpoint, distributed, misc, training_stats
+from training import snapshot as snapshot_io
 from training.split_prune import find_node_sets, split_and_prune
 from training.metrics import SnapshotMetrics
 
-# File names inside a run folder, '*' standing for kimg as 6 digits.
+# File names inside a run folder, '*' standing for the kimg tag (see file_tag).
 STATE_PATTERN = 'training-state-*.pt'
 SNAPSHOT_PATTERN = 'network-snapshot-*.pkl'
+SAFE_SNAPSHOT_PATTERN = 'network-snapshot-*.safetensors'
+
+# Signals that stop a run cleanly: finish the step, write a training state, exit 0 (SLURM sends
+# SIGUSR1 ahead of the end of a job with --signal=USR1@SECONDS; schedulers send SIGTERM).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR1') if hasattr(signal, name))
 
 # Precisions: autocast dtype of each (None = plain fp32).
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -79,7 +87,7 @@ def config_hash(network_kwargs, dataset_info):
 # Load a training state and check that it belongs to this configuration. Raises ValueError with
 # a message naming every difference (and FileNotFoundError / RuntimeError for unreadable files).
 def load_training_state(path, network_kwargs, dataset_info):
-    state = checkpoint.load(path, map_location='cpu')
+    state = snapshot_io.load_state(path)    # torch.load(weights_only=True): a state runs no code.
     if not isinstance(state, dict) or 'net' not in state or 'config' not in state:
         raise ValueError(f'{path} is not a ddn training state (training-state-*.pt); '
                          'to start from a network snapshot (.pkl) use --transfer')
@@ -95,12 +103,60 @@ def load_training_state(path, network_kwargs, dataset_info):
         raise ValueError(f'Training state {path} comes from another configuration:\n' + '\n'.join(diffs))
     return state
 
-# Load the network of a snapshot pickle for --transfer. Raises ValueError / RuntimeError.
-def load_transfer_network(path):
-    data = checkpoint.load(path)
-    if not isinstance(data, dict) or not isinstance(data.get('ema'), torch.nn.Module):
-        raise ValueError(f'{path} is not a network snapshot (a pickle of dict(ema=<network>, ...))')
-    return data['ema']
+# The network of a snapshot (.safetensors or .pkl, or a run folder's newest) for --transfer, loaded
+# without running code from the file unless `trust_pickle`. Raises OSError / ValueError.
+def load_transfer_network(path, trust_pickle=False):
+    return snapshot_io.load_network(path, 'cpu', trust_pickle=trust_pickle)[1]
+
+# Name tag of the files written at `cur_nimg`: kimg as 6 digits (EDM's names), or kimg with three
+# decimals when the run's previous files had the same kimg (`last_kimg`; ticks shorter than 1 kimg,
+# a short last tick), so that no file replaces one of another point in training. The rule depends
+# only on the schedule (a resumed run names its files as the uninterrupted one does).
+def file_tag(cur_nimg, last_kimg):
+    if cur_nimg // 1000 != last_kimg:
+        return f'{cur_nimg // 1000:06d}'
+    return f'{cur_nimg // 1000:06d}.{cur_nimg % 1000:03d}'
+
+# SIGTERM / SIGUSR1 -> a flag read after every step; all ranks stop after the same step.
+class _StopRequest:
+    def __init__(self):
+        self.signum = None
+        self.group = None
+        if distributed.get_world_size() > 1:    # A CPU collective: no device sync per step, even with NCCL.
+            self.group = torch.distributed.new_group(backend='gloo')
+        for sig in STOP_SIGNALS:
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:                  # Not the main thread: no handlers, never stops early.
+                pass
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+    # True on every rank once any rank got a stop signal (the signal number in self.signum).
+    def requested(self):
+        flag = self.signum or 0
+        if self.group is not None:
+            t = torch.tensor([flag], dtype=torch.int64)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            flag = int(t)
+            self.signum = flag or None
+        return bool(flag)
+
+# training_loop leaves the handlers of STOP_SIGNALS as it found them, also when it raises.
+def _restores_stop_handlers(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for sig, handler in saved.items():
+                try:
+                    signal.signal(sig, handler)
+                except (ValueError, TypeError):     # Not the main thread, or a handler set from C.
+                    pass
+    return wrapper
 
 # Copy the weights of a snapshot network into `net` (same architecture required) and forget
 # its node statistics: they describe another run's data.
@@ -281,6 +337,7 @@ def node_usage_summary(net):
 
 # ----------------------------------------------------------------------------
 
+@_restores_stop_handlers
 def training_loop(
     run_dir             = '.',      # Output directory (used by rank 0 only).
     dataset_kwargs      = {},       # Options of the training set (class_name, ...).
@@ -301,7 +358,8 @@ def training_loop(
     snapshot_ticks      = 50,       # Snapshot + pictures every this many ticks; None = never.
     state_dump_ticks    = 500,      # Training state every this many ticks; None = never.
     resume_state        = None,     # training-state-*.pt to continue from.
-    transfer_pkl        = None,     # network-snapshot-*.pkl whose weights initialise the network.
+    transfer_pkl        = None,     # network-snapshot-*.safetensors/.pkl whose weights initialise the network.
+    trust_pickle        = False,    # Let transfer_pkl be a pickle that runs code (not one of our snapshots).
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
     device              = None,     # 'cpu', 'cuda' or None = this rank's GPU if any, else the CPU.
     metrics             = None,     # Metrics of every snapshot, e.g. 'fid50k,kid10k' (training.metrics); None = none.
@@ -346,6 +404,9 @@ def training_loop(
         raise ValueError(f'network_kwargs describe {network_kwargs.img_channels}x{network_kwargs.img_resolution}^2 images '
                          f'but the dataset has shape {dataset_obj.image_shape}')
     state = load_training_state(resume_state, network_kwargs, dataset_info) if resume_state is not None else None
+    if state is not None and int(state.get('batch_size', batch_size)) != batch_size:
+        raise ValueError(f'Training state {resume_state} was trained with batch_size {state["batch_size"]}, not {batch_size}: '
+                         'the resumed run would not repeat the interrupted one')
 
     # Network: identical initial weights on every rank (same seed, then a broadcast to be sure).
     distributed.print0('Constructing network...')
@@ -373,7 +434,7 @@ def training_loop(
     cur_nimg, cur_tick = 0, 0
     if transfer_pkl is not None:
         distributed.print0(f'Transferring weights from "{transfer_pkl}"...')
-        transfer_weights(load_transfer_network(transfer_pkl), net)
+        transfer_weights(load_transfer_network(transfer_pkl, trust_pickle), net)
         if ema is not net:
             misc.copy_params_and_buffers(net, ema, require_all=True)
     if state is not None:
@@ -384,7 +445,12 @@ def training_loop(
         optimizer.load_state_dict(state['optimizer'])
         if state.get('scaler') and step_fn.scaler.is_enabled():
             step_fn.scaler.load_state_dict(state['scaler'])
-        cur_nimg, cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
+        # The state records the last finished tick; the next one starts where it left off (a state
+        # written on a stop signal, mid-tick, also records where that tick started).
+        cur_nimg = int(state['cur_nimg'])
+        cur_tick = int(state.get('next_tick', int(state['cur_tick']) + 1))
+        resume_tick_start = int(state.get('tick_start_nimg', cur_nimg))
+        last_tag_kimg = int(state.get('last_tag_kimg', cur_nimg // 1000))
         del state
     base_lr = optimizer.defaults['lr']
 
@@ -410,10 +476,34 @@ def training_loop(
         return
     stats_path = os.path.join(run_dir, 'stats.jsonl') if rank == 0 else None
     tick_start_nimg, tick_start_time = cur_nimg, time.time()
+    if resume_state is None:
+        last_tag_kimg = -1                  # kimg of the newest file name of this run (see file_tag).
+    else:
+        tick_start_nimg = resume_tick_start
     maintenance_time = tick_start_time - start_time
     prev_splits = node_usage_summary(net)['splits']
     progress = _TickProgress(enabled=(rank == 0))
     progress.start(round(kimg_per_tick * 1000) if cur_tick else batch_size)
+    stop = _StopRequest()
+
+    # A training state for exact resume (rank 0 writes it).
+    def write_state(tag, next_tick):
+        state = dict(
+            net=net.state_dict(),
+            ema=None if ema is net else ema.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scaler=step_fn.scaler.state_dict() if step_fn.scaler.is_enabled() else None,
+            rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if device.type == 'cuda' else None),
+            cur_nimg=cur_nimg, cur_tick=next_tick - 1, next_tick=next_tick, tick_start_nimg=tick_start_nimg,
+            last_tag_kimg=last_tag_kimg,
+            seed=seed, batch_size=batch_size,
+            config=dict(network_kwargs=dict(network_kwargs), dataset=dataset_info),
+            config_hash=config_hash(network_kwargs, dataset_info),
+        )
+        path = os.path.join(run_dir, f'training-state-{tag}.pt')
+        checkpoint.save_atomic(state, path, mode='torch')
+        return path
+
     while True:
         # One step: the same random numbers whenever step `cur_nimg // batch_size` is run.
         misc.set_seed_for_step(seed, rank, cur_nimg // batch_size)
@@ -429,9 +519,18 @@ def training_loop(
                        ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio))
         cur_nimg += batch_size
         progress.update(batch_size)
+        done = cur_nimg >= total_kimg * 1000
+
+        # A stop signal: save where we are (the tick in progress continues on resume) and leave.
+        if not done and stop.requested():
+            progress.close()
+            tag, last_tag_kimg = file_tag(cur_nimg, last_tag_kimg), cur_nimg // 1000
+            path = write_state(tag, cur_tick) if rank == 0 else None
+            distributed.print0(f'Stopped by {signal.Signals(stop.signum).name} at kimg {cur_nimg / 1e3:.3f}: training state saved to {path}')
+            distributed.print0(f'To continue, run the same command with --resume={run_dir}')
+            return
 
         # Maintenance once per tick (the first tick is a single step, for quick feedback).
-        done = cur_nimg >= total_kimg * 1000
         if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
             continue
         progress.close()
@@ -479,10 +578,14 @@ def training_loop(
             fields.append(f'gpumem {mean("Resources/peak_gpu_mem_gb"):<5.2f}')
         distributed.print0('  '.join(fields))
         prev_splits = usage['splits']
-        kimg_tag = f'{cur_nimg // 1000:06d}'
+        write_snapshot = snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0)
+        write_dump = state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0
+        kimg_tag = file_tag(cur_nimg, last_tag_kimg)
+        if write_snapshot or write_dump:
+            last_tag_kimg = cur_nimg // 1000
 
         # Snapshot: EMA network pickle (+ sample grid and node-usage plot).
-        if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
+        if write_snapshot:
             snapshot = copy.deepcopy(ema).eval().requires_grad_(False)
             misc.check_ddp_consistency(net)
             misc.check_ddp_consistency(snapshot)
@@ -492,25 +595,18 @@ def training_loop(
                 data = dict(ema=snapshot.cpu(), loss_fn=loss_fn, dataset_kwargs=dict(dataset_kwargs),
                             network_kwargs=dict(network_kwargs), training_options=training_options)
                 checkpoint.save_atomic(data, os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl'), mode='pickle')
+                # The same network in the safe format (loads without running code), beside the pickle.
+                snapshot_io.save_network_safe(data['ema'], os.path.join(run_dir, f'network-snapshot-{kimg_tag}.safetensors'),
+                                              extra_metadata=dict(training_options=training_options))
                 del data
             if snapshot_metrics is not None:    # On all ranks, each generating its share of the samples.
                 snapshot_metrics(snapshot, f'network-snapshot-{kimg_tag}.pkl', cur_nimg / 1e3)
             del snapshot
 
         # Training state for exact resume.
-        if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0 and rank == 0:
-            state = dict(
-                net=net.state_dict(),
-                ema=None if ema is net else ema.state_dict(),
-                optimizer=optimizer.state_dict(),
-                scaler=step_fn.scaler.state_dict() if step_fn.scaler.is_enabled() else None,
-                rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if device.type == 'cuda' else None),
-                cur_nimg=cur_nimg, cur_tick=cur_tick, seed=seed, batch_size=batch_size,
-                config=dict(network_kwargs=dict(network_kwargs), dataset=dataset_info),
-                config_hash=config_hash(network_kwargs, dataset_info),
-            )
-            checkpoint.save_atomic(state, os.path.join(run_dir, f'training-state-{kimg_tag}.pt'), mode='torch')
-            del state
+        if write_dump and rank == 0:
+            tick_start_nimg = cur_nimg      # The next tick starts here.
+            write_state(kimg_tag, cur_tick + 1)
 
         # stats.jsonl: one line per tick.
         if rank == 0:
