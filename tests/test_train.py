@@ -162,17 +162,20 @@ def test_two_process_gloo(tmp_path, env):
 
     # One process, two rounds of 8 = the same two half-batch gradients summed in another order. Only a
     # few steps compare: after that DDN's argmin turns rounding differences into different choices.
+    # Two processes with two rounds of 4 each (DDP reduces after the second round only) agree too.
     short = [arg for arg in common if not arg.startswith('--duration')] + ['--duration=0.000032']
-    for outdir, nproc in (('two-short', ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']), ('one-short', [])):
-        extra = ['--batch-gpu=8'] if not nproc else []
+    torchrun = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    runs = (('two-short', torchrun, [], 2), ('two-rounds', torchrun, ['--batch-gpu=4'], 2), ('one-short', [], ['--batch-gpu=8'], 1))
+    for outdir, nproc, extra, _ in runs:
         proc = subprocess.run([sys.executable, *nproc, train.__file__, f'--outdir={tmp_path / outdir}', *short, *extra],
                               env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    states = [checkpoint.load(checkpoint.latest(str(tmp_path / outdir / name), tl.STATE_PATTERN))
-              for outdir, name in (('two-short', '00000-digits-gpus2-batch16-fp32'), ('one-short', '00000-digits-gpus1-batch16-fp32'))]
-    assert states[0]['cur_nimg'] == states[1]['cur_nimg'] == 32
-    for name, value in states[1]['net'].items():
+    states = [checkpoint.load(checkpoint.latest(str(tmp_path / outdir / f'00000-digits-gpus{n}-batch16-fp32'), tl.STATE_PATTERN))
+              for outdir, _, _, n in runs]
+    assert states[0]['cur_nimg'] == states[1]['cur_nimg'] == states[2]['cur_nimg'] == 32
+    for name, value in states[2]['net'].items():
         torch.testing.assert_close(states[0]['net'][name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(states[1]['net'][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 # ----------------------------------------------------------------------------
 # SIGKILL at a random moment after the first snapshot: every file under a final name is complete,
