@@ -61,7 +61,8 @@ class NodeStatistics(nn.Module):
         self.register_buffer('pending_count', torch.zeros(K, dtype=torch.float64), persistent=False)
         self.register_buffer('pending_near2', torch.zeros(K2 * K2, dtype=torch.float64), persistent=False)
         self.register_buffer('pending_dist', torch.zeros(K, dtype=torch.float64), persistent=False)
-        self.register_buffer('pending_seen', torch.zeros([], dtype=torch.float64), persistent=False)
+        # Shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d float64 buffers.
+        self.register_buffer('pending_seen', torch.zeros([1], dtype=torch.float64), persistent=False)
 
     # State dicts saved before `select_bias` existed load with a zero bias (what they trained with).
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -103,7 +104,7 @@ class NodeStatistics(nn.Module):
         self.count.add_(self.pending_count)
         self.near2.add_(self.pending_near2.view(self.near2.shape))
         self.dist_acc.add_(self.pending_dist)
-        self.seen.add_(self.pending_seen)
+        self.seen.add_(self.pending_seen.view([]))
         for t in self.pending_tensors():
             t.zero_()
 
@@ -288,7 +289,7 @@ class _Plan:
         # fold(): statistics += pending, with near2's flat pending buffer seen as K x K.
         self.fold_dst = [t for st in stats for t in (st.count, st.near2, st.dist_acc, st.seen)]
         self.fold_src = [t for st in stats for t in (st.pending_count, st.pending_near2.view(st.near2.shape),
-                                                      st.pending_dist, st.pending_seen)]
+                                                      st.pending_dist, st.pending_seen.view([]))]
         by_key: dict[tuple, list[int]] = {}
         for idx, ns in enumerate(node_sets):
             by_key.setdefault((ns.K, ns.node_stats.track_near2), []).append(idx)
@@ -310,7 +311,7 @@ class _Plan:
             self.groups.append(_DecisionGroup(K, track_near2, sts, [st.count for st in sts], [st.near2 for st in sts],
                                               [st.dist_acc for st in sts], [st.num_splits for st in sts],
                                               [st.select_bias for st in sts], [st.pending_count for st in sts],
-                                              [st.pending_seen for st in sts], row_groups))
+                                              [st.pending_seen.view([]) for st in sts], row_groups))
 
 # Everything a plan depends on, by identity: a plan is valid while each of these is the same object.
 def _plan_key(node_sets, mirror_sets, optimizer):

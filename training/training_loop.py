@@ -149,7 +149,8 @@ class TrainingStep:
         batch_size,                     # Global batch of one step (all ranks, all rounds).
         precision       = 'fp32',       # 'fp32', 'bf16' or 'fp16' (fp16: autocast + GradScaler loss scaling).
         split_prune_kwargs = {},        # enabled, rule: options of split_and_prune().
-        compile         = False,        # torch.compile the training forward (network + loss).
+        compile         = False,        # torch.compile the training forward (network + loss); a string
+                                        # names the backend (default inductor).
         channels_last   = False,        # Convolution weights and feature maps in channels-last layout.
         bucket_cap_mb   = 25,           # Size of DDP's gradient buckets (multi-process runs).
     ):
@@ -178,7 +179,7 @@ class TrainingStep:
             self.ddp.register_comm_hook(None, _allreduce_sum_hook)
             self.forward = self.ddp
         if compile:
-            self.forward = torch.compile(self.forward)
+            self.forward = torch.compile(self.forward, backend=compile if isinstance(compile, str) else 'inductor')
         self._synced = True     # Whether the last accumulate() reduced the gradients.
 
     # Forward and backward of one round; gradients add up in .grad. Returns the (B,) loss.
