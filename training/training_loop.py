@@ -6,7 +6,7 @@
    under `torch.autocast` for bf16/fp16;
 3. gradients summed across ranks by torch's DistributedDataParallel, bucket by bucket while the
    backward pass still runs (communication overlaps compute), and only after the last round
-   (`no_sync` before); `broadcast_buffers=False`, since the DDL statistics are buffers that
+   (`no_sync` before); no buffer sync in forward, since the DDL statistics are buffers that
    Split-and-Prune reduces itself;
 4. Adam step, then Split-and-Prune (`split_and_prune(net, optimizer, mirrors=[ema])`, paper §3.3);
 5. EMA update (half-life in kimg; 0 = no EMA, the snapshot holds the network itself).
@@ -24,6 +24,7 @@ reference DDN code), lr ramped up linearly over `lr_rampup_kimg` (EDM's 10 Mimg 
 import contextlib
 import copy
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -173,9 +174,13 @@ class TrainingStep:
         self.forward = _TrainingForward(net, loss_fn)
         self.ddp = None
         if distributed.get_world_size() > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.forward,
-                device_ids=[self.device.index] if self.device.type == 'cuda' else None,
-                broadcast_buffers=False, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True)
+            DDP = torch.nn.parallel.DistributedDataParallel
+            # No buffer sync in forward (torch >= 2.13 names it forward_sync_buffers; buffers are
+            # then still broadcast once at construction, when they are equal on all ranks anyway).
+            no_buffer_sync = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in inspect.signature(DDP).parameters \
+                else dict(broadcast_buffers=False)
+            self.ddp = DDP(self.forward, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+                           bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
             self.ddp.register_comm_hook(None, _allreduce_sum_hook)
             self.forward = self.ddp
         if compile:
