@@ -31,9 +31,9 @@ OUT=$(cd "$OUT" && pwd)
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 START=$(date +%s)
 step() { echo; echo "=== $* ($(( $(date +%s) - START )) s)"; }
-# run CAP CMD...: run CMD for at most CAP seconds, and never past the script's budget.
+# run CAP CMD...: run CMD for at most CAP (x SCALE) seconds, and never past the script's budget.
 run() {
-    local cap=$1; shift
+    local cap=$(( $1 * SCALE )); shift
     local left=$(( BUDGET - ($(date +%s) - START) ))
     (( left < cap )) && cap=$left
     if (( cap < 10 )); then echo "SKIPPED (time budget spent): $*"; return 124; fi
@@ -42,10 +42,10 @@ run() {
 
 if python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     CUDA=1; B=256; TRAIN=(--steps=10 --warmup=3); ATRAIN=(--steps=5 --warmup=2); GEN=(--steps=10 --warmup=2); SP=(--steps=20)
-    BUDGET=${DDN_GPU_BUDGET:-450}
+    BUDGET=${DDN_GPU_BUDGET:-450}; SCALE=1
 else
     CUDA=0; B=2; TRAIN=(--steps=1 --warmup=1); ATRAIN=("${TRAIN[@]}"); GEN=(--steps=1 --warmup=1); SP=(--steps=5)
-    BUDGET=${DDN_GPU_BUDGET:-1500}
+    BUDGET=${DDN_GPU_BUDGET:-2400}; SCALE=5    # A CPU step of the full net takes tens of seconds.
     echo "NO GPU: a CPU run at batch $B to check this script; its figures are NOT GPU measurements."
 fi
 

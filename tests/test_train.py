@@ -140,7 +140,7 @@ def test_resume_run_dir_takes_latest_state(tiny_run, env):
 # Two processes with gloo: each rank takes half the batch, ranks stay identical, rank 0 alone writes,
 # and the result equals one process accumulating the same two halves.
 
-def test_two_process_gloo(tmp_path, env):
+def test_two_process_gloo(tmp_path, env, free_port):
     common = ['--duration=0.00032', '--batch=16', '--chain-dropout=0', '--tick=0.08', '--snap=2', '--dump=2',
               '--lr-rampup=0', '--max-channels=8', '--max-blockn=1', '--max-outputk=8', '--seed=5', '--workers=0']
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -162,10 +162,13 @@ def test_two_process_gloo(tmp_path, env):
 
     # One process, two rounds of 8 = the same two half-batch gradients summed in another order. Only a
     # few steps compare: after that DDN's argmin turns rounding differences into different choices.
-    # Two processes with two rounds of 4 each (DDP reduces after the second round only) agree too.
+    # Two processes with two rounds of 4 each (DDP reduces after the second round only) agree too;
+    # that run is launched as the README's multi-node command does (c10d rendezvous), on one node.
     short = [arg for arg in common if not arg.startswith('--duration')] + ['--duration=0.000032']
     torchrun = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    runs = (('two-short', torchrun, [], 2), ('two-rounds', torchrun, ['--batch-gpu=4'], 2), ('one-short', [], ['--batch-gpu=8'], 1))
+    multinode = ['-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2', '--rdzv-backend=c10d',
+                 f'--rdzv-endpoint=127.0.0.1:{free_port}', '--rdzv-id=ddn-test']
+    runs = (('two-short', torchrun, [], 2), ('two-rounds', multinode, ['--batch-gpu=4'], 2), ('one-short', [], ['--batch-gpu=8'], 1))
     for outdir, nproc, extra, _ in runs:
         proc = subprocess.run([sys.executable, *nproc, train.__file__, f'--outdir={tmp_path / outdir}', *short, *extra],
                               env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240, check=False)
