@@ -139,17 +139,21 @@ def test_training_step_bf16_on_cpu():
 
 # torch.compile of the training forward keeps what eager training does: the same losses and
 # weights, Split-and-Prune statistics (buffers mutated inside the compiled graph) and splits (rows
-# copied in place outside it). Traced with the aot_eager backend (dynamo + AOT autograd, the layers
-# where a mutation could be lost); inductor's C++ compilation takes minutes on CI's 2 CPU cores, so
-# tests/test_cuda.py runs inductor on a GPU.
+# copied in place outside it), also after another state is loaded into the network (resume).
+# Traced with the aot_eager backend (dynamo + AOT autograd, the layers where a mutation could be
+# lost); inductor's C++ compilation takes minutes on CI's 2 CPU cores, so tests/test_cuda.py runs
+# inductor on a GPU.
 def test_training_step_compiled_matches_eager():
     images = torch.rand(8, 1, 8, 8) * 2 - 1
+    resumed = _step_setup(seed=1)[0].state_dict()
     runs = []
     for compile in (False, 'aot_eager'):
         net, opt = _step_setup()
         step = tl.TrainingStep(net, net, DDNLoss(), opt, batch_size=8, compile=compile)
         losses = []
-        for _ in range(3):
+        for i in range(4):
+            if i == 3:      # Resume: another state loaded in place, as the training loop does.
+                net.load_state_dict(resumed)
             losses.append(step.accumulate(images[:4]).detach())
             losses.append(step.accumulate(images[4:]).detach())
             step.update(lr=1e-2, ema_beta=0)
@@ -158,7 +162,8 @@ def test_training_step_compiled_matches_eager():
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(net_e.state_dict().items(), net_c.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
-    assert float(net_c.ddls[0].node_stats.seen) == 24 and int(net_c.ddls[0].node_stats.num_splits) > 0
+    assert float(net_c.ddls[0].node_stats.seen) == float(resumed['ddls.0.node_stats.seen']) + 8
+    assert int(net_c.ddls[0].node_stats.num_splits) > 0
 
 # ----------------------------------------------------------------------------
 # Schedules.
