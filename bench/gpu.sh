@@ -38,6 +38,10 @@ run() {
     (( left < cap )) && cap=$left
     if (( cap < 10 )); then echo "SKIPPED (time budget spent): $*"; return 124; fi
     timeout "$cap" "$@"
+    local rc=$?
+    (( rc == 124 )) && echo "TIMED OUT after $cap s: $*"
+    (( rc != 0 && rc != 124 )) && echo "FAILED (exit $rc): $*"
+    return $rc
 }
 
 if python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
@@ -113,6 +117,9 @@ ours = {k: v['img_per_s'] for k, v in fig.items() if k.startswith('train_') and 
 author = {k: v['img_per_s'] for k, v in fig.items() if k.startswith('author_train') and v}
 author_gen = {k: v['img_per_s'] for k, v in fig.items() if k.startswith('author_gen') and v}
 summary = dict(cuda=cuda, peak_tflops=peak, figures=fig)
+sp_path = os.path.join(out, 'split_prune.txt')
+if os.path.isfile(sp_path):     # sp_ops_before=..., sp_kernels_after=..., sp_time_ratio=...
+    summary['split_prune'] = dict(line.strip().split('=', 1) for line in open(sp_path) if line.startswith('sp_'))
 for k, v in {**ours, **author}.items():
     mem = fig[k].get('peak_memory_gib')
     print(f'{k:<22} {v:10.2f} img/s' + (f'   peak {mem:.2f} GiB' if mem is not None else ''))

@@ -13,7 +13,10 @@ This file holds the three pieces, each named after the paper:
 - `SplittableNodes`: the base class of any module owning K nodes (it says which parameter rows make
   node k), so the same code serves the networks and the 2D toy;
 - `split_and_prune()`: one decision pass over all node sets of a model after the optimizer step,
-  statistics summed across ranks first, so every rank takes the same decision.
+  statistics summed across ranks first, so every rank takes the same decision. The pass is
+  batched over the node sets (a fixed number of tensor operations, however many layers: on a
+  GPU the launches do not grow with L), and its result is bit-identical to treating the node sets
+  one by one (tests/test_split_prune.py checks it against that loop, kept in bench/split_prune.py).
 
 Beyond the paper, `split_and_prune(rule='bias')` is the balanced alternative the author suggests (our
 spec `DDN.md` §3): nothing is split or pruned and no parameter is discarded; instead each node set
