@@ -95,6 +95,10 @@ if [ -n "$AUTHOR" ]; then
         APY="$VENV/bin/python"
     fi
     for p in fp32 fp16; do
+        if (( ! CUDA )) && [ $p = fp16 ]; then
+            echo "the author's fp16 training step is skipped on the CPU (half-precision convolutions take minutes there)"
+            continue
+        fi
         run 45 "$APY" bench/author_speed.py --author-repo="$AUTHOR/ddn" --mode=train --precision=$p --batch=$B "${ATRAIN[@]}" --json="$OUT/author_train_$p.json"
     done
     for p in fp32 fp16; do
