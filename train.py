@@ -212,7 +212,7 @@ def launch(opts):
         raise click.UsageError(f'Invalid network options: {err}') from None
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DDNLoss')
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
-    c.optimizer_kwargs.update({'auto': {}, 'for-loop': dict(foreach=False), 'foreach': dict(foreach=True), 'fused': dict(fused=True)}[opts.adam])
+    c.optimizer_kwargs.update(training_loop.ADAM_IMPLEMENTATIONS[opts.adam])
     c.split_prune_kwargs = dnnlib.EasyDict(enabled=opts.split_prune, rule=opts.split_rule)
     if opts.split_rule == 'bias':
         c.split_prune_kwargs.bias_rate = opts.bias_rate

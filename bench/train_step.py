@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training.loss import DDNLoss  # noqa: E402
 from training.networks import DDNGenerator  # noqa: E402
-from training.training_loop import TrainingStep  # noqa: E402
+from training.training_loop import ADAM_IMPLEMENTATIONS, TrainingStep  # noqa: E402
 
 # The reference CIFAR-10 network of DDN.md §4.
 REFERENCE_NET = dict(img_resolution=32, img_channels=3, max_blockn=32, max_outputk=64)
@@ -70,8 +70,7 @@ def main(batch, steps, warmup, precision, compile, channels_last, adam, device, 
 
     torch.manual_seed(0)
     net = DDNGenerator(**REFERENCE_NET).to(device).train()
-    adam_kwargs = {'auto': {}, 'for-loop': dict(foreach=False), 'foreach': dict(foreach=True), 'fused': dict(fused=True)}[adam]
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **adam_kwargs)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **ADAM_IMPLEMENTATIONS[adam])
     step = TrainingStep(net, net, DDNLoss(), optimizer, batch_size=batch, precision=precision,
                         compile=compile, channels_last=channels_last)
     images = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1

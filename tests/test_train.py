@@ -283,6 +283,15 @@ def test_dry_run(tmp_path):
     assert 'Dry run; exiting.' in result.output and '"class_name": "training.networks.DDNGenerator"' in result.output
     assert not (tmp_path / 'out').exists()
 
+# The speed options reach the training loop's options (the optimizer's implementation, compile, layout).
+def test_speed_options_in_config(tmp_path):
+    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "out"}', '--dry-run', *TINY,
+                                             '--adam=fused', '--compile=True', '--channels-last=True'])
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.output[result.output.index('{') : result.output.rindex('}') + 1])
+    assert config['optimizer_kwargs']['fused'] is True
+    assert config['compile'] is True and config['channels_last'] is True
+
 # ----------------------------------------------------------------------------
 # torchrun must hand every option of train.py to the script: none may be mistaken for an
 # abbreviation of one of torchrun's own options.

@@ -48,6 +48,10 @@ SNAPSHOT_PATTERN = 'network-snapshot-*.pkl'
 # Precisions: autocast dtype of each (None = plain fp32).
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
+# torch.optim.Adam's implementations, as keyword arguments ('auto' = torch's choice: for-loop on
+# the CPU, foreach on CUDA; both give identical results, 'fused' differs in the last bits).
+ADAM_IMPLEMENTATIONS = {'auto': {}, 'for-loop': dict(foreach=False), 'foreach': dict(foreach=True), 'fused': dict(fused=True)}
+
 # Seeds of the images in every sample grid (a fixed 8x8 grid, so grids of a run are comparable).
 SAMPLE_GRID_SEEDS = range(64)
 
