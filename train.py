@@ -148,6 +148,9 @@ def resolve_resume(path):
 
 # Performance.
 @option(PERF, '--precision',     help='Training precision (autocast; fp16 with loss scaling, CUDA only)', type=click.Choice(['fp32', 'bf16', 'fp16']), default='fp32')
+@option(PERF, '--compile',       help='torch.compile the training forward (network + loss)', metavar='BOOL', type=bool, default=False)
+@option(PERF, '--channels-last', help='Channels-last layout for the convolutions', metavar='BOOL', type=bool, default=False)
+@option(PERF, '--adam',          help='Adam implementation: auto = torch\'s choice (for-loop on CPU, foreach on CUDA; same results), fused = one kernel (faster, last-bit differences)', type=click.Choice(['auto', 'for-loop', 'foreach', 'fused']), default='auto')
 @option(PERF, '--bench',         help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
 @option(PERF, '--cache',         help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True)
 @option(PERF, '--workers',       help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1)
@@ -246,6 +249,7 @@ def launch(opts):
         raise click.UsageError(f'Invalid network options: {err}') from None
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DDNLoss')
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    c.optimizer_kwargs.update(training_loop.ADAM_IMPLEMENTATIONS[opts.adam])
     c.split_prune_kwargs = dnnlib.EasyDict(enabled=opts.split_prune, rule=opts.split_rule)
     if opts.split_rule == 'bias':
         c.split_prune_kwargs.bias_rate = opts.bias_rate
@@ -259,6 +263,7 @@ def launch(opts):
              ema_halflife_kimg=opts.ema * 1000, lr_rampup_kimg=opts.lr_rampup, precision=opts.precision,
              kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump,
              cudnn_benchmark=opts.bench, device=opts.device)
+    c.update(compile=opts.compile, channels_last=opts.channels_last)
     has_cuda = torch.cuda.is_available() if opts.device == 'auto' else opts.device == 'cuda'
     if opts.device == 'cuda' and not torch.cuda.is_available():
         raise click.UsageError('--device=cuda but CUDA is not available')

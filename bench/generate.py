@@ -9,9 +9,11 @@ one, the single-head path computes only the chosen head (DDN.md §2, "Cost").
     python bench/generate.py                       # CPU: small batch, few steps (< 3 minutes)
     python bench/generate.py --device=cuda --batch=256 --steps=20
 
-Prints a table, then `gen_img_per_s=<single-head images/s>` as the last line.
+Prints a table, then `gen_img_per_s=<single-head images/s>` as the last line; `--json=FILE` also
+writes the figures to FILE.
 """
 
+import json
 import os
 import sys
 import time
@@ -47,7 +49,8 @@ def time_path(net, batch, steps, warmup, all_heads):
 @click.option('--steps', help='Timed steps per path  [default: 2 on CPU, 20 on CUDA]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--warmup', help='Untimed steps per path', metavar='INT', type=click.IntRange(min=0), default=1)
 @click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
-def main(batch, steps, warmup, device):
+@click.option('--json', 'json_path', help='Also write the figures to this JSON file', metavar='FILE', type=str)
+def main(batch, steps, warmup, device, json_path):
     """Images/s of generation with the reference CIFAR-10 network, single-head vs all-K."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     on_cuda = device.type == 'cuda'
@@ -69,6 +72,10 @@ def main(batch, steps, warmup, device):
         print(f'{label:<12} {batch:>6} {steps:>6} {sec:>9.3f} {ips:>9.2f}')
     ratio = rows[0][2] / rows[1][2]
     print(f'{"ratio":<12} {"":>6} {"":>6} {"":>9} {ratio:>8.2f}x  (single-head / all-K)')
+    if json_path:
+        with open(json_path, 'w') as f:
+            json.dump(dict(device=name, batch=batch, steps=steps, warmup=warmup, torch=torch.__version__, cuda=torch.version.cuda,
+                           **{f'{label.replace("-", "_").lower()}_img_per_s': ips for label, _, ips in rows}), f, indent=2)
     print(f'gen_img_per_s={rows[0][2]:.4g}')
 
 # ----------------------------------------------------------------------------

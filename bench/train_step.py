@@ -2,11 +2,13 @@
 
 Runs full training steps (forward, backward, gradient all-reduce, Adam, Split-and-Prune) with the
 training loop's own `TrainingStep` on synthetic images, on the current device: the CPU in fp32, or
-CUDA in bf16. Reports the median over the timed steps after warm-up; prints a table, then as its
-LAST line `train_img_per_s=<x>`.
+CUDA in bf16, with the options of train.py's Performance group (--compile, --channels-last,
+--adam). Reports the median over the timed steps after warm-up; prints a table, then as its LAST
+line `train_img_per_s=<x>`; `--json=FILE` also writes the figures to FILE.
 
     python bench/train_step.py                    # CPU: batch 4, 1 warm-up + 3 timed steps
     python bench/train_step.py --batch=256        # CUDA default, bf16
+    python bench/train_step.py --batch=256 --precision=bf16 --compile=True
 
 On the CPU the reference network costs about 0.3 TFLOP per image per step, so the CPU defaults are
 small (batch 4: a 2-core machine needs one to three minutes per 16 images, and the benchmark should
@@ -16,6 +18,7 @@ up to 5x slower and the figure unstable (0.08 to 0.43 img/s between runs) here, 
 gave the same figure within 10%. Pass `--threads=N` to use more on a dedicated machine.
 """
 
+import json
 import os
 import resource
 import statistics
@@ -29,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training.loss import DDNLoss  # noqa: E402
 from training.networks import DDNGenerator  # noqa: E402
-from training.training_loop import TrainingStep  # noqa: E402
+from training.training_loop import ADAM_IMPLEMENTATIONS, TrainingStep  # noqa: E402
 
 # The reference CIFAR-10 network of DDN.md §4.
 REFERENCE_NET = dict(img_resolution=32, img_channels=3, max_blockn=32, max_outputk=64)
@@ -40,10 +43,14 @@ REFERENCE_NET = dict(img_resolution=32, img_channels=3, max_blockn=32, max_outpu
 @click.option('--batch',     help='Images per step  [default: 4 on CPU, 256 on CUDA]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--steps',     help='Timed steps  [default: 3 on CPU, 20 on CUDA]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--warmup',    help='Untimed steps first  [default: 1 on CPU, 5 on CUDA]', metavar='INT', type=click.IntRange(min=0))
-@click.option('--precision', help='fp32 | bf16  [default: fp32 on CPU, bf16 on CUDA]', type=click.Choice(['fp32', 'bf16']))
+@click.option('--precision', help='Training precision  [default: fp32 on CPU, bf16 on CUDA]', type=click.Choice(['fp32', 'bf16', 'fp16']))
+@click.option('--compile',   help='torch.compile the training forward', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--channels-last', help='Channels-last convolutions', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--adam',      help='Adam implementation (auto = torch\'s choice)', type=click.Choice(['auto', 'for-loop', 'foreach', 'fused']), default='auto', show_default=True)
 @click.option('--device',    help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
 @click.option('--threads',   help='CPU threads', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
-def main(batch, steps, warmup, precision, device, threads):
+@click.option('--json', 'json_path', help='Also write the figures to this JSON file', metavar='FILE', type=str)
+def main(batch, steps, warmup, precision, compile, channels_last, adam, device, threads, json_path):
     """Images/s and peak memory of training steps of the reference CIFAR-10 DDN."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -56,13 +63,16 @@ def main(batch, steps, warmup, precision, device, threads):
     precision = precision or ('bf16' if cuda else 'fp32')
     torch.set_num_threads(threads)
     device = torch.device(device)
-    if cuda:
+    if cuda:    # As the training loop: cuDNN autotuning on, TF32 off (fp32 means fp32).
         torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
     torch.manual_seed(0)
     net = DDNGenerator(**REFERENCE_NET).to(device).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
-    step = TrainingStep(net, net, DDNLoss(), optimizer, batch_size=batch, precision=precision)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **ADAM_IMPLEMENTATIONS[adam])
+    step = TrainingStep(net, net, DDNLoss(), optimizer, batch_size=batch, precision=precision,
+                        compile=compile, channels_last=channels_last)
     images = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
 
     times = []
@@ -82,16 +92,21 @@ def main(batch, steps, warmup, precision, device, threads):
     sec = statistics.median(times)
     img_per_s = batch / sec
     if cuda:
-        memory = f'{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA peak allocated)'
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        memory = f'{peak_gib:.2f} GiB (CUDA peak allocated)'
         where = torch.cuda.get_device_name(device)
     else:
-        memory = f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (CPU peak RSS)'
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        memory = f'{peak_gib:.2f} GiB (CPU peak RSS)'
         where = f'cpu ({torch.get_num_threads()} threads)'
+    options = f'compile={compile} channels_last={channels_last} adam={adam}'
     rows = [
         ('device', where),
         ('network', f'DDN CIFAR-10 reference: 32x32x3, L={net.num_layers}, K={max(net.ks)}, '
                     f'{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters'),
         ('precision', precision),
+        ('options', options),
+        ('torch', f'{torch.__version__} (CUDA {torch.version.cuda})' if cuda else torch.__version__),
         ('batch', str(batch)),
         ('steps', f'{steps} timed after {warmup} warm-up'),
         ('sec/step', f'median {sec:.3f} (min {min(times):.3f}, max {max(times):.3f})'),
@@ -101,6 +116,13 @@ def main(batch, steps, warmup, precision, device, threads):
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f'{name:<{width}}  {value}')
+    if json_path:
+        figures = dict(device=where, precision=precision, compile=compile, channels_last=channels_last, adam=adam,
+                       batch=batch, steps=steps, warmup=warmup, sec_per_step_median=sec, sec_per_step_min=min(times),
+                       img_per_s=img_per_s, img_per_s_best=batch / min(times), peak_memory_gib=peak_gib,
+                       torch=torch.__version__, cuda=torch.version.cuda)
+        with open(json_path, 'w') as f:
+            json.dump(figures, f, indent=2)
     print(f'train_img_per_s={img_per_s:.4g}')
 
 # ----------------------------------------------------------------------------

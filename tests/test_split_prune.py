@@ -1,12 +1,16 @@
 """Tests of Split-and-Prune: the decision rule, the redistribution of statistics (checked against a
 plain loop implementation written from the spec), weights and Adam state copied, mass conserved."""
 
+import copy
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from training.ddl import DiscreteDistributionLayer
-from training.split_prune import decide, redistribute, split_and_prune
+from training.split_prune import NodeStatistics, decide, redistribute, split_and_prune
 
 # ----------------------------------------------------------------------------
 # Reference redistribution, one node set, written as plainly as DDN.md §3 reads.
@@ -237,3 +241,84 @@ def test_statistics_credit_the_chosen_node_on_ties():
     st = layer.node_stats
     assert st.pending_count[2] == 64 and st.pending_count[5] == 0
     assert st.pending_near2.view(6, 6)[2, 5] == 64
+
+# ----------------------------------------------------------------------------
+# The batched pass (all node sets at once) against the per-layer loop it replaced, kept in
+# bench/split_prune.py: bit-identical statistics, weights, EMA rows and Adam state over many steps,
+# with two groups of K and a node set without near2.
+
+def _per_layer_reference():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
+    try:
+        import split_prune as bench_split_prune
+    finally:
+        sys.path.pop(0)
+    return bench_split_prune
+
+def _mixed_model(seed):
+    torch.manual_seed(seed)
+    kw = dict(chain_dropout=0.0)       # No draws from the global RNG: both runs see the same choices.
+    layers = [DiscreteDistributionLayer(8, 3, 8, **kw), DiscreteDistributionLayer(8, 3, 16, **kw),
+              DiscreteDistributionLayer(8, 3, 8, leak=False, **kw), DiscreteDistributionLayer(4, 1, 16, **kw)]
+    layers[3].node_stats = NodeStatistics(16, track_near2=False)
+    model = torch.nn.ModuleList(layers)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    return model, ema, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+@pytest.mark.parametrize('rule', ['tv', 'paper'])
+def test_batched_pass_equals_per_layer_loop(rule):
+    ref = _per_layer_reference()
+    runs = [_mixed_model(0), _mixed_model(0)]
+    passes = [lambda m, e, o: split_and_prune(m, o, mirrors=[e], rule=rule),
+              lambda m, e, o: ref.split_and_prune_per_layer(m, o, mirrors=[e], rule=rule)]
+    gen = torch.Generator().manual_seed(3)
+    splits = [0, 0]
+    for step in range(12):
+        batches = [(torch.randn(16, l.in_channels, 4, 4, generator=gen), torch.randn(16, l.out_channels, 4, 4, generator=gen))
+                   for l in runs[0][0]]
+        for r, (model, ema, opt) in enumerate(runs):
+            loss = sum(l(f, None, target=t).loss.mean() for l, (f, t) in zip(model, batches, strict=True))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            splits[r] += int(passes[r](model, ema, opt))
+    assert splits[0] == splits[1] > 0
+    (m0, e0, o0), (m1, e1, o1) = runs
+    for name, a in m0.state_dict().items():
+        assert torch.equal(a, m1.state_dict()[name]), name
+    for name, a in e0.state_dict().items():
+        assert torch.equal(a, e1.state_dict()[name]), name
+    for p0, p1 in zip(m0.parameters(), m1.parameters(), strict=True):
+        for key in ('exp_avg', 'exp_avg_sq'):
+            assert torch.equal(o0.state[p0][key], o1.state[p1][key])
+
+# The number of tensor operations of a pass does not grow with the number of node sets.
+def test_pass_operation_count_does_not_grow_with_layers():
+    ref = _per_layer_reference()
+    counts = []
+    for layers in (2, 8):
+        model, ema, opt = ref.make_setup(layers, K=16)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            ref.observe_all([model], 32, gen)
+            split_and_prune(model, opt, mirrors=[ema])
+        ref.observe_all([model], 32, gen)
+        counts.append(ref.count_ops(lambda: split_and_prune(model, opt, mirrors=[ema]), cuda=False)[0])
+    assert counts[0] == counts[1], counts
+
+# The tensors a pass writes are looked up again when they change: after the optimizer's state is
+# replaced (resume) and after the model moves (`.to()`), split rows still reach the new tensors.
+def test_pass_follows_replaced_tensors():
+    layer, opt = _trained_layer()
+    split_and_prune(layer, opt)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))      # New exp_avg / exp_avg_sq tensors.
+    layer.to(torch.float64).to(torch.float32)                  # New parameter and buffer tensors.
+    st = layer.node_stats
+    st.reset()
+    st.count.copy_(torch.tensor([40, 3, 5, 4, 0, 6, 2, 4], dtype=torch.float64))
+    st.seen.fill_(st.count.sum())
+    state = opt.state[layer.weight]
+    m_before = state['exp_avg'].clone()
+    assert int(split_and_prune(layer, opt)) == 1
+    assert torch.equal(state['exp_avg'][12:15], m_before[0:3])
+    assert torch.equal(layer.weight[12:15], layer.weight[0:3])

@@ -141,7 +141,7 @@ def test_resume_run_dir_takes_latest_state(tiny_run, env):
 # Two processes with gloo: each rank takes half the batch, ranks stay identical, rank 0 alone writes,
 # and the result equals one process accumulating the same two halves.
 
-def test_two_process_gloo(tmp_path, env):
+def test_two_process_gloo(tmp_path, env, free_port):
     common = ['--duration=0.00032', '--batch=16', '--chain-dropout=0', '--tick=0.08', '--snap=2', '--dump=2',
               '--lr-rampup=0', '--max-channels=8', '--max-blockn=1', '--max-outputk=8', '--seed=5', '--workers=0']
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -163,17 +163,23 @@ def test_two_process_gloo(tmp_path, env):
 
     # One process, two rounds of 8 = the same two half-batch gradients summed in another order. Only a
     # few steps compare: after that DDN's argmin turns rounding differences into different choices.
+    # Two processes with two rounds of 4 each (DDP reduces after the second round only) agree too;
+    # that run is launched as the README's multi-node command does (c10d rendezvous), on one node.
     short = [arg for arg in common if not arg.startswith('--duration')] + ['--duration=0.000032']
-    for outdir, nproc in (('two-short', ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']), ('one-short', [])):
-        extra = ['--batch-gpu=8'] if not nproc else []
+    torchrun = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    multinode = ['-m', 'torch.distributed.run', '--nnodes=1', '--nproc_per_node=2', '--rdzv-backend=c10d',
+                 f'--rdzv-endpoint=127.0.0.1:{free_port}', '--rdzv-id=ddn-test']
+    runs = (('two-short', torchrun, [], 2), ('two-rounds', multinode, ['--batch-gpu=4'], 2), ('one-short', [], ['--batch-gpu=8'], 1))
+    for outdir, nproc, extra, _ in runs:
         proc = subprocess.run([sys.executable, *nproc, train.__file__, f'--outdir={tmp_path / outdir}', *short, *extra],
                               env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    states = [checkpoint.load(checkpoint.latest(str(tmp_path / outdir / name), tl.STATE_PATTERN))
-              for outdir, name in (('two-short', '00000-digits-gpus2-batch16-fp32'), ('one-short', '00000-digits-gpus1-batch16-fp32'))]
-    assert states[0]['cur_nimg'] == states[1]['cur_nimg'] == 32
-    for name, value in states[1]['net'].items():
+    states = [checkpoint.load(checkpoint.latest(str(tmp_path / outdir / f'00000-digits-gpus{n}-batch16-fp32'), tl.STATE_PATTERN))
+              for outdir, _, _, n in runs]
+    assert states[0]['cur_nimg'] == states[1]['cur_nimg'] == states[2]['cur_nimg'] == 32
+    for name, value in states[2]['net'].items():
         torch.testing.assert_close(states[0]['net'][name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(states[1]['net'][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 # ----------------------------------------------------------------------------
 # SIGKILL at a random moment after the first snapshot: every file under a final name is complete,
@@ -278,6 +284,15 @@ def test_dry_run(tmp_path):
     assert result.exit_code == 0, result.output
     assert 'Dry run; exiting.' in result.output and '"class_name": "training.networks.DDNGenerator"' in result.output
     assert not (tmp_path / 'out').exists()
+
+# The speed options reach the training loop's options (the optimizer's implementation, compile, layout).
+def test_speed_options_in_config(tmp_path):
+    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "out"}', '--dry-run', *TINY,
+                                             '--adam=fused', '--compile=True', '--channels-last=True'])
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.output[result.output.index('{') : result.output.rindex('}') + 1])
+    assert config['optimizer_kwargs']['fused'] is True
+    assert config['compile'] is True and config['channels_last'] is True
 
 # ----------------------------------------------------------------------------
 # torchrun must hand every option of train.py to the script: none may be mistaken for an

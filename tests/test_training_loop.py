@@ -4,6 +4,7 @@ training step, schedules, pictures, atomic files, resume equivalence and resume-
 import copy
 import glob
 import json
+import math
 import os
 import sys
 
@@ -105,10 +106,29 @@ def test_training_step_updates_ema_and_mirrors_splits():
         for i, j in pairs:
             assert torch.equal(w_ema[i], w_ema[j])
 
-def test_training_step_rejects_fp16_on_cpu():
+# fp16 with loss scaling, on the CPU (torch's CPU autocast and GradScaler; train.py offers fp16 on
+# CUDA only, where it is fast): the loss falls, and a step whose gradients overflow is skipped
+# (weights unchanged, Split-and-Prune statistics still folded) and halves the scale.
+def test_training_step_fp16_loss_scaling():
     net, opt = _step_setup()
-    with pytest.raises(ValueError, match='fp16 needs CUDA'):
-        tl.TrainingStep(net, net, DDNLoss(), opt, batch_size=8, precision='fp16')
+    step = tl.TrainingStep(net, net, DDNLoss(), opt, batch_size=8, precision='fp16')
+    assert step.scaler.is_enabled() and step.scaler.get_scale() == 65536
+    images = torch.rand(8, 1, 8, 8) * 2 - 1
+    losses = []
+    for _ in range(6):
+        losses.append(float(step.accumulate(images).detach().mean()))
+        step.update(lr=1e-2, ema_beta=0)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    scale = step.scaler.get_scale()
+    step.accumulate(images)
+    next(net.parameters()).grad.view(-1)[0] = math.inf       # An overflow in one gradient.
+    step.update(lr=1e-2, ema_beta=0)
+    assert step.scaler.get_scale() == scale / 2
+    for name, p in net.named_parameters():
+        if not name.startswith('ddls.'):                     # DDL rows may still be split-copied.
+            assert torch.equal(p, before[name]), name
+    assert float(net.ddls[0].node_stats.seen) == 7 * 8
 
 def test_training_step_bf16_on_cpu():
     net, opt = _step_setup()
@@ -116,6 +136,34 @@ def test_training_step_bf16_on_cpu():
     loss = step.accumulate(torch.rand(4, 1, 8, 8) * 2 - 1)
     assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
     step.update(lr=1e-3, ema_beta=0)
+
+# torch.compile of the training forward keeps what eager training does: the same losses and
+# weights, Split-and-Prune statistics (buffers mutated inside the compiled graph) and splits (rows
+# copied in place outside it), also after another state is loaded into the network (resume).
+# Traced with the aot_eager backend (dynamo + AOT autograd, the layers where a mutation could be
+# lost); inductor's C++ compilation takes minutes on CI's 2 CPU cores, so tests/test_cuda.py runs
+# inductor on a GPU.
+def test_training_step_compiled_matches_eager():
+    images = torch.rand(8, 1, 8, 8) * 2 - 1
+    resumed = _step_setup(seed=1)[0].state_dict()
+    runs = []
+    for compile in (False, 'aot_eager'):
+        net, opt = _step_setup()
+        step = tl.TrainingStep(net, net, DDNLoss(), opt, batch_size=8, compile=compile)
+        losses = []
+        for i in range(4):
+            if i == 3:      # Resume: another state loaded in place, as the training loop does.
+                net.load_state_dict(resumed)
+            losses.append(step.accumulate(images[:4]).detach())
+            losses.append(step.accumulate(images[4:]).detach())
+            step.update(lr=1e-2, ema_beta=0)
+        runs.append((torch.cat(losses), net))
+    (loss_e, net_e), (loss_c, net_c) = runs
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(net_e.state_dict().items(), net_c.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    assert float(net_c.ddls[0].node_stats.seen) == float(resumed['ddls.0.node_stats.seen']) + 8
+    assert int(net_c.ddls[0].node_stats.num_splits) > 0
 
 # ----------------------------------------------------------------------------
 # Schedules.

@@ -161,15 +161,13 @@ def _pack(group):
     return flat.to(torch.uint8) if flat.dtype == torch.bool else flat
 
 # ----------------------------------------------------------------------------
-# Copy a packed buffer back into the tensors it came from (each keeps its device and shape).
+# Copy a packed buffer back into the tensors it came from (each keeps its device and shape), with
+# one multi-tensor copy rather than one copy per tensor.
 
 @torch.no_grad()
 def _unpack_(flat, group):
-    offset = 0
-    for tensor in group:
-        num = tensor.numel()
-        tensor.copy_(flat[offset : offset + num].view(tensor.shape))
-        offset += num
+    parts = flat.split([tensor.numel() for tensor in group])
+    torch._foreach_copy_(list(group), [part.view(tensor.shape) for part, tensor in zip(parts, group)])
 
 # ----------------------------------------------------------------------------
 # In-place all-reduce of a list of tensors: one collective per dtype, results copied back.

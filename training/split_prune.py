@@ -13,7 +13,10 @@ This file holds the three pieces, each named after the paper:
 - `SplittableNodes`: the base class of any module owning K nodes (it says which parameter rows make
   node k), so the same code serves the networks and the 2D toy;
 - `split_and_prune()`: one decision pass over all node sets of a model after the optimizer step,
-  statistics summed across ranks first, so every rank takes the same decision.
+  statistics summed across ranks first, so every rank takes the same decision. The pass is
+  batched over the node sets (a fixed number of tensor operations, however many layers: on a
+  GPU the launches do not grow with L), and its result is bit-identical to treating the node sets
+  one by one (tests/test_split_prune.py checks it against that loop, kept in bench/split_prune.py).
 
 Beyond the paper, `split_and_prune(rule='bias')` is the balanced alternative the author suggests (our
 spec `DDN.md` §3): nothing is split or pruned and no parameter is discarded; instead each node set
@@ -23,6 +26,8 @@ auxiliary-loss-free load balancing of mixture-of-experts models. See `balance_bi
 """
 
 import math
+import operator
+import weakref
 from typing import Iterable, NamedTuple
 
 import torch
@@ -59,7 +64,8 @@ class NodeStatistics(nn.Module):
         self.register_buffer('pending_count', torch.zeros(K, dtype=torch.float64), persistent=False)
         self.register_buffer('pending_near2', torch.zeros(K2 * K2, dtype=torch.float64), persistent=False)
         self.register_buffer('pending_dist', torch.zeros(K, dtype=torch.float64), persistent=False)
-        self.register_buffer('pending_seen', torch.zeros([], dtype=torch.float64), persistent=False)
+        # Shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d float64 buffers.
+        self.register_buffer('pending_seen', torch.zeros([1], dtype=torch.float64), persistent=False)
 
     # State dicts saved before `select_bias` existed load with a zero bias (what they trained with).
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -101,7 +107,7 @@ class NodeStatistics(nn.Module):
         self.count.add_(self.pending_count)
         self.near2.add_(self.pending_near2.view(self.near2.shape))
         self.dist_acc.add_(self.pending_dist)
-        self.seen.add_(self.pending_seen)
+        self.seen.add_(self.pending_seen.view([]))
         for t in self.pending_tensors():
             t.zero_()
 
@@ -247,21 +253,106 @@ def balance_bias(bias, count, seen, bias_rate):
     return bias - bias.mean(dim=1, keepdim=True)
 
 # ----------------------------------------------------------------------------
-# Copy node s's rows onto node d's rows in `tensors` (dim 0) where `do` is True. The source rows
-# are `s`'s when splitting and `d`'s own otherwise, so each tensor costs one gather and one
-# index_copy, with no host sync.
-
-@torch.no_grad()
-def _copy_node_rows(tensors, rows, do, s, d):
-    ar = torch.arange(rows, device=do.device)
-    dst = d * rows + ar
-    src = torch.where(do, s * rows + ar, dst)
-    for tensor in tensors:
-        tensor.index_copy_(0, dst, tensor.index_select(0, src))
-
 # Find the node sets of a model in a stable order.
 def find_node_sets(model: nn.Module) -> list[SplittableNodes]:
     return [m for m in model.modules() if isinstance(m, SplittableNodes)]
+
+# ----------------------------------------------------------------------------
+# The tensors one Split-and-Prune pass reads and writes, arranged once so that a pass over L node
+# sets costs a fixed number of tensor operations, independent of L (the reference CIFAR-10 net has
+# L = 63): every per-node-set list below is handed to ONE `torch._foreach_*` call (on CUDA a
+# multi-tensor kernel, a few launches for hundreds of tensors) or stacked by ONE `torch.stack`.
+# A plan holds the tensors themselves; `split_and_prune` rebuilds it whenever one of them is no
+# longer the same object (after `.to()`, an optimizer's first step or `load_state_dict`, ...).
+
+class _RowGroup(NamedTuple):
+    tensors:    list            # Same shape, dtype and device: weights, mirrored weights, optimizer state.
+    member:     torch.Tensor    # (N,) long: position of each tensor's node set in its decision group.
+    rows:       int             # Rows per node.
+
+class _DecisionGroup(NamedTuple):
+    K:          int
+    track_near2: bool
+    stats:      list            # NodeStatistics of the member node sets.
+    count:      list            # Their tensors, one list per statistic, for stack / foreach.
+    near2:      list
+    dist_acc:   list
+    num_splits: list
+    select_bias: list
+    pending_count: list
+    pending_seen: list
+    row_groups: list            # _RowGroup of the tensors whose rows follow the decisions.
+
+class _Plan:
+    def __init__(self, node_sets, mirror_sets, optimizer, key):
+        self.key = key
+        stats = [ns.node_stats for ns in node_sets]
+        self.device = stats[0].count.device
+        self.pending = [t for st in stats for t in st.pending_tensors()]
+        # fold(): statistics += pending, with near2's flat pending buffer seen as K x K.
+        self.fold_dst = [t for st in stats for t in (st.count, st.near2, st.dist_acc, st.seen)]
+        self.fold_src = [t for st in stats for t in (st.pending_count, st.pending_near2.view(st.near2.shape),
+                                                      st.pending_dist, st.pending_seen.view([]))]
+        by_key: dict[tuple, list[int]] = {}
+        for idx, ns in enumerate(node_sets):
+            by_key.setdefault((ns.K, ns.node_stats.track_near2), []).append(idx)
+        self.groups = []
+        for (K, track_near2), members in by_key.items():
+            sts = [stats[i] for i in members]
+            rows: dict[tuple, list] = {}        # (shape, dtype, device, rows) -> [(tensor, position)]
+            for g, i in enumerate(members):
+                mirrored = [ms[i].node_params() for ms in mirror_sets]
+                for p, (param, n) in enumerate(node_sets[i].node_params()):
+                    tensors = [param] + [m[p][0] for m in mirrored]
+                    if optimizer is not None:
+                        state = optimizer.state.get(param, {})
+                        tensors += [v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]
+                    for t in tensors:
+                        rows.setdefault((tuple(t.shape), t.dtype, t.device, n), []).append((t, g))
+            row_groups = [_RowGroup([t for t, _ in items], torch.tensor([g for _, g in items], device=dev), n)
+                          for (_, _, dev, n), items in rows.items()]
+            self.groups.append(_DecisionGroup(K, track_near2, sts, [st.count for st in sts], [st.near2 for st in sts],
+                                              [st.dist_acc for st in sts], [st.num_splits for st in sts],
+                                              [st.select_bias for st in sts], [st.pending_count for st in sts],
+                                              [st.pending_seen.view([]) for st in sts], row_groups))
+
+# Everything a plan depends on, by identity: a plan is valid while each of these is the same object.
+def _plan_key(node_sets, mirror_sets, optimizer):
+    key = [optimizer]
+    for i, ns in enumerate(node_sets):
+        st = ns.node_stats
+        key += [st.count, st.near2, st.dist_acc, st.seen, st.num_splits, st.select_bias, *st.pending_tensors()]
+        params = [param for param, _ in ns.node_params()]
+        key += params + [p for ms in mirror_sets for p, _ in ms[i].node_params()]
+        if optimizer is not None:
+            key += [v for param in params for v in optimizer.state.get(param, {}).values() if torch.is_tensor(v)]
+    return key
+
+_plans = weakref.WeakKeyDictionary()    # model -> its last _Plan.
+
+def _get_plan(model, node_sets, mirror_sets, optimizer):
+    key = _plan_key(node_sets, mirror_sets, optimizer)
+    plan = _plans.get(model)
+    if plan is None or len(plan.key) != len(key) or not all(map(operator.is_, plan.key, key)):
+        plan = _plans[model] = _Plan(node_sets, mirror_sets, optimizer, key)
+    return plan
+
+# ----------------------------------------------------------------------------
+# Copy, in every tensor of a row group, node s's rows onto node d's rows where `do` is True, for all
+# node sets at once: the tensors are stacked, the source rows (s's when splitting, d's own
+# otherwise) gathered and written to d's rows, and everything copied back. Values change only in the
+# rows of the node sets that split; no host sync.
+
+@torch.no_grad()
+def _copy_node_rows(group, do, s, d):
+    N = len(group.tensors)
+    do, s, d = do[group.member], s[group.member], d[group.member]
+    stacked = torch.stack(group.tensors)
+    row_size = math.prod(stacked.shape[2:])
+    nodes = stacked.view(N, -1, group.rows * row_size)                  # (N, K, rows * row size)
+    n = torch.arange(N, device=stacked.device)
+    nodes[n, d] = nodes[n, torch.where(do, s, d)]
+    torch._foreach_copy_(group.tensors, list(stacked.unbind(0)))
 
 # ----------------------------------------------------------------------------
 # One Split-and-Prune pass over every node set of `model`, to call right after
@@ -277,7 +368,9 @@ def find_node_sets(model: nn.Module) -> list[SplittableNodes]:
 # weights, optimizer state and mirrors are left alone. The training selection of a node set must
 # minimise `node_stats.biased(dist)` for the bias to act (the DDL does).
 # `enabled=False` still folds the statistics (for plots) but never splits nor balances: the ablation.
-# Returns the number of splits of this pass as a device tensor (no host sync); always 0 for 'bias'.
+# The number of tensor operations of a pass does not grow with the number of node sets (see
+# `_Plan`; bench/split_prune.py counts them). Returns the number of splits of this pass as a
+# device tensor (no host sync); always 0 for 'bias'.
 
 @torch.no_grad()
 def split_and_prune(
@@ -292,61 +385,46 @@ def split_and_prune(
     node_sets = find_node_sets(model)
     if not node_sets:
         return torch.zeros([], dtype=torch.int64)
-    device = node_sets[0].node_stats.count.device
     mirror_sets = [find_node_sets(m) for m in mirrors]
     for ms in mirror_sets:
         if len(ms) != len(node_sets):
             raise ValueError('split_and_prune: a mirror module does not have the same node sets as the model')
+    if rule not in ('tv', 'paper', 'bias'):
+        raise ValueError(f'Unknown Split-and-Prune rule {rule!r}; expected "tv", "paper" or "bias"')
+    plan = _get_plan(model, node_sets, mirror_sets, optimizer)
 
     # 1. Fold this step's observations, summed over ranks. The balancing bias is updated from the
     #    reduced pending values before they are folded (and cleared): the same on every rank.
-    pending = [t for ns in node_sets for t in ns.node_stats.pending_tensors()]
-    distributed.all_reduce_(pending)
-    total_splits = torch.zeros([], dtype=torch.int64, device=device)
+    distributed.all_reduce_(plan.pending)
+    total_splits = torch.zeros([], dtype=torch.int64, device=plan.device)
     if enabled and rule == 'bias':
-        by_k: dict[int, list[NodeStatistics]] = {}
-        for ns in node_sets:
-            by_k.setdefault(ns.K, []).append(ns.node_stats)
-        for stats in by_k.values():
-            new_bias = balance_bias(torch.stack([st.select_bias for st in stats]),
-                                    torch.stack([st.pending_count for st in stats]),
-                                    torch.stack([st.pending_seen for st in stats]), bias_rate)
-            for g, st in enumerate(stats):
-                st.select_bias.copy_(new_bias[g])
-    for ns in node_sets:
-        ns.node_stats.fold()
+        for grp in plan.groups:
+            new_bias = balance_bias(torch.stack(grp.select_bias), torch.stack(grp.pending_count),
+                                    torch.stack(grp.pending_seen), bias_rate)
+            torch._foreach_copy_(grp.select_bias, list(new_bias.unbind(0)))
+    torch._foreach_add_(plan.fold_dst, plan.fold_src)
+    torch._foreach_zero_(plan.pending)
     if not enabled or rule == 'bias':
         return total_splits
 
-    # 2. Decide per group of equal K.
-    groups: dict[tuple, list[int]] = {}
-    for idx, ns in enumerate(node_sets):
-        groups.setdefault((ns.K, ns.node_stats.track_near2), []).append(idx)
-    for (K, track_near2), members in groups.items():
-        stats = [node_sets[i].node_stats for i in members]
-        count = torch.stack([st.count for st in stats])
-        near2 = torch.stack([st.near2 for st in stats]) if track_near2 else None
-        dist_acc = torch.stack([st.dist_acc for st in stats])
+    for grp in plan.groups:
+        # 2. Decide and redistribute, all node sets of equal K together.
+        count = torch.stack(grp.count)
+        near2 = torch.stack(grp.near2) if grp.track_near2 else None
+        dist_acc = torch.stack(grp.dist_acc)
         decision = decide(count, dist_acc, rule=rule)
         new_count, new_near2, new_dist = redistribute(count, near2, dist_acc, decision)
-        for g, st in enumerate(stats):
-            st.count.copy_(new_count[g])
-            if track_near2:
-                st.near2.copy_(new_near2[g])
-            st.dist_acc.copy_(new_dist[g])
-            st.num_splits.add_(decision.do_split[g].long())
-        total_splits += decision.do_split.sum()
+        torch._foreach_copy_(grp.count, list(new_count.unbind(0)))
+        if grp.track_near2:
+            torch._foreach_copy_(grp.near2, list(new_near2.unbind(0)))
+        torch._foreach_copy_(grp.dist_acc, list(new_dist.unbind(0)))
+        splits = decision.do_split.long()
+        torch._foreach_add_(grp.num_splits, list(splits.unbind(0)))
+        total_splits += splits.sum()
 
-        # 3. Copy weights, optimizer state and mirrored weights of each split node set.
-        for g, i in enumerate(members):
-            do, s, d = decision.do_split[g], decision.i_split[g], decision.i_prune[g]
-            mirrored = [ms[i].node_params() for ms in mirror_sets]
-            for p, (param, rows) in enumerate(node_sets[i].node_params()):
-                tensors = [param.data] + [m[p][0].data for m in mirrored]
-                if optimizer is not None:
-                    state = optimizer.state.get(param, {})
-                    tensors += [v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]
-                _copy_node_rows(tensors, rows, do, s, d)
+        # 3. Copy weights, optimizer state and mirrored weights of the node sets that split.
+        for row_group in grp.row_groups:
+            _copy_node_rows(row_group, *decision)
     return total_splits
 
 # ----------------------------------------------------------------------------

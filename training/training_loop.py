@@ -4,8 +4,10 @@
 1. per-step seeding from (seed, rank, step), so a resumed run repeats an uninterrupted one exactly;
 2. gradient accumulation over `batch_size / (world_size * batch_gpu)` rounds of `batch_gpu` images,
    under `torch.autocast` for bf16/fp16;
-3. ONE flattened all-reduce of all gradients across ranks (no DDP: DDP would broadcast buffers and
-   so overwrite the DDL statistics; ours are reduced by Split-and-Prune itself);
+3. gradients summed across ranks by torch's DistributedDataParallel, bucket by bucket while the
+   backward pass still runs (communication overlaps compute), and only after the last round
+   (`no_sync` before); no buffer sync in forward, since the DDL statistics are buffers that
+   Split-and-Prune reduces itself;
 4. Adam step, then Split-and-Prune (`split_and_prune(net, optimizer, mirrors=[ema])`, paper §3.3);
 5. EMA update (half-life in kimg; 0 = no EMA, the snapshot holds the network itself).
 The hot loop never waits for the device: losses and counters stay on it and reach the host once per
@@ -19,9 +21,11 @@ Optimizer: Adam, lr 1e-3, betas (0.9, 0.999), eps 1e-8 (torch's defaults, as in 
 reference DDN code), lr ramped up linearly over `lr_rampup_kimg` (EDM's 10 Mimg by default).
 """
 
+import contextlib
 import copy
 import functools
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -52,6 +56,10 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR1') if
 
 # Precisions: autocast dtype of each (None = plain fp32).
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+# torch.optim.Adam's implementations, as keyword arguments ('auto' = torch's choice: for-loop on
+# the CPU, foreach on CUDA; both give identical results, 'fused' differs in the last bits).
+ADAM_IMPLEMENTATIONS = {'auto': {}, 'for-loop': dict(foreach=False), 'foreach': dict(foreach=True), 'fused': dict(fused=True)}
 
 # Seeds of the images in every sample grid (a fixed 8x8 grid, so grids of a run are comparable).
 SAMPLE_GRID_SEEDS = range(64)
@@ -170,6 +178,27 @@ def transfer_weights(src, net):
         ns.node_stats.reset()
 
 # ----------------------------------------------------------------------------
+# The training forward (network + loss) as one module, so that DistributedDataParallel sees every
+# parameter it reduces and torch.compile can trace the whole of it. `loss_fn` gets the network
+# itself, not a wrapper: it may read the network's attributes (e.g. its condition).
+
+class _TrainingForward(torch.nn.Module):
+    def __init__(self, net, loss_fn):
+        super().__init__()
+        self.net = net
+        self.loss_fn = loss_fn
+
+    def forward(self, images, labels):
+        return self.loss_fn(net=self.net, images=images, labels=labels)
+
+# DDP communication hook: SUM the gradients of a bucket over ranks (DDP's default averages). The
+# loss is scaled by the global batch, so the sum is the gradient of the global mean, with the same
+# arithmetic as one process accumulating all the rounds.
+def _allreduce_sum_hook(process_group, bucket):
+    work = torch.distributed.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+# ----------------------------------------------------------------------------
 # One optimisation step of a DDN: gradient accumulation, all-reduce, Adam, Split-and-Prune, EMA.
 # Shared by the training loop and bench/train_step.py, so the benchmark measures the real step.
 
@@ -180,43 +209,70 @@ class TrainingStep:
         loss_fn,                        # Callable(net=, images=, labels=) -> (B,) loss, e.g. DDNLoss.
         optimizer,                      # Optimizer over net's parameters.
         batch_size,                     # Global batch of one step (all ranks, all rounds).
-        precision       = 'fp32',       # 'fp32', 'bf16' or 'fp16' (fp16: GradScaler, CUDA only).
+        precision       = 'fp32',       # 'fp32', 'bf16' or 'fp16' (fp16: autocast + GradScaler loss scaling).
         split_prune_kwargs = {},        # enabled, rule: options of split_and_prune().
+        compile         = False,        # torch.compile the training forward (network + loss); a string
+                                        # names the backend (default inductor).
+        channels_last   = False,        # Convolution weights and feature maps in channels-last layout.
+        bucket_cap_mb   = 25,           # Size of DDP's gradient buckets (multi-process runs).
     ):
         if precision not in PRECISIONS:
             raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
         self.device = next(net.parameters()).device
-        if precision == 'fp16' and self.device.type != 'cuda':
-            raise ValueError('precision fp16 needs CUDA (loss scaling); use bf16 on the CPU')
         self.net, self.ema, self.loss_fn, self.optimizer = net, ema, loss_fn, optimizer
         self.batch_size = batch_size
         self.precision = precision
         self.split_prune_kwargs = dict(split_prune_kwargs)
+        if channels_last:       # In place: the optimizer keeps the same parameter objects.
+            for module in {id(net): net, id(ema): ema}.values():
+                module.to(memory_format=torch.channels_last)
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(precision == 'fp16'))
         if ema is not net:
             self.ema_params = list(ema.parameters())
             self.net_params = list(net.parameters())
+        # Several processes: DDP reduces gradients bucket by bucket during the backward pass.
+        self.forward = _TrainingForward(net, loss_fn)
+        self.ddp = None
+        if distributed.get_world_size() > 1:
+            DDP = torch.nn.parallel.DistributedDataParallel
+            # No buffer sync in forward (torch >= 2.13 names it forward_sync_buffers; buffers are
+            # then still broadcast once at construction, when they are equal on all ranks anyway).
+            no_buffer_sync = dict(forward_sync_buffers=False) if 'forward_sync_buffers' in inspect.signature(DDP).parameters \
+                else dict(broadcast_buffers=False)
+            self.ddp = DDP(self.forward, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+                           bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
+            self.ddp.register_comm_hook(None, _allreduce_sum_hook)
+            self.forward = self.ddp
+        if compile:
+            self.forward = torch.compile(self.forward, backend=compile if isinstance(compile, str) else 'inductor')
+        self._synced = True     # Whether the last accumulate() reduced the gradients.
 
     # Forward and backward of one round; gradients add up in .grad. Returns the (B,) loss.
-    def accumulate(self, images, labels=None):
+    # Several processes: pass sync=False for every round of a step but the last, so that gradients
+    # are reduced once per step (DDP's no_sync); a single process ignores it.
+    def accumulate(self, images, labels=None, sync=True):
         dtype = PRECISIONS[self.precision]
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = self.loss_fn(net=self.net, images=images, labels=labels)
-        # Scaled by the GLOBAL batch: the sum over ranks below then is the gradient of the mean.
-        self.scaler.scale(loss.sum() / self.batch_size).backward()
+        no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = self.forward(images, labels)
+            # Scaled by the GLOBAL batch: the sum over ranks then is the gradient of the mean.
+            self.scaler.scale(loss.sum() / self.batch_size).backward()
+        self._synced = sync
         return loss
 
-    # Reduce gradients, update weights, split-and-prune, update the EMA; start the next step's
-    # accumulation from zero. Returns the number of splits as a device tensor (no host sync).
+    # Update weights, split-and-prune, update the EMA; start the next step's accumulation from
+    # zero. Returns the number of splits as a device tensor (no host sync).
     @torch.no_grad()
     def update(self, lr, ema_beta):
+        if self.ddp is not None and not self._synced:
+            raise RuntimeError('TrainingStep.update(): the last accumulate() of the step must have sync=True')
         grads = []
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        distributed.all_reduce_(grads)      # One flat buffer per dtype: one collective per step.
         if not self.scaler.is_enabled():    # fp16 leaves inf/nan to the GradScaler, which skips the step.
             for g in grads:
                 torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
@@ -353,7 +409,9 @@ def training_loop(
     ema_halflife_kimg   = 0,        # Half-life of the EMA of the weights; 0 = no EMA.
     ema_rampup_ratio    = 0.05,     # Half-life at most this fraction of the images seen; None = no ramp-up.
     lr_rampup_kimg      = 10000,    # Linear learning-rate warm-up; 0 = none.
-    precision           = 'fp32',   # 'fp32', 'bf16' or 'fp16' (autocast; fp16 with loss scaling, CUDA only).
+    precision           = 'fp32',   # 'fp32', 'bf16' or 'fp16' (autocast; fp16 with loss scaling).
+    compile             = False,    # torch.compile the training forward.
+    channels_last       = False,    # Channels-last convolutions.
     kimg_per_tick       = 50,       # Interval of progress lines and stats.jsonl entries.
     snapshot_ticks      = 50,       # Snapshot + pictures every this many ticks; None = never.
     state_dump_ticks    = 500,      # Training state every this many ticks; None = never.
@@ -428,7 +486,8 @@ def training_loop(
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_halflife_kimg > 0 else net
-    step_fn = TrainingStep(net, ema, loss_fn, optimizer, batch_size, precision, split_prune_kwargs)
+    step_fn = TrainingStep(net, ema, loss_fn, optimizer, batch_size, precision, split_prune_kwargs,
+                           compile=compile, channels_last=channels_last)
 
     # Transfer learning or resume.
     cur_nimg, cur_tick = 0, 0
@@ -508,11 +567,11 @@ def training_loop(
         # One step: the same random numbers whenever step `cur_nimg // batch_size` is run.
         misc.set_seed_for_step(seed, rank, cur_nimg // batch_size)
         rank_images = 0
-        for _ in range(num_rounds):
+        for round_idx in range(num_rounds):
             images, labels = next(dataset_iterator)
             images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
             labels = labels.to(device, non_blocking=True)
-            step_fn.accumulate(images, labels)
+            step_fn.accumulate(images, labels, sync=(round_idx == num_rounds - 1))
             rank_images += images.shape[0]
         training_stats.report('Progress/rank_batch', rank_images)
         step_fn.update(learning_rate(base_lr, cur_nimg, lr_rampup_kimg),
