@@ -14,9 +14,15 @@ Needs gradio (`pip install gradio`), which ddn does not install by default. The 
 127.0.0.1 only unless `--host` says otherwise; it loads networks named in the page as `--network` does.
 """
 
+import contextlib
 import os
 import re
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 
 import click
 import numpy as np
@@ -221,6 +227,43 @@ def build_app(network, device):
 
     load(network)  # Fail at start, on the command line, for a network that does not load.
     return app
+
+# ----------------------------------------------------------------------------
+# The app in a child process (tests, benchmarks, screenshots): started on a free local port, waited
+# for until it answers, stopped on exit.
+
+@contextlib.contextmanager
+def serving(network, log=None, timeout=120, extra_args=()):
+    """Run `demo.py --network NETWORK` on 127.0.0.1 and a free port; yields (url, process).
+    `log`: a file path for its output (default: discarded). Raises RuntimeError if it exits or
+    does not answer within `timeout` seconds."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED='False', OMP_NUM_THREADS='1')
+    out = open(log, 'w') if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--network', str(network), '--port', str(port), *extra_args],
+                            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    url = f'http://127.0.0.1:{port}/'
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f'demo.py did not start (exit code {proc.poll()}); see {log or "its output"}') from None
+                time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if log is not None:
+            out.close()
 
 # ----------------------------------------------------------------------------
 

@@ -9,12 +9,9 @@ computes the guided and the unguided images of every seed and the coarse-to-fine
 """
 
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import click
 import numpy as np
@@ -29,11 +26,6 @@ import generate  # noqa: E402
 from training import guidance  # noqa: E402
 
 WEIGHTS = ('inpaint', 'superres', 'color', 'lowbit', 'edge', 'l2', 'clip')
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 def _inputs(net, folder):
     """One stroke layer and one upload per guide kind, as files and as arrays."""
@@ -73,18 +65,7 @@ def main(network, seeds, repeats):
     num = len(demo.parse_seeds(seeds))
     folder = tempfile.mkdtemp(prefix='ddn-bench-demo-')
     layer, files = _inputs(net, folder)
-    port = _free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED='False', OMP_NUM_THREADS='1')
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'demo.py'), '--network', network, '--port', str(port)],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f'http://127.0.0.1:{port}/'
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+    with demo.serving(network) as (url, _):
         client = Client(url, verbose=False)
         editor = dict(background=handle_file(os.path.join(folder, 'blank.png')), layers=[handle_file(os.path.join(folder, 'layer.png'))],
                       composite=handle_file(os.path.join(folder, 'layer.png')), id=None)
@@ -106,9 +87,6 @@ def main(network, seeds, repeats):
                 demo.run_request(net, weights, seeds, temperature=0.3, strokes=dict(layers=[layer]), upload=picture, bits=extra.get('bits'))
                 lib.append(time.perf_counter() - t0)
             print(f'{mode:22s} {min(api) * 1e3:15.0f} {min(api) * 1e3 / num:13.1f} {min(lib) * 1e3 / num:17.1f}')
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 if __name__ == '__main__':
     main()

@@ -11,9 +11,6 @@ page in headless Chromium when one is installed.
 import os
 import shutil
 import subprocess
-import sys
-import time
-import urllib.request
 
 import numpy as np
 import PIL.Image
@@ -56,38 +53,14 @@ def snapshot(digits, tmp_path_factory):
         pickle.dump(dict(ema=net.eval().requires_grad_(False)), f)
     return str(path)
 
-def _port():
-    import socket
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
 @pytest.fixture(scope='module')
 def server(snapshot, tmp_path_factory):
-    port = _port()
     log = tmp_path_factory.mktemp('demo') / 'server.log'
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED='False', OMP_NUM_THREADS='1', PYTHONPATH=REPO)
-    with open(log, 'w') as out:
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'demo.py'), '--network', snapshot, '--port', str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    url = f'http://127.0.0.1:{port}/'
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f'demo.py did not start:\n{log.read_text()}')
-            time.sleep(0.5)
-    client = gradio_client.Client(url, verbose=False)
-    yield dict(client=client, url=url, proc=proc, log=log)
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        with demo.serving(snapshot, log=log) as (url, proc):
+            yield dict(client=gradio_client.Client(url, verbose=False), url=url, proc=proc, log=log)
+    except RuntimeError as e:
+        pytest.fail(f'{e}\n{log.read_text()}')
 
 # ----------------------------------------------------------------------------
 # Helpers.

@@ -9,20 +9,14 @@ with the mouse as a user would, clicks Generate, waits for the results and saves
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import click
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
+import demo  # noqa: E402
 
 @click.command()
 @click.option('--network', required=True, help='Network for the demo (snapshot or run folder)')
@@ -33,19 +27,7 @@ def main(network, out, browser):
     browser = browser or shutil.which('chromium') or shutil.which('chromium-browser')
     if browser is None:
         raise click.ClickException('No Chromium found: apt-get install chromium, or pass --browser')
-    port = _free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED='False', OMP_NUM_THREADS='1')
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'demo.py'), '--network', network, '--port', str(port)], env=env, cwd=REPO)
-    url = f'http://127.0.0.1:{port}/'
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise click.ClickException('demo.py exited')
-                time.sleep(0.5)
+    with demo.serving(network) as (url, _):
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path=browser, args=['--no-sandbox'])
             page = b.new_page(viewport={'width': 1400, 'height': 1500})
@@ -75,9 +57,6 @@ def main(network, out, browser):
             page.screenshot(path=out, full_page=True)
             b.close()
         print(f'Saved {out}')
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 if __name__ == '__main__':
     main()
