@@ -63,7 +63,7 @@ import dnnlib
 import fid
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
-from training import guidance
+from training import author, guidance
 from training.conditions import parse_condition
 from training.dataset import open_dataset
 from training.ddl import resize_area
@@ -151,7 +151,9 @@ def load_network(network, device):
     data, error = None, None
     try:
         with dnnlib.util.open_url(path, verbose=leader) as f:
-            data = pickle.load(f)
+            raw = f.read()
+        # The author's released snapshots: read without running their code (training/author.py).
+        data = author.load_author_pickle(raw, source=path) if author.is_author_pickle(raw) else pickle.loads(raw)
     except Exception as e:  # Anything can come out of an unpickler; name the file whatever it is.
         error = e
     if remote and leader:

@@ -52,10 +52,15 @@ def blocks_at(s, max_blockn=32):
 # the output; per-seed generation must be bit-identical whatever the batch, so evaluation-mode
 # forwards run under this context. On CPU the native kernels are also faster for this network.
 
+# TF32 is off here as in training (training_loop turns cuDNN and matmul TF32 off): the selection
+# of a candidate is an argmin over distances that can differ in the last bits, so evaluation
+# (reconstruction, encoding, guided choice) must see the same fp32 precision as training did.
+# `cudnn.flags()` would otherwise switch cuDNN TF32 *on* (its default argument) inside the block.
+
 @contextlib.contextmanager
 def batch_invariant():
     with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None), \
-         torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+         torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
         yield
 
 # ----------------------------------------------------------------------------
@@ -80,26 +85,43 @@ def positional_feature(channels, size):
 
 # ----------------------------------------------------------------------------
 # Residual block: GroupNorm -> SiLU -> (up 2x) -> conv3x3 -> GroupNorm -> SiLU -> dropout -> conv3x3,
-# plus a skip (1x1 conv when channels change, upsampled too), the sum scaled by sqrt(1/2).
+# plus a skip, the sum scaled by sqrt(1/2) (EDM's UNet block without the noise embedding). The skip
+# is a learned 1x1 conv when channels change and, with `resample_proj`, on every upsampling block
+# (EDM's `resample_proj=True`, as in the reference DDN); identity otherwise. Initialisation as
+# EDM: xavier_uniform weights, zero biases, and the second 3x3 conv scaled by 1e-5, so every
+# residual branch starts near zero and a deep stack starts close to its skip path.
 
 def _groups(channels):
     return max(1, min(32, channels // 4))
 
+# EDM's `weight_init(mode='xavier_uniform')` for a conv, times `gain`; zero bias.
+def _init_conv(conv, gain=1.0):
+    fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    bound = math.sqrt(6 / (fan_in + fan_out)) * gain
+    with torch.no_grad():
+        conv.weight.uniform_(-bound, bound)
+        conv.bias.zero_()
+    return conv
+
 class Block(nn.Module):
     def __init__(self,
-        in_channels,            # Input feature channels.
-        out_channels,           # Output feature channels.
-        up          = False,    # Upsample 2x (first block of a new scale).
-        dropout     = 0.0,      # Dropout probability before the second conv.
+        in_channels,                # Input feature channels.
+        out_channels,               # Output feature channels.
+        up              = False,    # Upsample 2x (first block of a new scale).
+        dropout         = 0.0,      # Dropout probability before the second conv.
+        resample_proj   = False,    # Learned 1x1 skip on an upsampling block even if channels do not change.
+        eps             = 1e-6,     # GroupNorm epsilon (EDM's and the reference DDN's).
     ):
         super().__init__()
         self.up = up
-        self.norm0 = nn.GroupNorm(_groups(in_channels), in_channels)
-        self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm1 = nn.GroupNorm(_groups(out_channels), out_channels)
+        self.norm0 = nn.GroupNorm(_groups(in_channels), in_channels, eps=eps)
+        self.conv0 = _init_conv(nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.norm1 = nn.GroupNorm(_groups(out_channels), out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv1 = _init_conv(nn.Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)
+        proj = in_channels != out_channels or (up and resample_proj)
+        self.skip = _init_conv(nn.Conv2d(in_channels, out_channels, 1)) if proj else None
 
     def forward(self, x):
         h = F.silu(self.norm0(x))
@@ -234,7 +256,7 @@ class _DDNBase(nn.Module):
         if self.label_dim:
             return x + embed(condition).to(x.dtype)[:, :, None, None]
         cond = resize_area(condition, x.shape[-1]).to(x.dtype)
-        lo = (x.shape[1] - cond.shape[1]) // 2
+        lo = x.shape[1] // 2 - cond.shape[1] // 2  # The reference's placement of the middle channels.
         return x + F.pad(cond, (0, 0, 0, 0, lo, x.shape[1] - cond.shape[1] - lo))
 
     # Condition tensor for a batch of images in [-1, 1] (and one-hot labels), as in training.
@@ -345,15 +367,19 @@ class DDNGenerator(_DDNBase):
         plan = [(s, i) for s in range(s0, s1 + 1) for i in range(blocks_at(s, max_blockn))]
         cin = ch(s0)
         for l, (s, i) in enumerate(plan):
-            blocks.append(Block(cin, ch(s), up=(i == 0 and s > s0), dropout=dropout))
+            blocks.append(Block(cin, ch(s), up=(i == 0 and s > s0), dropout=dropout, resample_proj=True))
             K = outputk_at(s, img_channels, max_outputk, max_channels, min_channels)
             ddls.append(DiscreteDistributionLayer(ch(s), img_channels, K, learn_residual=learn_residual,
                 leak=leak, chain_dropout=chain_dropout, loss_type=loss_type, index=l, num_layers=len(plan)))
             cin = ch(s)
         self.blocks = nn.ModuleList(blocks)
         self.ddls = nn.ModuleList(ddls)
-        # Layers whose block input receives the condition: the first block of each scale.
-        self.cond_layers = [l for l, (s, i) in enumerate(plan) if i == 0]
+        # Layers whose block input receives the condition: the first block whose input has a new
+        # size (as the reference does), so the condition enters at every scale from start_size up to
+        # the output resolution: 1, 2, 4, ..., 32 for a 32x32 net. (The up block of a scale still
+        # sees the previous size, where the condition was already added.)
+        in_sizes = [2 ** (s - 1) if (i == 0 and s > s0) else 2 ** s for s, i in plan]
+        self.cond_layers = [l for l in range(len(plan)) if l == 0 or in_sizes[l] != in_sizes[l - 1]]
         if self.label_dim:
             # A learned class embedding per scale, added to every channel of that block input.
             self.class_embed = nn.ModuleList([nn.Linear(self.label_dim, self.blocks[l].norm0.num_channels)
@@ -362,6 +388,25 @@ class DDNGenerator(_DDNBase):
     @property
     def ks(self):
         return [ddl.K for ddl in self.ddls]
+
+    # Input sizes of the blocks that receive the condition (for tests and summaries).
+    @property
+    def condition_sizes(self):
+        sizes = [self.init_feature.shape[-1]] + self.layer_sizes[:-1]
+        return [sizes[l] for l in self.cond_layers]
+
+    # Snapshots written before the block layout followed the reference exactly (no 1x1 skip on
+    # up blocks whose channels do not change) are refused with a clear message rather than
+    # loaded with fresh random skip weights.
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        missing = [f'blocks.{l}.skip.weight' for l, block in enumerate(self.blocks)
+                   if block.skip is not None and f'blocks.{l}.skip.weight' not in state_dict]
+        if missing and 'blocks.0.conv0.weight' in state_dict:
+            raise ValueError(f'This DDNGenerator snapshot predates the reference block layout (learned 1x1 skip on '
+                             f'every upsampling block; no {missing[0]} in the file). Snapshots of ddn made '
+                             f'before that change cannot be loaded by this version: retrain, or use an older '
+                             f'ddn checkout to generate from it.')
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
     @property
     def layer_sizes(self):
