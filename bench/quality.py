@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 
 import click
 import numpy as np
@@ -255,7 +256,9 @@ def _torchvision_stand_in():
 def import_peer():
     _torchvision_stand_in()
     try:
-        import discrete_distribution_network as peer
+        with warnings.catch_warnings():     # Its imports (accelerate) make torch warn about re-registered kernels.
+            warnings.simplefilter('ignore', UserWarning)
+            import discrete_distribution_network as peer
     except ImportError as err:
         raise click.ClickException(f'The peer is not installed ({err}). Install it with:\n    {PEER_INSTALL}\n'
                                    'or pass --no-peer.') from None
