@@ -9,6 +9,9 @@ see the same machine. Then, for each:
 - **precision / recall** (Kynkaanniemi et al. 2019, k=3) in the same feature space.
 - **recon MSE**: the mean squared error of the reconstruction (L2-guided encoding) of the held-out
   digits, in [0, 1] pixels.
+`--clock=cpu` counts the CPU seconds the process was given instead (threads summed), which depends
+much less on what else runs on the machine: the recipe search in the README uses it. img/s in the
+table is per second of the budget's clock; "wall s" is the wall-clock time of the training.
 Samples and reconstructions are clamped to [0, 1] and quantised to 8 bits, as if saved as PNGs.
 
 The split is fixed: scikit-learn's 1797 digits, the first 1500 train, the last 297 are held out
@@ -176,8 +179,12 @@ def scheduled_lr(base_lr, cur_nimg, rampup_kimg, decay, progress):
         lr *= max(1 - progress, 0)
     return lr
 
-# Train on uint8 `train` images for `budget` seconds; returns (EMA network, info dict).
-def train_ours(train, budget, recipe, seed=0):
+# Clocks of the budget: wall-clock seconds, or the CPU seconds this process was given (threads
+# summed), which a busy machine changes much less.
+CLOCKS = {'wall': time.monotonic, 'cpu': time.process_time}
+
+# Train on uint8 `train` images for `budget` seconds of `clock`; returns (EMA network, info dict).
+def train_ours(train, budget, recipe, seed=0, clock='wall'):
     size = train.shape[-1]
     torch.manual_seed(seed)
     net = DDNGenerator(img_resolution=size, img_channels=train.shape[1], start_size=recipe['start_size'],
@@ -196,8 +203,9 @@ def train_ours(train, budget, recipe, seed=0):
     perm, pos = torch.randperm(data.shape[0], generator=order), 0
 
     cur_nimg, steps = 0, 0
-    start = time.monotonic()
-    while (elapsed := time.monotonic() - start) < budget:
+    now = CLOCKS[clock]
+    start, wall_start = now(), time.monotonic()
+    while (elapsed := now() - start) < budget:
         misc.set_seed_for_step(seed, 0, steps)
         if pos + batch > perm.numel():     # Epochs of a fresh permutation, as InfiniteSampler does.
             perm, pos = torch.randperm(data.shape[0], generator=order), 0
@@ -208,13 +216,13 @@ def train_ours(train, budget, recipe, seed=0):
         step_fn.update(lr, ema_beta(cur_nimg, batch, ema_kimg, 0.05))
         cur_nimg += batch
         steps += 1
-    seconds = time.monotonic() - start
+    seconds, wall = now() - start, time.monotonic() - wall_start
     if ema is not net:      # Node statistics are buffers, not averaged: the EMA takes the network's.
         with torch.no_grad():
             for b_ema, b_net in zip(ema.buffers(), net.buffers(), strict=True):
                 b_ema.copy_(b_net)
     params = sum(p.numel() for p in net.parameters())
-    return ema.eval(), dict(steps=steps, kimg=cur_nimg / 1e3, seconds=seconds, params=params,
+    return ema.eval(), dict(steps=steps, kimg=cur_nimg / 1e3, seconds=seconds, wall=wall, params=params,
         layers=net.num_layers, ks=sorted(set(net.ks)))
 
 # `num` samples (seeds 0..num-1) and reconstructions of `held_out`, both in [0, 1].
@@ -269,21 +277,22 @@ class BudgetSpent(Exception):
     pass
 
 # The training images as the peer's Trainer expects them ((C, S, S) floats in [0, 1]), ending the
-# training loop once `budget` seconds have passed since the first image was fetched.
+# training loop once `budget` seconds of `clock` have passed since the first image was fetched.
 class _BudgetedImages(torch.utils.data.Dataset):
-    def __init__(self, images, budget):
+    def __init__(self, images, budget, clock='wall'):
         self.images = images.float() / 255
         self.budget = budget
-        self.start = None
+        self.clock = CLOCKS[clock]
+        self.start = self.wall_start = None
         self.fetched = 0
 
     def __len__(self):
         return self.images.shape[0]
 
     def __getitem__(self, idx):
-        now = time.monotonic()
+        now = self.clock()
         if self.start is None:
-            self.start = now
+            self.start, self.wall_start = now, time.monotonic()
         elif now - self.start >= self.budget:
             raise BudgetSpent()
         self.fetched += 1
@@ -293,7 +302,7 @@ class _BudgetedImages(torch.utils.data.Dataset):
 PEER_BATCH = 32
 
 # Train the peer on uint8 `train` images for `budget` seconds; returns (its EMA model, info dict).
-def train_peer(train, budget, dim, seed=0):
+def train_peer(train, budget, dim, seed=0, clock='wall'):
     peer = import_peer()
     random.seed(seed)           # The peer draws chain dropout and crossover with Python's random.
     torch.manual_seed(seed)
@@ -301,7 +310,7 @@ def train_peer(train, budget, dim, seed=0):
     # The model of the package's own training script, at the digits' size and channels.
     ddn = peer.DDN(dim=dim, image_size=size, channels=channels, dropout=0.05, guided_sampler_kwargs=dict(
         crossover_top2_prob=0.1, straight_through_distance_logits=True, pre_network_activation=nn.SiLU()))
-    data = _BudgetedImages(train, budget)
+    data = _BudgetedImages(train, budget, clock)
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, 'w') as devnull:
         # The Trainer's defaults; only its file output is moved away (no grids or checkpoints).
         trainer = peer.Trainer(ddn, dataset=data, num_train_steps=10**9, batch_size=PEER_BATCH, use_ema=True,
@@ -312,12 +321,12 @@ def train_peer(train, budget, dim, seed=0):
                 trainer()
             except BudgetSpent:
                 pass
-    seconds = time.monotonic() - data.start
+    seconds, wall = data.clock() - data.start, time.monotonic() - data.wall_start
     model = trainer.ema_model.ema_model if trainer.ema_model is not None else trainer.unwrapped_model
     batch = PEER_BATCH
     steps = data.fetched // batch       # The last, incomplete batch never reached a step.
     params = sum(p.numel() for p in ddn.parameters())
-    return model.eval(), dict(steps=steps, kimg=steps * batch / 1e3, seconds=seconds, params=params,
+    return model.eval(), dict(steps=steps, kimg=steps * batch / 1e3, seconds=seconds, wall=wall, params=params,
         layers=len(ddn.layers), ks=[ddn.codebook_size])
 
 # `num` samples and reconstructions of `held_out`, both in [0, 1], from the peer's model.
@@ -336,7 +345,7 @@ def _fmt(x, spec):
     return '-' if x is None else format(x, spec)
 
 def print_table(rows):
-    head = f'{"model":<34s} {"FD":>8s} {"prec.":>6s} {"recall":>6s} {"recon MSE":>10s} {"params":>8s} {"L":>3s} {"K":>6s} {"steps":>6s} {"kimg":>7s} {"img/s":>7s}'
+    head = f'{"model":<34s} {"FD":>8s} {"prec.":>6s} {"recall":>6s} {"recon MSE":>10s} {"params":>8s} {"L":>3s} {"K":>6s} {"steps":>6s} {"kimg":>7s} {"img/s":>7s} {"wall s":>7s}'
     print(head)
     print('-' * len(head))
     for r in rows:
@@ -344,11 +353,12 @@ def print_table(rows):
         ks = '/'.join(map(str, r['ks'])) if r.get('ks') else None
         print(f'{r["name"]:<34s} {_fmt(r["fd"], "8.3f")} {_fmt(r["precision"], "6.3f")} {_fmt(r["recall"], "6.3f")} '
               f'{_fmt(r["recon_mse"], "10.5f")} {_fmt(r.get("params"), "8d")} {_fmt(r.get("layers"), "3d")} '
-              f'{ks or "-":>6s} {_fmt(r.get("steps"), "6d")} {_fmt(r.get("kimg"), "7.2f")} {_fmt(rate, "7.1f")}')
+              f'{ks or "-":>6s} {_fmt(r.get("steps"), "6d")} {_fmt(r.get("kimg"), "7.2f")} {_fmt(rate, "7.1f")} {_fmt(r.get("wall"), "7.1f")}')
 
 @click.command(context_settings=dict(max_content_width=120))
 @click.option('--size',          help='Image size', type=click.Choice(['16', '32']), default='16', show_default=True)
 @click.option('--budget',        help='Training seconds per model', metavar='SEC', type=click.FloatRange(min=0, min_open=True), default=240, show_default=True)
+@click.option('--clock',         help='What --budget counts: wall-clock seconds, or CPU seconds of this process', type=click.Choice(list(CLOCKS)), default='wall', show_default=True)
 @click.option('--seed',          help='Seed of both trainings', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--samples',       help='Samples per model for FD / precision / recall', metavar='INT', type=click.IntRange(min=10), default=1000, show_default=True)
 @click.option('--threads',       help='CPU threads (torch.set_num_threads)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
@@ -370,7 +380,7 @@ def print_table(rows):
 @click.option('--split-prune/--no-split-prune', help='Split-and-Prune after every step', default=True, show_default=True)
 @click.option('--split-rule',    help='Node balancing rule', type=click.Choice(['tv', 'paper', 'bias']), default='tv', show_default=True)
 @click.option('--bias-rate',     help='--split-rule=bias: step of the bias', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
-def main(size, budget, seed, samples, threads, peer, peer_dim, json_path, **recipe):
+def main(size, budget, clock, seed, samples, threads, peer, peer_dim, json_path, **recipe):
     """Sample quality (classifier-feature FD, precision/recall) and held-out reconstruction MSE of our DDN
     and of lucidrains' DDN, each trained for the same wall-clock budget on the built-in digits."""
     size = int(size)
@@ -403,14 +413,15 @@ def main(size, budget, seed, samples, threads, peer, peer_dim, json_path, **reci
     add_row('baseline: uniform noise', noise, float(F.mse_loss(quantize(torch.rand(held01.shape, generator=noise_gen)), held01)))
 
     # Ours, then the peer, back to back.
-    print(f'Training ours for {budget:g} s at {size}x{size}...', flush=True)
-    net, info = train_ours(train, budget, recipe, seed=seed)
+    unit = 's' if clock == 'wall' else 'CPU s'
+    print(f'Training ours for {budget:g} {unit} at {size}x{size}...', flush=True)
+    net, info = train_ours(train, budget, recipe, seed=seed, clock=clock)
     gen, recon = evaluate_ours(net, held_out, samples)
     ours = add_row('ours (DDNGenerator)', gen, float(F.mse_loss(recon, held01)), **info)
     del net
     if peer:
-        print(f'Training the peer for {budget:g} s at {size}x{size}...', flush=True)
-        model, info = train_peer(train, budget, peer_dim, seed=seed)
+        print(f'Training the peer for {budget:g} {unit} at {size}x{size}...', flush=True)
+        model, info = train_peer(train, budget, peer_dim, seed=seed, clock=clock)
         gen, recon = evaluate_peer(model, held_out, samples, seed=seed)
         theirs = add_row(f'peer (lucidrains DDN, dim {peer_dim})', gen, float(F.mse_loss(recon, held01)), **info)
         del model
@@ -418,7 +429,7 @@ def main(size, budget, seed, samples, threads, peer, peer_dim, json_path, **reci
 
     print()
     print(f'Built-in digits {size}x{size}: {NUM_TRAIN} train / {NUM_HELD_OUT} held out; {samples} samples per model; '
-          f'budget {budget:g} s of training per model; seed {seed}')
+          f'budget {budget:g} {unit} of training per model; seed {seed}')
     print_table(rows)
     print()
     print(f'Conditions: torch threads {threads}, {os.cpu_count()} CPUs, load average (1/5/15 min) '
@@ -426,7 +437,7 @@ def main(size, budget, seed, samples, threads, peer, peer_dim, json_path, **reci
           f'{load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f} at end')
     print('Recipe: ' + ' '.join(f'--{k.replace("_", "-")}={v}' for k, v in recipe.items()))
     if json_path:
-        result = dict(size=size, budget=budget, seed=seed, samples=samples, threads=threads, recipe=recipe,
+        result = dict(size=size, budget=budget, clock=clock, seed=seed, samples=samples, threads=threads, recipe=recipe,
             classifier_held_out_accuracy=held_acc, load_start=load_start, load_end=load_end, rows=rows)
         with open(json_path + '.tmp', 'w') as f:
             json.dump(result, f, indent=2)
