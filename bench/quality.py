@@ -34,7 +34,8 @@ of installing torchvision. Install the peer without its torch pin and without to
     pip install einops ema-pytorch accelerate x-mlps-pytorch x-transformers
 
 Ours is `training.networks.DDNGenerator` trained with the training loop's own `TrainingStep`; the
-recipe options have the names and units of train.py's. The defaults are the README's first command.
+recipe options have the names and units of train.py's. The defaults are the README's recipe for each size
+(its first command at 16 px).
 The Frechet distance and precision/recall are fid.py's functions. fid.py is a script: this bench
 script imports it (acceptable for a script; library code must not).
 
@@ -73,6 +74,9 @@ from training.dataset import DigitsDataset  # noqa: E402
 from training.loss import DDNLoss  # noqa: E402
 from training.networks import DDNGenerator  # noqa: E402
 from training.training_loop import TrainingStep, ema_beta, learning_rate  # noqa: E402
+
+# The README's recipe at each size differs in blocks per scale only (the search in the README).
+RECIPE_MAX_BLOCKN = {16: 3, 32: 2}
 
 # The fixed split of scikit-learn's 1797 digits.
 NUM_TRAIN = 1500
@@ -372,7 +376,7 @@ def print_table(rows):
 @click.option('--lr-decay',      help='Learning-rate decay over the budget', type=click.Choice(['none', 'cosine', 'linear']), default='none', show_default=True)
 @click.option('--ema',           help='EMA half-life, 0 = none', metavar='MIMG', type=click.FloatRange(min=0), default=0.002, show_default=True)
 @click.option('--max-channels',  help='Max feature channels per block', metavar='INT', type=click.IntRange(min=4), default=32, show_default=True)
-@click.option('--max-blockn',    help='Max blocks (and DDLs) per resolution', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
+@click.option('--max-blockn',    help='Max blocks (and DDLs) per resolution  [default: 3 at 16 px, 2 at 32 px]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--max-outputk',   help='Max K per DDL', metavar='INT', type=click.IntRange(min=2), default=64, show_default=True)
 @click.option('--start-size',    help='Resolution of the first block', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--dropout',       help='Dropout in the blocks', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0, show_default=True)
@@ -384,6 +388,8 @@ def main(size, budget, clock, seed, samples, threads, peer, peer_dim, json_path,
     """Sample quality (classifier-feature FD, precision/recall) and held-out reconstruction MSE of our DDN
     and of lucidrains' DDN, each trained for the same wall-clock budget on the built-in digits."""
     size = int(size)
+    if recipe['max_blockn'] is None:
+        recipe['max_blockn'] = RECIPE_MAX_BLOCKN[size]
     torch.set_num_threads(threads)
     if peer:
         import_peer()   # Fail before training anything.
