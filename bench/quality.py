@@ -75,8 +75,8 @@ from training.loss import DDNLoss  # noqa: E402
 from training.networks import DDNGenerator  # noqa: E402
 from training.training_loop import TrainingStep, ema_beta, learning_rate  # noqa: E402
 
-# The README's recipe at each size differs in blocks per scale only (the search in the README).
-RECIPE_MAX_BLOCKN = {16: 3, 32: 2}
+# Where the README's recipes for the two sizes differ (the search in the README): blocks per scale and K.
+RECIPE = {16: dict(max_blockn=3, max_outputk=64), 32: dict(max_blockn=2, max_outputk=128)}
 
 # The fixed split of scikit-learn's 1797 digits.
 NUM_TRAIN = 1500
@@ -377,7 +377,7 @@ def print_table(rows):
 @click.option('--ema',           help='EMA half-life, 0 = none', metavar='MIMG', type=click.FloatRange(min=0), default=0.002, show_default=True)
 @click.option('--max-channels',  help='Max feature channels per block', metavar='INT', type=click.IntRange(min=4), default=32, show_default=True)
 @click.option('--max-blockn',    help='Max blocks (and DDLs) per resolution  [default: 3 at 16 px, 2 at 32 px]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--max-outputk',   help='Max K per DDL', metavar='INT', type=click.IntRange(min=2), default=64, show_default=True)
+@click.option('--max-outputk',   help='Max K per DDL  [default: 64 at 16 px, 128 at 32 px]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--start-size',    help='Resolution of the first block', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--dropout',       help='Dropout in the blocks', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0, show_default=True)
 @click.option('--chain-dropout', help='Chain dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.05, show_default=True)
@@ -388,8 +388,9 @@ def main(size, budget, clock, seed, samples, threads, peer, peer_dim, json_path,
     """Sample quality (classifier-feature FD, precision/recall) and held-out reconstruction MSE of our DDN
     and of lucidrains' DDN, each trained for the same wall-clock budget on the built-in digits."""
     size = int(size)
-    if recipe['max_blockn'] is None:
-        recipe['max_blockn'] = RECIPE_MAX_BLOCKN[size]
+    for name, value in RECIPE[size].items():
+        if recipe[name] is None:
+            recipe[name] = value
     torch.set_num_threads(threads)
     if peer:
         import_peer()   # Fail before training anything.
