@@ -240,8 +240,8 @@ def test_author_pickle_refuses_unmappable_parts(author_classes, change, part):
     writer = AuthorLayoutWriter(author_classes)
     data = writer.snapshot(_recorded('gray8')['config'])
     data['ema'].state['_modules']['model'].state.update(change)
-    with pytest.raises(author.AuthorPickleError, match=part):
-        author.load_author_pickle(pickle.dumps(data))
+    with pytest.raises(author.AuthorPickleError, match=f'^author.pkl: cannot map .*{part}'):
+        author.load_author_pickle(pickle.dumps(data), source='author.pkl')
 
 def test_author_pickle_refuses_other_conv_variants(author_classes):
     writer = AuthorLayoutWriter(author_classes)
@@ -294,3 +294,14 @@ def test_generate_decodes_author_codes(author_classes, tmp_path, subprocess_env)
 def test_recorded_data_is_small():
     total = sum(os.path.getsize(os.path.join(DATA, n)) for n in os.listdir(DATA))
     assert total < 1 << 20, total
+
+def test_network_loaders_of_every_command_take_author_pickles(author_classes, tmp_path):
+    # generate.py, tree.py and compress.py use generate.load_network; zscg.py wraps it.
+    import generate
+    import zscg
+    raw, _ = write_author_pickle(author_classes, _recorded('gray8')['config'])
+    path = tmp_path / 'author.pkl'
+    path.write_bytes(raw)
+    _, net = generate.load_network(str(path), 'cpu')
+    assert isinstance(net, DDNGenerator) and net.num_layers == 7
+    assert isinstance(zscg.load_network(str(path), 'cpu'), DDNGenerator)

@@ -77,3 +77,16 @@ class _Old:
     def __reduce__(self):
         from torch_utils.persistence import _reconstruct_persistent_obj
         return _reconstruct_persistent_obj, (self.meta,)
+
+def test_eval_forwards_keep_tf32_off_like_training():
+    # Training turns cuDNN TF32 off; evaluation forwards (batch_invariant) must not turn it on,
+    # or selection would see another precision on Ampere/Hopper GPUs.
+    from training.networks import batch_invariant
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        with batch_invariant():
+            assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before

@@ -160,10 +160,12 @@ def test_bias_balances_node_frequencies_without_splits(digits):
     dead, dead_off = int((rel == 0).sum()), int((rel_off == 0).sum())
     print(f'bias: dead {dead}, freq x K in [{rel.min():.2f}, {rel.max():.2f}], TV {tv:.3f}; '
           f'none: dead {dead_off}, [{rel_off.min():.2f}, {rel_off.max():.2f}], TV {tv_off:.3f}')
-    # No balancing: dead nodes and nodes taking several times their share (measured: 9 dead of 32,
-    # up to 6x, TV 0.53). Balancing by bias: no dead node, all within 2x (measured: 0.84x to 1.15x,
-    # TV 0.01; a short run, hence a large bias_rate).
-    assert dead_off >= 3 and rel_off.max() > 3
+    # No balancing: dead nodes and nodes taking several times their share (measured with the EDM
+    # initialisation, this seed and three others: 2 to 7 dead of 32, up to 3.9x to 6x, TV 0.34 to 0.50;
+    # the bound of 3 dead nodes was set under PyTorch's default init, which gave 9). Balancing by
+    # bias: no dead node, all within 2x (measured: 0.92x to 1.14x, TV 0.007; a short run, hence a
+    # large bias_rate).
+    assert dead_off >= 1 and rel_off.max() > 3
     assert dead == 0 and rel.min() > 0.5 and rel.max() < 2.0, rel
     assert tv < tv_off / 4
     # Never a split: no parameter was discarded. The biases are zero-mean and did the work.

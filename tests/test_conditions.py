@@ -74,9 +74,22 @@ def test_class_conditional_network():
         DDNGenerator(8, 1, condition='class')
 
 # ----------------------------------------------------------------------------
-# Colourisation: digits tinted with a colour that depends on the digit's class. A briefly trained
-# colour-conditional net (sampling with the grayscale as condition) must beat the same-budget
-# unconditional net steered zero-shot toward the same grayscale (luminance guidance).
+# Colourisation: digits tinted with a colour that depends on the digit's class. Briefly trained
+# colour-conditional nets (sampling with the grayscale as condition) beat same-budget unconditional
+# nets steered zero-shot toward the same grayscale (luminance guidance), on average over 3 seeds.
+#
+# Measured (224 training digits, batch 64, lr 3e-3; MSE on 32 held-out digits, seeds 0/1/2;
+# conditional vs unconditional + luminance guidance):
+#   150 steps, per-image colour weights (ours): 0.198/0.251, 0.237/0.257, 0.224/0.271 -> ratio of means 0.85
+#   150 steps, per-batch weights (the author's): 0.190/0.251, 0.241/0.257, 0.243/0.271 -> 0.87
+#    75 steps: 0.214/0.266, 0.311/0.278, 0.231/0.238 -> 0.95 (one seed loses: too short to test)
+#   450 steps: 0.197/0.209, 0.215/0.216, 0.191/0.251 -> 0.89 (the guided net catches up on some seeds)
+#   150 steps, 1541 training digits (256 held out): 0.209/0.248, 0.223/0.223, 0.214/0.251 -> 0.89
+#   150 steps under ATEN_CPU_CAPABILITY=default (other kernels, other rounding, other runs):
+#       0.204/0.232, 0.211/0.253, 0.236/0.272 -> 0.86
+# Single seeds vary by about +-0.07 in the ratio (and a different CPU kernel set acts like a
+# different seed), which is why the old one-seed test failed on some machines. The mean of three
+# keeps a margin of about 0.1 below the 0.95 bound under both capabilities.
 
 def _tinted_digits(n=256):
     ds = DigitsDataset(resolution=8)
@@ -104,23 +117,25 @@ def _train(net, x, steps, seed):
         split_and_prune(net, opt)
     return net.eval()
 
-def test_color_conditional_beats_unconditional_colourisation():
+def test_color_conditional_beats_unconditional_colourisation_on_average():
     x = _tinted_digits()
     train, test = x[:224], x[224:]
     kwargs = dict(img_resolution=8, img_channels=3, max_outputk=16, max_blockn=2, max_channels=32)
-    torch.manual_seed(0)
-    cond_net = _train(DDNGenerator(condition='color', **kwargs), train, 150, seed=0)
-    torch.manual_seed(0)
-    uncond_net = _train(DDNGenerator(**kwargs), train, 150, seed=0)
-
     gray = grayscale(test)
     seeds = list(range(len(test)))
-    coloured = cond_net(seeds=seeds, condition=gray).images
     def luminance_scorer(cand, info):
         target = torch.nn.functional.interpolate(gray, size=cand.shape[-2:], mode='area')
         return (cand.mean(2) - target[:, None, 0]).square().mean((2, 3))
-    guided = uncond_net(seeds=seeds, scorer=luminance_scorer).images
-    err_cond = (coloured - test).square().mean().item()
-    err_uncond = (guided - test).square().mean().item()
-    print(f"colourisation MSE: conditional {err_cond:.4f}, unconditional + luminance guidance {err_uncond:.4f}")
-    assert err_cond < err_uncond, (err_cond, err_uncond)
+    errs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        cond_net = _train(DDNGenerator(condition='color', **kwargs), train, 150, seed=seed)
+        torch.manual_seed(seed)
+        uncond_net = _train(DDNGenerator(**kwargs), train, 150, seed=seed)
+        with torch.no_grad():
+            coloured = cond_net(seeds=seeds, condition=gray).images
+            guided = uncond_net(seeds=seeds, scorer=luminance_scorer).images
+        errs.append(((coloured - test).square().mean().item(), (guided - test).square().mean().item()))
+    print('colourisation MSE (conditional, unconditional + luminance guidance) per seed:', errs)
+    err_cond, err_uncond = np.mean(errs, axis=0)
+    assert err_cond < 0.95 * err_uncond, errs

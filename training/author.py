@@ -301,7 +301,13 @@ def _network_kwargs(net, learn_residual):
 
 def author_network_kwargs(file, learn_residual=True, source=None):
     """The `DDNGenerator` constructor arguments inferred from an author snapshot (see the module docstring)."""
-    return _network_kwargs(_parse_network(read_author_pickle(file, source), source), learn_residual)
+    data, name = _read_bytes(file)
+    source = source or name
+    snapshot = read_author_pickle(data, source)
+    try:
+        return _network_kwargs(_parse_network(snapshot, source), learn_residual)
+    except AuthorPickleError as err:
+        raise AuthorPickleError(f'{source}: {err}') from None
 
 def load_author_pickle(file, learn_residual=True, source=None) -> DDNGenerator:
     """An author snapshot (path, bytes or binary file) as a `DDNGenerator` in eval mode, on the CPU,
@@ -309,9 +315,14 @@ def load_author_pickle(file, learn_residual=True, source=None) -> DDNGenerator:
     `learn_residual` is not recorded in the file (the author's --learn-res, default True)."""
     data, name = _read_bytes(file)
     source = source or name
-    parsed = _parse_network(read_author_pickle(data, source), source)
-    kwargs = _network_kwargs(parsed, learn_residual)
-    net = DDNGenerator(**kwargs)
+    snapshot = read_author_pickle(data, source)
+    try:
+        return _build(_parse_network(snapshot, source), learn_residual)
+    except AuthorPickleError as err:
+        raise AuthorPickleError(f'{source}: {err}') from None
+
+def _build(parsed, learn_residual):
+    net = DDNGenerator(**_network_kwargs(parsed, learn_residual))
     _expect(net.num_layers == len(parsed['layers']), 'ema.model', f'{len(parsed["layers"])} layers, rebuilt {net.num_layers}')
     state = {}
     for l, layer in enumerate(parsed['layers']):

@@ -1,6 +1,7 @@
 """Conditions for conditional DDN training (paper §4.4, our spec `DDN.md` §5-§6).
 
-A conditional DDN sees the condition inside the network: at the first block of every scale the
+A conditional DDN sees the condition inside the network: at the first block whose input has a new
+size (every scale from the start size up to the output resolution, as in the reference code) the
 condition image is area-resized to that block's input and added into its middle channels (or, for
 class labels, a learned per-scale embedding is added). This file turns a batch of training images
 (and labels) into the condition tensor the network takes, for the condition types of the reference:

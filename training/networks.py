@@ -112,16 +112,18 @@ class Block(nn.Module):
         dropout         = 0.0,      # Dropout probability before the second conv.
         resample_proj   = False,    # Learned 1x1 skip on an upsampling block even if channels do not change.
         eps             = 1e-6,     # GroupNorm epsilon (EDM's and the reference DDN's).
+        edm_init        = True,     # EDM's initialisation; False keeps PyTorch's defaults.
     ):
         super().__init__()
+        init = _init_conv if edm_init else (lambda conv, gain=1.0: conv)
         self.up = up
         self.norm0 = nn.GroupNorm(_groups(in_channels), in_channels, eps=eps)
-        self.conv0 = _init_conv(nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.conv0 = init(nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.norm1 = nn.GroupNorm(_groups(out_channels), out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv1 = _init_conv(nn.Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)
+        self.conv1 = init(nn.Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)
         proj = in_channels != out_channels or (up and resample_proj)
-        self.skip = _init_conv(nn.Conv2d(in_channels, out_channels, 1)) if proj else None
+        self.skip = init(nn.Conv2d(in_channels, out_channels, 1)) if proj else None
 
     def forward(self, x):
         h = F.silu(self.norm0(x))
@@ -252,11 +254,13 @@ class _DDNBase(nn.Module):
 
     # Add a (checked) condition into the block input x: a class through its embedding `embed`,
     # added to every channel; an image resized to x and added to the middle channels.
-    def _inject_condition(self, x, condition, embed=None):
+    # The single-shot net places the channels as the reference does (from C/2 - c/2); the recurrent
+    # one keeps its original placement ((C - c) / 2), so its snapshots compute as before.
+    def _inject_condition(self, x, condition, embed=None, reference_placement=True):
         if self.label_dim:
             return x + embed(condition).to(x.dtype)[:, :, None, None]
         cond = resize_area(condition, x.shape[-1]).to(x.dtype)
-        lo = x.shape[1] // 2 - cond.shape[1] // 2  # The reference's placement of the middle channels.
+        lo = x.shape[1] // 2 - cond.shape[1] // 2 if reference_placement else (x.shape[1] - cond.shape[1]) // 2
         return x + F.pad(cond, (0, 0, 0, 0, lo, x.shape[1] - cond.shape[1] - lo))
 
     # Condition tensor for a batch of images in [-1, 1] (and one-hot labels), as in training.
@@ -445,6 +449,9 @@ class DDNGenerator(_DDNBase):
 # does not grow with L. `iter_embed=True` adds a learned embedding of l to the UNet input (a
 # diffusion model's time embedding); off by default, so every layer is literally the same function.
 
+# Its blocks keep PyTorch's initialisation and GroupNorm eps 1e-5: the reference's EDM settings are
+# those of the single-shot network; the recurrent paradigm has no reference code to match, and its
+# snapshots and tuned tests predate them.
 class UNet(nn.Module):
     def __init__(self,
         channels,               # Feature channels at every level.
@@ -452,10 +459,11 @@ class UNet(nn.Module):
         dropout     = 0.0,      # Dropout in the blocks.
     ):
         super().__init__()
-        self.down = nn.ModuleList([Block(channels, channels, dropout=dropout) for _ in range(levels)])
-        self.mid = Block(channels, channels, dropout=dropout)
-        self.up = nn.ModuleList([Block(channels, channels, up=True, dropout=dropout) for _ in range(levels)])
-        self.out = Block(channels, channels, dropout=dropout)
+        block = lambda up=False: Block(channels, channels, up=up, dropout=dropout, eps=1e-5, edm_init=False)  # noqa: E731
+        self.down = nn.ModuleList([block() for _ in range(levels)])
+        self.mid = block()
+        self.up = nn.ModuleList([block(up=True) for _ in range(levels)])
+        self.out = block()
 
     def forward(self, x):
         skips = []
@@ -519,7 +527,7 @@ class DDNRecurrent(_DDNBase):
     def _add_condition(self, x, l, condition):
         if condition is None:
             return x
-        return self._inject_condition(x, condition, self.class_embed if self.label_dim else None)
+        return self._inject_condition(x, condition, self.class_embed if self.label_dim else None, reference_placement=False)
 
     # The layer loop of forward(): the shared UNet + DDL, L times. Scorers and choosers are told
     # which layer they score (the shared DDL alone cannot know).
