@@ -75,8 +75,11 @@ from training.loss import DDNLoss  # noqa: E402
 from training.networks import DDNGenerator  # noqa: E402
 from training.training_loop import TrainingStep, ema_beta, learning_rate  # noqa: E402
 
-# Where the README's recipes for the two sizes differ (the search in the README): blocks per scale and K.
-RECIPE = {16: dict(max_blockn=3, max_outputk=64), 32: dict(max_blockn=2, max_outputk=128)}
+# Where the README's recipes for the two sizes differ (the search in the README).
+RECIPE = {
+    16: dict(max_blockn=3, max_outputk=64, lr_rampup=2, chain_dropout=0),
+    32: dict(max_blockn=2, max_outputk=128, lr_rampup=0, chain_dropout=0.05),
+}
 
 # The fixed split of scikit-learn's 1797 digits.
 NUM_TRAIN = 1500
@@ -372,7 +375,7 @@ def print_table(rows):
 # Our recipe: train.py's option names and units.
 @click.option('--batch',         help='Batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--lr',            help='Learning rate (Adam)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
-@click.option('--lr-rampup',     help='Learning-rate warm-up', metavar='KIMG', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--lr-rampup',     help='Learning-rate warm-up  [default: 2 at 16 px, 0 at 32 px]', metavar='KIMG', type=click.FloatRange(min=0))
 @click.option('--lr-decay',      help='Learning-rate decay over the budget', type=click.Choice(['none', 'cosine', 'linear']), default='none', show_default=True)
 @click.option('--ema',           help='EMA half-life, 0 = none', metavar='MIMG', type=click.FloatRange(min=0), default=0.002, show_default=True)
 @click.option('--max-channels',  help='Max feature channels per block', metavar='INT', type=click.IntRange(min=4), default=32, show_default=True)
@@ -380,7 +383,7 @@ def print_table(rows):
 @click.option('--max-outputk',   help='Max K per DDL  [default: 64 at 16 px, 128 at 32 px]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--start-size',    help='Resolution of the first block', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--dropout',       help='Dropout in the blocks', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0, show_default=True)
-@click.option('--chain-dropout', help='Chain dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.05, show_default=True)
+@click.option('--chain-dropout', help='Chain dropout probability  [default: 0 at 16 px, 0.05 at 32 px]', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
 @click.option('--split-prune/--no-split-prune', help='Split-and-Prune after every step', default=True, show_default=True)
 @click.option('--split-rule',    help='Node balancing rule', type=click.Choice(['tv', 'paper', 'bias']), default='tv', show_default=True)
 @click.option('--bias-rate',     help='--split-rule=bias: step of the bias', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
