@@ -178,7 +178,7 @@ def main(**kwargs):
     \b
     # Built-in 16x16 digits on a 2-core CPU in about 4 minutes
     OMP_NUM_THREADS=1 python train.py --outdir=training-runs --duration=0.048 --batch=32 \\
-        --lr=3e-3 --lr-rampup=0 --ema=0.002 --max-channels=32 --max-blockn=2 --max-outputk=64 \\
+        --lr=3e-3 --lr-rampup=2 --ema=0.002 --max-channels=32 --max-blockn=3 --max-outputk=64 --chain-dropout=0 \\
         --tick=4 --snap=4 --dump=4
 
     \b

@@ -1,0 +1,460 @@
+"""Benchmark: sample quality per CPU-minute on the built-in digits, ours against lucidrains' DDN in the same run.
+
+Both models train for the same wall-clock budget (`--budget`, seconds of training steps; set-up and
+evaluation are not counted) on the same images at the same size, one after the other, so that both
+see the same machine. Then, for each:
+- **FD**: the Frechet distance between 1000 samples and the held-out digits, in the 64-d feature space
+  of a small digit classifier (`DigitClassifier`) that this script trains on the training split
+  (deterministic: fixed seed, one thread, a few seconds). The same classifier scores every row.
+- **precision / recall** (Kynkaanniemi et al. 2019, k=3) in the same feature space.
+- **recon MSE**: the mean squared error of the reconstruction (L2-guided encoding) of the held-out
+  digits, in [0, 1] pixels.
+`--clock=cpu` counts the CPU seconds the process was given instead (threads summed), which depends
+much less on what else runs on the machine: the recipe search in the README uses it. img/s in the
+table is per second of the budget's clock; "wall s" is the wall-clock time of the training.
+Samples and reconstructions are clamped to [0, 1] and quantised to 8 bits, as if saved as PNGs.
+
+The split is fixed: scikit-learn's 1797 digits, the first 1500 train, the last 297 are held out
+(nothing trains on them, the classifier included). Baselines give the scale of the figures:
+1000 training images (the best any model of the training set can do), the same images blurred by a
+half-resolution round trip (area down to S/2, bilinear back up to S: 16->8->16 at 16 px), and
+uniform noise. Their recon MSE is that of the held-out digits themselves put through the same
+operation (0, the round trip, noise).
+
+The peer is the PyPI package `discrete-distribution-network` (Phil Wang). Its DDN is built as its own
+training script (`train_oxford_flowers.py`) builds it, width `--peer-dim` (64 there), with the image
+size and channels of the digits, and trained by its own `Trainer` with the Trainer's defaults (AdamW
+lr 3e-4, weight decay 1e-3, batch 32, gradient clipping 0.5, EMA); samples and reconstructions come
+from the Trainer's EMA model, as its `Trainer.sample` does. The package imports torchvision at the top
+of its module, for its image-folder dataset and `save_image` only; neither is used here, so this
+script puts a small stand-in module under the name `torchvision` (see `_torchvision_stand_in`) instead
+of installing torchvision. Install the peer without its torch pin and without torchvision:
+
+    pip install --no-deps discrete-distribution-network
+    pip install einops ema-pytorch accelerate x-mlps-pytorch x-transformers
+
+Ours is `training.networks.DDNGenerator` trained with the training loop's own `TrainingStep`; the
+recipe options have the names and units of train.py's. The defaults are the README's recipe for each size
+(its first command at 16 px).
+The Frechet distance and precision/recall are the library's (training/metrics.py), the functions fid.py
+uses.
+
+Prints a table, the conditions (load average, threads), and as its LAST lines
+`quality_fd_ratio_vs_peer=<ours FD / peer FD>` and `recon_mse_ratio_vs_peer=<ours / peer>`; lower is
+better. `--no-peer` skips the peer (for recipe searches) and the two ratio lines.
+
+    python bench/quality.py                        # 16x16, 240 s per model
+    python bench/quality.py --size=32
+    python bench/quality.py --budget=60 --no-peer --lr=2e-3 --json=out.json
+"""
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import types
+import warnings
+
+import click
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from torch_utils import misc  # noqa: E402
+from training import metrics  # noqa: E402
+from training.dataset import DigitsDataset  # noqa: E402
+from training.loss import DDNLoss  # noqa: E402
+from training.networks import DDNGenerator  # noqa: E402
+from training.training_loop import TrainingStep, ema_beta, learning_rate  # noqa: E402
+
+# Where the README's recipes for the two sizes differ (the search in the README).
+RECIPE = {
+    16: dict(max_blockn=3, max_outputk=64, lr_rampup=2, chain_dropout=0),
+    32: dict(max_blockn=2, max_outputk=128, lr_rampup=0, chain_dropout=0.05),
+}
+
+# The fixed split of scikit-learn's 1797 digits.
+NUM_TRAIN = 1500
+NUM_HELD_OUT = 297
+
+# ----------------------------------------------------------------------------
+# Data.
+
+# The built-in digits at `size`, split: uint8 images (N, 1, S, S) and int64 labels (N,) of the
+# training and the held-out part: (train, train_labels, held_out, held_out_labels).
+def load_split(size):
+    ds = DigitsDataset(resolution=size, use_labels=True)
+    images = torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))]))
+    labels = torch.from_numpy(np.stack([ds.get_label(i) for i in range(len(ds))])).argmax(1)
+    if images.shape[0] != NUM_TRAIN + NUM_HELD_OUT:
+        raise RuntimeError(f'expected {NUM_TRAIN + NUM_HELD_OUT} built-in digits, got {images.shape[0]}')
+    return images[:NUM_TRAIN], labels[:NUM_TRAIN], images[NUM_TRAIN:], labels[NUM_TRAIN:]
+
+# Float images in [0, 1] -> clamped and quantised to 8 bits (what a saved PNG would hold).
+def quantize(x):
+    return (x.clamp(0, 1) * 255).round() / 255
+
+# The half-resolution round trip: area-resize to S/2, bilinear back to S.
+def half_res_round_trip(x):
+    size = x.shape[-1]
+    low = F.interpolate(x, size=(size // 2, size // 2), mode='area')
+    return F.interpolate(low, size=(size, size), mode='bilinear', align_corners=False)
+
+# ----------------------------------------------------------------------------
+# The feature space: a small CNN digit classifier trained on the training split.
+
+# A strided conv to 8x8 (kernel 2*stride+1, so it sees every pixel at any size), a 3x3 conv, pooling
+# to 4x4, then a 64-d hidden layer (the features) and 10 logits. The cost is about the same at any size.
+class DigitClassifier(nn.Module):
+    def __init__(self,
+        size,                   # Input side S, a power of two >= 8.
+        feature_dim = 64,       # Dimension of the feature space.
+    ):
+        super().__init__()
+        stride = size // 8
+        self.conv0 = nn.Conv2d(1, 32, 2 * stride + 1, stride=stride, padding=stride)
+        self.conv1 = nn.Conv2d(32, 32, 3, padding=1)
+        self.hidden = nn.Linear(32 * 4 * 4, feature_dim)
+        self.out = nn.Linear(feature_dim, 10)
+
+    # (B, 1, S, S) images in [0, 1] -> (B, feature_dim) pre-activation features.
+    def features(self, x):
+        x = F.relu(self.conv0(x * 2 - 1))
+        x = F.relu(self.conv1(x))
+        x = F.adaptive_avg_pool2d(x, 4)
+        return self.hidden(x.flatten(1))
+
+    def forward(self, x):
+        return self.out(F.relu(self.features(x)))
+
+# Random shifts of up to `max_shift` pixels (zero fill), the classifier's only augmentation.
+def _random_shift(x, max_shift, generator):
+    if max_shift == 0:
+        return x
+    pad = F.pad(x, [max_shift] * 4)
+    size = x.shape[-1]
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
+    return pad[..., dy:dy + size, dx:dx + size]
+
+# Train the classifier on (N, 1, S, S) images in [0, 1] and their labels; deterministic for a seed.
+def train_classifier(images, labels, steps=400, batch=64, lr=3e-3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clf = DigitClassifier(images.shape[-1])
+    opt = torch.optim.Adam(clf.parameters(), lr=lr)
+    max_shift = max(images.shape[-1] // 16, 1)
+    for step in range(steps):
+        idx = torch.randint(0, images.shape[0], (batch,), generator=generator)
+        x = _random_shift(images[idx], max_shift, generator)
+        loss = F.cross_entropy(clf(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return clf.eval().requires_grad_(False)
+
+# (N, D) float64 features of (N, 1, S, S) images in [0, 1].
+@torch.no_grad()
+def classifier_features(clf, images, batch=500):
+    return torch.cat([clf.features(part.float()) for part in images.split(batch)]).double()
+
+# FD, precision and recall of generated features against real ones (training/metrics.py, as fid.py).
+def quality_figures(real_features, gen_features):
+    mu_r, sigma_r = metrics.compute_stats(real_features)
+    mu_g, sigma_g = metrics.compute_stats(gen_features)
+    precision, recall = metrics.precision_recall(real_features, gen_features, k=3)
+    return dict(fd=metrics.calculate_fid(mu_g, sigma_g, mu_r, sigma_r), precision=precision, recall=recall)
+
+# ----------------------------------------------------------------------------
+# Ours: DDNGenerator + the training loop's TrainingStep, for a wall-clock budget.
+
+# Learning rate at a point of the run: linear warm-up over `rampup_kimg`, then optionally a decay
+# over the budget (`progress` in [0, 1]): cosine or linear to zero.
+def scheduled_lr(base_lr, cur_nimg, rampup_kimg, decay, progress):
+    lr = learning_rate(base_lr, cur_nimg, rampup_kimg)
+    if decay == 'cosine':
+        lr *= 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
+    elif decay == 'linear':
+        lr *= max(1 - progress, 0)
+    return lr
+
+# Clocks of the budget: wall-clock seconds, or the CPU seconds this process was given (threads
+# summed), which a busy machine changes much less.
+CLOCKS = {'wall': time.monotonic, 'cpu': time.process_time}
+
+# Train on uint8 `train` images for `budget` seconds of `clock`; returns (EMA network, info dict).
+def train_ours(train, budget, recipe, seed=0, clock='wall'):
+    size = train.shape[-1]
+    torch.manual_seed(seed)
+    net = DDNGenerator(img_resolution=size, img_channels=train.shape[1], start_size=recipe['start_size'],
+        max_blockn=recipe['max_blockn'], max_outputk=recipe['max_outputk'], max_channels=recipe['max_channels'],
+        dropout=recipe['dropout'], chain_dropout=recipe['chain_dropout']).train().requires_grad_(True)
+    optimizer = torch.optim.Adam(net.parameters(), lr=recipe['lr'], betas=(0.9, 0.999), eps=1e-8)
+    ema_kimg = recipe['ema'] * 1000
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_kimg > 0 else net
+    split_prune_kwargs = dict(enabled=recipe['split_prune'], rule=recipe['split_rule'])
+    if recipe['split_rule'] == 'bias':
+        split_prune_kwargs['bias_rate'] = recipe['bias_rate']
+    batch = recipe['batch']
+    step_fn = TrainingStep(net, ema, DDNLoss(report_layers=False), optimizer, batch, 'fp32', split_prune_kwargs)
+    data = train.float() / 127.5 - 1
+    order = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(data.shape[0], generator=order), 0
+
+    cur_nimg, steps = 0, 0
+    now = CLOCKS[clock]
+    start, wall_start = now(), time.monotonic()
+    while (elapsed := now() - start) < budget:
+        misc.set_seed_for_step(seed, 0, steps)
+        if pos + batch > perm.numel():     # Epochs of a fresh permutation, as InfiniteSampler does.
+            perm, pos = torch.randperm(data.shape[0], generator=order), 0
+        images = data[perm[pos:pos + batch]]
+        pos += batch
+        step_fn.accumulate(images)
+        lr = scheduled_lr(recipe['lr'], cur_nimg, recipe['lr_rampup'], recipe['lr_decay'], elapsed / budget)
+        step_fn.update(lr, ema_beta(cur_nimg, batch, ema_kimg, 0.05))
+        cur_nimg += batch
+        steps += 1
+    seconds, wall = now() - start, time.monotonic() - wall_start
+    if ema is not net:      # Node statistics are buffers, not averaged: the EMA takes the network's.
+        with torch.no_grad():
+            for b_ema, b_net in zip(ema.buffers(), net.buffers(), strict=True):
+                b_ema.copy_(b_net)
+    params = sum(p.numel() for p in net.parameters())
+    return ema.eval(), dict(steps=steps, kimg=cur_nimg / 1e3, seconds=seconds, wall=wall, params=params,
+        layers=net.num_layers, ks=sorted(set(net.ks)))
+
+# `num` samples (seeds 0..num-1) and reconstructions of `held_out`, both in [0, 1].
+@torch.no_grad()
+def evaluate_ours(net, held_out, num, batch=250):
+    samples = torch.cat([net(seeds=list(range(i, min(i + batch, num)))).images for i in range(0, num, batch)])
+    targets = held_out.float() / 127.5 - 1
+    recon = torch.cat([net.encode(part)[1] for part in targets.split(batch)])
+    return quantize((samples + 1) / 2), quantize((recon + 1) / 2)
+
+# ----------------------------------------------------------------------------
+# The peer: lucidrains' discrete-distribution-network, trained by its own Trainer.
+
+PEER_INSTALL = ('pip install --no-deps discrete-distribution-network && '
+    'pip install einops ema-pytorch accelerate x-mlps-pytorch x-transformers')
+
+# A stand-in `torchvision` package with the two names the peer's module imports at its top:
+# `torchvision.transforms` (used by its image-folder dataset) and `torchvision.utils.save_image`
+# (used by Trainer.sample, which writes sample grids). The benchmark uses neither; both fail loudly if
+# called. A real torchvision, when installed, is left alone.
+def _torchvision_stand_in():
+    try:
+        import torchvision  # noqa: F401
+        return
+    except ImportError:
+        pass
+    def unavailable(*args, **kwargs):
+        raise RuntimeError('bench/quality.py: torchvision is a stand-in here (not installed); '
+                           'the peer\'s image-folder dataset and save_image are not available')
+    package = types.ModuleType('torchvision')
+    package.__path__ = []
+    transforms = types.ModuleType('torchvision.transforms')
+    transforms.__getattr__ = lambda name: unavailable
+    utils = types.ModuleType('torchvision.utils')
+    utils.save_image = unavailable
+    package.transforms, package.utils = transforms, utils
+    sys.modules.update({'torchvision': package, 'torchvision.transforms': transforms, 'torchvision.utils': utils})
+
+def import_peer():
+    _torchvision_stand_in()
+    try:
+        with warnings.catch_warnings():     # Its imports (accelerate) make torch warn about re-registered kernels.
+            warnings.simplefilter('ignore', UserWarning)
+            import discrete_distribution_network as peer
+    except ImportError as err:
+        raise click.ClickException(f'The peer is not installed ({err}). Install it with:\n    {PEER_INSTALL}\n'
+                                   'or pass --no-peer.') from None
+    return peer
+
+# Raised by the budgeted dataset to end the peer's Trainer loop.
+class BudgetSpent(Exception):
+    pass
+
+# The training images as the peer's Trainer expects them ((C, S, S) floats in [0, 1]), ending the
+# training loop once `budget` seconds of `clock` have passed since the first image was fetched.
+class _BudgetedImages(torch.utils.data.Dataset):
+    def __init__(self, images, budget, clock='wall'):
+        self.images = images.float() / 255
+        self.budget = budget
+        self.clock = CLOCKS[clock]
+        self.start = self.wall_start = None
+        self.fetched = 0
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def __getitem__(self, idx):
+        now = self.clock()
+        if self.start is None:
+            self.start, self.wall_start = now, time.monotonic()
+        elif now - self.start >= self.budget:
+            raise BudgetSpent()
+        self.fetched += 1
+        return self.images[idx]
+
+# The batch size of the peer's Trainer (its default, passed explicitly to count the steps).
+PEER_BATCH = 32
+
+# Train the peer on uint8 `train` images for `budget` seconds; returns (its EMA model, info dict).
+def train_peer(train, budget, dim, seed=0, clock='wall'):
+    peer = import_peer()
+    random.seed(seed)           # The peer draws chain dropout and crossover with Python's random.
+    torch.manual_seed(seed)
+    size, channels = train.shape[-1], train.shape[1]
+    # The model of the package's own training script, at the digits' size and channels.
+    ddn = peer.DDN(dim=dim, image_size=size, channels=channels, dropout=0.05, guided_sampler_kwargs=dict(
+        crossover_top2_prob=0.1, straight_through_distance_logits=True, pre_network_activation=nn.SiLU()))
+    data = _BudgetedImages(train, budget, clock)
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, 'w') as devnull:
+        # The Trainer's defaults; only its file output is moved away (no grids or checkpoints).
+        trainer = peer.Trainer(ddn, dataset=data, num_train_steps=10**9, batch_size=PEER_BATCH, use_ema=True,
+            checkpoints_folder=os.path.join(tmp, 'checkpoints'), results_folder=os.path.join(tmp, 'results'),
+            save_results_every=10**9, checkpoint_every=10**9)
+        with contextlib.redirect_stdout(devnull):    # It prints a line per step.
+            try:
+                trainer()
+            except BudgetSpent:
+                pass
+    seconds, wall = data.clock() - data.start, time.monotonic() - data.wall_start
+    model = trainer.ema_model.ema_model if trainer.ema_model is not None else trainer.unwrapped_model
+    batch = PEER_BATCH
+    steps = data.fetched // batch       # The last, incomplete batch never reached a step.
+    params = sum(p.numel() for p in ddn.parameters())
+    return model.eval(), dict(steps=steps, kimg=steps * batch / 1e3, seconds=seconds, wall=wall, params=params,
+        layers=len(ddn.layers), ks=[ddn.codebook_size])
+
+# `num` samples and reconstructions of `held_out`, both in [0, 1], from the peer's model.
+@torch.no_grad()
+def evaluate_peer(model, held_out, num, seed=0, batch=250):
+    torch.manual_seed(seed)
+    samples = torch.cat([model.sample(batch_size=min(batch, num - i)) for i in range(0, num, batch)])
+    targets = held_out.float() / 255
+    # In eval mode every guided sampler takes the nearest candidate: the L2-guided reconstruction.
+    recon = torch.cat([model(part, return_intermediates=True)[1][1][-1] for part in targets.split(batch)])
+    return quantize(samples), quantize(recon)
+
+# ----------------------------------------------------------------------------
+
+def _fmt(x, spec):
+    return '-' if x is None else format(x, spec)
+
+def print_table(rows):
+    head = f'{"model":<34s} {"FD":>8s} {"prec.":>6s} {"recall":>6s} {"recon MSE":>10s} {"params":>8s} {"L":>3s} {"K":>6s} {"steps":>6s} {"kimg":>7s} {"img/s":>7s} {"wall s":>7s}'
+    print(head)
+    print('-' * len(head))
+    for r in rows:
+        rate = r['kimg'] * 1e3 / r['seconds'] if r.get('seconds') else None
+        ks = '/'.join(map(str, r['ks'])) if r.get('ks') else None
+        print(f'{r["name"]:<34s} {_fmt(r["fd"], "8.3f")} {_fmt(r["precision"], "6.3f")} {_fmt(r["recall"], "6.3f")} '
+              f'{_fmt(r["recon_mse"], "10.5f")} {_fmt(r.get("params"), "8d")} {_fmt(r.get("layers"), "3d")} '
+              f'{ks or "-":>6s} {_fmt(r.get("steps"), "6d")} {_fmt(r.get("kimg"), "7.2f")} {_fmt(rate, "7.1f")} {_fmt(r.get("wall"), "7.1f")}')
+
+@click.command(context_settings=dict(max_content_width=120))
+@click.option('--size',          help='Image size', type=click.Choice(['16', '32']), default='16', show_default=True)
+@click.option('--budget',        help='Training seconds per model', metavar='SEC', type=click.FloatRange(min=0, min_open=True), default=240, show_default=True)
+@click.option('--clock',         help='What --budget counts: wall-clock seconds, or CPU seconds of this process', type=click.Choice(list(CLOCKS)), default='wall', show_default=True)
+@click.option('--seed',          help='Seed of both trainings', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--samples',       help='Samples per model for FD / precision / recall', metavar='INT', type=click.IntRange(min=10), default=1000, show_default=True)
+@click.option('--threads',       help='CPU threads (torch.set_num_threads)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--peer/--no-peer', help='Train and score the peer (and print the ratio lines)', default=True, show_default=True)
+@click.option('--peer-dim',      help='Width (dim) of the peer DDN', metavar='INT', type=click.IntRange(min=4), default=64, show_default=True)
+@click.option('--json', 'json_path', help='Also write the figures to this JSON file', metavar='PATH', type=str)
+# Our recipe: train.py's option names and units.
+@click.option('--batch',         help='Batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--lr',            help='Learning rate (Adam)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
+@click.option('--lr-rampup',     help='Learning-rate warm-up  [default: 2 at 16 px, 0 at 32 px]', metavar='KIMG', type=click.FloatRange(min=0))
+@click.option('--lr-decay',      help='Learning-rate decay over the budget', type=click.Choice(['none', 'cosine', 'linear']), default='none', show_default=True)
+@click.option('--ema',           help='EMA half-life, 0 = none', metavar='MIMG', type=click.FloatRange(min=0), default=0.002, show_default=True)
+@click.option('--max-channels',  help='Max feature channels per block', metavar='INT', type=click.IntRange(min=4), default=32, show_default=True)
+@click.option('--max-blockn',    help='Max blocks (and DDLs) per resolution  [default: 3 at 16 px, 2 at 32 px]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--max-outputk',   help='Max K per DDL  [default: 64 at 16 px, 128 at 32 px]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--start-size',    help='Resolution of the first block', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--dropout',       help='Dropout in the blocks', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0, show_default=True)
+@click.option('--chain-dropout', help='Chain dropout probability  [default: 0 at 16 px, 0.05 at 32 px]', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
+@click.option('--split-prune/--no-split-prune', help='Split-and-Prune after every step', default=True, show_default=True)
+@click.option('--split-rule',    help='Node balancing rule', type=click.Choice(['tv', 'paper', 'bias']), default='tv', show_default=True)
+@click.option('--bias-rate',     help='--split-rule=bias: step of the bias', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
+def main(size, budget, clock, seed, samples, threads, peer, peer_dim, json_path, **recipe):
+    """Sample quality (classifier-feature FD, precision/recall) and held-out reconstruction MSE of our DDN
+    and of lucidrains' DDN, each trained for the same wall-clock budget on the built-in digits."""
+    size = int(size)
+    for name, value in RECIPE[size].items():
+        if recipe[name] is None:
+            recipe[name] = value
+    torch.set_num_threads(threads)
+    if peer:
+        import_peer()   # Fail before training anything.
+    load_start = os.getloadavg()
+    train, labels, held_out, held_labels = load_split(size)
+    train01, held01 = train.float() / 255, held_out.float() / 255
+
+    t0 = time.monotonic()
+    clf = train_classifier(train01, labels)
+    with torch.no_grad():
+        held_acc = float((clf(held01).argmax(1) == held_labels).float().mean())
+    print(f'Digit classifier: {time.monotonic() - t0:.1f} s to train, held-out accuracy {held_acc:.3f}')
+    real = classifier_features(clf, held01)
+
+    rows = []
+    def add_row(name, gen, recon_mse, **info):
+        rows.append(dict(name=name, recon_mse=recon_mse, **quality_figures(real, classifier_features(clf, gen)), **info))
+        return rows[-1]
+
+    # Baselines.
+    base = train01[:samples] if samples <= NUM_TRAIN else train01
+    noise_gen = torch.Generator().manual_seed(seed)
+    add_row(f'baseline: {base.shape[0]} training images', base, 0.0)
+    blur_name = f'baseline: {size}->{size // 2}->{size} round trip'
+    add_row(blur_name, quantize(half_res_round_trip(base)), float(F.mse_loss(quantize(half_res_round_trip(held01)), held01)))
+    noise = quantize(torch.rand((samples,) + tuple(held01.shape[1:]), generator=noise_gen))
+    add_row('baseline: uniform noise', noise, float(F.mse_loss(quantize(torch.rand(held01.shape, generator=noise_gen)), held01)))
+
+    # Ours, then the peer, back to back.
+    unit = 's' if clock == 'wall' else 'CPU s'
+    print(f'Training ours for {budget:g} {unit} at {size}x{size}...', flush=True)
+    net, info = train_ours(train, budget, recipe, seed=seed, clock=clock)
+    gen, recon = evaluate_ours(net, held_out, samples)
+    ours = add_row('ours (DDNGenerator)', gen, float(F.mse_loss(recon, held01)), **info)
+    del net
+    if peer:
+        print(f'Training the peer for {budget:g} {unit} at {size}x{size}...', flush=True)
+        model, info = train_peer(train, budget, peer_dim, seed=seed, clock=clock)
+        gen, recon = evaluate_peer(model, held_out, samples, seed=seed)
+        theirs = add_row(f'peer (lucidrains DDN, dim {peer_dim})', gen, float(F.mse_loss(recon, held01)), **info)
+        del model
+    load_end = os.getloadavg()
+
+    print()
+    print(f'Built-in digits {size}x{size}: {NUM_TRAIN} train / {NUM_HELD_OUT} held out; {samples} samples per model; '
+          f'budget {budget:g} {unit} of training per model; seed {seed}')
+    print_table(rows)
+    print()
+    print(f'Conditions: torch threads {threads}, {os.cpu_count()} CPUs, load average (1/5/15 min) '
+          f'{load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f} at start, '
+          f'{load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f} at end')
+    print('Recipe: ' + ' '.join(f'--{k.replace("_", "-")}={v}' for k, v in recipe.items()))
+    if json_path:
+        result = dict(size=size, budget=budget, clock=clock, seed=seed, samples=samples, threads=threads, recipe=recipe,
+            classifier_held_out_accuracy=held_acc, load_start=load_start, load_end=load_end, rows=rows)
+        with open(json_path + '.tmp', 'w') as f:
+            json.dump(result, f, indent=2)
+        os.replace(json_path + '.tmp', json_path)
+    if peer:
+        print(f'quality_fd_ratio_vs_peer={ours["fd"] / theirs["fd"]:.4f}')
+        print(f'recon_mse_ratio_vs_peer={ours["recon_mse"] / theirs["recon_mse"]:.4f}')
+
+if __name__ == '__main__':
+    main()
