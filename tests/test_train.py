@@ -337,3 +337,13 @@ def test_conditional_training(tmp_path, env, extra):
         assert net.condition == 'resize4'
         cond_a, cond_b = -torch.ones(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
     assert not torch.equal(net(seeds=[0], condition=cond_a).images, net(seeds=[0], condition=cond_b).images)
+
+# A duration whose image count is not exact in floating point (0.00205 Mimg * 1e6 = 2050.0000000000005):
+# the run stops at 2050 images, not one step later.
+def test_duration_in_whole_images(tmp_path, env):
+    run_dir = tmp_path / 'run'
+    result = run_train([f'--outdir={run_dir}', '--nosubdir', '--duration=0.00205', *TINY[:5], '--tick=10', '--snap=100',
+                        '--dump=100', '--seed=1', '--workers=0'], env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = checkpoint.load(checkpoint.latest(str(run_dir), tl.STATE_PATTERN))
+    assert state['cur_nimg'] == 2050

@@ -526,11 +526,13 @@ def training_loop(
     if metrics:
         snapshot_metrics = SnapshotMetrics(metrics, run_dir, dataset_kwargs, device=device, **metric_kwargs)
 
-    # Train.
+    # Train. The duration in whole images: `--duration` is in Mimg, and 0.00205 * 1e6 is 2050.0000000000005
+    # in floating point, which would make a run stop one step late.
+    total_nimg = round(total_kimg * 1000)
     distributed.print0(f'Training for {total_kimg} kimg: {batch_size} images per step = {world_size} process(es) '
                        f'x {num_rounds} round(s) x {batch_gpu} images, {precision}')
     distributed.print0()
-    if cur_nimg >= total_kimg * 1000:
+    if cur_nimg >= total_nimg:
         distributed.print0('The training state is already at the requested duration; nothing to do.')
         return
     stats_path = os.path.join(run_dir, 'stats.jsonl') if rank == 0 else None
@@ -578,7 +580,7 @@ def training_loop(
                        ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio))
         cur_nimg += batch_size
         progress.update(batch_size)
-        done = cur_nimg >= total_kimg * 1000
+        done = cur_nimg >= total_nimg
 
         # A stop signal: save where we are (the tick in progress continues on resume) and leave.
         if not done and stop.requested():
