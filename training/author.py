@@ -299,27 +299,25 @@ def _network_kwargs(net, learn_residual):
                 chain_dropout=0.05, learn_residual=learn_residual, leak=leak, loss_type='l2',
                 condition=net['condition'], label_dim=0)
 
-def author_network_kwargs(file, learn_residual=True, source=None):
-    """The `DDNGenerator` constructor arguments inferred from an author snapshot (see the module docstring)."""
+# The parsed network of an author snapshot (path, bytes or binary file); errors name the file.
+def _parsed(file, source=None):
     data, name = _read_bytes(file)
     source = source or name
     snapshot = read_author_pickle(data, source)
     try:
-        return _network_kwargs(_parse_network(snapshot, source), learn_residual)
+        return _parse_network(snapshot, source)
     except AuthorPickleError as err:
         raise AuthorPickleError(f'{source}: {err}') from None
+
+def author_network_kwargs(file, learn_residual=True, source=None):
+    """The `DDNGenerator` constructor arguments inferred from an author snapshot (see the module docstring)."""
+    return _network_kwargs(_parsed(file, source), learn_residual)
 
 def load_author_pickle(file, learn_residual=True, source=None) -> DDNGenerator:
     """An author snapshot (path, bytes or binary file) as a `DDNGenerator` in eval mode, on the CPU,
     computing the author's forward. Raises `AuthorPickleError` naming any part it cannot map.
     `learn_residual` is not recorded in the file (the author's --learn-res, default True)."""
-    data, name = _read_bytes(file)
-    source = source or name
-    snapshot = read_author_pickle(data, source)
-    try:
-        return _build(_parse_network(snapshot, source), learn_residual)
-    except AuthorPickleError as err:
-        raise AuthorPickleError(f'{source}: {err}') from None
+    return _build(_parsed(file, source), learn_residual)
 
 def _build(parsed, learn_residual):
     net = DDNGenerator(**_network_kwargs(parsed, learn_residual))
