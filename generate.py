@@ -60,13 +60,16 @@ import torch
 import tqdm
 
 import dnnlib
+from dnnlib.util import format_int_list, parse_int_list  # noqa: F401 (zscg.py imports it here until the refactor)
 import fid
 from torch_utils import checkpoint
+from torch_utils.checkpoint import write_atomic as _write_atomic
 from torch_utils import distributed as dist
 from training import guidance, snapshot
 from training.conditions import parse_condition
 from training.dataset import open_dataset
 from training.ddl import resize_area
+from training.images import image_path, make_grid, side_by_side, to_float, to_pil, to_uint8  # noqa: F401 (used by scripts until they import training.images)
 
 # Images in the preview grid, and the smallest grid cell (smaller images are upscaled, nearest).
 GRID_IMAGES = 100
@@ -84,50 +87,12 @@ OUTPUT_FILES = ('latents.npz', 'grid.png', 'generation_options.json', 'metrics.j
 # ----------------------------------------------------------------------------
 # Parsing of seed lists: '1,5,9-12' -> [1, 5, 9, 10, 11, 12].
 
-def parse_int_list(text):
-    """Comma-separated non-negative integers and inclusive ranges `a-b`; duplicates are dropped,
-    the first occurrence keeping its place. Raises ValueError on anything else."""
-    if isinstance(text, (list, tuple)):
-        return list(text)
-    values, seen = [], set()
-    for part in str(text).split(','):
-        part = part.strip()
-        m = re.fullmatch(r'(\d+)\s*-\s*(\d+)', part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise ValueError(f'Empty range {part!r}: write low-high with low <= high')
-            if hi - lo + 1 + len(values) > MAX_SEEDS:
-                raise ValueError(f'{text!r} holds more than {MAX_SEEDS} values; split the work into several runs')
-            items = range(lo, hi + 1)
-        elif re.fullmatch(r'\d+', part):
-            items = [int(part)]
-        else:
-            raise ValueError(f'Cannot parse {part!r} in {text!r}: expected e.g. "1,5,9-12" (non-negative integers)')
-        for v in items:
-            if v not in seen:
-                seen.add(v)
-                values.append(v)
-    return values
-
-# The inverse of parse_int_list, compact: [0, 1, 2, 3, 7] -> '0-3,7'.
-def format_int_list(values):
-    parts, values = [], [int(v) for v in values]
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        parts.append(str(values[i]) if j == i else f'{values[i]}-{values[j]}')
-        i = j + 1
-    return ','.join(parts)
-
 # click callback around parse_int_list.
 def _seeds_option(ctx, param, value):
     if value is None:
         return None
     try:
-        return parse_int_list(value)
+        return parse_int_list(value, max_values=MAX_SEEDS)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
 
@@ -143,57 +108,7 @@ def load_network(network, device, trust_pickle=False):
     return snapshot.load_network(network, device, trust_pickle=trust_pickle)
 
 # ----------------------------------------------------------------------------
-# Pixels: [-1, 1] floats <-> uint8, and image files.
-
-def to_uint8(images):
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
-def to_float(images):
-    return images.to(torch.float32) / 127.5 - 1
-
-# A PIL image of one uint8 CHW array: 'L' for one channel, 'RGB' for three.
-def to_pil(image):
-    image = np.asarray(image)
-    return PIL.Image.fromarray(image[0], 'L') if image.shape[0] == 1 else PIL.Image.fromarray(image.transpose(1, 2, 0), 'RGB')
-
-# File of image `name`: outdir/{name:06d}.png, or outdir/{thousands:06d}/{name:06d}.png with subdirs.
-def image_path(outdir, name, subdirs=False):
-    if subdirs:
-        return os.path.join(outdir, f'{name - name % 1000:06d}', f'{name:06d}.png')
-    return os.path.join(outdir, f'{name:06d}.png')
-
-# Tile uint8 NCHW images into one (C, H', W') grid, row by row, nearest-upscaled to GRID_MIN_CELL.
-def make_grid(images, cols=None):
-    images = np.asarray(images)
-    n, c, h, w = images.shape
-    cols = cols or max(1, math.ceil(math.sqrt(n)))
-    rows = max(1, math.ceil(n / cols))
-    grid = np.zeros((c, rows * h, cols * w), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = image
-    scale = max(1, GRID_MIN_CELL // min(h, w))
-    return grid.repeat(scale, axis=1).repeat(scale, axis=2)
-
-# Two grids side by side with a white gap: originals | reconstructions.
-def side_by_side(left, right):
-    gap = np.full((left.shape[0], left.shape[1], max(2, left.shape[2] // 64)), 255, dtype=np.uint8)
-    return np.concatenate([left, gap, right], axis=2)
-
-# ----------------------------------------------------------------------------
-# Atomic writes (temporary file in the same folder + rename): a reader never sees half a file.
-
-def _write_atomic(path, write, mode='wb'):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f'{path}.tmp-{os.getpid()}'     # checkpoint.remove_stale_temps cleans it up after a kill.
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# latents.npz
 
 def save_latents(path, name_key, names, codes, ks, classes=None, conditions=None, network=None):
     """`names` (N,) under `name_key` ('seeds' or 'indices'), `codes` (N, L) and `ks` (L,), all int64;

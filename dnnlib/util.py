@@ -22,6 +22,48 @@ import uuid
 import requests
 
 # ----------------------------------------------------------------------------
+# Integer lists as the scripts write them: '1,5,9-12' <-> [1, 5, 9, 10, 11, 12].
+
+def parse_int_list(text, max_values=10_000_000):
+    """Comma-separated non-negative integers and inclusive ranges `a-b`; duplicates are dropped,
+    the first occurrence keeping its place. Raises ValueError on anything else, or on more than
+    `max_values` values (a typo such as 0-9999999999 fails at once instead of filling memory)."""
+    if isinstance(text, (list, tuple)):
+        return list(text)
+    values, seen = [], set()
+    for part in str(text).split(','):
+        part = part.strip()
+        m = re.fullmatch(r'(\d+)\s*-\s*(\d+)', part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise ValueError(f'Empty range {part!r}: write low-high with low <= high')
+            if hi - lo + 1 + len(values) > max_values:
+                raise ValueError(f'{text!r} holds more than {max_values} values; split the work into several runs')
+            items = range(lo, hi + 1)
+        elif re.fullmatch(r'\d+', part):
+            items = [int(part)]
+        else:
+            raise ValueError(f'Cannot parse {part!r} in {text!r}: expected e.g. "1,5,9-12" (non-negative integers)')
+        for v in items:
+            if v not in seen:
+                seen.add(v)
+                values.append(v)
+    return values
+
+# The inverse of parse_int_list, compact: [0, 1, 2, 3, 7] -> '0-3,7'.
+def format_int_list(values):
+    parts, values = [], [int(v) for v in values]
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(str(values[i]) if j == i else f'{values[i]}-{values[j]}')
+        i = j + 1
+    return ','.join(parts)
+
+# ----------------------------------------------------------------------------
 # Dictionary whose keys are also attributes: `c.batch_size` reads `c['batch_size']`.
 
 class EasyDict(dict):

@@ -22,32 +22,36 @@ _ZIP_MAGIC = b'PK\x03\x04'
 # ----------------------------------------------------------------------------
 # Write `obj` to `path` atomically: a reader sees the old file or the complete new one, never a part.
 
-def save_atomic(obj, path, mode='torch'):
-    """Save `obj` with `torch.save` (mode='torch'), `pickle.dump` (mode='pickle'), or as raw
-    bytes (mode='bytes', e.g. an encoded PNG or JSON) to `path`.
-
-    The data goes to `path + '.tmp-<pid>'` in the same folder (so the final rename stays on one
-    file system), is flushed and fsynced, and then `os.replace`d onto `path`.
-    """
-    if mode not in ('torch', 'pickle', 'bytes'):
-        raise ValueError(f"mode must be 'torch', 'pickle' or 'bytes', got {mode!r}")
+def write_atomic(path, write, mode='wb'):
+    """Call `write(f)` on a temporary file beside `path` (`path + '.tmp-<pid>'`, so the rename
+    stays on one file system), flush and fsync it, then `os.replace` it onto `path`. The folder is
+    created if needed. On any error the temporary file is removed and `path` is left as it was.
+    `mode` is 'wb' or 'w' (text)."""
+    if mode not in ('wb', 'w'):
+        raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
     path = os.fspath(path)
-    tmp_path = f'{path}.tmp-{os.getpid()}'
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp_path = f'{path}.tmp-{os.getpid()}'     # remove_stale_temps cleans it up after a kill.
     try:
-        with open(tmp_path, 'wb') as f:
-            if mode == 'torch':
-                torch.save(obj, f)
-            elif mode == 'bytes':
-                f.write(obj)
-            else:
-                pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+        with open(tmp_path, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    _fsync_dir(folder)
+
+def save_atomic(obj, path, mode='torch'):
+    """Save `obj` with `torch.save` (mode='torch'), `pickle.dump` (mode='pickle'), or as raw
+    bytes (mode='bytes', e.g. an encoded PNG or JSON) to `path`, through `write_atomic`."""
+    writers = {'torch': lambda f: torch.save(obj, f), 'bytes': lambda f: f.write(obj),
+               'pickle': lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)}
+    if mode not in writers:
+        raise ValueError(f"mode must be 'torch', 'pickle' or 'bytes', got {mode!r}")
+    write_atomic(path, writers[mode])
 
 # ----------------------------------------------------------------------------
 # Remove the temporary files (`*.tmp-<pid>`) that a killed process left in `folder`. A file whose

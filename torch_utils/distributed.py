@@ -113,6 +113,29 @@ def device():
     return torch.device('cpu')
 
 # ----------------------------------------------------------------------------
+# The one `--device` convention of every script: None or 'auto' = `device()`; 'cpu'; 'cuda' = this
+# process's own GPU (its local rank); 'cuda:N', 'mps' as torch spells them. Raises ValueError with
+# the reason (not a device name, or CUDA / MPS missing on this machine).
+
+def pick_device(name=None):
+    if name is None or name == 'auto':
+        return device()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f'{name!r} is not a device (expected auto, cpu, cuda, cuda:N or mps)') from None
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ValueError(f'{name!r}: CUDA is not available on this machine')
+        if dev.index is None:
+            dev = torch.device('cuda', get_local_rank() % torch.cuda.device_count())
+        elif dev.index >= torch.cuda.device_count():
+            raise ValueError(f'{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    elif dev.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+        raise ValueError(f'{name!r}: MPS is not available on this machine')
+    return dev
+
+# ----------------------------------------------------------------------------
 # print() on rank 0 only, so N processes do not print N copies of every line.
 
 def print0(*args, **kwargs):

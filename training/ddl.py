@@ -40,7 +40,7 @@ class LayerInfo(NamedTuple):
 # A scorer maps candidates (B, K, C, H, W) in [-1, 1] and LayerInfo to distances (B, K); lower is better.
 Scorer = Callable[[torch.Tensor, LayerInfo], torch.Tensor]
 
-# A chooser turns distances (B, K) into codes (B,); the default is the argmin. Its third argument
+# A chooser turns distances (B, K) into codes (B,); the default is `argmin` below. Its third argument
 # is one uniform number in [0, 1) per sample (from the sample's seed, or None), for choosers that
 # draw at random (temperature, top-k) and must stay deterministic per seed.
 Chooser = Callable[[torch.Tensor, LayerInfo, Optional[torch.Tensor]], torch.Tensor]
@@ -64,6 +64,22 @@ def resize_area(x, size):
 # Map uniform numbers in [0, 1) to codes in [0, K): the per-seed sampling rule.
 def uniform_to_codes(u, K):
     return (u.double() * K).long().clamp_(0, K - 1)
+
+# Index of the j-th True (0-based) in each row of a boolean (B, K) mask; j (B,) < row count.
+def _nth_true(mask, j):
+    rank = mask.long().cumsum(1) - 1
+    return (mask & (rank == j[:, None])).long().argmax(1)
+
+# The default chooser: argmin with exact ties (cloned nodes after a split, constant rows) broken by
+# u, so a constant row gives floor(u * K) like an unguided sample; without u the first minimum.
+def argmin(dist, info=None, u=None):
+    dmin = dist.amin(1, keepdim=True)
+    tied = dist == dmin
+    if u is None:
+        return tied.long().argmax(1)
+    n = tied.sum(1).clamp(min=1)                                          # 0 only on NaN rows.
+    j = (u.to(dist.device).double() * n).long().clamp_(max=n - 1)
+    return _nth_true(tied, j)
 
 # Bilinear upsampling of the previous choice to this layer's size (learning residual).
 def upsample(x, size):
@@ -224,7 +240,7 @@ class DiscreteDistributionLayer(SplittableNodes):
                     dist = scorer(cand, info).float()
                     if dist.shape != (B, self.K):
                         raise ValueError(f'Scorer returned shape {tuple(dist.shape)}, expected {(B, self.K)}')
-                    codes = dist.argmin(dim=1) if chooser is None else chooser(dist, info, uniform)
+                    codes = (chooser or argmin)(dist, info, uniform)
             elif uniform is not None:
                 codes = uniform_to_codes(uniform.to(feat.device), self.K)
             else:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.ddl import LayerInfo, uniform_to_codes
+from training.ddl import LayerInfo, argmin, uniform_to_codes  # noqa: F401 (argmin: the default chooser, re-exported)
 from training.snapshot import UnsafeFileError
 # Resize (N, C, H, W) images to (size, size) the way targets reach a layer: area down, bilinear up.
 from training.ddl import resize_area as resize  # noqa: F401 (re-exported for zscg.py and users)
@@ -516,21 +516,6 @@ class CombinedScorer:
 # ----------------------------------------------------------------------------
 # Choosers: distances (B, K) + LayerInfo + per-sample uniforms u (B,) -> codes (B,).
 # All of them give `floor(u * K)` on a constant row (the unguided sample's code).
-
-# Index of the j-th True (0-based) in each row of a boolean (B, K) mask; j (B,) < row count.
-def _nth_true(mask, j):
-    rank = mask.long().cumsum(1) - 1
-    return (mask & (rank == j[:, None])).long().argmax(1)
-
-# Argmin with ties broken by u (exact ties: cloned nodes after a split, constant rows).
-def argmin(dist, info=None, u=None):
-    dmin = dist.amin(1, keepdim=True)
-    tied = dist == dmin
-    if u is None:
-        return tied.long().argmax(1)
-    n = tied.sum(1).clamp(min=1)                                          # 0 only on NaN rows.
-    j = (u.to(dist.device).double() * n).long().clamp_(max=n - 1)
-    return _nth_true(tied, j)
 
 # Sample from softmax(-z / T), z the per-sample z-scored distances, by inverse CDF of u: the same u
 # gives the same choice whatever the batch. T -> 0 is argmin; T = 1: a candidate one standard

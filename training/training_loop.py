@@ -42,6 +42,7 @@ import torch
 import dnnlib
 from torch_utils import checkpoint, distributed, misc, training_stats
 from training import snapshot as snapshot_io
+from training.images import make_grid, to_pil, to_uint8
 from training.split_prune import find_node_sets, split_and_prune
 from training.metrics import SnapshotMetrics
 
@@ -308,7 +309,7 @@ def ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio):
 GRID_GAP, GRID_GAP_VALUE = 2, 128
 
 # Samples of fixed seeds as a square grid, upscaled (nearest) so that cells are at least 64 px, with
-# grey gaps between cells (digits touch their borders). Size: n * (H * scale + GRID_GAP) - GRID_GAP.
+# grey gaps between cells (digits touch their borders); pixels as generate.py saves them.
 @torch.no_grad()
 def sample_grid(net, seeds=SAMPLE_GRID_SEEDS, batch=64, cond_images=None, cond_labels=None):
     seeds = list(seeds)
@@ -318,19 +319,7 @@ def sample_grid(net, seeds=SAMPLE_GRID_SEEDS, batch=64, cond_images=None, cond_l
     images = torch.cat([net(seeds=seeds[i : i + batch],
                             condition=None if condition is None else condition[i : i + batch]).images.float().cpu()
                         for i in range(0, len(seeds), batch)])
-    images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (N, C, H, W)
-    N, C, H, W = images.shape
-    scale = max(1, 64 // H)
-    images = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    H, W = H * scale, W * scale
-    gw = int(math.ceil(math.sqrt(N)))
-    gh = int(math.ceil(N / gw))
-    grid = torch.full((gh * (H + GRID_GAP), gw * (W + GRID_GAP), C), GRID_GAP_VALUE, dtype=torch.uint8)
-    for i in range(N):
-        y, x = (i // gw) * (H + GRID_GAP), (i % gw) * (W + GRID_GAP)
-        grid[y : y + H, x : x + W] = images[i].permute(1, 2, 0)
-    grid = grid[: grid.shape[0] - GRID_GAP, : grid.shape[1] - GRID_GAP].numpy()
-    return PIL.Image.fromarray(grid[:, :, 0] if C == 1 else grid, 'L' if C == 1 else 'RGB')
+    return to_pil(make_grid(to_uint8(images).numpy(), min_cell=64, gap=GRID_GAP, fill=GRID_GAP_VALUE))
 
 # Size of one panel of the node-usage plot.
 USAGE_PANEL_SIZE = (640, 160)

@@ -1,0 +1,78 @@
+"""Pixels and picture files: the one place that turns network outputs into uint8 images, grids and PNGs.
+
+Pixel convention (EDM): the network works in [-1, 1]; an image is saved as uint8 `x * 127.5 + 128`
+truncated and clipped to [0, 255] (so 0 -> 128, and the boundaries -1 / 1 -> 0 / 255), and read back
+as `u / 127.5 - 1`. Every script and the training loop use these functions, so a sample grid written
+during training, `generate.py`'s PNGs and the demo show the same pixel values for the same image.
+"""
+
+import math
+import os
+
+import numpy as np
+import PIL.Image
+import torch
+
+from torch_utils.checkpoint import write_atomic
+
+# Grids upscale their cells (nearest) to at least this many pixels, so 16 px digits stay legible.
+GRID_MIN_CELL = 32
+
+# ----------------------------------------------------------------------------
+# [-1, 1] floats <-> uint8.
+
+def to_uint8(images):
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+def to_float(images):
+    return images.to(torch.float32) / 127.5 - 1
+
+# ----------------------------------------------------------------------------
+# uint8 CHW arrays <-> PIL images and PNG files.
+
+# A PIL image of one uint8 CHW array (or tensor): 'L' for one channel, 'RGB' for three.
+def to_pil(image):
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[0] not in (1, 3) or image.dtype != np.uint8:
+        raise ValueError(f'Expected a uint8 (1 or 3, H, W) image, got {image.dtype} of shape {image.shape}')
+    return PIL.Image.fromarray(image[0], 'L') if image.shape[0] == 1 else PIL.Image.fromarray(image.transpose(1, 2, 0), 'RGB')
+
+# Write a uint8 CHW image (or a PIL image) as a PNG, atomically (a temporary file, then a rename).
+def save_png(image, path):
+    pil = image if isinstance(image, PIL.Image.Image) else to_pil(image)
+    write_atomic(path, lambda f: pil.save(f, format='png'))
+
+# File of image `name`: outdir/{name:06d}.png, or outdir/{thousands:06d}/{name:06d}.png with subdirs.
+def image_path(outdir, name, subdirs=False):
+    if subdirs:
+        return os.path.join(outdir, f'{name - name % 1000:06d}', f'{name:06d}.png')
+    return os.path.join(outdir, f'{name:06d}.png')
+
+# ----------------------------------------------------------------------------
+# Grids.
+
+def make_grid(images, cols=None, min_cell=GRID_MIN_CELL, gap=0, fill=0):
+    """Tile uint8 (N, C, H, W) images row by row into one (C, H', W') uint8 grid.
+
+    `cols` defaults to ceil(sqrt(N)); cells are nearest-upscaled by max(1, min_cell // min(H, W));
+    `gap` pixels separate neighbouring cells (none around the border); gaps and empty cells are `fill`.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f'Expected uint8 (N, C, H, W) images, got {images.dtype} of shape {images.shape}')
+    n, c, h, w = images.shape
+    scale = max(1, min_cell // min(h, w))
+    images = images.repeat(scale, axis=2).repeat(scale, axis=3)
+    h, w = h * scale, w * scale
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    grid = np.full((c, rows * (h + gap) - gap, cols * (w + gap) - gap), fill, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[:, r * (h + gap):r * (h + gap) + h, q * (w + gap):q * (w + gap) + w] = image
+    return grid
+
+# Two grids of equal height side by side with a white gap: originals | reconstructions.
+def side_by_side(left, right):
+    gap = np.full((left.shape[0], left.shape[1], max(2, left.shape[2] // 64)), 255, dtype=np.uint8)
+    return np.concatenate([left, gap, right], axis=2)
