@@ -3,7 +3,7 @@
 The network is `DDNGenerator(32, 3, max_blockn=32, max_outputk=64)` (L = 63 layers, ~76M
 parameters) with random weights: speed does not depend on training. Each timed step samples one
 batch from fresh seeds, exactly as `generate.py` does (`net(seeds=...)`, eval mode, batch-invariant
-kernels); the all-K path (`all_heads=True`) evaluates every head of every DDL and gathers the chosen
+kernels); the all-K path (`training.ddl.reference_heads`) evaluates every head of every DDL and gathers the chosen
 one, the single-head path computes only the chosen head (DDN.md §2, "Cost").
 
     python bench/generate.py                       # CPU: small batch, few steps (< 3 minutes)
@@ -13,6 +13,7 @@ Prints a table, then `gen_img_per_s=<single-head images/s>` as the last line; `-
 writes the figures to FILE.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -23,7 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training.networks import DDNGenerator  # noqa: E402
+from training.ddl import reference_heads  # noqa: E402
+from training.networks import DDNGenerator, batch_invariant  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # Seconds per batch of one generation path: `warmup` untimed steps, then the mean of `steps`.
@@ -33,7 +35,8 @@ def time_path(net, batch, steps, warmup, all_heads):
     device = net.init_feature.device
     def step(i):
         seeds = range(i * batch, (i + 1) * batch)
-        images = net(seeds=seeds, all_heads=all_heads).images
+        with batch_invariant(), (reference_heads(net) if all_heads else contextlib.nullcontext()):
+            images = net(seeds=seeds).images
         return images.sum().item()  # The host reads a value: the device work is finished.
     for i in range(warmup):
         step(i)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from training.ddl import DiscreteDistributionLayer, resize_area, upsample
+from training.ddl import DiscreteDistributionLayer, reference_heads, resize_area, upsample
 
 # Brute-force selection distances: materialise every candidate and compare.
 def brute_distances(layer, feat, prev, target, H):
@@ -80,7 +80,8 @@ def test_single_head_equals_all_heads():
     layer = DiscreteDistributionLayer(16, 3, 64)
     feat, prev, codes = torch.randn(6, 16, 8, 8), torch.randn(6, 3, 4, 4), torch.randint(0, 64, (6,))
     fast = layer(feat, prev, codes=codes).image
-    slow = layer(feat, prev, codes=codes, all_heads=True).image
+    with reference_heads(layer):
+        slow = layer(feat, prev, codes=codes).image
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
 
 def test_chain_dropout_rate():

@@ -24,7 +24,7 @@ sys.path.insert(0, REPO)
 import zscg  # noqa: E402
 from training import guidance as G  # noqa: E402
 from training.ddl import LayerInfo  # noqa: E402
-from training.networks import DDNGenerator  # noqa: E402
+from training.networks import DDNGenerator, batch_invariant  # noqa: E402
 from training.split_prune import split_and_prune  # noqa: E402
 
 # Seeds of the guided/unguided comparisons, and the dataset images used as conditions (one per seed).
@@ -65,7 +65,7 @@ def classifier(digit_classifier):
 
 # Images of `net` guided by `scorer` (argmin unless a chooser is given) and unguided, same seeds.
 def _generate(net, scorer=None, chooser=G.argmin, seeds=SEEDS):
-    with torch.no_grad():
+    with torch.no_grad(), batch_invariant():
         if scorer is None:
             return net(seeds=seeds).images
         return net(scorer=scorer, chooser=chooser, seeds=seeds).images

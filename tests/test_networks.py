@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from training.networks import DDNGenerator, blocks_at, channels_at, outputk_at
+from training.ddl import reference_heads
+from training.networks import DDNGenerator, batch_invariant, blocks_at, channels_at, outputk_at
 from training.split_prune import split_and_prune
 
 def tiny_net(**kwargs):
@@ -69,6 +70,7 @@ def test_train_mode_losses_and_gradients():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
     assert all(d.weight.grad.abs().sum() > 0 for d in net.ddls)
 
+@batch_invariant()
 def test_encode_decode_roundtrip_and_nearest():
     net = tiny_net(chain_dropout=0.5).train()  # encode() must ignore training mode.
     x = torch.rand(5, 1, 8, 8) * 2 - 1
@@ -95,6 +97,7 @@ def test_codes_prefix_then_target_or_seeds():
     partial = net(codes=codes, num_layers=3)
     assert partial.codes.shape == (3, 3) and partial.images.shape[-1] == net.layer_sizes[2]
 
+@batch_invariant()
 def test_per_seed_determinism_across_batch_sizes():
     net = DDNGenerator(16, 3, max_outputk=16, max_blockn=4, max_channels=32).eval()
     seeds = list(range(10, 18))
@@ -108,7 +111,8 @@ def test_single_head_equals_all_heads_network():
     net = DDNGenerator(16, 3, max_outputk=32, max_blockn=2, max_channels=32).eval()
     codes = net.sample_codes(range(6))
     fast = net(codes=codes).images
-    slow = net(codes=codes, all_heads=True).images
+    with reference_heads(net):
+        slow = net(codes=codes).images
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     to_u8 = lambda x: (x * 127.5 + 128).clip(0, 255).to(torch.uint8)  # noqa: E731
     assert (to_u8(fast).int() - to_u8(slow).int()).abs().max() <= 1

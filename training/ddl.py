@@ -19,6 +19,7 @@ Implementation notes (why it is fast):
   reconstruction, and sampling costs one head per layer instead of K.
 """
 
+import contextlib
 import math
 from typing import Callable, NamedTuple, Optional
 
@@ -88,6 +89,23 @@ def upsample(x, size):
     return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
 
 # ----------------------------------------------------------------------------
+# The reference output path, for tests and benchmarks: inside `with reference_heads(module):` every
+# DDL in `module` evaluates all K heads and gathers the chosen one, instead of computing the chosen
+# head alone. Both paths give the same image up to rounding; production code never enters it.
+
+@contextlib.contextmanager
+def reference_heads(module):
+    layers = [m for m in module.modules() if isinstance(m, DiscreteDistributionLayer)]
+    saved = [m.reference for m in layers]
+    for m in layers:
+        m.reference = True
+    try:
+        yield module
+    finally:
+        for m, was in zip(layers, saved, strict=True):
+            m.reference = was
+
+# ----------------------------------------------------------------------------
 # Discrete Distribution Layer: K candidates, a selector, and the running statistics that
 # Split-and-Prune needs (inherited from SplittableNodes; node k = rows [k*C, (k+1)*C) of `weight`).
 
@@ -118,6 +136,7 @@ class DiscreteDistributionLayer(SplittableNodes):
         self.index = index
         self.num_layers = num_layers
         self.head_channels = in_channels // 2 if leak else in_channels
+        self.reference = False      # All-K output path (see `reference_heads`); not saved.
         # The 1x1 conv as a (K*C, Cin) matrix; same init as nn.Conv2d's default.
         self.weight = nn.Parameter(torch.empty(K * out_channels, self.head_channels))
         bound = 1 / math.sqrt(self.head_channels)
@@ -188,8 +207,7 @@ class DiscreteDistributionLayer(SplittableNodes):
     #   scorer -> argmin (or `chooser`) of the scorer's distances;
     #   none   -> uniformly random codes: floor(uniform * K) when `uniform` is given (per-seed
     #             sampling), else from the global RNG.
-    # `all_heads=True` evaluates every head and gathers the chosen one (reference path for tests
-    # and benchmarks); the default evaluates only the chosen head.
+    # The output image comes from the chosen head alone (all K heads under `reference_heads`).
     def forward(self,
         feat:       torch.Tensor,                   # (B, Cf, H, W) block output.
         prev:       Optional[torch.Tensor] = None,  # (B, C, h, w) previous chosen image, or None.
@@ -198,7 +216,6 @@ class DiscreteDistributionLayer(SplittableNodes):
         scorer:     Optional[Scorer] = None,        # Guidance distances for the candidates.
         chooser:    Optional[Chooser] = None,       # Turns scorer distances into codes.
         uniform:    Optional[torch.Tensor] = None,  # (B,) per-sample uniform numbers in [0, 1).
-        all_heads:  bool = False,                   # Evaluate all K heads (reference path).
     ) -> DDLOutput:
         B, Cf, H, W = feat.shape
         if H != W:
@@ -248,7 +265,7 @@ class DiscreteDistributionLayer(SplittableNodes):
 
             # Output the chosen candidate through the chosen head only.
             leak = None
-            if all_heads:
+            if self.reference:
                 image = self.all_heads(feat_head)[torch.arange(B, device=feat.device), codes]
                 if self.leak:
                     leak = self.chosen_head(feat[:, self.head_channels:], codes)

@@ -19,7 +19,6 @@ import contextlib
 import math
 from typing import NamedTuple, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -27,17 +26,18 @@ from torch.nn import functional as F
 from torch_utils import persistence
 from training.conditions import condition_channels, make_condition, parse_condition
 from training.ddl import Chooser, DiscreteDistributionLayer, Scorer, resize_area, uniform_to_codes
+from training.latent import latent_bits
 
 # ----------------------------------------------------------------------------
 # The architecture schedule of DDN.md §4, as plain functions of the scale s (size 2^s).
 
 # Feature channels at scale s: 2^(13-s) clipped to [min_channels, max_channels].
 def channels_at(s, max_channels=256, min_channels=4):
-    return int(np.clip(2 ** (13 - s), min_channels, max_channels))
+    return int(min(max(2 ** (13 - s), min_channels), max_channels))
 
 # Number of candidates K at scale s: 4 x channels in [16, 1024], halved for RGB, capped.
 def outputk_at(s, img_channels, max_outputk=64, max_channels=256, min_channels=4):
-    k = int(np.clip(4 * channels_at(s, max_channels, min_channels), 16, 1024))
+    k = min(max(4 * channels_at(s, max_channels, min_channels), 16), 1024)
     if img_channels == 3:
         k //= 2
     return max(2, min(k, max_outputk))
@@ -47,10 +47,13 @@ def blocks_at(s, max_blockn=32):
     return int(min(2 ** s, max_blockn))
 
 # ----------------------------------------------------------------------------
-# Convolutions whose result for one image does not depend on the rest of the batch.
-# oneDNN (CPU) and cuDNN's autotuner pick kernels by batch size, which changes the last bits of
-# the output; per-seed generation must be bit-identical whatever the batch, so evaluation-mode
-# forwards run under this context. On CPU the native kernels are also faster for this network.
+# Generation context: convolutions whose result for one image does not depend on the rest of the
+# batch. oneDNN (CPU) and cuDNN's autotuner pick kernels by batch size, which changes the last bits
+# of the output, so per-seed generation is bit-identical whatever the batch only inside
+# `with batch_invariant():`. Every generation entry point enters it explicitly: `encode`/`decode`
+# below, generate.py, the demo, zscg.py, tree.py, compress.py and the training loop's sample grid.
+# A plain `net(...)` outside it uses the fastest kernels (training always does). On CPU the native
+# kernels it selects are also faster for this network.
 
 # TF32 is off here as in training (training_loop turns cuDNN and matmul TF32 off): the selection
 # of a candidate is an argmin over distances that can differ in the last bits, so evaluation
@@ -146,12 +149,65 @@ class DDNOutput(NamedTuple):
     layer_images:   Optional[list]                  # The chosen image of every layer, if asked.
 
 # ----------------------------------------------------------------------------
-# What both generators share: the latent bookkeeping, the four ways to drive a network, per-seed
-# randomness and conditions. A subclass builds its layers and implements `_run()` (the layer loop),
-# `_add_condition()`, `ks` and `layer_sizes`; it also registers `init_feature` (its fixed input,
-# which tells the device).
+# How a forward is driven: where each layer's code comes from. Per layer l, in this order: codes
+# (B, Lc) for l < Lc; else the nearest candidate to `target`; else `scorer` + `chooser`; else the
+# seeds' `uniforms` (B, L). Immutable, built once per call by `_DDNBase.forward`.
+
+class Drive(NamedTuple):
+    target:     Optional[torch.Tensor] = None   # (B, C, H, W) images in [-1, 1].
+    codes:      Optional[torch.Tensor] = None   # (B, Lc) int64 codes of the first Lc layers.
+    scorer:     Optional[Scorer] = None         # Guidance distances for the remaining layers.
+    chooser:    Optional[Chooser] = None        # Scorer distances -> codes (default: ddl.argmin).
+    uniforms:   Optional[torch.Tensor] = None   # (B, L) float64 per-seed uniforms in [0, 1).
+
+    # The same drive with the scorer and chooser told that they score layer l (shared DDLs).
+    def at_layer(self, l):
+        return self._replace(scorer=_at_layer(self.scorer, l), chooser=_at_layer(self.chooser, l))
+
+# A scorer or chooser that sees LayerInfo.index = l.
+def _at_layer(fn, l):
+    if fn is None:
+        return None
+    return lambda first, info, *rest: fn(first, info._replace(index=l), *rest)
+
+# ----------------------------------------------------------------------------
+# What both generators share: the latent bookkeeping, the ways to drive a network (`Drive`), per-seed
+# randomness and conditions.
+#
+# The contract of a subclass (checked when the class is defined, see `__init_subclass__`):
+#   ks              property, K of every layer (its length is the latent length L);
+#   layer_sizes     property, the spatial size of every layer's image;
+#   _run(L, B, drive, condition, trace)
+#                   the layer loop: for l < L, compute the DDL input features, call
+#                   `self._layer(ddl, l, feat, prev, drive, targets)` and `trace.add(out)`;
+#   _add_condition(x, l, condition)
+#                   add the (checked) condition into the input x of layer l;
+# and in __init__: `img_resolution`, `img_channels`, `_init_condition(...)`, and the buffer
+# `init_feature` (its fixed input, which also tells the device).
+
+_CONTRACT = ('ks', 'layer_sizes', '_run', '_add_condition')
 
 class _DDNBase(nn.Module):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        missing = [name for name in _CONTRACT if getattr(cls, name, None) is getattr(_DDNBase, name, None)]
+        if missing:
+            raise TypeError(f'{cls.__name__} must define {", ".join(missing)} (see _DDNBase)')
+
+    @property
+    def ks(self):
+        raise NotImplementedError
+
+    @property
+    def layer_sizes(self):
+        raise NotImplementedError
+
+    def _run(self, L, B, drive, condition, trace):
+        raise NotImplementedError
+
+    def _add_condition(self, x, l, condition):
+        raise NotImplementedError
+
     def _init_condition(self, condition, label_dim, img_channels):
         self.condition = condition
         self.label_dim = 0
@@ -162,14 +218,15 @@ class _DDNBase(nn.Module):
                     raise ValueError('condition="class" needs label_dim >= 1 (a labelled dataset)')
                 self.label_dim = label_dim
 
-    # Latent length L, K per layer, and bits per image.
+    # Latent length L, and the information content of a latent: sum of log2 K_l bits (a float;
+    # training.latent.stored_bits is the whole bits it takes to store).
     @property
     def num_layers(self):
         return len(self.ks)
 
     @property
     def bits_per_image(self):
-        return float(sum(math.log2(k) for k in self.ks))
+        return latent_bits(self.ks)
 
     # Per-seed uniform numbers (B, L) in [0, 1), one generator per seed: what seed 7 gets does
     # not depend on which other seeds share the batch. They become the codes of unguided layers
@@ -194,12 +251,13 @@ class _DDNBase(nn.Module):
             x = x + F.pad(leak.to(feat.dtype), (0, 0, 0, 0, pad, 0))
         return x
 
-    # Run the network. The mode follows from the arguments (per layer, in this order):
+    # Run the network. The mode follows from the arguments (per layer, in this order, see `Drive`):
     #   codes (B, Lc)  -> the first Lc layers decode these codes;
     #   target         -> nearest candidate (training / reconstruction / encoding);
-    #   scorer         -> guided selection (argmin, or `chooser` fed with the seeds' uniforms);
+    #   scorer         -> guided selection (seed-aware argmin, or `chooser` fed with the seeds' uniforms);
     #   seeds          -> per-seed uniform random codes (sampling).
-    # `num_layers` stops early (e.g. to look at the first levels of the latent tree).
+    # `num_layers` stops early (e.g. to look at the first levels of the latent tree). For per-seed
+    # results that do not depend on the batch, call it inside `batch_invariant()`.
     def forward(self,
         target:         Optional[torch.Tensor] = None,  # (B, C, H, W) images in [-1, 1].
         codes:          Optional[torch.Tensor] = None,  # (B, Lc) codes of the first Lc layers.
@@ -208,7 +266,6 @@ class _DDNBase(nn.Module):
         seeds:          Optional[Sequence[int]] = None, # Per-image seeds (sampling, random choosers).
         num_layers:     Optional[int] = None,           # Run only the first layers.
         return_layers:  bool = False,                   # Also return every layer's chosen image.
-        all_heads:      bool = False,                   # Evaluate all K heads (reference path).
         condition:      Optional[torch.Tensor] = None,  # Condition of a conditional net (make_condition()).
     ) -> DDNOutput:
         L = self.num_layers if num_layers is None else min(num_layers, self.num_layers)
@@ -231,9 +288,10 @@ class _DDNBase(nn.Module):
             if target.shape[1:] != (self.img_channels, self.img_resolution, self.img_resolution):
                 raise ValueError(f'Target shape {tuple(target.shape[1:])} does not match the network '
                                  f'({self.img_channels}, {self.img_resolution}, {self.img_resolution})')
-        context = contextlib.nullcontext() if self.training else batch_invariant()
-        with context:
-            return self._run(L, sizes[0], target, codes, scorer, chooser, uniforms, return_layers, all_heads, condition)
+        drive = Drive(target, codes, scorer, chooser, uniforms)
+        trace = _Trace(return_layers)
+        self._run(L, sizes[0], drive, condition, trace)
+        return trace.output()
 
     # Validate the condition argument against the network's condition type.
     def _check_condition(self, condition):
@@ -269,26 +327,29 @@ class _DDNBase(nn.Module):
             return None
         return make_condition(self.condition, images, labels, training=self.training, generator=generator)
 
-    # One DDL call of layer l inside _run(): picks the layer's code source and target.
-    def _layer(self, ddl, l, feat, prev, targets, target, codes, scorer, chooser, uniforms, all_heads):
+    # One DDL call of layer l inside _run(): picks the layer's code source and target (`targets`
+    # caches the area-resized target per size).
+    def _layer(self, ddl, l, feat, prev, drive, targets):
         size = feat.shape[-1]
-        layer_codes = codes[:, l] if codes is not None and l < codes.shape[1] else None
-        layer_target = None
-        if layer_codes is None and target is not None:
+        codes = drive.codes[:, l] if drive.codes is not None and l < drive.codes.shape[1] else None
+        target = None
+        if codes is None and drive.target is not None:
             if size not in targets:
-                targets[size] = resize_area(target.float(), size)
-            layer_target = targets[size]
-        return ddl(feat, prev, target=layer_target, codes=layer_codes,
-                   scorer=scorer if layer_target is None else None, chooser=chooser,
-                   uniform=uniforms[:, l] if uniforms is not None else None, all_heads=all_heads)
+                targets[size] = resize_area(drive.target.float(), size)
+            target = targets[size]
+        return ddl(feat, prev, target=target, codes=codes,
+                   scorer=drive.scorer if target is None else None, chooser=drive.chooser,
+                   uniform=drive.uniforms[:, l] if drive.uniforms is not None else None)
 
-    # Temporarily in evaluation mode: no chain dropout, no statistics, no dropout, batch-invariant.
+    # Temporarily in evaluation mode (no chain dropout, no statistics, no dropout) and under
+    # `batch_invariant()`: the context of every generation entry point of the network.
     @contextlib.contextmanager
     def evaluating(self):
         was_training = self.training
         self.eval()
         try:
-            yield self
+            with batch_invariant():
+                yield self
         finally:
             self.train(was_training)
 
@@ -428,18 +489,16 @@ class DDNGenerator(_DDNBase):
         return self._inject_condition(x, condition, embed)
 
     # The layer loop of forward().
-    def _run(self, L, B, target, codes, scorer, chooser, uniforms, return_layers, all_heads, condition):
+    def _run(self, L, B, drive, condition, trace):
         x = self.init_feature.expand(B, -1, -1, -1)
-        prev, trace = None, _Trace(return_layers)
-        targets = {}  # Area-resized target per size, computed once.
+        prev, targets = None, {}
         for l in range(L):
             feat = self.blocks[l](self._add_condition(x, l, condition))
-            out = self._layer(self.ddls[l], l, feat, prev, targets, target, codes, scorer, chooser, uniforms, all_heads)
+            out = self._layer(self.ddls[l], l, feat, prev, drive, targets)
             if l + 1 < L:
                 x = self._next_input(feat, out.image, out.leak)
             prev = out.image
             trace.add(out)
-        return trace.output()
 
 # ----------------------------------------------------------------------------
 # The recurrence-iteration generator (paper Fig. 1c): one small UNet and one DDL, shared by all L
@@ -531,25 +590,16 @@ class DDNRecurrent(_DDNBase):
 
     # The layer loop of forward(): the shared UNet + DDL, L times. Scorers and choosers are told
     # which layer they score (the shared DDL alone cannot know).
-    def _run(self, L, B, target, codes, scorer, chooser, uniforms, return_layers, all_heads, condition):
+    def _run(self, L, B, drive, condition, trace):
         x0 = self.init_feature.expand(B, -1, -1, -1)
-        prev, leak, trace = None, None, _Trace(return_layers)
-        targets = {}
+        prev, leak, targets = None, None, {}
         for l in range(L):
             x = x0 if prev is None else self._next_input(x0, prev, leak)
             if self.iter_embed is not None:
                 x = x + self.iter_embed[l].to(x.dtype)[None, :, None, None]
             feat = self.unet(self._add_condition(x, l, condition))
-            out = self._layer(self.ddl, l, feat, prev, targets, target, codes,
-                              _at_layer(scorer, l), _at_layer(chooser, l), uniforms, all_heads)
+            out = self._layer(self.ddl, l, feat, prev, drive.at_layer(l), targets)
             prev, leak = out.image, out.leak
             trace.add(out)
-        return trace.output()
-
-# A scorer or chooser that sees LayerInfo.index = l.
-def _at_layer(fn, l):
-    if fn is None:
-        return None
-    return lambda first, info, *rest: fn(first, info._replace(index=l), *rest)
 
 # ----------------------------------------------------------------------------
