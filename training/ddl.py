@@ -127,14 +127,9 @@ class DiscreteDistributionLayer(SplittableNodes):
             raise ValueError(f'loss_type must be "l2" or "l1", got {loss_type!r}')
         if leak and in_channels % 2:
             raise ValueError(f'leak=True needs an even number of feature channels, got {in_channels}')
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.learn_residual = learn_residual
-        self.leak = leak
-        self.chain_dropout = chain_dropout
-        self.loss_type = loss_type
-        self.index = index
-        self.num_layers = num_layers
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.learn_residual, self.leak, self.chain_dropout, self.loss_type = learn_residual, leak, chain_dropout, loss_type
+        self.index, self.num_layers = index, num_layers
         self.head_channels = in_channels // 2 if leak else in_channels
         self.reference = False      # All-K output path (see `reference_heads`); not saved.
         # The 1x1 conv as a (K*C, Cin) matrix; same init as nn.Conv2d's default.
