@@ -4,7 +4,7 @@ K points in the plane are the K nodes of one discrete distribution. Each step sa
 target density, moves each sample's nearest point toward it (gradient descent on the L2 distance,
 Adam by default) and runs Split-and-Prune: the very `training.split_prune` code the networks use,
 through a small `SplittableNodes` subclass whose node k is row k of a (K, 2) parameter.
-`--no-split-prune` is the paper's ablation: plain gradient descent, which leaves dead points where
+`--balance=none` is the paper's ablation: plain gradient descent, which leaves dead points where
 no data is and lets points born in dense regions keep too large a share (density shift).
 
 Densities follow the conventions of the author's `distribution-playground` package: a probability
@@ -18,7 +18,7 @@ OpenCV, boxx and matplotlib at import time, too heavy for us, so it is never imp
 
 Examples:
     python toy_2d.py --density blur_circles --k 1000 --steps 5000
-    python toy_2d.py --density blur_circles --k 1000 --steps 5000 --no-split-prune
+    python toy_2d.py --density blur_circles --k 1000 --steps 5000 --balance none
     python toy_2d.py --density blur_circles,QR_code,spiral,words,gaussian,blur_circles \\
         --k 2000 --steps 2000 --gif density.gif
 """
@@ -39,7 +39,7 @@ import torch
 import tqdm
 from torch import nn
 
-from training.split_prune import NodeStatistics, SplittableNodes, split_and_prune
+from training.split_prune import BALANCE_METHODS, SplittableNodes, balance
 
 # ----------------------------------------------------------------------------
 # Ground-truth densities: (n, n) float64 maps summing to 1, row 0 at the top (y = +1).
@@ -188,8 +188,7 @@ class FreePoints(SplittableNodes):
         K,                  # Number of points (nodes).
         init    = None,     # (K, 2) initial positions; default uniform in [-1, 1]^2.
     ):
-        super().__init__(K)
-        self.node_stats = NodeStatistics(K, track_near2=False)
+        super().__init__(K, track_near2=False)     # O(K) statistics: K is large here.
         self.points = nn.Parameter(torch.rand(K, 2) * 2 - 1 if init is None else torch.as_tensor(init, dtype=torch.float32).clone())
 
     def node_params(self):
@@ -202,12 +201,8 @@ class FreePoints(SplittableNodes):
     def forward(self, batch):
         with torch.no_grad():
             dist = torch.cdist(batch, self.points).square_()
-            if self.training:
-                # As in the DDL: training selection applies the balancing bias (zero unless
-                # split_and_prune runs with rule='bias') and the statistics credit that choice.
-                select = self.node_stats.biased(dist)
-                self.node_stats.observe(dist, select)
-                nearest = select.argmin(dim=1)
+            if self.training:   # As in the DDL: the node set's selection (biased under --balance=bias).
+                nearest = self.node_stats.select(dist)
             else:
                 nearest = dist.argmin(dim=1)
         return (self.points[nearest] - batch).square().sum(dim=1)
@@ -228,9 +223,9 @@ def make_optimizer(model, name, lr):
     raise ValueError(f'Unknown optimizer {name!r}')
 
 # Run `steps` optimisation steps of `model` on `density`. Each step: a batch of samples, the loss
-# sum over the batch (each sample pulls its nearest point), the optimizer step, Split-and-Prune
-# (which only folds the statistics when `split_prune` is False).
-def fit(model, optimizer, density, steps, batch, rng, split_prune=True, rule='tv', bias_rate=1e-2, snapshot_every=0, progress=None):
+# sum over the batch (each sample pulls its nearest point), the optimizer step, node balancing
+# by `method` (see split_prune.balance; 'none' only folds the statistics).
+def fit(model, optimizer, density, steps, batch, rng, method='tv', bias_rate=1e-2, snapshot_every=0, progress=None):
     model.train()
     frames, splits = [], torch.zeros([], dtype=torch.int64)
     chunk = 1000  # Steps whose samples are drawn at once.
@@ -243,7 +238,7 @@ def fit(model, optimizer, density, steps, batch, rng, split_prune=True, rule='tv
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            splits += split_and_prune(model, optimizer, rule=rule, enabled=split_prune, bias_rate=bias_rate)
+            splits += balance(model, optimizer, method, bias_rate=bias_rate)
             step = start + i + 1
             if snapshot_every and step % snapshot_every == 0:
                 frames.append(model.points.detach().numpy().copy())
@@ -307,9 +302,8 @@ def save_gif(frames, path, duration_ms=80):
 @click.option('--batch',            help='Samples per step', metavar='INT', type=click.IntRange(min=1), default=40, show_default=True)
 @click.option('--lr',               help='Learning rate  [default: adam 0.01 / sqrt(K), sgd 0.05]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--opt',              help='Optimizer', type=click.Choice(['adam', 'sgd']), default='adam', show_default=True)
-@click.option('--split-prune/--no-split-prune', help='Split-and-Prune after every step (off: the plain gradient-descent ablation)', default=True, show_default=True)
-@click.option('--rule',             help='Node balancing: Split-and-Prune (tv or paper test), or a selection bias (nothing split)', type=click.Choice(['tv', 'paper', 'bias']), default='tv', show_default=True)
-@click.option('--bias-rate',        help='--rule=bias: step of the log-distance bias per step', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
+@click.option('--balance', 'method', help='Node balancing: Split-and-Prune (tv or paper test), a selection bias (nothing split), or none (the plain gradient-descent ablation)', type=click.Choice(list(BALANCE_METHODS)), default='tv', show_default=True)
+@click.option('--bias-rate',        help='--balance=bias: step of the log-distance bias per step', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
 @click.option('--bins',             help='Grid size of the densities and of the KL histogram', metavar='INT', type=click.IntRange(min=2), default=100, show_default=True)
 @click.option('--seed',             help='Random seed', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--carry-over/--no-carry-over', help='Keep the points (and optimizer) from one density to the next [default: only with --gif]', default=None)
@@ -317,7 +311,7 @@ def save_gif(frames, path, duration_ms=80):
 @click.option('--gif',              help='Render the optimisation to this GIF', metavar='GIF', type=str, default=None)
 @click.option('--frames',           help='GIF frames per density', metavar='INT', type=click.IntRange(min=1), default=24, show_default=True)
 @click.option('--size',             help='GIF panel size in pixels', metavar='INT', type=click.IntRange(min=16), default=256, show_default=True)
-def main(density, k, steps, batch, lr, opt, split_prune, rule, bias_rate, bins, seed, carry_over, out, gif, frames, size):
+def main(density, k, steps, batch, lr, opt, method, bias_rate, bins, seed, carry_over, out, gif, frames, size):
     """Fit K free points to 2D densities with gradient descent and Split-and-Prune; print KL divergences.
 
     Prints, for each density, the KL divergence of the fitted points to the ground truth, that of K
@@ -351,13 +345,13 @@ def main(density, k, steps, batch, lr, opt, split_prune, rule, bias_rate, bins, 
         else:
             model.node_stats.reset()  # The statistics describe the previous density.
         with tqdm.tqdm(total=steps, desc=name, unit='step', leave=False) as progress:
-            result = fit(model, optimizer, gt, steps, batch, rng, split_prune=split_prune, rule=rule, bias_rate=bias_rate,
+            result = fit(model, optimizer, gt, steps, batch, rng, method=method, bias_rate=bias_rate,
                          snapshot_every=snapshot_every, progress=progress)
         points = model.points.detach().numpy().astype(np.float64)
         kl = kl_divergence(points, gt)
         kl_real = kl_divergence(sample_density(gt, k, rng), gt)
         dead = count_dead(points, sample_density(gt, max(100 * k, 100_000), rng))
-        print(f'{name:14s} K={k} steps={steps} split_prune={split_prune} kl={kl:.4f} kl_real_samples={kl_real:.4f} '
+        print(f'{name:14s} K={k} steps={steps} balance={method} kl={kl:.4f} kl_real_samples={kl_real:.4f} '
               f'dead={dead} splits={result.splits} steps_per_s={steps / result.seconds:.3g}')
         for i, xy in enumerate(result.frames):
             gif_frames.append(render_frame(xy, gt, size, f'{name}  step {(i + 1) * snapshot_every}'))

@@ -28,6 +28,7 @@ from torch_utils import checkpoint, distributed
 from training import dataset as dataset_module
 from training import metrics as metric_lib
 from training import training_loop
+from training.split_prune import BALANCE_METHODS
 
 # ----------------------------------------------------------------------------
 # click: options carry a help-section name, and --help prints them section by section.
@@ -141,9 +142,8 @@ def resolve_resume(path):
 @option(DDN, '--learn-res',      help='Learning residual: candidates correct the previous choice', metavar='BOOL', type=bool, default=True)
 @option(DDN, '--leak',           help='Leak feature of the chosen head into the next block', metavar='BOOL', type=bool, default=True)
 @option(DDN, '--loss',           help='Loss and selection distance', type=click.Choice(['l2', 'l1']), default='l2')
-@option(DDN, '--split-prune/--no-split-prune', help='Split-and-Prune after every step (off: the ablation)', default=True, show_default=True)
-@option(DDN, '--split-rule',     help='Node balancing: Split-and-Prune with the total-variation test or the paper\'s thresholds, or bias (a per-node selection bias, nothing split)', type=click.Choice(['tv', 'paper', 'bias']), default='tv')
-@option(DDN, '--bias-rate',      help='--split-rule=bias: step of the log-distance bias per training step', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2)
+@option(DDN, '--balance',        help='Node balancing after every step: Split-and-Prune with the total-variation test (tv) or the paper\'s thresholds (paper), a per-node selection bias (bias, nothing split), or none (the ablation)', type=click.Choice(list(BALANCE_METHODS)), default='tv')
+@option(DDN, '--bias-rate',      help='--balance=bias: step of the log-distance bias per training step', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2)
 @option(DDN, '--condition',      help='Conditional training: the condition is fed into the network', metavar='class|color|edge|resizeN', type=str)
 
 # Performance.
@@ -250,9 +250,9 @@ def launch(opts):
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DDNLoss')
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
     c.optimizer_kwargs.update(training_loop.ADAM_IMPLEMENTATIONS[opts.adam])
-    c.split_prune_kwargs = dnnlib.EasyDict(enabled=opts.split_prune, rule=opts.split_rule)
-    if opts.split_rule == 'bias':
-        c.split_prune_kwargs.bias_rate = opts.bias_rate
+    c.balance_kwargs = dnnlib.EasyDict(method=opts.balance)
+    if opts.balance == 'bias':
+        c.balance_kwargs.bias_rate = opts.bias_rate
 
     # Training options.
     if opts.batch_gpu is not None and opts.batch % (world_size * opts.batch_gpu) != 0:

@@ -200,11 +200,11 @@ def train_ours(train, budget, recipe, seed=0, clock='wall'):
     optimizer = torch.optim.Adam(net.parameters(), lr=recipe['lr'], betas=(0.9, 0.999), eps=1e-8)
     ema_kimg = recipe['ema'] * 1000
     ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_kimg > 0 else net
-    split_prune_kwargs = dict(enabled=recipe['split_prune'], rule=recipe['split_rule'])
-    if recipe['split_rule'] == 'bias':
-        split_prune_kwargs['bias_rate'] = recipe['bias_rate']
+    balance_kwargs = dict(method=recipe['split_rule'] if recipe['split_prune'] else 'none')
+    if balance_kwargs['method'] == 'bias':
+        balance_kwargs['bias_rate'] = recipe['bias_rate']
     batch = recipe['batch']
-    step_fn = TrainingStep(net, ema, DDNLoss(report_layers=False), optimizer, batch, 'fp32', split_prune_kwargs)
+    step_fn = TrainingStep(net, ema, DDNLoss(report_layers=False), optimizer, batch, 'fp32', balance_kwargs)
     data = train.float() / 127.5 - 1
     order = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(data.shape[0], generator=order), 0

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torch_utils import distributed  # noqa: E402
-from training.ddl import DiscreteDistributionLayer  # noqa: E402
-from training.split_prune import decide, find_node_sets, redistribute, split_and_prune  # noqa: E402
+from torch_utils import distributed
+from training.ddl import DiscreteDistributionLayer
+from training.split_prune import decide, find_node_sets, redistribute, split_and_prune
 
 # ATen operations that only make views or metadata (no kernel runs).
 METADATA_OPS = {
@@ -58,7 +58,7 @@ def _copy_node_rows_per_layer(tensors, rows, do, s, d):
         tensor.index_copy_(0, dst, tensor.index_select(0, src))
 
 @torch.no_grad()
-def split_and_prune_per_layer(model, optimizer=None, mirrors=(), rule='tv', enabled=True):
+def split_and_prune_per_layer(model, optimizer=None, mirrors=(), rule='tv'):
     node_sets = find_node_sets(model)
     mirror_sets = [find_node_sets(m) for m in mirrors]
     device = node_sets[0].node_stats.count.device
@@ -66,8 +66,6 @@ def split_and_prune_per_layer(model, optimizer=None, mirrors=(), rule='tv', enab
     for ns in node_sets:
         ns.node_stats.fold()
     total_splits = torch.zeros([], dtype=torch.int64, device=device)
-    if not enabled:
-        return total_splits
     groups = {}
     for idx, ns in enumerate(node_sets):
         groups.setdefault((ns.K, ns.node_stats.track_near2), []).append(idx)
@@ -118,7 +116,7 @@ def observe_all(models, batch, generator):
         dist = torch.rand(batch, K, generator=generator).to(find_node_sets(models[0])[l].node_stats.count.device)
         dist = dist ** 3                            # Uneven node usage, so that layers split.
         for model in models:
-            find_node_sets(model)[l].node_stats.observe(dist)
+            find_node_sets(model)[l].node_stats.select(dist)
 
 # Operations issued per pass (and kernels launched on CUDA), from one profiled pass.
 def count_ops(fn, cuda):

@@ -1,4 +1,4 @@
-"""Tests of balancing by selection bias, the alternative to Split-and-Prune (`split_and_prune(rule='bias')`):
+"""Tests of balancing by selection bias, the alternative to Split-and-Prune (`balance(method='bias')`):
 the bias update on hand-built statistics, biased training selection (and plain nearest in eval), a
 small generator whose node frequencies it evens out without a single split, the bias in state dicts
 and snapshots, and two processes that keep identical biases."""
@@ -13,7 +13,7 @@ import torch
 
 from training.ddl import DiscreteDistributionLayer
 from training.networks import DDNGenerator
-from training.split_prune import balance_bias, split_and_prune
+from training.split_prune import balance, bias_step
 
 # ----------------------------------------------------------------------------
 # Several node sets, two of them sharing K (decided in one group), one with another K.
@@ -43,7 +43,7 @@ def test_bias_update_on_hand_built_statistics():
     _set_pending(model.c, [1, 1, 1, 1, 1, 7])   # n = 12, n/K = 2.
     weights = [m.weight.detach().clone() for m in (model.a, model.b, model.c)]
 
-    n = split_and_prune(model, rule='bias', bias_rate=rate)
+    n = balance(model, method='bias', bias_rate=rate)
     assert int(n) == 0
     bias_a = model.a.node_stats.select_bias
     expected_a = rate * torch.tensor([1.0, 0, -1, -1], dtype=torch.float64)
@@ -64,24 +64,24 @@ def test_bias_update_on_hand_built_statistics():
 
     # The update uses THIS step's counts, not the accumulated ones: a balanced step leaves b as it is.
     _set_pending(model.a, [4, 4, 4, 4])
-    split_and_prune(model, rule='bias', bias_rate=rate)
+    balance(model, method='bias', bias_rate=rate)
     torch.testing.assert_close(model.a.node_stats.select_bias, expected_a, rtol=0, atol=1e-15)
     # Steps add up.
     _set_pending(model.a, [10, 4, 2, 0])
-    split_and_prune(model, rule='bias', bias_rate=rate)
+    balance(model, method='bias', bias_rate=rate)
     torch.testing.assert_close(model.a.node_stats.select_bias, 2 * expected_a, rtol=0, atol=1e-15)
 
-    # The ablation (enabled=False) and the Split-and-Prune rules never touch the bias.
-    for kwargs in [dict(rule='bias', enabled=False), dict(rule='tv'), dict(rule='paper')]:
+    # The ablation ('none') and the Split-and-Prune rules never touch the bias.
+    for method in ['none', 'tv', 'paper']:
         _set_pending(model.a, [10, 4, 2, 0])
-        split_and_prune(model, bias_rate=rate, **kwargs)
+        balance(model, method=method, bias_rate=rate)
         torch.testing.assert_close(model.a.node_stats.select_bias, 2 * expected_a, rtol=0, atol=1e-15)
 
-def test_balance_bias_batched():
+def test_bias_step_batched():
     bias = torch.zeros(2, 3, dtype=torch.float64)
     count = torch.tensor([[3.0, 0, 0], [1, 1, 1]], dtype=torch.float64)
     seen = count.sum(1)
-    new = balance_bias(bias, count, seen, 0.3)
+    new = bias_step(bias, count, seen, 0.3)
     torch.testing.assert_close(new, torch.tensor([[0.4, -0.2, -0.2], [0, 0, 0]], dtype=torch.float64))
 
 # ----------------------------------------------------------------------------
@@ -126,14 +126,14 @@ def test_zero_bias_is_bit_identical_to_nearest():
     layer = DiscreteDistributionLayer(8, 3, 16, chain_dropout=0.0).train()
     feat, target = torch.randn(64, 8, 4, 4), torch.randn(64, 3, 4, 4)
     out = layer(feat, None, target=target)
-    assert torch.equal(layer.node_stats.biased(out.dist), out.dist)
     assert torch.equal(out.codes, out.dist.argmin(1))
+    assert torch.equal(layer.node_stats.select(out.dist), out.dist.argmin(1))
 
 # ----------------------------------------------------------------------------
 # 3. A small generator overfitting 8 digits (as in test_networks.py): node frequencies over the
 # second half of training, with balancing by bias and with no balancing at all, same seed.
 
-def _train_digits(x, rule, enabled, steps=300, bias_rate=0.2):
+def _train_digits(x, method, steps=300, bias_rate=0.2):
     torch.manual_seed(0)
     net = DDNGenerator(8, 1, max_outputk=8, max_blockn=1, max_channels=16, chain_dropout=0.05)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -144,7 +144,7 @@ def _train_digits(x, rule, enabled, steps=300, bias_rate=0.2):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        splits += split_and_prune(net, opt, rule=rule, enabled=enabled, bias_rate=bias_rate)
+        splits += balance(net, opt, method, bias_rate=bias_rate)
         if step == steps // 2 - 1:
             half = torch.stack([d.node_stats.count for d in net.ddls])
     counts = torch.stack([d.node_stats.count for d in net.ddls]) - half        # (L, K) second half.
@@ -153,8 +153,8 @@ def _train_digits(x, rule, enabled, steps=300, bias_rate=0.2):
     return net, int(splits), rel_freq, mse_before, mse_after
 
 def test_bias_balances_node_frequencies_without_splits(digits):
-    net, splits, rel, before, after = _train_digits(digits[0][:8], 'bias', True)
-    _, splits_off, rel_off, _, _ = _train_digits(digits[0][:8], 'tv', False)
+    net, splits, rel, before, after = _train_digits(digits[0][:8], 'bias')
+    _, splits_off, rel_off, _, _ = _train_digits(digits[0][:8], 'none')
     tv = (rel - 1).abs().sum(1).mean().item() / (2 * rel.shape[1])           # Mean total variation to uniform.
     tv_off = (rel_off - 1).abs().sum(1).mean().item() / (2 * rel_off.shape[1])
     dead, dead_off = int((rel == 0).sum()), int((rel_off == 0).sum())
@@ -177,7 +177,7 @@ def test_bias_balances_node_frequencies_without_splits(digits):
     assert after < before / 5, (before, after)
 
 # ----------------------------------------------------------------------------
-# 4. The bias lives in state dicts and snapshots; old state dicts without it load with zero bias.
+# 4. The bias lives in state dicts and snapshots.
 
 def test_state_dict_and_snapshot_keep_the_bias():
     torch.manual_seed(3)
@@ -193,13 +193,9 @@ def test_state_dict_and_snapshot_keep_the_bias():
     for d, f, c in zip(net.ddls, fresh.ddls, clone.ddls):
         assert torch.equal(f.node_stats.select_bias, d.node_stats.select_bias)
         assert torch.equal(c.node_stats.select_bias, d.node_stats.select_bias)
-    # A state dict from before the bias existed still loads strictly, with a zero bias.
-    old = {k: v for k, v in state.items() if not k.endswith('select_bias')}
-    fresh.load_state_dict(old)
-    assert all(torch.equal(f.node_stats.select_bias, torch.zeros(f.K, dtype=torch.float64)) for f in fresh.ddls)
-    # A state dict that lacks a whole node set is still an error.
-    with pytest.raises(RuntimeError, match='Missing key'):
-        fresh.load_state_dict({k: v for k, v in old.items() if not k.startswith('ddls.0.node_stats')})
+    # The bias is part of the state: a state dict without it does not load (strict).
+    with pytest.raises(RuntimeError, match='select_bias'):
+        fresh.load_state_dict({k: v for k, v in state.items() if not k.endswith('select_bias')})
     # reset() forgets the bias with the statistics.
     net.ddls[1].node_stats.reset()
     assert not net.ddls[1].node_stats.select_bias.any()
@@ -219,7 +215,7 @@ def test_two_processes_same_bias(tmp_path, subprocess_env, repo_root):
     assert result['max_diff'] == 0.0             # ... identically on both ranks.
 
 # ----------------------------------------------------------------------------
-# train.py --split-rule=bias: the option reaches split_and_prune, nothing is split, biases move, and
+# train.py --balance=bias: the option reaches split_prune.balance, nothing is split, biases move, and
 # the training state keeps them for an exact resume.
 
 def test_train_cli_bias_rule(tmp_path, subprocess_env):
@@ -227,13 +223,13 @@ def test_train_cli_bias_rule(tmp_path, subprocess_env):
     env = dict(subprocess_env, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
     args = [f'--outdir={tmp_path / "runs"}', '--duration=0.0004', '--batch=40', '--lr-rampup=0', '--max-channels=8',
             '--max-blockn=1', '--max-outputk=8', '--tick=0.2', '--snap=2', '--dump=2', '--seed=1', '--workers=0',
-            '--split-rule=bias', '--bias-rate=0.05']
+            '--balance=bias', '--bias-rate=0.05']
     proc = subprocess.run([sys.executable, train.__file__, *args], env=env, cwd=str(tmp_path),
                           capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = next((tmp_path / 'runs').iterdir())
     options = json.loads((run_dir / 'training_options.json').read_text())
-    assert options['split_prune_kwargs'] == dict(enabled=True, rule='bias', bias_rate=0.05)
+    assert options['balance_kwargs'] == dict(method='bias', bias_rate=0.05)
     state = torch.load(sorted(run_dir.glob('training-state-*.pt'))[-1], map_location='cpu', weights_only=False)
     biases = [v for k, v in state['net'].items() if k.endswith('select_bias')]
     splits = [v for k, v in state['net'].items() if k.endswith('num_splits')]

@@ -12,7 +12,7 @@ import torch
 
 from training.ddl import reference_heads
 from training.networks import DDNGenerator, batch_invariant, blocks_at, channels_at, outputk_at
-from training.split_prune import split_and_prune
+from training.split_prune import balance
 
 def tiny_net(**kwargs):
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def _overfit(x, split_prune_on, steps=300):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        split_and_prune(net, opt, enabled=split_prune_on)
+        balance(net, opt, 'tv' if split_prune_on else 'none')
     mse_after = (net.encode(x)[1] - x).square().mean().item()
     rel_freq = [d.node_stats.frequency() * d.K for d in net.ddls]
     return mse_before, mse_after, rel_freq

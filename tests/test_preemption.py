@@ -29,7 +29,7 @@ def _loop_kwargs(run_dir, **overrides):
         network_kwargs=dnnlib.EasyDict(class_name='training.networks.DDNGenerator', **TINY_NET),
         loss_kwargs=dnnlib.EasyDict(class_name='training.loss.DDNLoss'),
         optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=1e-2),
-        split_prune_kwargs=dnnlib.EasyDict(enabled=True, rule='tv'),
+        balance_kwargs=dnnlib.EasyDict(method='tv'),
         seed=3, batch_size=20, ema_halflife_kimg=0.1, lr_rampup_kimg=0,
         kimg_per_tick=0.1, snapshot_ticks=2, state_dump_ticks=1, device='cpu',
     )

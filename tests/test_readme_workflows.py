@@ -314,7 +314,7 @@ def test_ffhq_recurrence_and_bias(work):
         (readme('--data=datasets/ffhq-64x64.zip --batch=512'), dict(set_={'--batch': '8', '--batch-gpu': '8'}, add=tiny)),
         (readme('--arch=recurrence --iters=9'), dict(set_={'--iters': '3', '--max-channels': '8', '--max-outputk': '4'},
                                                      add=['--duration=0.00008', '--batch=8', '--tick=0.04', *EXTRA_TRAIN])),
-        (readme('--split-rule=bias --bias-rate=0.01'), dict(add=['--batch=8', *tiny]))])
+        (readme('--balance=bias --bias-rate=0.01'), dict(add=['--batch=8', *tiny]))])
     assert all('Exiting...' in proc.stdout for proc in procs)
     runs = sorted(_runs(work))
     assert any('ffhq-64x64' in r for r in runs)

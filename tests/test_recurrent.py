@@ -15,7 +15,7 @@ import generate
 import train
 from training.ddl import reference_heads
 from training.networks import DDNRecurrent, batch_invariant
-from training.split_prune import split_and_prune
+from training.split_prune import balance
 
 def tiny_rec(**kwargs):
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def _overfit(x, split_prune_on, steps=150):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        splits = split_and_prune(net, opt, enabled=split_prune_on)
+        splits = balance(net, opt, 'tv' if split_prune_on else 'none')
     mse_after = (net.encode(x)[1] - x).square().mean().item()
     return mse_before, mse_after, net.ddl.node_stats.frequency() * net.ddl.K, net.ddl.node_stats.seen.item(), splits
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training.ddl import DiscreteDistributionLayer
-from training.split_prune import NodeStatistics, decide, redistribute, split_and_prune
+from training.split_prune import BALANCE_METHODS, NodeStatistics, balance, decide, redistribute, split_and_prune
 
 # ----------------------------------------------------------------------------
 # Reference redistribution, one node set, written as plainly as DDN.md §3 reads.
@@ -157,7 +157,7 @@ def test_split_copies_weights_and_adam_state():
     n = split_and_prune(layer, opt, mirrors=[ema])
     assert int(n) == 1 and int(st.num_splits) == 1
     s, d = 0, 4
-    rows = lambda k: slice(k * C, (k + 1) * C)  # noqa: E731
+    rows = lambda k: slice(k * C, (k + 1) * C)
     assert torch.equal(layer.weight[rows(d)], w_before[rows(s)])
     assert torch.equal(state['exp_avg'][rows(d)], m_before[rows(s)])
     assert torch.equal(state['exp_avg_sq'][rows(d)], v_before[rows(s)])
@@ -184,7 +184,7 @@ def test_no_split_changes_nothing():
     assert torch.equal(layer.weight, w_before) and torch.equal(opt.state[layer.weight]['exp_avg'], m_before)
     assert torch.equal(st.count, torch.full((8,), 10.0, dtype=torch.float64))
 
-def test_disabled_folds_but_never_splits():
+def test_balance_none_folds_but_never_splits():
     layer, opt = _trained_layer()
     st = layer.node_stats
     st.reset()
@@ -193,9 +193,33 @@ def test_disabled_folds_but_never_splits():
     st.pending_count[3] = 5
     st.pending_seen.fill_(5)
     w_before = layer.weight.detach().clone()
-    assert int(split_and_prune(layer, opt, enabled=False)) == 0
+    assert int(balance(layer, opt, 'none')) == 0
     assert torch.equal(layer.weight, w_before)
     assert st.count[3] == 5 and st.seen == 45 and st.pending_seen == 0
+    # The same statistics with 'tv' split the overloaded node 0 onto a dead one.
+    assert int(balance(layer, opt, 'tv')) == 1 and not torch.equal(layer.weight, w_before)
+
+def test_balance_methods_and_rules():
+    layer, opt = _trained_layer()
+    assert BALANCE_METHODS == ('tv', 'paper', 'bias', 'none')
+    with pytest.raises(ValueError, match='balancing method'):
+        balance(layer, opt, 'split')
+    with pytest.raises(ValueError, match='rule'):
+        split_and_prune(layer, opt, rule='bias')        # Balancing by bias is no Split-and-Prune rule.
+    assert int(balance(torch.nn.Linear(2, 2), None, 'tv')) == 0    # No node sets: nothing to do.
+
+# Training selection: argmin of dist * exp(select_bias), recorded with the second nearest on the
+# same biased distances and the unbiased distances accumulated.
+def test_select_takes_the_biased_argmin_and_records_it():
+    st = NodeStatistics(3)
+    dist = torch.tensor([[1.0, 2.0, 4.0], [3.0, 1.0, 1.5]])
+    assert st.select(dist).tolist() == [0, 1]
+    st.select_bias.copy_(torch.tensor([2.0, 0.0, -1.0], dtype=torch.float64))   # x7.39, x1, x0.37.
+    assert st.select(dist).tolist() == [2, 2]                                  # 1.47 < 2 < 7.39; 0.55 < 1.
+    assert st.pending_count.tolist() == [1, 1, 2] and float(st.pending_seen) == 4
+    near2 = st.pending_near2.view(3, 3)
+    assert near2[0, 1] == 1 and near2[1, 2] == 1 and near2[2, 1] == 2 and near2.sum() == 4
+    torch.testing.assert_close(st.pending_dist, 2 * dist.sum(0).double())
 
 def test_mirror_mismatch_is_an_error():
     layer, opt = _trained_layer()

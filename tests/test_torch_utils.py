@@ -81,10 +81,9 @@ def test_distributed_single_process(monkeypatch, capsys):
     distributed.broadcast_([a])
     distributed.barrier()
     assert a.tolist() == [1.0, 2.0]
-    with pytest.raises(ValueError, match='op'):
-        distributed.all_reduce_([a], op='average')
-    with pytest.raises(TypeError, match='floating'):
-        distributed.all_reduce_([b], op='mean')
+    for op in ('average', 'mean', 'product'):
+        with pytest.raises(ValueError, match='op'):
+            distributed.all_reduce_([a], op=op)
     distributed.print0('only rank zero', 7)
     assert capsys.readouterr().out == 'only rank zero 7\n'
 
@@ -114,7 +113,7 @@ def test_two_process_gloo(tmp_path, subprocess_env, repo_root):
         assert res['sum_float'] == [[10.0, 12.0, 14.0], [16.0, 18.0, 20.0]]
         assert res['sum_int'] == [3, 30]
         assert res['sum_view_base'] == [3.0, 0.0, 3.0, 0.0]
-        assert res['max'] == [1.0] and res['mean'] == [0.5] and res['bool_max'] == [True]
+        assert res['max'] == [1.0] and res['min'] == [0.0] and res['bool_max'] == [True]
         assert res['broadcast'] == [5.0, 6.0]
         # training_stats: rank 0 reported [1, 2], rank 1 [2, 4]; report0 only rank 0's 7.
         stats = res['stats1']
@@ -148,11 +147,11 @@ def _distributed_worker(out_dir):
     res.update(sum_float=a.tolist(), sum_int=b.tolist(), sum_view_base=base.tolist())
     m = torch.tensor([float(rank)])
     distributed.all_reduce_([m], op='max')
-    mean = torch.tensor([float(rank)])
-    distributed.all_reduce_([mean], op='mean')
+    low = torch.tensor([float(rank)])
+    distributed.all_reduce_([low], op='min')
     flag = torch.tensor([rank == 1])
     distributed.all_reduce_([flag], op='max')
-    res.update(max=m.tolist(), mean=mean.tolist(), bool_max=flag.tolist())
+    res.update(max=m.tolist(), min=low.tolist(), bool_max=flag.tolist())
     x = torch.tensor([rank * 5.0, rank * 6.0])
     distributed.broadcast_([x], src=1)
     res['broadcast'] = x.tolist()
@@ -442,17 +441,6 @@ def test_set_seed_for_step():
         misc.set_seed_for_step(-1, 0, 0)
 
 # ----------------------------------------------------------------------------
-# assert_shape accepts None wildcards and names the mismatch.
-
-def test_assert_shape():
-    x = torch.zeros(2, 3, 4)
-    misc.assert_shape(x, [2, None, 4])
-    misc.assert_shape(x, (None, None, None))
-    with pytest.raises(AssertionError, match='dimension 1'):
-        misc.assert_shape(x, [2, 5, 4])
-    with pytest.raises(AssertionError, match='number of dimensions'):
-        misc.assert_shape(x, [2, 3])
-
 # copy_params_and_buffers copies by name, converts dtype, keeps requires_grad, checks shapes.
 def test_copy_params_and_buffers():
     src, dst = _randomized_net(seed=1), _randomized_net(seed=2).double()
@@ -471,13 +459,41 @@ def test_copy_params_and_buffers():
     with pytest.raises(ValueError, match='shape'):
         misc.copy_params_and_buffers(TinyNet(3), TinyNet(4))
 
-# ddp_sync and check_ddp_consistency are transparent for a plain module in one process.
-def test_ddp_helpers_single_process():
-    net = torch.nn.Linear(2, 2)
-    with misc.ddp_sync(net, sync=False):
-        net(torch.ones(1, 2)).sum().backward()
-    assert net.weight.grad is not None
+# check_ddp_consistency in one process: alone it issues no collective. As rank 1 of a pretend
+# 2-process run (rank 0's tensors supplied by a stand-in broadcast, the max-reduce left to this
+# rank), it names exactly the tensors that differ from rank 0, treats equal NaNs as equal, and
+# skips the names that `ignore_regex` matches.
+def test_ddp_helpers_single_process(monkeypatch):
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    with torch.no_grad():
+        net[0].weight[0, 0] = float('nan')
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError('a collective in a single process')
+    monkeypatch.setattr(misc.distributed, 'broadcast_', no_collective)
+    monkeypatch.setattr(misc.distributed, 'all_reduce_', no_collective)
     assert misc.check_ddp_consistency(net) is None
+
+    rank0_shift = {}         # dtype -> what rank 0 has more than this rank in every tensor of that dtype.
+    def broadcast_(tensors, src=0):
+        assert src == 0
+        for t in tensors:
+            t += rank0_shift.get(t.dtype, 0)
+        return tensors
+    monkeypatch.setattr(misc.distributed, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(misc.distributed, 'broadcast_', broadcast_)
+    monkeypatch.setattr(misc.distributed, 'all_reduce_', lambda tensors, op='sum': tensors)
+    misc.check_ddp_consistency(net)                                    # Identical (NaN included): fine.
+    rank0_shift[torch.int64] = 1                                       # The step counter differs ...
+    with pytest.raises(AssertionError, match='differ across ranks') as err:
+        misc.check_ddp_consistency(net)
+    assert str(err.value).endswith(': Sequential.1.num_batches_tracked')  # ... and only it is named.
+    misc.check_ddp_consistency(net, ignore_regex=r'.*num_batches_tracked')
+    rank0_shift[torch.float32] = 0.5                                   # Every float tensor differs too.
+    with pytest.raises(AssertionError) as err:
+        misc.check_ddp_consistency(net, ignore_regex=r'Sequential\.0\..*')
+    assert str(err.value).endswith(': Sequential.1.weight, Sequential.1.bias, Sequential.1.running_mean, '
+                                   'Sequential.1.running_var, Sequential.1.num_batches_tracked')
 
 # print_module_summary prints one row per module and the true totals.
 def test_print_module_summary(capsys):

@@ -50,8 +50,9 @@ def test_free_points_are_splittable_nodes():
     loss = model(batch)
     assert loss.shape == (2,) and torch.allclose(loss, torch.tensor([0.25, 1.0]))
     assert model.node_stats.pending_seen == 2
+    assert model.node_stats.near2.numel() == 0 and model.node_stats.pending_near2.numel() == 0  # O(K) statistics.
 
-# With rule='bias' the points' training selection follows the balancing bias, as the DDL's does;
+# With --balance=bias the points' training selection follows the balancing bias, as the DDL's does;
 # evaluation (and the returned distances' meaning) stays the plain nearest point.
 def test_free_points_training_selection_uses_the_bias():
     model = toy_2d.FreePoints(2, init=np.array([[0.0, 0.0], [1.0, 0.0]]))
@@ -62,19 +63,19 @@ def test_free_points_training_selection_uses_the_bias():
     assert torch.allclose(model.eval()(batch), torch.tensor([0.16]))
 
 # Fit K points with and without Split-and-Prune from the same seed.
-def _fit(split_prune, K=64, steps=300, seed=0):
+def _fit(method, K=64, steps=300, seed=0):
     density = toy_2d.load_density('blur_circles', 20)
     torch.manual_seed(seed)
     model = toy_2d.FreePoints(K)
     optimizer = toy_2d.make_optimizer(model, 'adam', 3e-3)
-    toy_2d.fit(model, optimizer, density, steps, 40, np.random.default_rng(seed), split_prune=split_prune)
+    toy_2d.fit(model, optimizer, density, steps, 40, np.random.default_rng(seed), method=method)
     points = model.points.detach().numpy().astype(np.float64)
     dead = toy_2d.count_dead(points, toy_2d.sample_density(density, 50_000, np.random.default_rng(seed + 1)))
     return toy_2d.kl_divergence(points, density), dead, model
 
 def test_split_and_prune_beats_plain_gradient_descent():
-    kl_sp, dead_sp, model = _fit(True)
-    kl_gd, dead_gd, _ = _fit(False)
+    kl_sp, dead_sp, model = _fit('tv')
+    kl_gd, dead_gd, _ = _fit('none')
     assert int(model.node_stats.num_splits) > 0
     assert dead_sp == 0, f'{dead_sp} dead points left by Split-and-Prune'
     assert dead_gd > 0                                         # The ablation does leave dead points ...

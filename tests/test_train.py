@@ -84,6 +84,7 @@ def test_tiny_run_folder(tiny_run, env, repo_root):
     assert options['dataset_kwargs']['class_name'] == 'training.dataset.DigitsDataset'
     assert options['optimizer_kwargs'] == dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8)
     assert options['batch_size'] == 50 and options['seed'] == 1 and options['total_kimg'] == 2
+    assert options['balance_kwargs'] == dict(method='tv')
     log = open(os.path.join(run_dir, 'log.txt')).read()
     ticks = [line for line in log.splitlines() if line.startswith('tick ')]
     assert len(ticks) == 5 and all(key in ticks[-1] for key in ('kimg', 'loss', 'sec/tick', 'img/s', 'splits', 'cpumem'))
@@ -122,7 +123,7 @@ def test_tiny_run_folder(tiny_run, env, repo_root):
     state = checkpoint.load(os.path.join(run_dir, 'training-state-000002.pt'))
     assert state['cur_nimg'] == 2000 and state['cur_tick'] == 4 and state['seed'] == 1
     assert 'ddls.4.node_stats.count' in state['net'] and state['optimizer']['state']
-    assert state['config_hash'] == tl.config_hash(state['config']['network_kwargs'], state['config']['dataset'])
+    assert state['batch_size'] == 50 and state['config']['network_kwargs'] == options['network_kwargs']
 
 # --resume RUNDIR takes the newest state, in a new run folder; the old run is untouched.
 def test_resume_run_dir_takes_latest_state(tiny_run, env):

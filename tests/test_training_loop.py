@@ -221,7 +221,7 @@ def _loop_kwargs(run_dir, **overrides):
         network_kwargs=dnnlib.EasyDict(class_name='training.networks.DDNGenerator', **TINY_NET, dropout=0.1, chain_dropout=0.2),
         loss_kwargs=dnnlib.EasyDict(class_name='training.loss.DDNLoss'),
         optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=1e-2),
-        split_prune_kwargs=dnnlib.EasyDict(enabled=True, rule='tv'),
+        balance_kwargs=dnnlib.EasyDict(method='tv'),
         seed=7, batch_size=20, batch_gpu=10, ema_halflife_kimg=0.1, lr_rampup_kimg=0.1,
         kimg_per_tick=0.1, snapshot_ticks=None, state_dump_ticks=1, device='cpu',
     )

@@ -16,7 +16,7 @@ import sys
 import torch
 
 # Reduction names accepted by all_reduce_.
-_REDUCE_OPS = ('sum', 'mean', 'max', 'min', 'product')
+_REDUCE_OPS = ('sum', 'max', 'min')
 
 # ----------------------------------------------------------------------------
 # Join the process group described by torchrun's environment; does nothing for a single process.
@@ -198,21 +198,16 @@ def _unpack_(flat, group):
 def all_reduce_(tensors, op='sum'):
     """Reduce every tensor in `tensors` across processes, in place; returns the list.
 
-    `op` is 'sum', 'mean' (floating dtypes only), 'max', 'min' or 'product'. Tensors of the same
-    dtype are flattened into ONE buffer and reduced with ONE collective. Single process: no-op.
+    `op` is 'sum', 'max' or 'min'. Tensors of the same dtype are flattened into ONE buffer and
+    reduced with ONE collective. Single process: no-op.
     """
     if op not in _REDUCE_OPS:
         raise ValueError(f'op must be one of {_REDUCE_OPS}, got {op!r}')
     groups = _group_by_dtype(tensors)
-    if op == 'mean' and any(not dtype.is_floating_point for dtype in groups):
-        raise TypeError('all_reduce_(op="mean") needs floating-point tensors')
     if get_world_size() > 1:
-        torch_op = {'sum': 'SUM', 'mean': 'SUM', 'max': 'MAX', 'min': 'MIN', 'product': 'PRODUCT'}[op]
         for group in groups.values():
             flat = _pack(group)
-            torch.distributed.all_reduce(flat, op=getattr(torch.distributed.ReduceOp, torch_op))
-            if op == 'mean':
-                flat /= get_world_size()
+            torch.distributed.all_reduce(flat, op=getattr(torch.distributed.ReduceOp, op.upper()))
             _unpack_(flat, group)
     return tensors
 

@@ -1,5 +1,5 @@
 """Small PyTorch helpers for the training loop: a resumable infinite sampler, deterministic per-step
-seeding, shape assertions, parameter copying, cross-rank consistency checks and a module summary.
+seeding, parameter copying, cross-rank consistency checks and a module summary.
 
 Randomness here never touches Python's `random` or NumPy's global state: the sampler draws from a
 `torch.Generator` seeded from (seed, epoch), and `set_seed_for_step` derives the global torch seed
@@ -7,7 +7,6 @@ and a private generator from (seed, rank, step). A run resumed at step N therefo
 data order and random numbers of an uninterrupted run.
 """
 
-import contextlib
 import re
 
 import numpy as np
@@ -107,17 +106,6 @@ def set_seed_for_step(seed, rank, step, device=None):
     return generator
 
 # ----------------------------------------------------------------------------
-# Check a tensor's shape against a reference in which None matches any size.
-
-def assert_shape(tensor, ref_shape):
-    shape = tuple(tensor.shape)
-    if len(shape) != len(ref_shape):
-        raise AssertionError(f'Wrong number of dimensions: got shape {shape}, expected {tuple(ref_shape)}')
-    for dim, (size, ref_size) in enumerate(zip(shape, ref_shape, strict=True)):
-        if ref_size is not None and size != int(ref_size):
-            raise AssertionError(f'Wrong size for dimension {dim}: got shape {shape}, expected {tuple(ref_shape)}')
-
-# ----------------------------------------------------------------------------
 # All parameters followed by all buffers of a module.
 
 def params_and_buffers(module):
@@ -179,17 +167,6 @@ def check_ddp_consistency(module, ignore_regex=None):
     bad = [name for name, flag in zip(names, differs.cpu().tolist(), strict=True) if flag]
     if bad:
         raise AssertionError(f'Tensors differ across ranks: {", ".join(bad)}')
-
-# ----------------------------------------------------------------------------
-# Skip DDP's gradient all-reduce on accumulation rounds that are not the last one.
-
-@contextlib.contextmanager
-def ddp_sync(module, sync):
-    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        yield
-    else:
-        with module.no_sync():
-            yield
 
 # ----------------------------------------------------------------------------
 # Run one forward pass and print a table of submodules: parameters, buffers, output shapes, dtypes.

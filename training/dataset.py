@@ -171,11 +171,6 @@ class Dataset(torch.utils.data.Dataset):
     def resolution(self):
         return self.image_shape[1]
 
-    # [label_dim] (or [0] without labels).
-    @property
-    def label_shape(self):
-        return [self.label_dim]
-
     # Number of classes: 1 + the largest label (0 when labels are not used).
     @property
     def label_dim(self):
@@ -183,11 +178,6 @@ class Dataset(torch.utils.data.Dataset):
             return 0
         labels = self._get_raw_labels()
         return int(labels.max()) + 1 if labels.size else 0
-
-    # True when items carry one-hot labels.
-    @property
-    def has_labels(self):
-        return self.label_dim > 0
 
 # ----------------------------------------------------------------------------
 # Check the common constraint of all datasets: square images with a power-of-two side.

@@ -7,22 +7,24 @@ shift* (nodes born in dense regions win far more than 1/K of the targets). Split
 after every optimizer step: the most frequently chosen node is split in two and the least chosen is
 pruned to make room, parameters AND optimizer state included.
 
-This file holds the three pieces, each named after the paper:
+This file holds the pieces, each named after the paper:
 - `NodeStatistics`: running selection statistics of one node set (count, near2, dist_acc, seen), kept
-  as device tensors and updated without host syncs;
+  as device tensors and updated without host syncs; `select()` is the training selection itself;
 - `SplittableNodes`: the base class of any module owning K nodes (it says which parameter rows make
   node k), so the same code serves the networks and the 2D toy;
 - `split_and_prune()`: one decision pass over all node sets of a model after the optimizer step,
   statistics summed across ranks first, so every rank takes the same decision. The pass is
   batched over the node sets (a fixed number of tensor operations, however many layers: on a
   GPU the launches do not grow with L), and its result is bit-identical to treating the node sets
-  one by one (tests/test_split_prune.py checks it against that loop, kept in bench/split_prune.py).
+  one by one (tests/test_split_prune.py checks it against that loop, kept in bench/split_prune.py);
+- `balance()`: what training calls after every step, by method: 'tv' / 'paper' (Split-and-Prune with
+  that rule), 'bias' or 'none' (statistics only: the paper's ablation).
 
-Beyond the paper, `split_and_prune(rule='bias')` is the balanced alternative the author suggests (our
-spec `DDN.md` §3): nothing is split or pruned and no parameter is discarded; instead each node set
-keeps a per-node bias `select_bias` on the log of the selection distance (training selects the
+Beyond the paper, `balance(method='bias')` is the balanced alternative the author suggests
+(our spec `DDN.md` §3): nothing is split or pruned and no parameter is discarded; instead each node
+set keeps a per-node bias `select_bias` on the log of the selection distance (training selects the
 argmin of dist * exp(bias)), nudged after every step toward uniform frequencies, as in
-auxiliary-loss-free load balancing of mixture-of-experts models. See `balance_bias()`.
+auxiliary-loss-free load balancing of mixture-of-experts models. See `bias_step()`.
 """
 
 import math
@@ -57,7 +59,7 @@ class NodeStatistics(nn.Module):
         self.register_buffer('dist_acc', torch.zeros(K, dtype=torch.float64))     # Accumulated distance of node k to targets.
         self.register_buffer('seen', torch.zeros([], dtype=torch.float64))        # Number of targets observed.
         self.register_buffer('num_splits', torch.zeros([], dtype=torch.int64))    # Splits performed so far.
-        # Bias of training selection on log(distance) (rule='bias', beyond the paper): zero-mean,
+        # Bias of training selection on log(distance) (balance 'bias', beyond the paper): zero-mean,
         # and zero under Split-and-Prune, where selection is the plain nearest node.
         self.register_buffer('select_bias', torch.zeros(K, dtype=torch.float64))
         # Not yet folded observations of this rank; always zero between optimizer steps.
@@ -67,29 +69,37 @@ class NodeStatistics(nn.Module):
         # Shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d float64 buffers.
         self.register_buffer('pending_seen', torch.zeros([1], dtype=torch.float64), persistent=False)
 
-    # State dicts saved before `select_bias` existed load with a zero bias (what they trained with).
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + 'count' in state_dict and prefix + 'select_bias' not in state_dict:
-            state_dict[prefix + 'select_bias'] = torch.zeros_like(self.select_bias)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     # The distances (B, K) that training selection minimises: `dist` scaled by exp(select_bias),
     # i.e. the bias is added to log(dist). With a zero bias the result equals `dist` exactly, so
     # the choice is the plain nearest node.
     def biased(self, dist):
         return dist * self.select_bias.exp().to(dist.dtype)
 
-    # Record one batch of distances (B, K): nearest, second nearest and all distances. `select`
-    # (B, K) are the distances the selector minimised (e.g. `biased(dist)`); default `dist`.
+    # Training selection of a batch of distances (B, K): the node minimising `biased(dist)` (the
+    # plain nearest under Split-and-Prune, whose bias stays zero), recorded in the statistics.
+    # Returns the codes (B,).
+    @torch.no_grad()
+    def select(self, dist):
+        dist = dist.detach()
+        biased = self.biased(dist)
+        codes = biased.argmin(dim=1)
+        self._record(dist, biased, codes)
+        return codes
+
+    # Record distances (B, K) whose selection happened elsewhere; `select` (B, K) are the distances
+    # the selector minimised (default `dist`). Only training/ddl.py uses it, until it calls `select()`.
     @torch.no_grad()
     def observe(self, dist, select=None):
+        select = dist.detach() if select is None else select.detach()
+        self._record(dist.detach(), select, select.argmin(dim=1))
+
+    # Add one batch to the pending statistics: `i1` (B,) are the chosen nodes, the argmin of
+    # `select` (B, K), on which the second nearest is taken too; the distances `dist` (B, K)
+    # accumulate. Crediting the node actually chosen matters: after a split the clone ties with its
+    # original.
+    def _record(self, dist, select, i1):
         B, K = dist.shape
         assert K == self.K
-        dist = dist.detach()
-        select = dist if select is None else select.detach()
-        # argmin, exactly as the selector: after a split the clone ties with its original, and
-        # the statistics must credit the node that was actually chosen.
-        i1 = select.argmin(dim=1)
         if K >= 2 and self.track_near2:
             i2 = select.scatter(1, i1[:, None], math.inf).argmin(dim=1)
             self.pending_near2.index_add_(0, i1 * K + i2, torch.ones_like(i1, dtype=torch.float64))
@@ -127,10 +137,13 @@ class NodeStatistics(nn.Module):
 # and say which rows of which parameters make up each node.
 
 class SplittableNodes(nn.Module):
-    def __init__(self, K):
+    def __init__(self,
+        K,                              # Number of nodes.
+        track_near2     = True,         # See NodeStatistics.
+    ):
         super().__init__()
         self.K = K
-        self.node_stats = NodeStatistics(K)
+        self.node_stats = NodeStatistics(K, track_near2=track_near2)
 
     # List of (parameter, rows_per_node): node k owns rows [k * rows, (k + 1) * rows) of dim 0.
     def node_params(self) -> list[tuple[nn.Parameter, int]]:
@@ -166,7 +179,7 @@ def decide(count, dist_acc, rule='tv'):
     elif rule == 'paper':
         want = (ps > 2 * P) | (pd < P / 2)
     else:
-        raise ValueError(f'Unknown Split-and-Prune rule {rule!r}; expected "tv", "paper" (or "bias" in split_and_prune)')
+        raise ValueError(f'Unknown Split-and-Prune rule {rule!r}; expected "tv" or "paper"')
     do_split = want & (total > 0) & (i_split != i_prune) & (K >= 2)
     return SplitDecision(do_split, i_split, i_prune)
 
@@ -247,7 +260,7 @@ def redistribute(count, near2, dist_acc, decision):
 # them later and hand one node every target. On the log scale a bias means the same at any scale.
 # Re-centering stops a common drift, which could not change any argmin anyway. A node set that
 # saw nothing this step keeps its bias. Inputs (G, K) and (G,), float64; returns the new biases.
-def balance_bias(bias, count, seen, bias_rate):
+def bias_step(bias, count, seen, bias_rate):
     K = count.shape[1]
     bias = bias + bias_rate * torch.sign(count - seen[:, None] / K)
     return bias - bias.mean(dim=1, keepdim=True)
@@ -355,6 +368,27 @@ def _copy_node_rows(group, do, s, d):
     torch._foreach_copy_(group.tensors, list(stacked.unbind(0)))
 
 # ----------------------------------------------------------------------------
+# The plan of `model`'s node sets (None if it has none), after checking that every mirror has the
+# same node sets; then this step's pending observations summed over ranks with ONE all-reduce.
+
+def _reduced_plan(model, optimizer, mirrors):
+    node_sets = find_node_sets(model)
+    if not node_sets:
+        return None
+    mirror_sets = [find_node_sets(m) for m in mirrors]
+    for ms in mirror_sets:
+        if len(ms) != len(node_sets):
+            raise ValueError('Node balancing: a mirror module does not have the same node sets as the model')
+    plan = _get_plan(model, node_sets, mirror_sets, optimizer)
+    distributed.all_reduce_(plan.pending)
+    return plan
+
+# Add the reduced pending observations to the statistics and clear them, all node sets at once.
+def _fold(plan):
+    torch._foreach_add_(plan.fold_dst, plan.fold_src)
+    torch._foreach_zero_(plan.pending)
+
+# ----------------------------------------------------------------------------
 # One Split-and-Prune pass over every node set of `model`, to call right after
 # `optimizer.step()`:
 # 1. all ranks' pending observations are summed with ONE all-reduce and folded in;
@@ -363,50 +397,24 @@ def _copy_node_rows(group, do, s, d):
 #    with the optimizer's per-parameter state rows (Adam's exp_avg, exp_avg_sq, ...) and the
 #    rows of the same parameters in `mirrors` (e.g. the EMA copy of the network);
 # 4. statistics are redistributed with the total mass conserved (count.sum() == seen).
-# rule='bias' (beyond the paper) replaces 2.-4.: each node set's `select_bias` is nudged toward
-# uniform frequencies from this step's reduced counts (`balance_bias`); nothing is split, so
-# weights, optimizer state and mirrors are left alone. The training selection of a node set must
-# minimise `node_stats.biased(dist)` for the bias to act (the DDL does).
-# `enabled=False` still folds the statistics (for plots) but never splits nor balances: the ablation.
 # The number of tensor operations of a pass does not grow with the number of node sets (see
 # `_Plan`; bench/split_prune.py counts them). Returns the number of splits of this pass as a
-# device tensor (no host sync); always 0 for 'bias'.
+# device tensor (no host sync).
 
 @torch.no_grad()
 def split_and_prune(
     model:      nn.Module,                      # Module containing SplittableNodes.
     optimizer:  torch.optim.Optimizer = None,   # Optimizer whose state rows follow the weights.
     mirrors:    Iterable[nn.Module] = (),       # Modules with the same structure (EMA copies).
-    rule:       str = 'tv',                     # 'tv' (total variation test), 'paper' (thresholds), or
-                                                # 'bias' (balancing by selection bias, beyond the paper).
-    enabled:    bool = True,                    # False: fold statistics only (ablation).
-    bias_rate:  float = 1e-2,                   # rule='bias': step of the log-distance bias per call.
+    rule:       str = 'tv',                     # 'tv' (total variation test) or 'paper' (thresholds).
 ) -> torch.Tensor:
-    node_sets = find_node_sets(model)
-    if not node_sets:
+    if rule not in ('tv', 'paper'):
+        raise ValueError(f'Unknown Split-and-Prune rule {rule!r}; expected "tv" or "paper"')
+    plan = _reduced_plan(model, optimizer, mirrors)
+    if plan is None:
         return torch.zeros([], dtype=torch.int64)
-    mirror_sets = [find_node_sets(m) for m in mirrors]
-    for ms in mirror_sets:
-        if len(ms) != len(node_sets):
-            raise ValueError('split_and_prune: a mirror module does not have the same node sets as the model')
-    if rule not in ('tv', 'paper', 'bias'):
-        raise ValueError(f'Unknown Split-and-Prune rule {rule!r}; expected "tv", "paper" or "bias"')
-    plan = _get_plan(model, node_sets, mirror_sets, optimizer)
-
-    # 1. Fold this step's observations, summed over ranks. The balancing bias is updated from the
-    #    reduced pending values before they are folded (and cleared): the same on every rank.
-    distributed.all_reduce_(plan.pending)
+    _fold(plan)
     total_splits = torch.zeros([], dtype=torch.int64, device=plan.device)
-    if enabled and rule == 'bias':
-        for grp in plan.groups:
-            new_bias = balance_bias(torch.stack(grp.select_bias), torch.stack(grp.pending_count),
-                                    torch.stack(grp.pending_seen), bias_rate)
-            torch._foreach_copy_(grp.select_bias, list(new_bias.unbind(0)))
-    torch._foreach_add_(plan.fold_dst, plan.fold_src)
-    torch._foreach_zero_(plan.pending)
-    if not enabled or rule == 'bias':
-        return total_splits
-
     for grp in plan.groups:
         # 2. Decide and redistribute, all node sets of equal K together.
         count = torch.stack(grp.count)
@@ -426,5 +434,47 @@ def split_and_prune(
         for row_group in grp.row_groups:
             _copy_node_rows(row_group, *decision)
     return total_splits
+
+# ----------------------------------------------------------------------------
+# Balancing by selection bias (beyond the paper, DDN.md §3): each node set's `select_bias` takes one
+# `bias_step` from this step's reduced counts (before they are folded), the same on every rank.
+
+def _update_biases(plan, bias_rate):
+    for grp in plan.groups:
+        new_bias = bias_step(torch.stack(grp.select_bias), torch.stack(grp.pending_count),
+                             torch.stack(grp.pending_seen), bias_rate)
+        torch._foreach_copy_(grp.select_bias, list(new_bias.unbind(0)))
+
+# ----------------------------------------------------------------------------
+# Node balancing over every node set of `model`, to call right after `optimizer.step()`, by method:
+# - 'tv', 'paper': Split-and-Prune with that rule (paper §3.3, `split_and_prune`);
+# - 'bias' (beyond the paper): the selection biases are nudged toward uniform frequencies
+#   (`bias_step`); nothing is split, so weights, optimizer state and mirrors are left alone. The
+#   training selection must be `node_stats.select(dist)` for the bias to act (the DDL's is);
+# - 'none': the statistics are only folded (for the plots and logs): the paper's ablation.
+# Returns the number of splits of this step as a device tensor (no host sync); 0 unless tv/paper.
+
+BALANCE_METHODS = ('tv', 'paper', 'bias', 'none')
+
+@torch.no_grad()
+def balance(
+    model:      nn.Module,                      # Module containing SplittableNodes.
+    optimizer:  torch.optim.Optimizer = None,   # Optimizer whose state rows follow split weights.
+    method:     str = 'tv',                     # One of BALANCE_METHODS.
+    *,
+    mirrors:    Iterable[nn.Module] = (),       # Modules with the same structure (EMA copies).
+    bias_rate:  float = 1e-2,                   # method 'bias': step of the log-distance bias per call.
+) -> torch.Tensor:
+    if method not in BALANCE_METHODS:
+        raise ValueError(f'Unknown balancing method {method!r}; expected one of {", ".join(BALANCE_METHODS)}')
+    if method in ('tv', 'paper'):
+        return split_and_prune(model, optimizer, mirrors=mirrors, rule=method)
+    plan = _reduced_plan(model, optimizer, mirrors)
+    if plan is None:
+        return torch.zeros([], dtype=torch.int64)
+    if method == 'bias':
+        _update_biases(plan, bias_rate)
+    _fold(plan)
+    return torch.zeros([], dtype=torch.int64, device=plan.device)
 
 # ----------------------------------------------------------------------------

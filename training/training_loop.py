@@ -8,7 +8,7 @@
    backward pass still runs (communication overlaps compute), and only after the last round
    (`no_sync` before); no buffer sync in forward, since the DDL statistics are buffers that
    Split-and-Prune reduces itself;
-4. Adam step, then Split-and-Prune (`split_and_prune(net, optimizer, mirrors=[ema])`, paper §3.3);
+4. Adam step, then node balancing (`balance(net, optimizer, mirrors=[ema])`: Split-and-Prune, paper §3.3);
 5. EMA update (half-life in kimg; 0 = no EMA, the snapshot holds the network itself).
 The hot loop never waits for the device: losses and counters stay on it and reach the host once per
 tick through `training_stats`.
@@ -24,7 +24,6 @@ reference DDN code), lr ramped up linearly over `lr_rampup_kimg` (EDM's 10 Mimg 
 import contextlib
 import copy
 import functools
-import hashlib
 import inspect
 import io
 import json
@@ -43,7 +42,7 @@ import dnnlib
 from torch_utils import checkpoint, distributed, misc, training_stats
 from training import snapshot as snapshot_io
 from training.images import make_grid, to_pil, to_uint8
-from training.split_prune import find_node_sets, split_and_prune
+from training.split_prune import balance, find_node_sets
 from training.metrics import SnapshotMetrics
 
 # File names inside a run folder, '*' standing for the kimg tag (see file_tag).
@@ -81,17 +80,13 @@ def dataset_meta(dataset_obj):
     return dict(name=dataset_obj.name, image_shape=list(dataset_obj.image_shape),
                 label_dim=int(dataset_obj.label_dim), num_images=len(dataset_obj))
 
-# Canonical JSON of a config (tuples become lists, keys sorted), for comparison and hashing.
+# Canonical JSON of a config (tuples become lists, keys sorted), for comparison.
 def _canonical(obj):
     return json.loads(json.dumps(obj, sort_keys=True))
 
 # The arguments of a training_loop() call as plain JSON-able values (what training_options.json holds).
 def _canonical_options(args):
     return json.loads(json.dumps(args, default=str))
-
-def config_hash(network_kwargs, dataset_info):
-    text = json.dumps(_canonical(dict(network_kwargs=network_kwargs, dataset=dataset_info)), sort_keys=True)
-    return hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]
 
 # Load a training state and check that it belongs to this configuration. Raises ValueError with
 # a message naming every difference (and FileNotFoundError / RuntimeError for unreadable files).
@@ -200,7 +195,7 @@ def _allreduce_sum_hook(process_group, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 # ----------------------------------------------------------------------------
-# One optimisation step of a DDN: gradient accumulation, all-reduce, Adam, Split-and-Prune, EMA.
+# One optimisation step of a DDN: gradient accumulation, all-reduce, Adam, node balancing, EMA.
 # Shared by the training loop and bench/train_step.py, so the benchmark measures the real step.
 
 class TrainingStep:
@@ -211,7 +206,7 @@ class TrainingStep:
         optimizer,                      # Optimizer over net's parameters.
         batch_size,                     # Global batch of one step (all ranks, all rounds).
         precision       = 'fp32',       # 'fp32', 'bf16' or 'fp16' (fp16: autocast + GradScaler loss scaling).
-        split_prune_kwargs = {},        # enabled, rule: options of split_and_prune().
+        balance_kwargs  = {},           # method, bias_rate: options of split_prune.balance().
         compile         = False,        # torch.compile the training forward (network + loss); a string
                                         # names the backend (default inductor).
         channels_last   = False,        # Convolution weights and feature maps in channels-last layout.
@@ -223,7 +218,7 @@ class TrainingStep:
         self.net, self.ema, self.loss_fn, self.optimizer = net, ema, loss_fn, optimizer
         self.batch_size = batch_size
         self.precision = precision
-        self.split_prune_kwargs = dict(split_prune_kwargs)
+        self.balance_kwargs = dict(balance_kwargs)
         if channels_last:       # In place: the optimizer keeps the same parameter objects.
             for module in {id(net): net, id(ema): ema}.values():
                 module.to(memory_format=torch.channels_last)
@@ -263,8 +258,8 @@ class TrainingStep:
         self._synced = sync
         return loss
 
-    # Update weights, split-and-prune, update the EMA; start the next step's accumulation from
-    # zero. Returns the number of splits as a device tensor (no host sync).
+    # Update weights, balance the nodes (Split-and-Prune by default), update the EMA; start the next
+    # step's accumulation from zero. Returns the number of splits as a device tensor (no host sync).
     @torch.no_grad()
     def update(self, lr, ema_beta):
         if self.ddp is not None and not self._synced:
@@ -283,7 +278,7 @@ class TrainingStep:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         mirrors = [] if self.ema is self.net else [self.ema]
-        splits = split_and_prune(self.net, self.optimizer, mirrors=mirrors, **self.split_prune_kwargs)
+        splits = balance(self.net, self.optimizer, mirrors=mirrors, **self.balance_kwargs)
         if self.ema is not self.net:
             torch._foreach_lerp_(self.ema_params, self.net_params, 1 - ema_beta)
         return splits
@@ -390,7 +385,7 @@ def training_loop(
     network_kwargs      = {},       # Options of the network (class_name, ...).
     loss_kwargs         = {},       # Options of the loss function (class_name, ...).
     optimizer_kwargs    = {},       # Options of the optimizer (class_name, lr, ...).
-    split_prune_kwargs  = {},       # Options of split_and_prune(): enabled, rule.
+    balance_kwargs      = {},       # Options of split_prune.balance(): method (tv, paper, bias, none), bias_rate.
     seed                = 0,        # Global random seed.
     batch_size          = 2048,     # Total batch size of one step, all ranks together.
     batch_gpu           = None,     # Images per rank per accumulation round, None = batch_size / world_size.
@@ -475,7 +470,7 @@ def training_loop(
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_halflife_kimg > 0 else net
-    step_fn = TrainingStep(net, ema, loss_fn, optimizer, batch_size, precision, split_prune_kwargs,
+    step_fn = TrainingStep(net, ema, loss_fn, optimizer, batch_size, precision, balance_kwargs,
                            compile=compile, channels_last=channels_last)
 
     # Transfer learning or resume.
@@ -536,19 +531,18 @@ def training_loop(
     progress.start(round(kimg_per_tick * 1000) if cur_tick else batch_size)
     stop = _StopRequest()
 
-    # A training state for exact resume (rank 0 writes it).
+    # A training state for exact resume (rank 0 writes it). No RNG state: every step seeds itself from
+    # (seed, rank, step). Resume reads `seed` (train.py's default --seed) and checks `batch_size`.
     def write_state(tag, next_tick):
         state = dict(
             net=net.state_dict(),
             ema=None if ema is net else ema.state_dict(),
             optimizer=optimizer.state_dict(),
             scaler=step_fn.scaler.state_dict() if step_fn.scaler.is_enabled() else None,
-            rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if device.type == 'cuda' else None),
             cur_nimg=cur_nimg, cur_tick=next_tick - 1, next_tick=next_tick, tick_start_nimg=tick_start_nimg,
             last_tag_kimg=last_tag_kimg,
             seed=seed, batch_size=batch_size,
             config=dict(network_kwargs=dict(network_kwargs), dataset=dataset_info),
-            config_hash=config_hash(network_kwargs, dataset_info),
         )
         path = os.path.join(run_dir, f'training-state-{tag}.pt')
         checkpoint.save_atomic(state, path, mode='torch')

@@ -3,8 +3,8 @@
 Each rank trains the same small DDN generator on different images for a few steps, with gradients
 averaged by one all-reduce and Split-and-Prune after each step, then checks that parameters and
 Split-and-Prune statistics are identical on both ranks. Rank 0 writes the findings as JSON.
-An optional second argument names the split_and_prune rule (default 'tv'; 'bias' balances by
-selection bias, whose per-node biases must then agree across ranks too).
+An optional second argument names the balancing method (split_prune.balance; default 'tv'; 'bias'
+balances by selection bias, whose per-node biases must then agree across ranks too).
 """
 
 import json
@@ -14,11 +14,11 @@ import torch
 
 from torch_utils import distributed, misc
 from training.networks import DDNGenerator
-from training.split_prune import find_node_sets, split_and_prune
+from training.split_prune import balance, find_node_sets
 
 # ----------------------------------------------------------------------------
 
-def main(out_path, rule='tv', steps=8):
+def main(out_path, method='tv', steps=8):
     distributed.init()
     rank, world = distributed.get_rank(), distributed.get_world_size()
     torch.manual_seed(0)  # Same initial weights everywhere.
@@ -36,7 +36,7 @@ def main(out_path, rule='tv', steps=8):
         for g in grads:
             g.div_(world)
         opt.step()
-        splits += split_and_prune(net, opt, rule=rule, bias_rate=0.1)
+        splits += balance(net, opt, method, bias_rate=0.1)
     misc.check_ddp_consistency(net)  # Raises on any difference of parameters or buffers.
     seen = [float(ns.node_stats.seen) for ns in find_node_sets(net)]
     flat = torch.cat([p.detach().flatten() for p in net.parameters()] +
