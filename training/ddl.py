@@ -3,7 +3,7 @@
 A DDL turns features into K candidate images at once (one bias-free 1x1 conv with K*C outputs) and a
 selector keeps one candidate per sample (paper §3.1, our spec `DDN.md` §2):
 - training / reconstruction: the candidate nearest (L2) to the target resized to this layer (in
-  training, optionally after adding a per-node balancing bias: Split-and-Prune's rule='bias');
+  training, after the node set's balancing bias of `--balance=bias`, zero otherwise);
 - decoding: the candidate named by a given code;
 - sampling: a uniformly random candidate (the caller passes per-seed random codes);
 - guided (zero-shot conditional generation): the argmin of any black-box scorer's distances.
@@ -198,7 +198,7 @@ class DiscreteDistributionLayer(SplittableNodes):
     # Run the layer. The mode follows from the arguments:
     #   codes  -> decode those codes;
     #   target -> nearest candidate (training: with statistics, chain dropout and the
-    #             balancing bias of rule='bias', see `NodeStatistics.biased`);
+    #             balancing bias of --balance=bias, see `NodeStatistics.select`);
     #   scorer -> argmin (or `chooser`) of the scorer's distances;
     #   none   -> uniformly random codes: floor(uniform * K) when `uniform` is given (per-seed
     #             sampling), else from the global RNG.
@@ -233,12 +233,10 @@ class DiscreteDistributionLayer(SplittableNodes):
             elif target is not None:
                 dist = self.distances(feat_head, residual, target)
                 if self.training:
-                    # Training selection minimises dist + the node set's balancing bias (zero
-                    # unless Split-and-Prune runs with rule='bias'), and credits that choice in
-                    # the statistics. Reconstruction (eval) stays the plain nearest node.
-                    select = self.node_stats.biased(dist)
-                    codes = select.argmin(dim=1)
-                    self.node_stats.observe(dist, select)
+                    # The node set selects (nearest after its balancing bias, zero unless
+                    # --balance=bias) and records the choice in its statistics. Reconstruction
+                    # (eval) stays the plain nearest node.
+                    codes = self.node_stats.select(dist)
                     if self.chain_dropout > 0:
                         # One draw per layer per step, kept on the device.
                         drop = torch.rand([], device=feat.device) < self.chain_dropout

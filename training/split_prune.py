@@ -69,29 +69,17 @@ class NodeStatistics(nn.Module):
         # Shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d float64 buffers.
         self.register_buffer('pending_seen', torch.zeros([1], dtype=torch.float64), persistent=False)
 
-    # The distances (B, K) that training selection minimises: `dist` scaled by exp(select_bias),
-    # i.e. the bias is added to log(dist). With a zero bias the result equals `dist` exactly, so
-    # the choice is the plain nearest node.
-    def biased(self, dist):
-        return dist * self.select_bias.exp().to(dist.dtype)
-
-    # Training selection of a batch of distances (B, K): the node minimising `biased(dist)` (the
-    # plain nearest under Split-and-Prune, whose bias stays zero), recorded in the statistics.
-    # Returns the codes (B,).
+    # Training selection of a batch of distances (B, K), recorded in the statistics: the node
+    # minimising `dist * exp(select_bias)`, i.e. the bias is added to log(dist). With a zero bias
+    # (Split-and-Prune, or no balancing) that product equals `dist` exactly, so the choice is the
+    # plain nearest node. Returns the codes (B,).
     @torch.no_grad()
     def select(self, dist):
         dist = dist.detach()
-        biased = self.biased(dist)
+        biased = dist * self.select_bias.exp().to(dist.dtype)
         codes = biased.argmin(dim=1)
         self._record(dist, biased, codes)
         return codes
-
-    # Record distances (B, K) whose selection happened elsewhere; `select` (B, K) are the distances
-    # the selector minimised (default `dist`). Only training/ddl.py uses it, until it calls `select()`.
-    @torch.no_grad()
-    def observe(self, dist, select=None):
-        select = dist.detach() if select is None else select.detach()
-        self._record(dist.detach(), select, select.argmin(dim=1))
 
     # Add one batch to the pending statistics: `i1` (B,) are the chosen nodes, the argmin of
     # `select` (B, K), on which the second nearest is taken too; the distances `dist` (B, K)
