@@ -44,6 +44,7 @@ from training import snapshot as snapshot_io
 from training.images import make_grid, to_pil, to_uint8
 from training.split_prune import balance, find_node_sets
 from training.metrics import SnapshotMetrics
+from training.networks import batch_invariant
 
 # File names inside a run folder, '*' standing for the kimg tag (see file_tag).
 STATE_PATTERN = 'training-state-*.pt'
@@ -311,9 +312,10 @@ def sample_grid(net, seeds=SAMPLE_GRID_SEEDS, batch=64, cond_images=None, cond_l
     condition = None
     if getattr(net, 'condition', None):  # Conditional nets: the conditions of the first dataset images.
         condition = net.make_condition(cond_images[:len(seeds)], cond_labels[:len(seeds)])
-    images = torch.cat([net(seeds=seeds[i : i + batch],
-                            condition=None if condition is None else condition[i : i + batch]).images.float().cpu()
-                        for i in range(0, len(seeds), batch)])
+    with batch_invariant():
+        images = torch.cat([net(seeds=seeds[i : i + batch],
+                                condition=None if condition is None else condition[i : i + batch]).images.float().cpu()
+                            for i in range(0, len(seeds), batch)])
     return to_pil(make_grid(to_uint8(images).numpy(), min_cell=64, gap=GRID_GAP, fill=GRID_GAP_VALUE))
 
 # Size of one panel of the node-usage plot.
