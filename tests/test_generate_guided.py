@@ -183,14 +183,31 @@ def test_guide_lowers_its_distance(snapshot, unguided, guide_files, tmp_path, gu
     assert metrics['guide_distance'] == pytest.approx(G.final_distance(scorer, _images(tmp_path)).mean().item(), rel=1e-5)
     assert f'guide_distance={metrics["guide_distance"]:g}' in result.output
 
-def test_style_guide_runs(snapshot, guide_files, tmp_path):
-    # Style image and feature network given apart (a TorchScript of the default random features).
+def test_style_guide_follows_its_image_and_features(snapshot, unguided, guide_files, tmp_path):
+    # Style image and feature network given apart: a TorchScript of random conv features other than
+    # the default ones (seed 1), so a run that dropped --guide-features would choose other images.
     features = str(tmp_path / 'features.pt')
-    torch.jit.script(G.RandomFeatures(1)).save(features)
-    _generate(['--network', snapshot, '--outdir', tmp_path / 'out', '--seeds', '0-3', '--guide', 'style',
-               '--guide-style', guide_files['image'], '--guide-features', features])
-    assert len(_pngs(tmp_path / 'out')) == 4
-    assert _json(tmp_path / 'out' / 'generation_options.json')['guide']['features'] == features
+    feature_net = G.RandomFeatures(1, seed=1)
+    torch.jit.script(feature_net).save(features)
+    inverted = _save_png(-guide_files['x'], tmp_path / 'inverted.png')     # Another style: black ink on white.
+    runs = dict(digit=(guide_files['image'], features), inverted=(inverted, features), default=(guide_files['image'], None))
+    out = dict(unguided=_images(unguided))
+    for name, (style, feats) in runs.items():
+        _generate(['--network', snapshot, '--outdir', tmp_path / name, '--seeds', SEEDS, '--guide', 'style',
+                   '--guide-style', style] + (['--guide-features', feats] if feats else []))
+        out[name] = _images(tmp_path / name)
+    assert _json(tmp_path / 'digit' / 'generation_options.json')['guide']['features'] == features
+    to_digit = G.StyleScorer(guide_files['x'], feature_net)
+    to_inverted = G.StyleScorer(load_guide_image(inverted), feature_net)
+    d = {(scorer, name): G.final_distance(s, out[name]).mean().item()
+         for scorer, s in (('digit', to_digit), ('inverted', to_inverted)) for name in out}
+    print('style distances (style, samples):', d)
+    # The guided samples' feature statistics are closer to the style image's than unguided samples' ...
+    assert d['digit', 'digit'] * 2 < d['digit', 'unguided']
+    # ... they follow the style image (toward the inverted digit, closer to it than toward the digit) ...
+    assert d['inverted', 'inverted'] * 1.5 < d['inverted', 'digit']
+    # ... and the feature network decides the choice: the default features choose other images.
+    assert (out['default'] != out['digit']).flatten(1).any(1).sum() >= NUM // 2
 
 def test_weighted_combination_follows_the_heavier_guide(snapshot, digits, classifier, tmp_path):
     # Toward a digit 0 by L2, toward class 7 by the classifier: the heavier weight wins.
