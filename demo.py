@@ -44,57 +44,65 @@ def _view(images):
 # ----------------------------------------------------------------------------
 # The page.
 
+# The page's state (the loaded network) and its two actions; the user's errors become gradio errors,
+# shown as messages in the page.
+class _Session:
+    def __init__(self, gr, device):
+        self.gr = gr
+        self.device = device
+        self.net = None
+        self.path = None
+
+    def load(self, name):
+        name = (name or '').strip()
+        if not name:
+            raise self.gr.Error('Give a network: a network-snapshot-*.pkl, a URL or a run folder')
+        try:
+            path, net = load_network(name, self.device)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise self.gr.Error(f'Could not load the network: {e}') from None
+        if net.condition is not None:
+            raise self.gr.Error(f'{path} is conditioned on {net.condition!r}; the demo guides unconditional networks')
+        self.net, self.path = net, path
+        return self.describe()
+
+    def describe(self):
+        if self.net is None:
+            return ''
+        net = self.net
+        kind = 'grayscale' if net.img_channels == 1 else 'RGB'
+        return (f'**{self.path}** — {net.img_resolution}x{net.img_resolution} {kind}, '
+                f'{net.num_layers} layers, K up to {max(net.ks)}. Upload guides must be '
+                f'{net.img_resolution}x{net.img_resolution} (super-resolution: a size that divides it).')
+
+    def generate(self, strokes, upload, w_inpaint, w_superres, w_color, w_lowbit, w_edge, w_l2, w_clip, bits, text,
+                 seeds, temperature, topk, path_seed, resize):
+        if self.net is None:
+            raise self.gr.Error('No network is loaded')
+        weights = dict(inpaint=w_inpaint, superres=w_superres, color=w_color, lowbit=w_lowbit, edge=w_edge, l2=w_l2, clip=w_clip)
+        try:
+            result, guided = interactive.run_request(self.net, weights, seeds, temperature=temperature, topk=topk,
+                                                     path_seed=path_seed, strokes=strokes, upload=upload, bits=bits,
+                                                     text=text, resize=resize, device=self.device)
+        except (ValueError, OSError, click.UsageError, ImportError) as e:  # ImportError: clip without a CLIP package.
+            raise self.gr.Error(str(e)) from None
+        frames = interactive.coarse_to_fine(result.path, VIEW_SIZE)
+        gif = os.path.join(tempfile.mkdtemp(prefix='ddn-demo-'), f'path-seed{result.path_seed}.gif')
+        interactive.write_gif(frames, gif)
+        captions = [str(s) for s in result.seeds]
+        note = '' if guided else ' (all guide weights are 0: these are unguided samples)'
+        status = f'{len(result.seeds)} seed(s), {self.net.num_layers} layers{note}.'
+        return ([(x, c) for x, c in zip(_view(result.guided), captions)],
+                [(x, c) for x, c in zip(_view(result.unguided), captions)],
+                [(f, f'layer {i + 1}') for i, f in enumerate(frames)], gif, status)
+
 def build_app(network, device):
     """A gradio Blocks app serving `network` (path, URL or run folder) on `device`."""
     try:
         import gradio as gr
     except ImportError as e:
         raise click.ClickException(f'{GRADIO_INSTALL_HINT} ({e})') from e
-    holder = {}
-
-    def load(name):
-        name = (name or '').strip()
-        if not name:
-            raise gr.Error('Give a network: a network-snapshot-*.pkl, a URL or a run folder')
-        try:
-            path, net = load_network(name, device)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise gr.Error(f'Could not load the network: {e}') from None
-        if net.condition is not None:
-            raise gr.Error(f'{path} is conditioned on {net.condition!r}; the demo guides unconditional networks')
-        holder.update(net=net, path=path)
-        return _describe()
-
-    def _describe():
-        net = holder['net']
-        kind = 'grayscale' if net.img_channels == 1 else 'RGB'
-        return (f'**{holder["path"]}** — {net.img_resolution}x{net.img_resolution} {kind}, '
-                f'{net.num_layers} layers, K up to {max(net.ks)}. Upload guides must be '
-                f'{net.img_resolution}x{net.img_resolution} (super-resolution: a size that divides it).')
-
-    def generate_fn(strokes, upload, w_inpaint, w_superres, w_color, w_lowbit, w_edge, w_l2, w_clip, bits, text,
-                    seeds, temperature, topk, path_seed, resize):
-        if 'net' not in holder:
-            raise gr.Error('No network is loaded')
-        weights = dict(inpaint=w_inpaint, superres=w_superres, color=w_color, lowbit=w_lowbit, edge=w_edge, l2=w_l2, clip=w_clip)
-        try:
-            result, guided = interactive.run_request(holder['net'], weights, seeds, temperature=temperature, topk=topk,
-                                         path_seed=path_seed, strokes=strokes, upload=upload, bits=bits, text=text,
-                                         resize=resize, device=device)
-        except (ValueError, OSError, click.UsageError) as e:
-            raise gr.Error(str(e)) from None
-        except ImportError as e:  # clip without a CLIP package
-            raise gr.Error(str(e)) from None
-        frames = interactive.coarse_to_fine(result.path, VIEW_SIZE)
-        gif = os.path.join(tempfile.mkdtemp(prefix='ddn-demo-'), f'path-seed{result.path_seed}.gif')
-        interactive.write_gif(frames, gif)
-        captions = [str(s) for s in result.seeds]
-        note = '' if guided else ' (all guide weights are 0: these are unguided samples)'
-        status = f'{len(result.seeds)} seed(s), {holder["net"].num_layers} layers{note}.'
-        return ([(x, c) for x, c in zip(_view(result.guided), captions)],
-                [(x, c) for x, c in zip(_view(result.unguided), captions)],
-                [(f, f'layer {i + 1}') for i, f in enumerate(frames)], gif, status)
-
+    session = _Session(gr, device)
     with gr.Blocks(title='DDN zero-shot conditional generation') as app:
         gr.Markdown('# Discrete Distribution Networks — zero-shot conditional generation\n'
                     'Every layer emits K candidates; the guides below score them and the best is kept. '
@@ -134,14 +142,14 @@ def build_app(network, device):
         path_out = gr.Gallery(label='Coarse to fine: the chosen image of every layer', columns=12, height=140, format='png')
         gif_out = gr.File(label='GIF of the path')
 
-        load_btn.click(load, inputs=net_box, outputs=info, api_name='load')
-        run_btn.click(generate_fn,
+        load_btn.click(session.load, inputs=net_box, outputs=info, api_name='load')
+        run_btn.click(session.generate,
                       inputs=[strokes, upload, w_inpaint, sliders['superres'], sliders['color'], sliders['lowbit'],
                               sliders['edge'], sliders['l2'], w_clip, bits, text, seeds, temperature, topk, path_seed, resize],
                       outputs=[guided_out, plain_out, path_out, gif_out, status], api_name='generate')
-        app.load(lambda: _describe() if 'net' in holder else '', outputs=info)
+        app.load(session.describe, outputs=info)
 
-    load(network)  # Fail at start, on the command line, for a network that does not load.
+    session.load(network)  # Fail at start, on the command line, for a network that does not load.
     return app
 
 # ----------------------------------------------------------------------------
