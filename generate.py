@@ -65,7 +65,7 @@ import fid
 from torch_utils import checkpoint
 from torch_utils.checkpoint import write_atomic as _write_atomic
 from torch_utils import distributed as dist
-from training import guidance, snapshot
+from training import guidance, guide_spec, snapshot
 from training.conditions import parse_condition
 from training.dataset import open_dataset
 from training.ddl import resize_area
@@ -269,8 +269,8 @@ GUIDE_OPTIONS = {
     'guide_text':       ('--guide-text',        ('clip',)),
     'guide_style':      ('--guide-style',       ('style',)),
     'guide_features':   ('--guide-features',    ('style',)),
-    'guide_temp':       ('--guide-temp',        tuple(guidance.GUIDE_TYPES)),
-    'guide_topk':       ('--guide-topk',        tuple(guidance.GUIDE_TYPES)),
+    'guide_temp':       ('--guide-temp',        tuple(guide_spec.GUIDE_TYPES)),
+    'guide_topk':       ('--guide-topk',        tuple(guide_spec.GUIDE_TYPES)),
 }
 
 def make_chooser(temperature=None, topk=None):
@@ -300,7 +300,7 @@ def build_guide(opts, net, device):
     if opts.guide is None:
         return None
     try:
-        return guidance.parse_guides(opts.guide, img_channels=net.img_channels, img_resolution=net.img_resolution,
+        return guide_spec.parse_guides(opts.guide, img_channels=net.img_channels, img_resolution=net.img_resolution,
             image=opts.guide_image, mask=opts.guide_mask, bits=opts.guide_bits, classifier=opts.guide_classifier,
             class_idx=opts.class_idx, text=opts.guide_text, style=opts.guide_style, features=opts.guide_features,
             device=device, trust_pickle=opts.get('trust_pickle', False))
@@ -499,7 +499,7 @@ _FILE = click.Path(exists=True, dir_okay=False)
 @click.option('--max-images', help='Use only the first N images of --reconstruct / rows of --codes', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--condition-image', help='Condition image of a color/edge/resizeN-conditional network (square, any size)', metavar='PNG', type=_FILE, default=None)
 # Guided sampling (zero-shot conditional generation).
-@click.option('--guide', help='Guide the sampling: TYPE[:WEIGHT],... with TYPE in ' + ', '.join(guidance.GUIDE_TYPES), metavar='SPEC', type=str, default=None)
+@click.option('--guide', help='Guide the sampling: TYPE[:WEIGHT],... with TYPE in ' + ', '.join(guide_spec.GUIDE_TYPES), metavar='SPEC', type=str, default=None)
 @click.option('--guide-image', help='Guide image, shared by all seeds: target of l2/inpaint/lowbit, low-res image of superres, grayscale of color, edge map of edge (white = edge)', metavar='PNG', type=_FILE, default=None)
 @click.option('--guide-mask', help='inpaint: mask image, white = known pixel, black = to generate', metavar='PNG', type=_FILE, default=None)
 @click.option('--guide-bits', help='lowbit: bits per channel of --guide-image', metavar='INT', type=click.IntRange(min=1, max=8), default=None)
@@ -563,7 +563,7 @@ def _main(opts):
     if mode != 'sample' and opts.guide is not None:
         why = 'the codes fix every choice' if mode == 'decode' else 'each image is encoded by L2 to itself'
         raise click.UsageError(f'--guide steers sampling (--seeds); it does not apply with {other} ({why})')
-    guide_types = [name for name, _ in guidance.parse_spec(opts.guide)] if opts.guide is not None else []
+    guide_types = [name for name, _ in guide_spec.parse_spec(opts.guide)] if opts.guide is not None else []
     check_guide_options(opts, guide_types)
     chooser, chooser_info = make_chooser(opts.guide_temp, opts.guide_topk)
     device = _pick_device(opts.device)
@@ -677,7 +677,7 @@ def _main(opts):
     # The options of this run, written before the work starts (EDM's training_options.json).
     guide_info = None
     if scorer is not None:
-        guide_info = dict(spec=opts.guide, guides=[dict(type=t, weight=w) for t, w in guidance.parse_spec(opts.guide)],
+        guide_info = dict(spec=opts.guide, guides=[dict(type=t, weight=w) for t, w in guide_spec.parse_spec(opts.guide)],
                           chooser=chooser_info, shared_by_all_seeds=True,
                           **{key[len('guide_'):]: opts[key] for key in GUIDE_OPTIONS if key not in ('guide_temp', 'guide_topk')})
         if 'classifier' in guide_types:

@@ -2,7 +2,8 @@
 
 For each chosen image of a dataset, a condition is derived from it (a low-resolution copy, the image
 with a hole, its luminance, a low-bit copy, its edge map, or the image itself), an unconditional DDN
-is guided by that condition (`training/guidance.py`), and one row of the figure shows:
+is guided by that condition (`training/guidance.py`, the guide of `--task` built by
+`training/guide_spec.py`), and one row of the figure shows:
 
     condition | guided result of each seed | ground truth
 
@@ -13,7 +14,7 @@ N * cell + (N + 1) * sep  high, for S seeds and N images. The run also prints th
 distance of the guided results and of unguided samples of the same seeds.
 
 Example:
-    python zscg.py --network=training-runs/00000-digits --guide=superres --images=0-3 --seeds=0-5
+    python zscg.py --network=training-runs/00000-digits --task=superres --images=0-3 --seeds=0-5
 
 SECURITY: --network loads without running code from the file (training/snapshot.py) unless --trust-pickle.
 """
@@ -23,13 +24,17 @@ import os
 
 import click
 import numpy as np
-import PIL.Image
 import torch
 import tqdm
 
-import generate
-from training import guidance
+import dnnlib
+from torch_utils.distributed import pick_device
+from training import guidance, snapshot
 from training.dataset import open_dataset
+from training.ddl import resize_area
+from training.guide_spec import parse_guides
+from training.image_ops import edge_map, grayscale, quantize
+from training.images import make_grid, save_png, to_float, to_uint8
 
 # Tasks: the condition is computed from the ground truth.
 TASKS = ('superres', 'inpaint', 'color', 'lowbit', 'edge', 'l2')
@@ -40,18 +45,18 @@ HOLES = ('bottom', 'top', 'left', 'right', 'center')
 # ----------------------------------------------------------------------------
 # Command-line helpers.
 
-# '0-3,7' -> [0, 1, 2, 3, 7] (generate.py's parser; a click error on bad input).
+# '0-3,7' -> [0, 1, 2, 3, 7]; a click error on bad input.
 def parse_int_list(text):
     try:
-        return generate.parse_int_list(text)
+        return dnnlib.util.parse_int_list(text)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
 
-# The EMA network of a snapshot pickle, URL or run folder (generate.py's loader), in eval mode. ZSCG
+# The EMA network of a snapshot pickle, URL or run folder (training/snapshot.py), in eval mode. ZSCG
 # guides an unconditional network: a conditional one would need its condition at every call.
 def load_network(network, device, trust_pickle=False):
     try:
-        _, net = generate.load_network(network, device, trust_pickle=trust_pickle)
+        _, net = snapshot.load_network(network, device, trust_pickle=trust_pickle)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     if getattr(net, 'condition', None) is not None:
@@ -60,7 +65,7 @@ def load_network(network, device, trust_pickle=False):
     return net
 
 # ----------------------------------------------------------------------------
-# Conditions: guide inputs for `guidance.parse_guides` and the picture of the condition.
+# Conditions: the degraded observation of the ground truth that a task starts from.
 
 # Mask (1, 1, res, res) with 1 = known pixel, 0 = the hole.
 def hole_mask(res, hole):
@@ -79,45 +84,38 @@ def hole_mask(res, hole):
         m[..., q:res - q, q:res - q] = 0
     return m
 
-# (inputs of parse_guides, condition picture (1, C, res, res) in [-1, 1]) of ground truth x (1, C, res, res).
-def make_condition(task, x, sr_size, bits, hole):
+# The observation of `task` made from ground truth x (1, C, res, res): (the inputs of parse_guides,
+# its picture (1, C, res, res) in [-1, 1] for the figure).
+def degraded_observation(task, x, sr_size, bits, hole):
     res, C = x.shape[-1], x.shape[1]
     if task == 'superres':
-        low = guidance.resize(x, sr_size)
+        low = resize_area(x, sr_size)
         return dict(image=low), torch.nn.functional.interpolate(low, size=(res, res), mode='nearest')
     if task == 'inpaint':
         m = hole_mask(res, hole)
         return dict(image=x * m, mask=m), x * m                   # The hole shows as mid-gray (0).
     if task == 'color':
-        gray = guidance.luminance(x)
+        gray = grayscale(x)
         return dict(image=gray), gray.expand(-1, C, -1, -1)
     if task == 'lowbit':
-        q = guidance.quantize(x, bits)
+        q = quantize(x, bits)
         return dict(image=q, bits=bits), q
     if task == 'edge':
-        e = guidance.edge_map(x) * 2 - 1
+        e = edge_map(x) * 2 - 1
         return dict(image=e), e.expand(-1, C, -1, -1)
     return dict(image=x), x                                       # l2
 
 # ----------------------------------------------------------------------------
 # Figure layout.
 
-def to_uint8(x):
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu().numpy()
-
-# Rows of uint8 images (C, res, res) -> one uint8 (C, H, W) grid with white separators.
+# Rows of uint8 images (C, res, res) -> one uint8 (C, H, W) grid: cells nearest-upscaled by
+# ceil(cell_min / res), each framed by white separators of max(1, cell // 32) pixels.
 def layout(rows, cell_min):
-    C, res = rows[0][0].shape[0], rows[0][0].shape[-1]
-    scale = max(1, math.ceil(cell_min / res))
-    cell = res * scale
+    res = rows[0][0].shape[-1]
+    cell = res * max(1, math.ceil(cell_min / res))
     sep = max(1, cell // 32)
-    ncols = len(rows[0])
-    grid = np.full((C, len(rows) * cell + (len(rows) + 1) * sep, ncols * cell + (ncols + 1) * sep), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            y, x = sep + r * (cell + sep), sep + c * (cell + sep)
-            grid[:, y:y + cell, x:x + cell] = image.repeat(scale, axis=1).repeat(scale, axis=2)
-    return grid
+    grid = make_grid(np.stack([image for row in rows for image in row]), cols=len(rows[0]), min_cell=cell, gap=sep, fill=255)
+    return np.pad(grid, ((0, 0), (sep, sep), (sep, sep)), constant_values=255)
 
 # --out must name a PNG file in a writable place; checked before any work.
 def check_png_out(out):
@@ -131,18 +129,12 @@ def check_png_out(out):
     if not os.access(parent, os.W_OK):
         raise click.BadParameter(f'{out}: no permission to write in {parent}', param_hint='--out')
 
-def save_png(grid, path):
-    image = PIL.Image.fromarray(grid[0], 'L') if grid.shape[0] == 1 else PIL.Image.fromarray(grid.transpose(1, 2, 0), 'RGB')
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    image.save(path)
-
 # ----------------------------------------------------------------------------
 
 @click.command()
 @click.option('--network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (its latest snapshot)', metavar='FILE|URL|DIR', required=True)
 @click.option('--data', help='Dataset of the ground-truth images: folder, zip, or "digits"', metavar='PATH|digits', default='digits', show_default=True)
-@click.option('--guide', 'task', help='Task: how the condition is made from each image', type=click.Choice(TASKS), default='superres', show_default=True)
+@click.option('--task', help='Task: how the condition is made from each image', type=click.Choice(TASKS), default='superres', show_default=True)
 @click.option('--images', help='Indices of the dataset images, one row each', metavar='LIST', default='0-3', show_default=True)
 @click.option('--seeds', help='Seeds, one column each', metavar='LIST', default='0-5', show_default=True)
 @click.option('--out', help='Output PNG', metavar='PNG', default='zscg.png', show_default=True)
@@ -152,15 +144,15 @@ def save_png(grid, path):
 @click.option('--temperature', help='Softmax temperature of the choice (0 = argmin: every seed gives the same image)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.2, show_default=True)
 @click.option('--topk', help='Choose uniformly among the N best instead (overrides --temperature)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--cell', help='Smallest cell side in pixels (nearest upscaling)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', default=None)
+@click.option('--device', help='Device: auto (this process\'s GPU if any, else CPU), cpu, cuda, cuda:N, mps', metavar='STR', default='auto', show_default=True)
 @click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
 def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperature, topk, cell, device, trust_pickle):
     """Zero-shot conditional generation figure: condition | guided results per seed | ground truth."""
     check_png_out(out)
     try:
-        device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    except RuntimeError:
-        raise click.BadParameter(f'{device!r} is not a device (expected e.g. cpu, cuda, cuda:1)', param_hint='--device') from None
+        device = pick_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--device') from None
     indices, seeds = parse_int_list(images), parse_int_list(seeds)
     net = load_network(network, device, trust_pickle)
     res, C = net.img_resolution, net.img_channels
@@ -179,14 +171,15 @@ def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperatu
     with torch.no_grad():
         unguided = net(seeds=seeds).images
         for idx in tqdm.tqdm(indices, desc=f'zscg {task}', unit='image'):
-            x = torch.from_numpy(dataset[idx][0]).to(device).float()[None] / 127.5 - 1
-            inputs, condition = make_condition(task, x, sr_size, bits, hole)
-            scorer = guidance.parse_guides(task, img_channels=C, img_resolution=res, device=device,
-                                           **{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+            x = to_float(torch.from_numpy(dataset[idx][0]).to(device))[None]
+            inputs, condition = degraded_observation(task, x, sr_size, bits, hole)
+            scorer = parse_guides(task, img_channels=C, img_resolution=res, device=device,
+                                  **{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
             results = net(scorer=scorer, chooser=chooser, seeds=seeds).images
             guided_d.append(guidance.final_distance(scorer, results).mean().item())
             unguided_d.append(guidance.final_distance(scorer, unguided).mean().item())
-            rows.append([to_uint8(condition[0])] + list(to_uint8(results)) + [to_uint8(x[0])])
+            cells = torch.cat([condition, results, x])                    # condition | seeds | ground truth.
+            rows.append(list(to_uint8(cells).cpu().numpy()))
     save_png(layout(rows, cell), out)
     print(f'{task}: mean guide distance {np.mean(guided_d):.4g} guided vs {np.mean(unguided_d):.4g} unguided '
           f'({len(indices)} images x {len(seeds)} seeds) -> {out}')

@@ -1,5 +1,5 @@
 """How long a demo.py request takes, per mode: through the HTTP API (what the page waits for) and
-in the library alone (`demo.run_request`, no server), per image.
+in the library alone (`training.interactive.run_request`, no server), per image.
 
     python bench/demo.py --network training-runs/00000-digits-... [--seeds 0-7] [--repeats 3]
 
@@ -21,25 +21,27 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import demo  # noqa: E402
-import generate  # noqa: E402
-from training import guidance  # noqa: E402
+from training import interactive  # noqa: E402
+from training.ddl import resize_area  # noqa: E402
+from training.image_ops import edge_map  # noqa: E402
+from training.images import save_png, to_uint8  # noqa: E402
+from training.snapshot import load_network  # noqa: E402
 
 WEIGHTS = ('inpaint', 'superres', 'color', 'lowbit', 'edge', 'l2', 'clip')
 
 def _inputs(net, folder):
     """One stroke layer and one upload per guide kind, as files and as arrays."""
-    res, canvas = net.img_resolution, demo.CANVAS_SIZE
+    res, canvas = net.img_resolution, interactive.CANVAS_SIZE
     layer = np.zeros((canvas, canvas, 4), np.uint8)
     layer[canvas // 8:canvas // 2, canvas // 3:2 * canvas // 3] = 255
     PIL.Image.fromarray(layer).save(os.path.join(folder, 'layer.png'))
     PIL.Image.new('RGBA', (canvas, canvas)).save(os.path.join(folder, 'blank.png'))
     x = net(seeds=[12345]).images.clamp(-1, 1)
-    images = dict(full=x, low=guidance.resize(x, max(1, res // 2)), edges=guidance.edge_map(x) * 2 - 1)
+    images = dict(full=x, low=resize_area(x, max(1, res // 2)), edges=edge_map(x) * 2 - 1)
     files = {}
     for name, image in images.items():
         files[name] = os.path.join(folder, f'{name}.png')
-        generate.to_pil(generate.to_uint8(image[0]).numpy()).save(files[name])
+        save_png(to_uint8(image[0]).numpy(), files[name])
     return layer, files
 
 # Mode name -> (weights, which upload, extra request fields).
@@ -61,11 +63,11 @@ MODES = {
 def main(network, seeds, repeats):
     from gradio_client import Client, handle_file
     torch.set_num_threads(1)
-    _, net = generate.load_network(network, 'cpu')
-    num = len(demo.parse_seeds(seeds))
+    _, net = load_network(network, 'cpu')
+    num = len(interactive.parse_seeds(seeds))
     folder = tempfile.mkdtemp(prefix='ddn-bench-demo-')
     layer, files = _inputs(net, folder)
-    with demo.serving(network) as (url, _):
+    with interactive.serving(network) as (url, _):
         client = Client(url, verbose=False)
         editor = dict(background=handle_file(os.path.join(folder, 'blank.png')), layers=[handle_file(os.path.join(folder, 'layer.png'))],
                       composite=handle_file(os.path.join(folder, 'layer.png')), id=None)
@@ -84,7 +86,7 @@ def main(network, seeds, repeats):
             picture = PIL.Image.open(files[upload]) if upload else None
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                demo.run_request(net, weights, seeds, temperature=0.3, strokes=dict(layers=[layer]), upload=picture, bits=extra.get('bits'))
+                interactive.run_request(net, weights, seeds, temperature=0.3, strokes=dict(layers=[layer]), upload=picture, bits=extra.get('bits'))
                 lib.append(time.perf_counter() - t0)
             print(f'{mode:22s} {min(api) * 1e3:15.0f} {min(api) * 1e3 / num:13.1f} {min(lib) * 1e3 / num:17.1f}')
 

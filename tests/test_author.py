@@ -26,7 +26,7 @@ import torch
 
 from torch_utils import persistence, safe_pickle
 from training import author, networks
-from training.conditions import make_condition
+from training.conditions import condition_tensor
 from training.networks import DDNGenerator
 
 DATA = os.path.join(os.path.dirname(__file__), 'data', 'author')
@@ -189,7 +189,7 @@ def test_author_network_matches_recorded_outputs(name, author_classes):
     assert net.ks == r['ks'].tolist()
     assert net.img_resolution == cfg['res'] and net.img_channels == 3 and net.author_data_channels == cfg['channels']
     assert net.condition == cfg['condition']
-    cond = make_condition('color', torch.from_numpy(r['cond_images'])) if net.condition else None
+    cond = condition_tensor('color', torch.from_numpy(r['cond_images'])) if net.condition else None
 
     # Seeded samples: the author's per-seed stream gives the author's codes and images.
     codes = author.author_seed_codes(net, r['sample_seeds'].tolist())
@@ -200,7 +200,7 @@ def test_author_network_matches_recorded_outputs(name, author_classes):
     np.testing.assert_allclose(out.numpy(), r['decode_images'], rtol=0, atol=1e-5)
     # Reconstruction: the same nearest candidates, the same images (grayscale data repeated to RGB).
     x = torch.from_numpy(r['recon_inputs']).expand(-1, 3, -1, -1)
-    rcond = make_condition('color', x) if net.condition else None
+    rcond = condition_tensor('color', x) if net.condition else None
     rec_codes, rec = net.encode(x, condition=rcond)
     assert np.array_equal(rec_codes.numpy(), r['recon_codes'])
     np.testing.assert_allclose(rec.numpy(), r['recon_images'], rtol=0, atol=1e-5)

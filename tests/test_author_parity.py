@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from training.conditions import grayscale
+from training.image_ops import grayscale
 from training.networks import Block, DDNGenerator
 
 def test_reference_cifar10_parameter_count():

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.conditions import edge_map, grayscale, make_condition, parse_condition
+from training.conditions import condition_tensor, parse_condition
+from training.image_ops import edge_map, grayscale
 from training.dataset import DigitsDataset
 from training.networks import DDNGenerator
 from training.split_prune import split_and_prune
@@ -20,31 +21,34 @@ def test_parse_condition():
         with pytest.raises(ValueError, match='Unknown condition'):
             parse_condition(bad)
 
-def test_make_condition_shapes_and_semantics():
+def test_condition_tensor_shapes_and_semantics():
     torch.manual_seed(0)
     x = torch.rand(4, 3, 16, 16) * 2 - 1
-    assert make_condition('resize4', x).shape == (4, 3, 4, 4)
-    torch.testing.assert_close(make_condition('resize4', x)[:, :, 0, 0], x[:, :, :4, :4].mean((2, 3)))
-    eval_gray = make_condition('color', x, training=False)
+    assert condition_tensor('resize4', x).shape == (4, 3, 4, 4)
+    torch.testing.assert_close(condition_tensor('resize4', x)[:, :, 0, 0], x[:, :, :4, :4].mean((2, 3)))
+    eval_gray = condition_tensor('color', x, training=False)
     torch.testing.assert_close(eval_gray, x.mean(1, keepdim=True))
     g = torch.Generator().manual_seed(1)
-    train_gray = make_condition('color', x, training=True, generator=g)
+    train_gray = condition_tensor('color', x, training=True, generator=g)
     assert train_gray.shape == (4, 1, 16, 16) and not torch.allclose(train_gray, eval_gray)
     # Random weights are a convex mix: the result stays within the channel range.
     assert (train_gray <= x.max(1, keepdim=True).values + 1e-6).all()
     labels = torch.eye(10)[[1, 2, 3, 4]]
-    assert torch.equal(make_condition('class', labels=labels), labels)
+    assert torch.equal(condition_tensor('class', labels=labels), labels)
     with pytest.raises(ValueError, match='one-hot labels'):
-        make_condition('class', images=x)
+        condition_tensor('class', images=x)
     with pytest.raises(ValueError, match='RGB'):
-        make_condition('color', x[:, :1])
+        condition_tensor('color', x[:, :1])
 
 def test_edge_map_marks_a_step():
     img = -torch.ones(1, 1, 8, 8)
     img[..., 4:] = 1
-    edges = edge_map(img)
+    edges = condition_tensor('edge', img)
     assert set(edges.unique().tolist()) <= {-1.0, 1.0}
     assert (edges[0, 0, :, 3:5] == 1).all() and (edges[0, 0, :, :2] == -1).all() and (edges[0, 0, :, 6:] == -1).all()
+    # The condition is the hard form of guidance's one edge map: the soft map thresholded at 1/2.
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    torch.testing.assert_close(condition_tensor('edge', x), (edge_map(x) > 0.5).float() * 2 - 1)
 
 # ----------------------------------------------------------------------------
 # The network's condition input.
@@ -121,7 +125,7 @@ def test_color_conditional_beats_unconditional_colourisation_on_average():
     x = _tinted_digits()
     train, test = x[:224], x[224:]
     kwargs = dict(img_resolution=8, img_channels=3, max_outputk=16, max_blockn=2, max_channels=32)
-    gray = grayscale(test)
+    gray = condition_tensor('color', test)                      # The eval-time condition: the channel mean.
     seeds = list(range(len(test)))
     def luminance_scorer(cand, info):
         target = torch.nn.functional.interpolate(gray, size=cand.shape[-2:], mode='area')

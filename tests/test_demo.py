@@ -24,6 +24,8 @@ pytest.importorskip('gradio')
 import demo  # noqa: E402
 import generate  # noqa: E402
 from training import interactive  # noqa: E402
+from training.ddl import resize_area  # noqa: E402
+from training.image_ops import edge_map  # noqa: E402
 from training.networks import DDNGenerator  # noqa: E402
 from training.split_prune import split_and_prune  # noqa: E402
 
@@ -57,7 +59,7 @@ def snapshot(digits, tmp_path_factory):
 def server(snapshot, tmp_path_factory):
     log = tmp_path_factory.mktemp('demo') / 'server.log'
     try:
-        with demo.serving(snapshot, log=log) as (url, proc):
+        with interactive.serving(snapshot, log=log) as (url, proc):
             yield dict(client=gradio_client.Client(url, verbose=False), url=url, proc=proc, log=log)
     except RuntimeError as e:
         pytest.fail(f'{e}\n{log.read_text()}')
@@ -130,10 +132,9 @@ def test_strokes_inpaint_equals_generate(server, snapshot, tmp_path):
 def test_upload_guides_equal_generate(server, snapshot, digits, tmp_path, guide, size, extra):
     x = digits[0][1500:1501]
     if guide == 'edge':
-        from training import guidance
-        x = guidance.edge_map(x) * 2 - 1
+        x = edge_map(x) * 2 - 1
     if size != 8:
-        x = interactive.resize_area(x, size)
+        x = resize_area(x, size)
     upload = _save(x, tmp_path / 'up.png')
     guided, plain, *_ = _request(server['client'], upload=gradio_client.handle_file(upload), **{f'w_{guide}': 1}, **extra)
     args = ['--guide', guide, '--guide-image', upload] + (['--guide-bits', extra['bits']] if 'bits' in extra else [])
@@ -154,7 +155,7 @@ def test_mixed_guides_and_choice_rules_equal_generate(server, snapshot, digits, 
 def test_bad_input_gets_a_message_and_the_server_keeps_running(server, digits, tmp_path):
     client = server['client']
     PIL.Image.new('RGBA', (64, 64)).save(tmp_path / 'empty.png')
-    big = _save(interactive.resize_area(digits[0][:1], 16), tmp_path / 'big.png')
+    big = _save(resize_area(digits[0][:1], 16), tmp_path / 'big.png')
     cases = [
         (dict(strokes=_editor(str(tmp_path / 'empty.png'), 64), w_inpaint=1), 'Nothing is drawn'),
         (dict(upload=gradio_client.handle_file(big), w_l2=1), 'needs 8x8'),

@@ -26,6 +26,9 @@ sys.path.insert(0, REPO)
 import generate  # noqa: E402
 from training import guidance as G  # noqa: E402
 from training.dataset import DigitsDataset  # noqa: E402
+from training.ddl import resize_area  # noqa: E402
+from training.guide_spec import load_guide_image, load_mask, parse_guides  # noqa: E402
+from training.image_ops import edge_map  # noqa: E402
 from training.networks import DDNGenerator  # noqa: E402
 from training.split_prune import split_and_prune  # noqa: E402
 
@@ -124,17 +127,17 @@ def guide_files(digits, tmp_path_factory):
     mask = torch.ones(1, 1, 8, 8)
     mask[..., 4:, :] = 0                                                    # Top half known.
     files = dict(image=_save_png(x, folder / 'digit.png'),
-                 low=_save_png(G.resize(x, 4), folder / 'low4.png'),
+                 low=_save_png(resize_area(x, 4), folder / 'low4.png'),
                  mask=_save_png(mask * 2 - 1, folder / 'mask.png'),
-                 edges=_save_png(G.edge_map(x) * 2 - 1, folder / 'edges.png'),
-                 big=_save_png(G.resize(x, 16), folder / 'big16.png'),
-                 odd=_save_png(G.resize(x, 3), folder / 'odd3.png'),
+                 edges=_save_png(edge_map(x) * 2 - 1, folder / 'edges.png'),
+                 big=_save_png(resize_area(x, 16), folder / 'big16.png'),
+                 odd=_save_png(resize_area(x, 3), folder / 'odd3.png'),
                  small_mask=_save_png(torch.ones(1, 1, 4, 4), folder / 'mask4.png'))
     # Read back: the guides as the CLI sees them (uint8-quantised).
-    files['x'] = G.load_guide_image(files['image'])
-    files['x_low'] = G.load_guide_image(files['low'])
-    files['m'] = G.load_mask(files['mask'])
-    files['e'] = G.load_guide_image(files['edges'])
+    files['x'] = load_guide_image(files['image'])
+    files['x_low'] = load_guide_image(files['low'])
+    files['m'] = load_mask(files['mask'])
+    files['e'] = load_guide_image(files['edges'])
     return files
 
 # The digit classifier of conftest.py as TorchScript (what --guide-classifier loads without --trust-pickle).
@@ -175,19 +178,36 @@ def test_guide_lowers_its_distance(snapshot, unguided, guide_files, tmp_path, gu
     assert options['guide']['chooser'] == dict(rule='argmin') and options['guide']['image'] == extra[1]
     metrics = _json(tmp_path / 'metrics.json')
     assert metrics['guide']['spec'] == guide
-    scorer = G.parse_guides(guide, img_channels=1, img_resolution=8, image=extra[1],
-                            mask=guide_files['mask'], bits=1)
+    scorer = parse_guides(guide, img_channels=1, img_resolution=8, image=extra[1],
+                          mask=guide_files['mask'], bits=1)
     assert metrics['guide_distance'] == pytest.approx(G.final_distance(scorer, _images(tmp_path)).mean().item(), rel=1e-5)
     assert f'guide_distance={metrics["guide_distance"]:g}' in result.output
 
-def test_style_guide_runs(snapshot, guide_files, tmp_path):
-    # Style image and feature network given apart (a TorchScript of the default random features).
+def test_style_guide_follows_its_image_and_features(snapshot, unguided, guide_files, tmp_path):
+    # Style image and feature network given apart: a TorchScript of random conv features other than
+    # the default ones (seed 1), so a run that dropped --guide-features would choose other images.
     features = str(tmp_path / 'features.pt')
-    torch.jit.script(G.RandomFeatures(1)).save(features)
-    _generate(['--network', snapshot, '--outdir', tmp_path / 'out', '--seeds', '0-3', '--guide', 'style',
-               '--guide-style', guide_files['image'], '--guide-features', features])
-    assert len(_pngs(tmp_path / 'out')) == 4
-    assert _json(tmp_path / 'out' / 'generation_options.json')['guide']['features'] == features
+    feature_net = G.RandomFeatures(1, seed=1)
+    torch.jit.script(feature_net).save(features)
+    inverted = _save_png(-guide_files['x'], tmp_path / 'inverted.png')     # Another style: black ink on white.
+    runs = dict(digit=(guide_files['image'], features), inverted=(inverted, features), default=(guide_files['image'], None))
+    out = dict(unguided=_images(unguided))
+    for name, (style, feats) in runs.items():
+        _generate(['--network', snapshot, '--outdir', tmp_path / name, '--seeds', SEEDS, '--guide', 'style',
+                   '--guide-style', style] + (['--guide-features', feats] if feats else []))
+        out[name] = _images(tmp_path / name)
+    assert _json(tmp_path / 'digit' / 'generation_options.json')['guide']['features'] == features
+    to_digit = G.StyleScorer(guide_files['x'], feature_net)
+    to_inverted = G.StyleScorer(load_guide_image(inverted), feature_net)
+    d = {(scorer, name): G.final_distance(s, out[name]).mean().item()
+         for scorer, s in (('digit', to_digit), ('inverted', to_inverted)) for name in out}
+    print('style distances (style, samples):', d)
+    # The guided samples' feature statistics are closer to the style image's than unguided samples' ...
+    assert d['digit', 'digit'] * 2 < d['digit', 'unguided']
+    # ... they follow the style image (toward the inverted digit, closer to it than toward the digit) ...
+    assert d['inverted', 'inverted'] * 1.5 < d['inverted', 'digit']
+    # ... and the feature network decides the choice: the default features choose other images.
+    assert (out['default'] != out['digit']).flatten(1).any(1).sum() >= NUM // 2
 
 def test_weighted_combination_follows_the_heavier_guide(snapshot, digits, classifier, tmp_path):
     # Toward a digit 0 by L2, toward class 7 by the classifier: the heavier weight wins.
@@ -195,7 +215,7 @@ def test_weighted_combination_follows_the_heavier_guide(snapshot, digits, classi
     images, labels = digits
     zero = images[1000:][labels[1000:] == 0][:1]
     target = _save_png(zero, tmp_path / 'zero.png')
-    x = G.load_guide_image(target)
+    x = load_guide_image(target)
     dist_l2, p7 = {}, {}
     for name, spec in [('l2', 'l2:4,classifier:1'), ('clf', 'l2:1,classifier:4')]:
         _generate(['--network', snapshot, '--outdir', tmp_path / name, '--seeds', SEEDS, '--guide', spec,
@@ -314,12 +334,12 @@ def test_condition_image(color_net, color_snapshot, digits, tmp_path):
     gray_png = _save_png(gray[:1], tmp_path / 'gray.png')
     rgb_png = _save_png(generate.to_float(generate.to_uint8(gray[:1])).expand(-1, 3, -1, -1), tmp_path / 'gray-rgb.png')
     other_png = _save_png(gray[1:], tmp_path / 'other.png')
-    big_png = _save_png(G.resize(gray[:1], 16), tmp_path / 'gray16.png')
+    big_png = _save_png(resize_area(gray[:1], 16), tmp_path / 'gray16.png')
     run = ['--network', color_snapshot, '--seeds', '0-7']
     _generate([*run, '--outdir', tmp_path / 'gray', '--condition-image', gray_png])
 
     # The same images as the Python API with net.make_condition of the image.
-    x = G.load_guide_image(gray_png, channels=3)
+    x = load_guide_image(gray_png, channels=3)
     with torch.no_grad():
         expected = color_net(seeds=list(range(8)), condition=color_net.make_condition(images=x).expand(8, -1, -1, -1)).images
     out = _images(tmp_path / 'gray', 8)
@@ -333,7 +353,7 @@ def test_condition_image(color_net, color_snapshot, digits, tmp_path):
     # The samples follow their condition: their grayscale is closer to it than to another digit's.
     _generate([*run, '--outdir', tmp_path / 'other', '--condition-image', other_png])
     luminance_err = lambda y, g: (y.mean(1, keepdim=True) - g).square().mean().item()  # noqa: E731
-    g0 = G.load_guide_image(gray_png)
+    g0 = load_guide_image(gray_png)
     assert luminance_err(out, g0) * 1.5 < luminance_err(_images(tmp_path / 'other', 8), g0)
     options = _json(tmp_path / 'gray' / 'generation_options.json')
     assert options['condition'] == 'color' and options['condition_image'] == gray_png and options['guide'] is None
@@ -347,7 +367,7 @@ def test_condition_image(color_net, color_snapshot, digits, tmp_path):
     # Guidance combines with the condition: toward the tinted original by L2.
     target = _save_png(test[:1], tmp_path / 'target.png')
     _generate([*run, '--outdir', tmp_path / 'guided', '--condition-image', gray_png, '--guide', 'l2', '--guide-image', target])
-    l2 = G.L2Scorer(G.load_guide_image(target))
+    l2 = G.L2Scorer(load_guide_image(target))
     assert G.final_distance(l2, _images(tmp_path / 'guided', 8)).mean() < G.final_distance(l2, out).mean()
 
 def test_condition_reconstruct_and_decode(color_snapshot, digits, tmp_path):
@@ -415,13 +435,13 @@ def test_resize_conditional_net(tmp_path):
     net = DDNGenerator(8, 1, max_outputk=8, max_blockn=1, max_channels=16, condition='resize4').eval()
     snap = _snapshot(net, tmp_path / 'resize.pkl')
     x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    low = _save_png(G.resize(x, 4), tmp_path / 'low.png')
+    low = _save_png(resize_area(x, 4), tmp_path / 'low.png')
     full = _save_png(x, tmp_path / 'full.png')
     _generate(['--network', snap, '--outdir', tmp_path / 'low', '--seeds', '0-3', '--condition-image', low])
-    cond = G.load_guide_image(low)
+    cond = load_guide_image(low)
     with torch.no_grad():
         expected = net(seeds=[0, 1, 2, 3], condition=cond.expand(4, -1, -1, -1)).images
     assert torch.equal(generate.to_uint8(expected), generate.to_uint8(_images(tmp_path / 'low', 4)))
     _generate(['--network', snap, '--outdir', tmp_path / 'full', '--seeds', '0-3', '--condition-image', full])  # Downsampled.
-    _fails(['--network', snap, '--outdir', tmp_path / 'x', '--condition-image', _save_png(G.resize(x, 2), tmp_path / 'tiny.png')],
+    _fails(['--network', snap, '--outdir', tmp_path / 'x', '--condition-image', _save_png(resize_area(x, 2), tmp_path / 'tiny.png')],
            'smaller than the 4x4 condition')

@@ -1,4 +1,4 @@
-"""Tests for zero-shot conditional generation (training/guidance.py, zscg.py).
+"""Tests for zero-shot conditional generation (training/guidance.py, training/guide_spec.py, zscg.py).
 
 A tiny DDN (8x8 grayscale, L=7, K=16) is trained inside this module on the built-in digits (once,
 about 15 s on one CPU thread); every guide must then pull the generated images toward its own
@@ -23,7 +23,9 @@ sys.path.insert(0, REPO)
 
 import zscg  # noqa: E402
 from training import guidance as G  # noqa: E402
-from training.ddl import LayerInfo  # noqa: E402
+from training.ddl import LayerInfo, argmin, resize_area  # noqa: E402
+from training.guide_spec import load_guide_image, load_mask, load_module, parse_guides  # noqa: E402
+from training.image_ops import LUMA_WEIGHTS, edge_map  # noqa: E402
 from training.networks import DDNGenerator, batch_invariant  # noqa: E402
 from training.split_prune import split_and_prune  # noqa: E402
 
@@ -64,7 +66,7 @@ def classifier(digit_classifier):
     return digit_classifier
 
 # Images of `net` guided by `scorer` (argmin unless a chooser is given) and unguided, same seeds.
-def _generate(net, scorer=None, chooser=G.argmin, seeds=SEEDS):
+def _generate(net, scorer=None, chooser=argmin, seeds=SEEDS):
     with torch.no_grad(), batch_invariant():
         if scorer is None:
             return net(seeds=seeds).images
@@ -80,10 +82,10 @@ def _distinct(images):
 def _cases(x):
     top = torch.ones(1, 1, 8, 8)
     top[..., 4:, :] = 0
-    edges = G.edge_map(x) * 2 - 1
+    edges = edge_map(x) * 2 - 1
     return {
         'l2':       (G.L2Scorer(x), G.L2Scorer(x), 2),
-        'superres': (G.SuperResScorer(G.resize(x, 4)), G.SuperResScorer(G.resize(x, 4)), 2),      # Error after downsampling.
+        'superres': (G.SuperResScorer(resize_area(x, 4)), G.SuperResScorer(resize_area(x, 4)), 2),      # Error after downsampling.
         'inpaint':  (G.InpaintScorer(x, top), G.InpaintScorer(x, top), 2),                       # Error on known pixels.
         'color':    (G.ColorScorer(x), G.ColorScorer(x), 2),
         'lowbit':   (G.LowBitScorer(x, 1), G.LowBitScorer(x, 1, quantize_candidates=True), 1.5),  # Pixels off by a bin.
@@ -116,8 +118,8 @@ def test_classifier_guide_raises_class_probability(net, classifier, tmp_path):
         pickle.dump(classifier, f)
     p = {}
     for c in (3, 7):
-        scorer = G.parse_guides('classifier', img_channels=1, img_resolution=8, classifier=str(path), class_idx=c,
-                                trust_pickle=True)
+        scorer = parse_guides('classifier', img_channels=1, img_resolution=8, classifier=str(path), class_idx=c,
+                              trust_pickle=True)
         guided = classifier(_generate(net, scorer)).softmax(1)[:, c].mean().item()
         unguided = classifier(_generate(net)).softmax(1)[:, c].mean().item()
         p[c] = (unguided, guided)
@@ -128,14 +130,14 @@ def test_classifier_guide_raises_class_probability(net, classifier, tmp_path):
 def test_classifier_from_torchscript(classifier, tmp_path):
     path = tmp_path / 'classifier.pt'
     torch.jit.trace(classifier, torch.zeros(1, 1, 8, 8)).save(str(path))
-    module = G.load_module(path)
+    module = load_module(path)
     x = torch.zeros(2, 1, 8, 8)
     assert torch.allclose(module(x), classifier(x), atol=1e-6)
 
 def test_color_uses_luminance_only():
     # RGB candidates with the guide's luminance but different hues all score 0; others do not.
     gray = torch.rand(1, 1, 4, 4) * 0.5 - 0.25
-    w = torch.tensor(G.LUMA_WEIGHTS).view(1, 3, 1, 1)
+    w = torch.tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
     shift = torch.randn(1, 3, 1, 1)
     shift = shift - (shift * w).sum(1, keepdim=True)                       # Zero-luminance colour shift.
     cand = torch.stack([gray.expand(-1, 3, -1, -1), gray + shift, gray.expand(-1, 3, -1, -1) + 0.3], 1)
@@ -168,24 +170,24 @@ def test_combined_is_scale_free():
 
 @pytest.mark.parametrize('chooser', [G.TemperatureChooser(0.3), G.TopKChooser(3)], ids=['temperature', 'topk'])
 def test_random_choosers_give_diversity(net, digits, chooser):
-    scorer = G.SuperResScorer(G.resize(digits[0][1000:1001], 4))
+    scorer = G.SuperResScorer(resize_area(digits[0][1000:1001], 4))
     greedy = _generate(net, scorer)
     sampled = _generate(net, scorer, chooser)
     assert _distinct(greedy) <= 2 < 8 <= _distinct(sampled)
     # Still guided: much closer to the condition than unguided samples.
     assert G.final_distance(scorer, sampled).mean() * 2 < G.final_distance(scorer, _generate(net)).mean()
 
-@pytest.mark.parametrize('chooser', [G.argmin, G.TemperatureChooser(0.5), G.TopKChooser(3)], ids=['argmin', 'temperature', 'topk'])
+@pytest.mark.parametrize('chooser', [argmin, G.TemperatureChooser(0.5), G.TopKChooser(3)], ids=['argmin', 'temperature', 'topk'])
 def test_guided_sampling_is_per_seed(net, digits, chooser):
-    scorer = G.parse_guides('inpaint:1,l2:0.2', img_channels=1, img_resolution=8,
-                            image=digits[0][1000:1001], mask=zscg.hole_mask(8, 'right'))
+    scorer = parse_guides('inpaint:1,l2:0.2', img_channels=1, img_resolution=8,
+                          image=digits[0][1000:1001], mask=zscg.hole_mask(8, 'right'))
     seeds = [5, 0, 9, 3, 5, 11]
     batch = _generate(net, scorer, chooser, seeds)
     assert torch.equal(batch, _generate(net, scorer, chooser, seeds))
     for i, seed in enumerate(seeds):
         assert torch.equal(batch[i:i + 1], _generate(net, scorer, chooser, [seed])), seed
 
-@pytest.mark.parametrize('chooser', [G.argmin, G.TemperatureChooser(0.5), G.TopKChooser(3)], ids=['argmin', 'temperature', 'topk'])
+@pytest.mark.parametrize('chooser', [argmin, G.TemperatureChooser(0.5), G.TopKChooser(3)], ids=['argmin', 'temperature', 'topk'])
 def test_silent_scorer_samples_like_unguided(net, chooser):
     # A scorer with nothing to say (constant rows) must leave sampling exactly as without guidance.
     silent = lambda cand, info: torch.zeros(cand.shape[:2])  # noqa: E731
@@ -194,8 +196,8 @@ def test_silent_scorer_samples_like_unguided(net, chooser):
 def test_chooser_rules():
     dist = torch.tensor([[3., 1., 2., 1., 5.], [0., 4., 4., 4., 4.]])
     u = torch.tensor([0.9, 0.3], dtype=torch.float64)
-    assert G.argmin(dist, None, None).tolist() == [1, 0]
-    assert G.argmin(dist, None, u).tolist() == [3, 0]                      # Tie broken by u.
+    assert argmin(dist, None, None).tolist() == [1, 0]
+    assert argmin(dist, None, u).tolist() == [3, 0]                      # Tie broken by u.
     assert G.TemperatureChooser(0)(dist, None, u).tolist() == [3, 0]
     assert G.TopKChooser(1)(dist, None, u).tolist() == [1, 0]                # Rank ties broken by index.
     assert G.TopKChooser(3)(dist, None, torch.tensor([0.99, 0.0], dtype=torch.float64)).tolist() == [2, 0]
@@ -219,7 +221,7 @@ def test_clip_without_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, 'open_clip', None)
     monkeypatch.setitem(sys.modules, 'clip', None)
     with pytest.raises(ImportError, match='pip install open_clip_torch'):
-        G.parse_guides('clip', img_channels=1, img_resolution=8, text='a digit three')
+        parse_guides('clip', img_channels=1, img_resolution=8, text='a digit three')
 
 def test_clip_scorer_with_a_stand_in_package(monkeypatch):
     # A fake open_clip whose "image embedding" is the mean brightness: bright images match the text.
@@ -235,7 +237,7 @@ def test_clip_scorer_with_a_stand_in_package(monkeypatch):
         create_model_and_transforms=lambda name, pretrained=None, device=None: (Model(), None, None),
         get_tokenizer=lambda name: (lambda texts: torch.zeros(len(texts), 4, dtype=torch.long)))
     monkeypatch.setitem(sys.modules, 'open_clip', fake)
-    scorer = G.parse_guides('clip', img_channels=1, img_resolution=8, text='something bright')
+    scorer = parse_guides('clip', img_channels=1, img_resolution=8, text='something bright')
     cand = torch.stack([torch.full((2, 1, 8, 8), v) for v in (-0.5, 0.9, 0.1)], 1)
     d = scorer.scorers[0][0](cand, LayerInfo(6, 7, 3, 8))
     assert d.argmin(1).tolist() == [1, 1]
@@ -247,8 +249,8 @@ def test_clip_scorer_with_a_stand_in_package(monkeypatch):
 
 def test_parse_guides_builds_weighted_scorers(digits):
     x = digits[0][1000:1001]
-    scorer = G.parse_guides(' inpaint:1, color:0.5 ,lowbit', img_channels=1, img_resolution=8,
-                            image=x, mask=torch.ones(8, 8), bits=2)
+    scorer = parse_guides(' inpaint:1, color:0.5 ,lowbit', img_channels=1, img_resolution=8,
+                          image=x, mask=torch.ones(8, 8), bits=2)
     kinds = [(type(s).__name__, w) for s, w in scorer.scorers]
     assert kinds == [('InpaintScorer', 1.0), ('ColorScorer', 0.5), ('LowBitScorer', 1.0)]
 
@@ -266,7 +268,7 @@ def test_parse_guides_builds_weighted_scorers(digits):
 ])
 def test_parse_guides_missing_inputs(spec, inputs, message):
     with pytest.raises(ValueError, match=message):
-        G.parse_guides(spec, img_channels=1, img_resolution=8, **inputs)
+        parse_guides(spec, img_channels=1, img_resolution=8, **inputs)
 
 @pytest.mark.parametrize('spec, inputs, message', [
     ('l2', dict(image=torch.zeros(3, 8, 8)), r'3 channel\(s\)'),
@@ -279,7 +281,7 @@ def test_parse_guides_missing_inputs(spec, inputs, message):
 ])
 def test_parse_guides_shape_mismatch(spec, inputs, message):
     with pytest.raises(ValueError, match=message):
-        G.parse_guides(spec, img_channels=1, img_resolution=8, **inputs)
+        parse_guides(spec, img_channels=1, img_resolution=8, **inputs)
 
 def test_guide_batch_mismatch(net):
     scorer = G.L2Scorer(torch.zeros(3, 1, 8, 8))
@@ -293,19 +295,19 @@ def test_load_guide_files(tmp_path):
     mask = np.zeros((8, 8), dtype=np.uint8)
     mask[:4] = 255
     PIL.Image.fromarray(mask, 'L').save(tmp_path / 'm.png')
-    x = G.load_guide_image(tmp_path / 'g.png', channels=3, resolution=8)
+    x = load_guide_image(tmp_path / 'g.png', channels=3, resolution=8)
     assert x.shape == (1, 3, 8, 8) and x.min() == -1 and torch.allclose(x[0, :, 0, 0], torch.tensor([1.0, -1, -1]), atol=0.01)
-    gray = G.load_guide_image(tmp_path / 'g.png', channels=1)
+    gray = load_guide_image(tmp_path / 'g.png', channels=1)
     assert gray.shape == (1, 1, 8, 8)
     with pytest.raises(ValueError, match='is 8x8, but 16x16 is needed'):
-        G.load_guide_image(tmp_path / 'g.png', channels=3, resolution=16)
-    assert G.load_guide_image(tmp_path / 'g.png', 3, 16, allow_resize=True).shape == (1, 3, 16, 16)
-    m = G.load_mask(tmp_path / 'm.png', resolution=8)
+        load_guide_image(tmp_path / 'g.png', channels=3, resolution=16)
+    assert load_guide_image(tmp_path / 'g.png', 3, 16, allow_resize=True).shape == (1, 3, 16, 16)
+    m = load_mask(tmp_path / 'm.png', resolution=8)
     assert m.shape == (1, 1, 8, 8) and m[0, 0, 0, 0] == 1 and m[0, 0, 7, 0] == 0
-    scorer = G.parse_guides('inpaint,color', img_channels=1, img_resolution=8, image=str(tmp_path / 'g.png'), mask=str(tmp_path / 'm.png'))
+    scorer = parse_guides('inpaint,color', img_channels=1, img_resolution=8, image=str(tmp_path / 'g.png'), mask=str(tmp_path / 'm.png'))
     assert len(scorer.scorers) == 2
     with pytest.raises(ValueError, match='Guide mask'):
-        G.load_mask(tmp_path / 'm.png', resolution=4)
+        load_mask(tmp_path / 'm.png', resolution=4)
 
 # ----------------------------------------------------------------------------
 # zscg.py: the figure.
@@ -313,7 +315,7 @@ def test_load_guide_files(tmp_path):
 @pytest.mark.parametrize('task', ['inpaint', 'superres'])
 def test_zscg_figure(snapshot, tmp_path, task):
     out = tmp_path / 'fig.png'
-    args = ['--network', os.path.dirname(snapshot), '--guide', task, '--images', '0-2', '--seeds', '0-3', '--out', str(out)]
+    args = ['--network', os.path.dirname(snapshot), '--task', task, '--images', '0-2', '--seeds', '0-3', '--out', str(out)]
     result = CliRunner().invoke(zscg.main, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     cell, sep = 64, 2                                                       # 8x8 upscaled 8x; 64 // 32.

@@ -8,8 +8,8 @@ class labels, a learned per-scale embedding is added). This file turns a batch o
 
 - `class`:   the one-hot label (B, label_dim);
 - `color`:   a grayscale version of the image (colourisation). Training draws random channel weights
-             per image so the net cannot invert one fixed mix; evaluation uses the plain mean;
-- `edge`:    a thresholded Sobel edge-magnitude map of the grayscale image (edges -> +1, else -1);
+             per image so the net cannot invert one fixed mix; evaluation uses the plain channel mean;
+- `edge`:    the hard Sobel edge map of `training/image_ops.py` (edges -> +1, else -1);
 - `resizeN`: the image area-downsampled to N x N (super-resolution from an N x N input).
 """
 
@@ -19,8 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch.nn import functional as F
 
-# Sobel edge magnitude above this value (on [-1, 1] images, per-pixel gradient) counts as an edge.
-EDGE_THRESHOLD = 0.25
+from training.image_ops import edge_map, grayscale
 
 # ----------------------------------------------------------------------------
 # A parsed condition spec.
@@ -46,33 +45,14 @@ def condition_channels(spec: str, img_channels: int) -> int:
     return {'class': 0, 'color': 1, 'edge': 1, 'resize': img_channels}[kind]
 
 # ----------------------------------------------------------------------------
-# Image transforms behind the conditions. Images are (B, C, H, W) in [-1, 1].
+# The condition tensor for a batch (what `net.make_condition` computes for its own spec). `training`
+# switches the colour condition to random channel weights; `generator` makes those draws reproducible.
+# The grayscale and the edge map are the ones guidance uses (`training/image_ops.py`), with two
+# settings of their own: the eval-time colour condition is the channel mean, not luma (the author's
+# colour-conditional networks were trained on it), and the edge input is the hard map in {-1, 1}
+# (a binary condition, centred like the images it is added to).
 
-# Grayscale with given channel weights (B, C) summing to 1.
-def grayscale(images, weights=None):
-    if images.shape[1] == 1:
-        return images
-    if weights is None:
-        return images.mean(dim=1, keepdim=True)
-    return (images * weights[:, :, None, None]).sum(dim=1, keepdim=True)
-
-# Sobel gradient magnitude of the grayscale image, per pixel (replicate padding).
-def sobel_magnitude(images):
-    gray = grayscale(images)
-    kx = torch.tensor([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=gray.dtype, device=gray.device) / 8
-    kernels = torch.stack([kx, kx.t()])[:, None]                             # (2, 1, 3, 3)
-    grad = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode='replicate'), kernels)
-    return grad.square().sum(dim=1, keepdim=True).sqrt()
-
-# Binary edge map in {-1, +1}.
-def edge_map(images, threshold=EDGE_THRESHOLD):
-    return (sobel_magnitude(images) > threshold).to(images.dtype) * 2 - 1
-
-# ----------------------------------------------------------------------------
-# The condition tensor for a batch. `training` switches the colour condition to random channel
-# weights; `generator` makes those draws reproducible.
-
-def make_condition(
+def condition_tensor(
     spec:       str,                                # Condition spec, see parse_condition().
     images:     Optional[torch.Tensor] = None,      # (B, C, H, W) in [-1, 1].
     labels:     Optional[torch.Tensor] = None,      # (B, label_dim) one-hot labels.
@@ -90,13 +70,13 @@ def make_condition(
     if kind == 'color':
         if images.shape[1] != 3:
             raise ValueError('condition "color" needs RGB images')
-        weights = None
+        weights = 'mean'
         if training:
             w = torch.rand(images.shape[0], 3, generator=generator, device='cpu').to(images.device) + 1e-3
             weights = w / w.sum(dim=1, keepdim=True)
         return grayscale(images, weights)
     if kind == 'edge':
-        return edge_map(images)
+        return edge_map(images, softness=0) * 2 - 1
     if images.shape[-1] < size:
         raise ValueError(f'condition resize{size} is larger than the images ({images.shape[-1]}x{images.shape[-2]})')
     return F.interpolate(images, size=(size, size), mode='area')

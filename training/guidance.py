@@ -1,15 +1,16 @@
 """Zero-shot conditional generation (ZSCG): scorers and choosers that guide a trained, unconditional DDN.
 
-Paper §3.5 / our spec `DDN.md` §5. At every layer a DDN emits K candidate images; sampling keeps a
+Paper §3.5 / our spec `DDN.md` §5. At every layer a DDN emits K candidates; sampling keeps a
 random one, training the one nearest to the target. To generate under a condition the network never
 saw in training, a *scorer* ranks the K candidates against the condition and a *chooser* keeps one.
 No gradient flows: a scorer is any black box, so a classifier, CLIP or a hand-written rule can steer an
 unconditional model. Usage:
 
-    scorer = parse_guides('inpaint:1,color:0.5', img_channels=1, img_resolution=8, image=x, mask=m)
+    scorer = CombinedScorer([(InpaintScorer(x, mask), 1.0), (ColorScorer(x), 0.5)])
     out = net(scorer=scorer, chooser=TemperatureChooser(0.3), seeds=[0, 1, 2])
 
-The two contracts (from `training/ddl.py`):
+(`training/guide_spec.py` builds such a scorer from a spec string such as 'inpaint:1,color:0.5' and
+files, for the scripts.) The two contracts (from `training/ddl.py`):
 - Scorer:  `scorer(cand, info) -> dist`, cand (B, K, C, H, W) in [-1, 1], `info` a LayerInfo(index,
   num_layers, K, size); dist (B, K), lower is better.
 - Chooser: `chooser(dist, info, u) -> codes (B,)`, u (B,) the per-seed uniform numbers of this layer
@@ -24,34 +25,24 @@ Conventions of the built-in scorers:
   only the ranking within a layer matters for argmin, and `CombinedScorer` / `TemperatureChooser`
   normalise per sample anyway.
 - A scorer that has nothing to say at a layer (CLIP on a 2x2 image) returns a constant row. Every
-  chooser here maps a constant row to `floor(u * K)`, the very code unguided sampling gives for that
-  seed, so such layers stay random, exactly as without guidance. (The network's default chooser,
-  a plain argmin, would always take node 0: pass `chooser=argmin` from this file instead.)
+  chooser here, and the network's default `training.ddl.argmin`, maps a constant row to
+  `floor(u * K)`, the very code unguided sampling gives for that seed, so such layers stay random,
+  exactly as without guidance.
 
 The CLIP scorer needs a CLIP package (`open_clip_torch` or OpenAI's `clip`); it is not a dependency
-of ddn. Classifier and feature networks are TorchScript files; pickles (which execute code when
-loaded) only with `trust_pickle=True` (`--trust-pickle`).
+of ddn. Classifier and feature networks are any callables (modules); loading them from files is
+`training/guide_spec.py`'s job.
 """
 
 import math
-import os
-import pickle
-import zipfile
-from typing import Optional
 
 import numpy as np
-import PIL.Image
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.ddl import LayerInfo, argmin, uniform_to_codes  # noqa: F401 (argmin: the default chooser, re-exported)
-from training.snapshot import UnsafeFileError
-# Resize (N, C, H, W) images to (size, size) the way targets reach a layer: area down, bilinear up.
-from training.ddl import resize_area as resize  # noqa: F401 (re-exported for zscg.py and users)
-
-# Rec.601 luma weights (R, G, B), for colorization and edge maps of RGB images.
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+from training.ddl import LayerInfo, argmin, resize_area, uniform_to_codes
+from training.image_ops import EDGE_SOFTNESS, EDGE_THRESHOLD, edge_map, grayscale, quantize
 
 # CLIP's input normalisation (its images are in [0, 1] before this).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -66,33 +57,6 @@ def _per_candidate(fn, cand):
     out = fn(cand.reshape(B * K, *cand.shape[2:]))
     return out.reshape(B, K, *out.shape[1:])
 
-# Luminance (N, 1, H, W) of (N, C, H, W) images in [-1, 1]: Rec.601 for RGB, identity for one channel.
-def luminance(x):
-    if x.shape[-3] == 1:
-        return x
-    if x.shape[-3] != 3:
-        raise ValueError(f'luminance expects 1 or 3 channels, got {x.shape[-3]}')
-    w = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return (x * w).sum(-3, keepdim=True)
-
-# Quantise images in [-1, 1] to `bits` bits per channel and map back to [-1, 1] (bin values).
-def quantize(x, bits):
-    levels = 2 ** int(bits) - 1
-    return torch.round((x.clamp(-1, 1) + 1) * (levels / 2)) * (2 / levels) - 1
-
-# Soft Sobel edge map in [0, 1] of (N, C, H, W) images in [-1, 1] (luminance first).
-# Gradients are normalised so that a step from -1 to 1 has magnitude 1; the map is
-# sigmoid((|grad| - threshold) / softness), or a hard threshold when softness is 0.
-def edge_map(x, threshold=0.25, softness=0.05):
-    y = luminance(x)
-    sobel = torch.tensor([[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]], dtype=y.dtype, device=y.device) / 8
-    kernels = torch.stack([sobel, sobel.t()])[:, None]                      # (2, 1, 3, 3): d/dx, d/dy.
-    g = F.conv2d(F.pad(y, (1, 1, 1, 1), mode='replicate'), kernels)
-    mag = g.square().sum(1, keepdim=True).sqrt()
-    if softness > 0:
-        return torch.sigmoid((mag - threshold) / softness)
-    return (mag > threshold).to(y.dtype)
-
 # Per-sample z-scores of distances (B, K) over the K candidates; constant rows become zeros.
 # Used to put scorers of different units on one scale (CombinedScorer) and to give a
 # temperature a meaning that does not depend on the scorer (TemperatureChooser).
@@ -104,8 +68,8 @@ def normalize_distances(dist):
     flat = std <= 1e-12 * scale + 1e-300
     return torch.where(flat, torch.zeros_like(centered), centered / torch.where(flat, 1.0, std))
 
-# Bring a condition to (N, C, H, W) float32 and check it; N is 1 or the batch size.
-def _as_batch(x, what, channels=None):
+# Bring a condition to (N, C, H, W) float32 and check it; N is 1 or the batch size. `what` names it in errors.
+def as_batch(x, what, channels=None):
     if not torch.is_tensor(x):
         x = torch.as_tensor(np.asarray(x))
     x = x.float()
@@ -148,8 +112,8 @@ class L2Scorer:
     def __init__(self,
         guide,                      # (C, H, W) or (N, C, H, W) guide image(s) in [-1, 1], full resolution.
     ):
-        self.guide = _as_batch(guide, 'l2 guide image')
-        self._at = _ResizeCache(lambda size, device: resize(self.guide.to(device), size))
+        self.guide = as_batch(guide, 'l2 guide image')
+        self._at = _ResizeCache(lambda size, device: resize_area(self.guide.to(device), size))
 
     def __call__(self, cand, info):
         ref = _match_batch(self._at(info.size, cand.device), cand.shape[0], 'l2 guide image')
@@ -164,15 +128,15 @@ class SuperResScorer:
     def __init__(self,
         guide,                      # (C, r, r) or (N, C, r, r) low-resolution guide in [-1, 1].
     ):
-        self.guide = _as_batch(guide, 'superres guide image')
+        self.guide = as_batch(guide, 'superres guide image')
         self.guide_size = self.guide.shape[-1]
-        self._at = _ResizeCache(lambda size, device: resize(self.guide.to(device), size))
+        self._at = _ResizeCache(lambda size, device: resize_area(self.guide.to(device), size))
 
     def __call__(self, cand, info):
         size = min(info.size, self.guide_size)
         ref = _match_batch(self._at(size, cand.device), cand.shape[0], 'superres guide image')
         if info.size > size:
-            cand = _per_candidate(lambda x: resize(x, size), cand)
+            cand = _per_candidate(lambda x: resize_area(x, size), cand)
         return _mse(cand.float(), ref)
 
 # ----------------------------------------------------------------------------
@@ -186,8 +150,8 @@ class InpaintScorer:
         guide,                      # (C, H, W) or (N, C, H, W) image in [-1, 1]; unknown pixels are ignored.
         mask,                       # (H, W), (1, H, W) or (N, 1, H, W) in [0, 1]; 1 = known pixel.
     ):
-        self.guide = _as_batch(guide, 'inpaint guide image')
-        self.mask = _as_batch(mask, 'inpaint mask', channels=(1,)).clamp(0, 1)
+        self.guide = as_batch(guide, 'inpaint guide image')
+        self.mask = as_batch(mask, 'inpaint mask', channels=(1,)).clamp(0, 1)
         if self.mask.shape[-1] != self.guide.shape[-1]:
             raise ValueError(f'inpaint mask is {self.mask.shape[-1]}x{self.mask.shape[-1]} but the guide image is '
                              f'{self.guide.shape[-1]}x{self.guide.shape[-1]}')
@@ -195,8 +159,8 @@ class InpaintScorer:
 
     def _resized(self, size, device):
         m, g = self.mask.to(device), self.guide.to(device)
-        m_s = resize(m, size)
-        g_s = resize(g * m, size) / m_s.clamp(min=1e-8)
+        m_s = resize_area(m, size)
+        g_s = resize_area(g * m, size) / m_s.clamp(min=1e-8)
         return g_s, m_s
 
     def __call__(self, cand, info):
@@ -208,19 +172,19 @@ class InpaintScorer:
         return (err * m).sum((2, 3)) / known.clamp(min=1e-8)[:, None]
 
 # ----------------------------------------------------------------------------
-# Colorization: L2 between the candidates' luminance (Rec.601; identity for one channel) and a
-# grayscale guide. An RGB guide is reduced to its luminance first.
+# Colorization: L2 between the candidates' luma (Rec.601 `grayscale`; identity for one channel) and a
+# grayscale guide. An RGB guide is reduced to its luma first.
 
 class ColorScorer:
     def __init__(self,
         guide,                      # (1 or 3, H, W) or (N, 1 or 3, H, W) in [-1, 1].
     ):
-        self.guide = luminance(_as_batch(guide, 'color guide image', channels=(1, 3)))
-        self._at = _ResizeCache(lambda size, device: resize(self.guide.to(device), size))
+        self.guide = grayscale(as_batch(guide, 'color guide image', channels=(1, 3)))
+        self._at = _ResizeCache(lambda size, device: resize_area(self.guide.to(device), size))
 
     def __call__(self, cand, info):
         ref = _match_batch(self._at(info.size, cand.device), cand.shape[0], 'color guide image')
-        return _mse(_per_candidate(luminance, cand.float()), ref)
+        return _mse(_per_candidate(grayscale, cand.float()), ref)
 
 # ----------------------------------------------------------------------------
 # Low-bit guide: the guide is quantised to `bits` bits per channel (2^bits levels), and candidates
@@ -240,8 +204,8 @@ class LowBitScorer:
             raise ValueError(f'lowbit needs bits >= 1 (an integer), got {bits!r}')
         self.bits = int(bits)
         self.quantize_candidates = quantize_candidates
-        self.guide = quantize(_as_batch(guide, 'lowbit guide image'), self.bits)
-        self._at = _ResizeCache(lambda size, device: resize(self.guide.to(device), size))
+        self.guide = quantize(as_batch(guide, 'lowbit guide image'), self.bits)
+        self._at = _ResizeCache(lambda size, device: resize_area(self.guide.to(device), size))
 
     def __call__(self, cand, info):
         ref = _match_batch(self._at(info.size, cand.device), cand.shape[0], 'lowbit guide image')
@@ -251,23 +215,23 @@ class LowBitScorer:
         return _mse(cand, ref)
 
 # ----------------------------------------------------------------------------
-# Edges: L2 between the soft Sobel edge map of the candidates (see `edge_map`) and a given edge map.
+# Edges: L2 between the soft Sobel edge map of the candidates (`image_ops.edge_map`) and a given edge map.
 # The edge map is an image in [-1, 1] with white (1) = edge, as loaded from a PNG; `edge_map(x) * 2 - 1`
 # makes one from a photo. A layer of size s compares the candidates' own edges at s with the edge map
 # area-resized to s (edge density). Below `min_size` edges mean little: zeros (random choice).
 
 class EdgeScorer:
     def __init__(self,
-        edges,                      # (1, H, W) or (N, 1, H, W) edge map in [-1, 1], 1 = edge.
-        threshold   = 0.25,         # Gradient magnitude (step -1 -> 1 = 1) that counts as an edge.
-        softness    = 0.05,         # Width of the soft threshold; 0 = hard threshold.
-        min_size    = 4,            # Layers smaller than this return zeros.
+        edges,                          # (1, H, W) or (N, 1, H, W) edge map in [-1, 1], 1 = edge.
+        threshold   = EDGE_THRESHOLD,   # Gradient magnitude (step -1 -> 1 = 1) that counts as an edge.
+        softness    = EDGE_SOFTNESS,    # Width of the soft threshold; 0 = hard threshold.
+        min_size    = 4,                # Layers smaller than this return zeros.
     ):
-        self.edges = (_as_batch(edges, 'edge map', channels=(1,)).clamp(-1, 1) + 1) / 2
+        self.edges = (as_batch(edges, 'edge map', channels=(1,)).clamp(-1, 1) + 1) / 2
         self.threshold = threshold
         self.softness = softness
         self.min_size = min_size
-        self._at = _ResizeCache(lambda size, device: resize(self.edges.to(device), size))
+        self._at = _ResizeCache(lambda size, device: resize_area(self.edges.to(device), size))
 
     def __call__(self, cand, info):
         B, K = cand.shape[:2]
@@ -279,16 +243,16 @@ class EdgeScorer:
 
 # ----------------------------------------------------------------------------
 # Images of candidates in the layout a downstream network expects: resized to `resolution`
-# (bilinear up, area down) and converted to `channels` (1 -> 3 by repetition, 3 -> 1 by luminance).
+# (bilinear up, area down) and converted to `channels` (1 -> 3 by repetition, 3 -> 1 by luma).
 
 def _adapt(x, resolution=None, channels=None):
     if resolution is not None:
-        x = resize(x, resolution)
+        x = resize_area(x, resolution)
     if channels is not None and x.shape[1] != channels:
         if channels == 3 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         elif channels == 1 and x.shape[1] == 3:
-            x = luminance(x)
+            x = grayscale(x)
         else:
             raise ValueError(f'Cannot convert {x.shape[1]}-channel images to {channels} channels')
     return x
@@ -352,7 +316,7 @@ class ClipScorer:
         batch       = 256,          # Images per CLIP call.
     ):
         if not text:
-            raise ValueError('The clip guide needs a text prompt (--guide-text)')
+            raise ValueError('The clip guide needs a text prompt')
         self.text = text
         self.device = torch.device(device)
         self.min_size = min_size
@@ -449,7 +413,7 @@ class StyleScorer:
     ):
         if stat not in ('gram', 'meanstd'):
             raise ValueError(f"stat must be 'gram' or 'meanstd', got {stat!r}")
-        self.style = _as_batch(style, 'style image')
+        self.style = as_batch(style, 'style image')
         self.features = features if features is not None else RandomFeatures(self.style.shape[1])
         self.stat = stat
         self.min_size = min_size
@@ -464,7 +428,7 @@ class StyleScorer:
     def _style_stats(self, size, device):
         if isinstance(self.features, nn.Module):
             self.features.to(device)
-        return self._stats(resize(self.style.to(device), size))
+        return self._stats(resize_area(self.style.to(device), size))
 
     def __call__(self, cand, info):
         B, K = cand.shape[:2]
@@ -562,192 +526,8 @@ class TopKChooser:
         return torch.where(flat, uniform_to_codes(u, K), codes)
 
 # ----------------------------------------------------------------------------
-# Loading conditions from files.
-
-def load_guide_image(path, channels=None, resolution=None, allow_resize=False):
-    """A guide image file as a (1, C, H, W) float32 tensor in [-1, 1] (x = u8 / 127.5 - 1).
-
-    `channels` 1 or 3 converts the file (RGB -> L by PIL's Rec.601 luma; L -> RGB by repetition);
-    None keeps 1 channel for grayscale files and 3 otherwise (alpha dropped). With `resolution`, a
-    file of another size is an error, unless `allow_resize=True` (then it is resized, box filter down,
-    bicubic up). Images must be square.
-    """
-    with PIL.Image.open(path) as image:
-        return guide_from_pil(image, channels=channels, resolution=resolution, allow_resize=allow_resize, source=f'Guide image {path}')
-
-def guide_from_pil(image, channels=None, resolution=None, allow_resize=False, source='Guide image'):
-    """`load_guide_image` of an open PIL image (an upload, a drawing): the same conversion, so a
-    picture gives the same guide whether it arrives as a file or from a page. `source` names it in errors."""
-    if channels is None:
-        channels = 1 if image.mode in ('1', 'L', 'LA', 'I', 'I;16', 'F') else 3
-    if channels not in (1, 3):
-        raise ValueError(f'channels must be 1 or 3, got {channels}')
-    image = image.convert('L' if channels == 1 else 'RGB')
-    w, h = image.size
-    if w != h:
-        raise ValueError(f'{source} is {w}x{h}; guide images must be square')
-    if resolution is not None and w != resolution:
-        if not allow_resize:
-            raise ValueError(f'{source} is {w}x{h}, but {resolution}x{resolution} is needed')
-        image = image.resize((resolution, resolution), PIL.Image.Resampling.BOX if w > resolution else PIL.Image.Resampling.BICUBIC)
-    array = np.array(image, dtype=np.uint8)
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array).float()[None] / 127.5 - 1
-
-def load_mask(path, resolution=None):
-    """An inpainting mask file as a (1, 1, H, W) float32 tensor in [0, 1]: white (255) = known pixel,
-    black = to generate, gray = partly known (weighted). Must be `resolution` x `resolution` if given."""
-    with PIL.Image.open(path) as image:
-        image = image.convert('L')
-        w, h = image.size
-        if w != h or (resolution is not None and w != resolution):
-            need = f'{resolution}x{resolution}' if resolution is not None else 'a square image'
-            raise ValueError(f'Guide mask {path} is {w}x{h}, but {need} is needed')
-        array = np.array(image, dtype=np.float32) / 255
-    return torch.from_numpy(array)[None, None]
-
-def load_module(path, device='cpu', trust_pickle=False):
-    """A classifier or feature network from a TorchScript file (safe: TorchScript runs no Python
-    from the file), or, only with `trust_pickle`, a pickle (of the module, or of a dict holding it
-    under 'classifier' / 'features' / 'net'): unpickling runs code from the file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'Module file not found: {path}')
-    if zipfile.is_zipfile(path):  # TorchScript archives are zip files; pickles are not.
-        try:
-            return torch.jit.load(path, map_location=device).eval()
-        except RuntimeError as e:
-            raise ValueError(f'{path} is a zip archive but not a TorchScript module '
-                             f'(save one with torch.jit.script(module).save(path)): {str(e).splitlines()[0]}') from None
-    if not trust_pickle:
-        raise UnsafeFileError(f'{path} is not a TorchScript archive: a pickled module runs code from the file when loaded. '
-                              'Save it as TorchScript (torch.jit.script(module).save(path)), or pass --trust-pickle if you trust it')
-    with open(path, 'rb') as f:
-        obj = pickle.load(f)
-    if isinstance(obj, dict):
-        obj = next((obj[k] for k in ('classifier', 'features', 'net') if k in obj), obj)
-    if not callable(obj):
-        raise ValueError(f'{path} holds {type(obj).__name__}, not a callable module')
-    return obj.eval().to(device) if isinstance(obj, nn.Module) else obj
-
-# ----------------------------------------------------------------------------
-# Parsing a guide spec such as "inpaint:1,color:0.5" into a CombinedScorer (generate.py, zscg.py).
-
-# Guide type -> (what it is, the inputs it needs as (parse_guides argument, CLI option)).
-GUIDE_TYPES = {
-    'l2':           ('L2 to --guide-image',                                     [('image', '--guide-image')]),
-    'superres':     ('L2 after downsampling to a low-resolution --guide-image', [('image', '--guide-image')]),
-    'inpaint':      ('L2 on the known pixels of --guide-image (--guide-mask)',  [('image', '--guide-image'), ('mask', '--guide-mask')]),
-    'color':        ('L2 of the luminance to a grayscale --guide-image',        [('image', '--guide-image')]),
-    'lowbit':       ('L2 to --guide-image quantised to --guide-bits',           [('image', '--guide-image'), ('bits', '--guide-bits')]),
-    'edge':         ('Sobel edges vs an edge map --guide-image (white = edge)', [('image', '--guide-image')]),
-    'classifier':   ('-log p(--class) of --guide-classifier',                   [('classifier', '--guide-classifier'), ('class_idx', '--class')]),
-    'clip':         ('CLIP similarity to --guide-text',                         [('text', '--guide-text')]),
-    'style':        ('feature statistics of a style image',                     [('style', '--guide-style (or --guide-image)')]),
-}
-
-def parse_spec(spec):
-    """'inpaint:1,color:0.5' -> [('inpaint', 1.0), ('color', 0.5)]; TYPE alone has weight 1."""
-    if not spec or not str(spec).strip():
-        raise ValueError(f'Empty guide spec; expected TYPE[:WEIGHT],... with TYPE in {", ".join(GUIDE_TYPES)}')
-    items = []
-    for part in str(spec).split(','):
-        name, _, weight = part.strip().partition(':')
-        name = name.strip().lower()
-        if name not in GUIDE_TYPES:
-            raise ValueError(f'Unknown guide type {name!r} in {spec!r}; known: {", ".join(GUIDE_TYPES)}')
-        try:
-            w = float(weight) if weight.strip() else 1.0
-        except ValueError:
-            raise ValueError(f'Bad weight {weight!r} for guide {name!r} in {spec!r}: expected a number') from None
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f'Weight of guide {name!r} must be finite and >= 0, got {weight!r}')
-        items.append((name, w))
-    return items
-
-def parse_guides(
-    spec:           str,                    # 'TYPE[:WEIGHT],...', e.g. 'inpaint:1,color:0.5'.
-    *,
-    img_channels:   int,                    # Channels of the network's images (1 or 3).
-    img_resolution: int,                    # Resolution of the network's images.
-    image           = None,                 # --guide-image: path or tensor (C, H, W) / (N, C, H, W) in [-1, 1].
-    mask            = None,                 # --guide-mask: path (white = known) or tensor in [0, 1].
-    bits:           Optional[int] = None,   # --guide-bits: bits of the lowbit guide.
-    classifier      = None,                 # --guide-classifier: path (TorchScript / pickle) or callable.
-    class_idx       = None,                 # --class: wanted class (int or (N,) tensor).
-    classifier_resolution: Optional[int] = None,    # Classifier input size; None = its `img_resolution`, else the network's.
-    text:           Optional[str] = None,   # --guide-text: CLIP prompt.
-    style           = None,                 # --guide-style: path or tensor; None = `image`.
-    features        = None,                 # --guide-features: feature network for style (path or module).
-    device          = 'cpu',                # Where classifier / CLIP / feature networks run.
-    trust_pickle    = False,                # Let classifier / features be pickles (they run code when loaded).
-) -> CombinedScorer:
-    """Build the scorer of a guide spec, checking every input it needs and its shape against the
-    network. Paths are loaded with `load_guide_image` / `load_mask` / `load_module`. Raises ValueError
-    (unknown type, missing input named by its CLI option, shape mismatch) or ImportError (clip
-    without a CLIP package)."""
-    items = parse_spec(spec)
-    given = dict(image=image, mask=mask, bits=bits, classifier=classifier, class_idx=class_idx, text=text,
-                 style=style if style is not None else image)
-    for name, _ in items:
-        missing = [opt for arg, opt in GUIDE_TYPES[name][1] if given[arg] is None]
-        if missing:
-            raise ValueError(f'Guide {name!r} ({GUIDE_TYPES[name][0]}) needs {" and ".join(missing)}')
-    res, ch = img_resolution, img_channels
-
-    # A guide image of the right shape: files are converted to `channels`, tensors must match.
-    def guide_image(value, what, channels, low_res=False):
-        if isinstance(value, (str, os.PathLike)):
-            x = load_guide_image(value, channels=channels[0])
-        else:
-            x = _as_batch(value, what)
-        if x.shape[1] not in channels:
-            raise ValueError(f'{what} has {x.shape[1]} channel(s), but the network makes {ch}-channel images '
-                             f'(expected {" or ".join(map(str, channels))})')
-        r = x.shape[-1]
-        if low_res:
-            if r > res or res % r:
-                raise ValueError(f'{what} is {r}x{r}; superres needs a resolution that divides the network\'s {res}x{res}')
-        elif r != res:
-            raise ValueError(f'{what} is {r}x{r}, but the network makes {res}x{res} images')
-        return x
-
-    scorers = []
-    for name, weight in items:
-        if name == 'l2':
-            s = L2Scorer(guide_image(image, 'l2 guide image', (ch,)))
-        elif name == 'superres':
-            s = SuperResScorer(guide_image(image, 'superres guide image', (ch,), low_res=True))
-        elif name == 'inpaint':
-            m = load_mask(mask) if isinstance(mask, (str, os.PathLike)) else _as_batch(mask, 'inpaint mask', channels=(1,))
-            if m.shape[-1] != res:
-                raise ValueError(f'Guide mask is {m.shape[-1]}x{m.shape[-1]}, but the network makes {res}x{res} images')
-            s = InpaintScorer(guide_image(image, 'inpaint guide image', (ch,)), m)
-        elif name == 'color':
-            s = ColorScorer(guide_image(image, 'color guide image', (1, ch)))
-        elif name == 'lowbit':
-            s = LowBitScorer(guide_image(image, 'lowbit guide image', (ch,)), bits)
-        elif name == 'edge':
-            s = EdgeScorer(guide_image(image, 'edge map', (1,)))
-        elif name == 'classifier':
-            module = load_module(classifier, device, trust_pickle) if isinstance(classifier, (str, os.PathLike)) else classifier
-            r = classifier_resolution or getattr(module, 'img_resolution', None) or res
-            s = ClassifierScorer(module, class_idx, resolution=r)
-        elif name == 'clip':
-            s = ClipScorer(text, device=device)
-        else:  # style: statistics do not depend on the image size, so any square size is accepted.
-            feats = load_module(features, device, trust_pickle) if isinstance(features, (str, os.PathLike)) else features
-            st = style if style is not None else image
-            x = load_guide_image(st, channels=ch) if isinstance(st, (str, os.PathLike)) else _as_batch(st, 'style image')
-            if x.shape[1] != ch:
-                raise ValueError(f'style image has {x.shape[1]} channel(s), but the network makes {ch}-channel images')
-            s = StyleScorer(x, feats)
-        scorers.append((s, weight))
-    return CombinedScorer(scorers)
-
-# ----------------------------------------------------------------------------
 # Evaluate a scorer on finished images (B, C, H, W): its distance at full resolution, (B,).
-# The yardstick of the tests and of zscg.py: how well a result satisfies its condition. A
+# The yardstick of the tests and of the scripts: how well a result satisfies its condition. A
 # CombinedScorer cannot z-score a single candidate: it gives the weighted sum of raw distances.
 
 @torch.no_grad()

@@ -2,44 +2,58 @@
 
 Paper §3.5 / `DDN.md` §5. The web demo lets a user draw colour strokes, upload a guide image, mix
 guides and look at the coarse-to-fine path of one sample. Everything that decides an image happens
-here and in `training/guidance.py` (the same scorers and choosers as `generate.py`); the page only
-turns widgets into these arguments. So a guided image of the demo is the image `generate.py` writes
-for the same seed, guide and choice rule.
+here, in `training/guide_spec.py` and in `training/guidance.py` (the same guides and choosers as
+`generate.py`); the page only turns widgets into these arguments. So a guided image of the demo is
+the image `generate.py` writes for the same seed, guide and choice rule.
 
 - `strokes_to_guide()`: RGBA stroke layers drawn over an empty canvas -> a guide image and a mask
   (white = known) at the network's resolution: the drawn pixels are the known region.
 - `upload_to_guide()`: an uploaded picture -> a guide image, checked against the network.
+- `parse_seeds()` / `build_scorer()` / `run_request()`: one request of the page (seeds text, guide
+  weights, strokes, upload, choice rule) -> a GuidedResult.
 - `run_guided()`: guided samples for a list of seeds, the unguided samples of the same seeds, and the
   chosen image of every layer of one of them.
 - `coarse_to_fine()` / `write_gif()`: that path as frames of one size, and as an animated GIF.
+- `serving()`: demo.py in a child process on a free local port (tests, benchmarks, screenshots).
 """
 
+import contextlib
 import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 
+from dnnlib.util import parse_int_list
 from training import guidance
-from training.ddl import resize_area
+from training.ddl import argmin, resize_area
+from training.guide_spec import guide_from_pil, make_chooser, parse_guides
 
-# ----------------------------------------------------------------------------
-# The choice rule of guided layers (see generate.py --guide-temp / --guide-topk).
+# At most this many seeds per request, so a typo such as 0-99999 cannot stall the page.
+MAX_SEEDS = 64
 
-def make_chooser(temperature: Optional[float] = None, topk: Optional[int] = None):
-    """argmin with seed tie-breaks, softmax(-z / T) sampling, or a uniform pick among the N best."""
-    if temperature is not None and topk is not None:
-        raise ValueError('A temperature and a top-k are two choice rules; give one of them')
-    if topk is not None:
-        if topk < 1:
-            raise ValueError(f'top-k must be >= 1, got {topk}')
-        return guidance.TopKChooser(int(topk))
-    if temperature is not None:
-        if not temperature >= 0:
-            raise ValueError(f'temperature must be >= 0, got {temperature}')
-        return guidance.TemperatureChooser(float(temperature))
-    return guidance.argmin
+# Side of the page's drawing canvas (strokes are area-resized to the network's resolution).
+CANVAS_SIZE = 256
+
+# Guides that read the uploaded image, with their slider labels.
+UPLOAD_GUIDES = {
+    'superres': 'super-resolution (upload: a low-resolution image)',
+    'color':    'colourisation (upload: a grayscale image; luminance L2)',
+    'lowbit':   'low-bit (upload, quantised to the bits below)',
+    'edge':     'edges (upload: an edge map, white = edge)',
+    'l2':       'L2 to the upload',
+}
+
+# The demo script that `serving` starts.
+DEMO_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'demo.py')
 
 # ----------------------------------------------------------------------------
 # Widgets -> guide tensors.
@@ -52,7 +66,7 @@ def strokes_to_guide(layers: Sequence[np.ndarray], channels: int, resolution: in
     min_cover: a pixel of the network's grid is known when at least this fraction of its area is
                covered by strokes.
     The guide is the strokes' colour averaged over the covered part of each pixel (not blended with
-    the empty canvas), rounded to uint8 and converted as a guide file is (`guidance.guide_from_pil`):
+    the empty canvas), rounded to uint8 and converted as a guide file is (`guide_spec.guide_from_pil`):
     saving it and the mask as PNGs and passing them to `generate.py --guide inpaint` gives the same
     images. Raises ValueError when nothing (or too little) is drawn.
     """
@@ -80,7 +94,7 @@ def strokes_to_guide(layers: Sequence[np.ndarray], channels: int, resolution: in
                          'image: draw thicker strokes')
     colour = (premult / cover.clamp(min=1e-6)).round().clamp(0, 255).to(torch.uint8)
     picture = PIL.Image.fromarray(colour[0].permute(1, 2, 0).numpy(), 'RGB')
-    return guidance.guide_from_pil(picture, channels=channels), mask
+    return guide_from_pil(picture, channels=channels), mask
 
 def upload_to_guide(picture, channels: int, resolution: int, low_res: bool = False, resize: bool = False):
     """An uploaded picture (PIL image or HxW[xC] uint8 array) as a (1, C, h, w) tensor in [-1, 1],
@@ -101,8 +115,72 @@ def upload_to_guide(picture, channels: int, resolution: int, low_res: bool = Fal
         raise ValueError(f'The upload is {w}x{h}, but this network needs {want} (or tick "resize the upload")')
     if w != h:
         image = image.resize((resolution, resolution), PIL.Image.Resampling.BOX)
-    return guidance.guide_from_pil(image, channels=channels, resolution=None if fits else resolution,
+    return guide_from_pil(image, channels=channels, resolution=None if fits else resolution,
                                    allow_resize=True, source='The upload')
+
+# ----------------------------------------------------------------------------
+# One request of the page -> library calls. Every failure of the user's input is a ValueError (or,
+# for two choice rules at once, a click.UsageError) with a message for the page.
+
+def parse_seeds(text):
+    """'0-7' -> [0, ..., 7], at most MAX_SEEDS seeds (checked before a range is expanded)."""
+    text = str(text or '').strip()
+    if not text:
+        raise ValueError('No seeds given: write e.g. 0-7 or 1,5,9')
+    for lo, hi in re.findall(r'(\d+)\s*-\s*(\d+)', text):
+        if int(hi) - int(lo) + 1 > MAX_SEEDS:
+            raise ValueError(f'Seed range {lo}-{hi} has more than {MAX_SEEDS} seeds')
+    seeds = parse_int_list(text)
+    if len(seeds) > MAX_SEEDS:
+        raise ValueError(f'{len(seeds)} seeds given; the demo takes at most {MAX_SEEDS} per request')
+    return seeds
+
+def _editor_layers(editor):
+    """The stroke layers of an ImageEditor value (a dict with 'layers'), or [] if nothing is drawn."""
+    if not editor:
+        return []
+    layers = editor.get('layers') or []
+    return [np.asarray(layer) for layer in layers if layer is not None and np.asarray(layer).size]
+
+def build_scorer(net, weights, strokes=None, upload=None, bits=None, text=None, resize=False, device='cpu'):
+    """The CombinedScorer of the weighted guides (None if every weight is 0), each guide built by
+    `guide_spec.parse_guides` as generate.py builds it. weights: {guide: weight}; 'inpaint' reads the
+    strokes, the UPLOAD_GUIDES the upload, 'clip' the text."""
+    ch, res = net.img_channels, net.img_resolution
+    parts = []
+    for name, weight in weights.items():
+        if not weight:
+            continue
+        kwargs = {}
+        if name == 'inpaint':
+            image, mask = strokes_to_guide(_editor_layers(strokes), ch, res)
+            kwargs = dict(image=image, mask=mask)
+        elif name in UPLOAD_GUIDES:
+            if upload is None:
+                raise ValueError(f'The {name} guide needs an uploaded image')
+            # As generate.py reads --guide-image: colour and edge guides as grayscale files.
+            channels = 1 if name in ('color', 'edge') else ch
+            image = upload_to_guide(upload, channels, res, low_res=name == 'superres', resize=resize)
+            kwargs = dict(image=image, bits=int(bits) if bits else None)
+        elif name == 'clip':
+            if not (text or '').strip():
+                raise ValueError('The CLIP guide needs a text prompt')
+            kwargs = dict(text=text.strip())
+        else:
+            raise ValueError(f'Unknown guide {name!r}')
+        parts.extend(parse_guides(f'{name}:{weight}', img_channels=ch, img_resolution=res, device=device, **kwargs).scorers)
+    return guidance.CombinedScorer(parts) if parts else None
+
+def run_request(net, weights, seeds_text, temperature=0.0, topk=0, path_seed=None, strokes=None, upload=None,
+                bits=None, text=None, resize=False, device='cpu'):
+    """Everything one click of "Generate" computes: (GuidedResult, whether any guide was on)."""
+    seeds = parse_seeds(seeds_text)
+    chooser, _ = make_chooser(temperature=temperature or None, topk=int(topk) if topk else None)
+    scorer = build_scorer(net, weights, strokes=strokes, upload=upload, bits=bits, text=text, resize=resize, device=device)
+    if path_seed in (None, ''):
+        path_seed = seeds[0]
+    result = run_guided(net, scorer, seeds, chooser=chooser, path_seed=int(path_seed))
+    return result, scorer is not None
 
 # ----------------------------------------------------------------------------
 # Guided and unguided samples of the same seeds, and one sample's coarse-to-fine path.
@@ -116,9 +194,9 @@ class GuidedResult(NamedTuple):
     path_seed:  int             # The seed whose path is shown.
 
 @torch.no_grad()
-def run_guided(net, scorer, seeds: Sequence[int], chooser=guidance.argmin, path_seed: Optional[int] = None,
+def run_guided(net, scorer, seeds: Sequence[int], chooser=argmin, path_seed: Optional[int] = None,
                condition_fn=None) -> GuidedResult:
-    """Sample `seeds` with `scorer` (a guidance scorer, e.g. from `guidance.parse_guides`; None for
+    """Sample `seeds` with `scorer` (a guidance scorer, e.g. from `guide_spec.parse_guides`; None for
     unguided only) and without it. Images depend only on the seed, not on the batch, so each one is
     the image generate.py writes for that seed with the same guide and chooser."""
     seeds = [int(s) for s in seeds]
@@ -161,3 +239,40 @@ def write_gif(frames: Sequence[np.ndarray], path=None, ms_per_frame: int = 300, 
         with open(path, 'wb') as f:
             f.write(data)
     return data
+
+# ----------------------------------------------------------------------------
+# The app in a child process (tests, benchmarks, screenshots): started on a free local port, waited
+# for until it answers, stopped on exit.
+
+@contextlib.contextmanager
+def serving(network, log=None, timeout=120, extra_args=()):
+    """Run `demo.py --network NETWORK` on 127.0.0.1 and a free port; yields (url, process).
+    `log`: a file path for its output (default: discarded). Raises RuntimeError if it exits or
+    does not answer within `timeout` seconds."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED='False', OMP_NUM_THREADS='1')
+    out = open(log, 'w') if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, DEMO_SCRIPT, '--network', str(network), '--port', str(port), *extra_args],
+                            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(DEMO_SCRIPT))
+    url = f'http://127.0.0.1:{port}/'
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f'demo.py did not start (exit code {proc.poll()}); see {log or "its output"}') from None
+                time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if log is not None:
+            out.close()

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torch_utils import persistence
-from training.conditions import condition_channels, make_condition, parse_condition
+from training.conditions import condition_channels, condition_tensor, parse_condition
 from training.ddl import Chooser, DiscreteDistributionLayer, Scorer, resize_area, uniform_to_codes
 from training.latent import latent_bits
 
@@ -325,7 +325,7 @@ class _DDNBase(nn.Module):
     def make_condition(self, images=None, labels=None, generator=None):
         if self.condition is None:
             return None
-        return make_condition(self.condition, images, labels, training=self.training, generator=generator)
+        return condition_tensor(self.condition, images, labels, training=self.training, generator=generator)
 
     # One DDL call of layer l inside _run(): picks the layer's code source and target (`targets`
     # caches the area-resized target per size).

@@ -1,0 +1,276 @@
+"""Guides as the scripts name them: the spec grammar 'inpaint:1,color:0.5', guide files, and the CLI options.
+
+`training/guidance.py` holds the scorers and choosers as library code; this file is what speaks the
+command line of `generate.py` (`--guide SPEC`, `--guide-image`, `--guide-mask`, ..., `--guide-temp`,
+`--guide-topk`) and of the pages and scripts built on it (`demo.py`, `zscg.py`):
+
+- `parse_spec(spec)`: 'inpaint:1,color:0.5' -> [('inpaint', 1.0), ('color', 0.5)]; `GUIDE_TYPES` lists the types.
+- `parse_guides(spec, ...)`: the CombinedScorer of a spec, its inputs (files or tensors) checked
+  against the network; errors name the CLI option that is missing or wrong.
+- `load_guide_image` / `guide_from_pil` / `load_mask` / `load_module`: guide inputs from files.
+- `GUIDE_OPTIONS`, `check_guide_options`, `build_guide`, `make_chooser`: generate.py's guide options
+  (which guide reads which option), the scorer of its options and its choice rule.
+
+Classifier and feature networks load as TorchScript (no Python code runs from the file); pickles,
+which execute code when loaded, only with `trust_pickle=True` (`--trust-pickle`).
+"""
+
+import math
+import os
+import pickle
+import zipfile
+from typing import Optional
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+from torch import nn
+
+from training import guidance
+from training.ddl import argmin
+from training.snapshot import UnsafeFileError
+
+# ----------------------------------------------------------------------------
+# Guide inputs from files.
+
+def load_guide_image(path, channels=None, resolution=None, allow_resize=False):
+    """A guide image file as a (1, C, H, W) float32 tensor in [-1, 1] (x = u8 / 127.5 - 1).
+
+    `channels` 1 or 3 converts the file (RGB -> L by PIL's Rec.601 luma; L -> RGB by repetition);
+    None keeps 1 channel for grayscale files and 3 otherwise (alpha dropped). With `resolution`, a
+    file of another size is an error, unless `allow_resize=True` (then it is resized, box filter down,
+    bicubic up). Images must be square.
+    """
+    with PIL.Image.open(path) as image:
+        return guide_from_pil(image, channels=channels, resolution=resolution, allow_resize=allow_resize, source=f'Guide image {path}')
+
+def guide_from_pil(image, channels=None, resolution=None, allow_resize=False, source='Guide image'):
+    """`load_guide_image` of an open PIL image (an upload, a drawing): the same conversion, so a
+    picture gives the same guide whether it arrives as a file or from a page. `source` names it in errors."""
+    if channels is None:
+        channels = 1 if image.mode in ('1', 'L', 'LA', 'I', 'I;16', 'F') else 3
+    if channels not in (1, 3):
+        raise ValueError(f'channels must be 1 or 3, got {channels}')
+    image = image.convert('L' if channels == 1 else 'RGB')
+    w, h = image.size
+    if w != h:
+        raise ValueError(f'{source} is {w}x{h}; guide images must be square')
+    if resolution is not None and w != resolution:
+        if not allow_resize:
+            raise ValueError(f'{source} is {w}x{h}, but {resolution}x{resolution} is needed')
+        image = image.resize((resolution, resolution), PIL.Image.Resampling.BOX if w > resolution else PIL.Image.Resampling.BICUBIC)
+    array = np.array(image, dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(array).float()[None] / 127.5 - 1
+
+def load_mask(path, resolution=None):
+    """An inpainting mask file as a (1, 1, H, W) float32 tensor in [0, 1]: white (255) = known pixel,
+    black = to generate, gray = partly known (weighted). Must be `resolution` x `resolution` if given."""
+    with PIL.Image.open(path) as image:
+        image = image.convert('L')
+        w, h = image.size
+        if w != h or (resolution is not None and w != resolution):
+            need = f'{resolution}x{resolution}' if resolution is not None else 'a square image'
+            raise ValueError(f'Guide mask {path} is {w}x{h}, but {need} is needed')
+        array = np.array(image, dtype=np.float32) / 255
+    return torch.from_numpy(array)[None, None]
+
+def load_module(path, device='cpu', trust_pickle=False):
+    """A classifier or feature network from a TorchScript file (safe: TorchScript runs no Python
+    from the file), or, only with `trust_pickle`, a pickle (of the module, or of a dict holding it
+    under 'classifier' / 'features' / 'net'): unpickling runs code from the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Module file not found: {path}')
+    if zipfile.is_zipfile(path):  # TorchScript archives are zip files; pickles are not.
+        try:
+            return torch.jit.load(path, map_location=device).eval()
+        except RuntimeError as e:
+            raise ValueError(f'{path} is a zip archive but not a TorchScript module '
+                             f'(save one with torch.jit.script(module).save(path)): {str(e).splitlines()[0]}') from None
+    if not trust_pickle:
+        raise UnsafeFileError(f'{path} is not a TorchScript archive: a pickled module runs code from the file when loaded. '
+                              'Save it as TorchScript (torch.jit.script(module).save(path)), or pass --trust-pickle if you trust it')
+    with open(path, 'rb') as f:
+        obj = pickle.load(f)
+    if isinstance(obj, dict):
+        obj = next((obj[k] for k in ('classifier', 'features', 'net') if k in obj), obj)
+    if not callable(obj):
+        raise ValueError(f'{path} holds {type(obj).__name__}, not a callable module')
+    return obj.eval().to(device) if isinstance(obj, nn.Module) else obj
+
+# ----------------------------------------------------------------------------
+# The spec grammar.
+
+# Guide type -> (what it is, the inputs it needs as (parse_guides argument, CLI option)).
+GUIDE_TYPES = {
+    'l2':           ('L2 to --guide-image',                                     [('image', '--guide-image')]),
+    'superres':     ('L2 after downsampling to a low-resolution --guide-image', [('image', '--guide-image')]),
+    'inpaint':      ('L2 on the known pixels of --guide-image (--guide-mask)',  [('image', '--guide-image'), ('mask', '--guide-mask')]),
+    'color':        ('L2 of the luminance to a grayscale --guide-image',        [('image', '--guide-image')]),
+    'lowbit':       ('L2 to --guide-image quantised to --guide-bits',           [('image', '--guide-image'), ('bits', '--guide-bits')]),
+    'edge':         ('Sobel edges vs an edge map --guide-image (white = edge)', [('image', '--guide-image')]),
+    'classifier':   ('-log p(--class) of --guide-classifier',                   [('classifier', '--guide-classifier'), ('class_idx', '--class')]),
+    'clip':         ('CLIP similarity to --guide-text',                         [('text', '--guide-text')]),
+    'style':        ('feature statistics of a style image',                     [('style', '--guide-style (or --guide-image)')]),
+}
+
+def parse_spec(spec):
+    """'inpaint:1,color:0.5' -> [('inpaint', 1.0), ('color', 0.5)]; TYPE alone has weight 1."""
+    if not spec or not str(spec).strip():
+        raise ValueError(f'Empty guide spec; expected TYPE[:WEIGHT],... with TYPE in {", ".join(GUIDE_TYPES)}')
+    items = []
+    for part in str(spec).split(','):
+        name, _, weight = part.strip().partition(':')
+        name = name.strip().lower()
+        if name not in GUIDE_TYPES:
+            raise ValueError(f'Unknown guide type {name!r} in {spec!r}; known: {", ".join(GUIDE_TYPES)}')
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ValueError(f'Bad weight {weight!r} for guide {name!r} in {spec!r}: expected a number') from None
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f'Weight of guide {name!r} must be finite and >= 0, got {weight!r}')
+        items.append((name, w))
+    return items
+
+# A guide image of the right shape for a network of `res` x `res` images with `ch` channels: a file
+# is converted to `channels[0]` channels, a tensor must already have one of `channels`. `low_res`
+# (superres) accepts a size that divides `res`.
+def _guide_image(value, what, channels, ch, res, low_res=False):
+    if isinstance(value, (str, os.PathLike)):
+        x = load_guide_image(value, channels=channels[0])
+    else:
+        x = guidance.as_batch(value, what)
+    if x.shape[1] not in channels:
+        raise ValueError(f'{what} has {x.shape[1]} channel(s), but the network makes {ch}-channel images '
+                         f'(expected {" or ".join(map(str, channels))})')
+    r = x.shape[-1]
+    if low_res:
+        if r > res or res % r:
+            raise ValueError(f'{what} is {r}x{r}; superres needs a resolution that divides the network\'s {res}x{res}')
+    elif r != res:
+        raise ValueError(f'{what} is {r}x{r}, but the network makes {res}x{res} images')
+    return x
+
+# A module given as a path (loaded by `load_module`) or as a callable (used as it is).
+def _module(value, device, trust_pickle):
+    return load_module(value, device, trust_pickle) if isinstance(value, (str, os.PathLike)) else value
+
+# The scorer of one guide type; `given` holds parse_guides' inputs.
+def _scorer(name, given, ch, res, device, trust_pickle, classifier_resolution):
+    image = given['image']
+    if name == 'l2':
+        return guidance.L2Scorer(_guide_image(image, 'l2 guide image', (ch,), ch, res))
+    if name == 'superres':
+        return guidance.SuperResScorer(_guide_image(image, 'superres guide image', (ch,), ch, res, low_res=True))
+    if name == 'inpaint':
+        mask = given['mask']
+        m = load_mask(mask) if isinstance(mask, (str, os.PathLike)) else guidance.as_batch(mask, 'inpaint mask', channels=(1,))
+        if m.shape[-1] != res:
+            raise ValueError(f'Guide mask is {m.shape[-1]}x{m.shape[-1]}, but the network makes {res}x{res} images')
+        return guidance.InpaintScorer(_guide_image(image, 'inpaint guide image', (ch,), ch, res), m)
+    if name == 'color':
+        return guidance.ColorScorer(_guide_image(image, 'color guide image', (1, ch), ch, res))
+    if name == 'lowbit':
+        return guidance.LowBitScorer(_guide_image(image, 'lowbit guide image', (ch,), ch, res), given['bits'])
+    if name == 'edge':
+        return guidance.EdgeScorer(_guide_image(image, 'edge map', (1,), ch, res))
+    if name == 'classifier':
+        module = _module(given['classifier'], device, trust_pickle)
+        r = classifier_resolution or getattr(module, 'img_resolution', None) or res
+        return guidance.ClassifierScorer(module, given['class_idx'], resolution=r)
+    if name == 'clip':
+        return guidance.ClipScorer(given['text'], device=device)
+    # style: statistics do not depend on the image size, so any square size is accepted.
+    style = given['style']
+    x = load_guide_image(style, channels=ch) if isinstance(style, (str, os.PathLike)) else guidance.as_batch(style, 'style image')
+    if x.shape[1] != ch:
+        raise ValueError(f'style image has {x.shape[1]} channel(s), but the network makes {ch}-channel images')
+    return guidance.StyleScorer(x, _module(given['features'], device, trust_pickle))
+
+def parse_guides(
+    spec:           str,                    # 'TYPE[:WEIGHT],...', e.g. 'inpaint:1,color:0.5'.
+    *,
+    img_channels:   int,                    # Channels of the network's images (1 or 3).
+    img_resolution: int,                    # Resolution of the network's images.
+    image           = None,                 # --guide-image: path or tensor (C, H, W) / (N, C, H, W) in [-1, 1].
+    mask            = None,                 # --guide-mask: path (white = known) or tensor in [0, 1].
+    bits:           Optional[int] = None,   # --guide-bits: bits of the lowbit guide.
+    classifier      = None,                 # --guide-classifier: path (TorchScript / pickle) or callable.
+    class_idx       = None,                 # --class: wanted class (int or (N,) tensor).
+    classifier_resolution: Optional[int] = None,    # Classifier input size; None = its `img_resolution`, else the network's.
+    text:           Optional[str] = None,   # --guide-text: CLIP prompt.
+    style           = None,                 # --guide-style: path or tensor; None = `image`.
+    features        = None,                 # --guide-features: feature network for style (path or module).
+    device          = 'cpu',                # Where classifier / CLIP / feature networks run.
+    trust_pickle    = False,                # Let classifier / features be pickles (they run code when loaded).
+) -> guidance.CombinedScorer:
+    """Build the scorer of a guide spec, checking every input it needs and its shape against the
+    network. Paths are loaded with `load_guide_image` / `load_mask` / `load_module`. Raises ValueError
+    (unknown type, missing input named by its CLI option, shape mismatch) or ImportError (clip
+    without a CLIP package)."""
+    items = parse_spec(spec)
+    given = dict(image=image, mask=mask, bits=bits, classifier=classifier, class_idx=class_idx, text=text,
+                 style=style if style is not None else image, features=features)
+    for name, _ in items:
+        missing = [opt for arg, opt in GUIDE_TYPES[name][1] if given[arg] is None]
+        if missing:
+            raise ValueError(f'Guide {name!r} ({GUIDE_TYPES[name][0]}) needs {" and ".join(missing)}')
+    scorers = [(_scorer(name, given, img_channels, img_resolution, device, trust_pickle, classifier_resolution), weight)
+               for name, weight in items]
+    return guidance.CombinedScorer(scorers)
+
+# ----------------------------------------------------------------------------
+# generate.py's guide options: which guide reads which option, the scorer of the options, the choice rule.
+
+# Guide options: (CLI option, the guide types that read it).
+GUIDE_OPTIONS = {
+    'guide_image':      ('--guide-image',       ('l2', 'superres', 'inpaint', 'color', 'lowbit', 'edge', 'style')),
+    'guide_mask':       ('--guide-mask',        ('inpaint',)),
+    'guide_bits':       ('--guide-bits',        ('lowbit',)),
+    'guide_classifier': ('--guide-classifier',  ('classifier',)),
+    'guide_text':       ('--guide-text',        ('clip',)),
+    'guide_style':      ('--guide-style',       ('style',)),
+    'guide_features':   ('--guide-features',    ('style',)),
+    'guide_temp':       ('--guide-temp',        tuple(GUIDE_TYPES)),
+    'guide_topk':       ('--guide-topk',        tuple(GUIDE_TYPES)),
+}
+
+def make_chooser(temperature=None, topk=None):
+    """The choice rule of guided layers and its description: argmin (exact ties broken by the seed's
+    uniform), softmax(-z / T) sampling, or a uniform choice among the N best; all draw from the seed.
+    Raises click.UsageError for both rules at once, ValueError for a bad temperature or top-k."""
+    if temperature is not None and topk is not None:
+        raise click.UsageError('A temperature (--guide-temp) and a top-k (--guide-topk) are two choice rules; give one of them')
+    if topk is not None:
+        return guidance.TopKChooser(topk), dict(rule='topk', topk=topk)
+    if temperature is not None:
+        return guidance.TemperatureChooser(temperature), dict(rule='temperature', temperature=temperature)
+    return argmin, dict(rule='argmin')
+
+def check_guide_options(opts, guide_types):
+    """Usage errors for guide inputs that no guide of `--guide` reads (or given without --guide)."""
+    for key, (option, readers) in GUIDE_OPTIONS.items():
+        if opts.get(key) is None:
+            continue
+        if not guide_types:
+            raise click.UsageError(f'{option} is only used with --guide')
+        if not set(readers) & set(guide_types):
+            raise click.UsageError(f'{option} is not read by --guide {opts.guide} (only by {", ".join(readers)})')
+
+def build_guide(opts, net, device):
+    """The CombinedScorer of `opts.guide` (None without one), its inputs loaded from their files
+    and checked against the network by `parse_guides`."""
+    if opts.guide is None:
+        return None
+    try:
+        return parse_guides(opts.guide, img_channels=net.img_channels, img_resolution=net.img_resolution,
+            image=opts.guide_image, mask=opts.guide_mask, bits=opts.guide_bits, classifier=opts.guide_classifier,
+            class_idx=opts.class_idx, text=opts.guide_text, style=opts.guide_style, features=opts.guide_features,
+            device=device, trust_pickle=opts.get('trust_pickle', False))
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ValueError(f'--guide {opts.guide}: {e}') from e
+    except ImportError as e:
+        raise click.ClickException(f'--guide {opts.guide}: {e}') from e
