@@ -35,6 +35,7 @@ from training.ddl import resize_area
 from training.guide_spec import parse_guides
 from training.image_ops import edge_map, grayscale, quantize
 from training.images import make_grid, save_png, to_float, to_uint8
+from training.networks import batch_invariant
 
 # Tasks: the condition is computed from the ground truth.
 TASKS = ('superres', 'inpaint', 'color', 'lowbit', 'edge', 'l2')
@@ -168,7 +169,7 @@ def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperatu
     chooser = guidance.TopKChooser(topk) if topk else guidance.TemperatureChooser(temperature)
 
     rows, guided_d, unguided_d = [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), batch_invariant():
         unguided = net(seeds=seeds).images
         for idx in tqdm.tqdm(indices, desc=f'zscg {task}', unit='image'):
             x = to_float(torch.from_numpy(dataset[idx][0]).to(device))[None]

@@ -36,6 +36,7 @@ from dnnlib.util import parse_int_list
 from training import guidance
 from training.ddl import argmin, resize_area
 from training.guide_spec import guide_from_pil, make_chooser, parse_guides
+from training.networks import batch_invariant
 
 # At most this many seeds per request, so a typo such as 0-99999 cannot stall the page.
 MAX_SEEDS = 64
@@ -206,10 +207,8 @@ def run_guided(net, scorer, seeds: Sequence[int], chooser=argmin, path_seed: Opt
     if path_seed not in seeds:
         raise ValueError(f'The seed to trace ({path_seed}) is not among the seeds {seeds}')
     condition = None if condition_fn is None else condition_fn(seeds)
-    plain = net(seeds=seeds, condition=condition)
-    if scorer is None:
-        out = net(seeds=seeds, condition=condition, return_layers=True)
-    else:
+    with batch_invariant():
+        plain = net(seeds=seeds, condition=condition)
         out = net(seeds=seeds, condition=condition, scorer=scorer, chooser=chooser, return_layers=True)
     i = seeds.index(path_seed)
     path = [layer[i:i + 1].float().cpu() for layer in out.layer_images]
