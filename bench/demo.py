@@ -22,8 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import demo  # noqa: E402
-import generate  # noqa: E402
-from training import guidance  # noqa: E402
+from training import guidance, images as pixels, snapshot  # noqa: E402
 
 WEIGHTS = ('inpaint', 'superres', 'color', 'lowbit', 'edge', 'l2', 'clip')
 
@@ -39,7 +38,7 @@ def _inputs(net, folder):
     files = {}
     for name, image in images.items():
         files[name] = os.path.join(folder, f'{name}.png')
-        generate.to_pil(generate.to_uint8(image[0]).numpy()).save(files[name])
+        pixels.to_pil(pixels.to_uint8(image[0]).numpy()).save(files[name])
     return layer, files
 
 # Mode name -> (weights, which upload, extra request fields).
@@ -61,7 +60,7 @@ MODES = {
 def main(network, seeds, repeats):
     from gradio_client import Client, handle_file
     torch.set_num_threads(1)
-    _, net = generate.load_network(network, 'cpu')
+    _, net = snapshot.load_network(network, 'cpu')
     num = len(demo.parse_seeds(seeds))
     folder = tempfile.mkdtemp(prefix='ddn-bench-demo-')
     layer, files = _inputs(net, folder)
