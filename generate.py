@@ -45,14 +45,8 @@ from training.generation import GRID_IMAGES, Recorder, clear_outdir, generate_ba
 from training.guide_spec import GUIDE_OPTIONS, GUIDE_TYPES, build_guide, check_guide_options, make_chooser, parse_spec
 from training.latent import latents_network, read_latents
 
-# Inception Score is computed over 10 splits, so it needs at least this many images.
-IS_MIN_IMAGES = 10
-
 # Most seeds one --seeds list may hold (a typo such as 0-99999999999 would otherwise fill the memory).
 MAX_SEEDS = 10_000_000
-
-# Printed metrics, in this order: `fid` last, for scripts that read the last line.
-PRINT_ORDER = ('guide_distance', 'mse', 'psnr', 'is', 'is_std', 'precision', 'recall', 'fid')
 
 # The usage error of an image-conditional network run without a condition image.
 NEED_IMAGE = ('This network is conditioned on {!r}: give --condition-image PATH '
@@ -228,7 +222,7 @@ def _load_metrics(opts, num, device):
         detector = load_detector(opts.detector_url, device, trust_pickle=opts.trust_pickle)
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f'--fid-ref: {e}') from e
-    return dnnlib.EasyDict(ref=ref, detector=detector, names=['fid'] + (['is'] if num >= IS_MIN_IMAGES else []))
+    return dnnlib.EasyDict(ref=ref, detector=detector, names=['fid'] + (['is'] if num >= metric_lib.IS_SPLITS else []))
 
 # ----------------------------------------------------------------------------
 # Command line.
@@ -337,18 +331,15 @@ def _main(opts):
     recorder = Recorder(opts.outdir, opts.subdirs, work.names[:GRID_IMAGES], record_conditions=record, scorer=work.scorer)
     total = num_batches(len(rank_share(work.names)), opts.batch)
     stream = recorder.consume(tqdm.tqdm(work.batches, total=total, unit='batch', disable=dist.get_rank() != 0))
-    results = {}
-    if fid is not None:
-        results = metric_lib.calc_metrics(stream, fid.ref, fid.names, detector=fid.detector, device=device)
-    else:
-        for _ in stream:
-            pass
+    results = {} if fid is None else metric_lib.calc_metrics(stream, fid.ref, fid.names, detector=fid.detector, device=device)
+    for _ in stream:    # Without metrics nothing has read the stream yet.
+        pass
     rec = recorder.gather(net.num_layers)
     if rec is not None:
         results.update(rec.metrics)
         _write_outputs(opts, mode, net, net_id, net_path, work, rec, results, guide_info)
     dist.barrier()
-    metric_lib.print_metrics(results, PRINT_ORDER)
+    metric_lib.print_metrics(results, ('guide_distance', 'mse', 'psnr', 'is', 'is_std', 'precision', 'recall', 'fid'))  # fid last.
 
 # ----------------------------------------------------------------------------
 

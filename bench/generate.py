@@ -59,8 +59,7 @@ def main(batch, steps, warmup, device, json_path):
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--device') from e
     on_cuda = device.type == 'cuda'
-    batch = batch or (256 if on_cuda else 2)
-    steps = steps or (20 if on_cuda else 2)
+    batch, steps = batch or (256 if on_cuda else 2), steps or (20 if on_cuda else 2)
     torch.manual_seed(0)
     net = DDNGenerator(32, 3, max_blockn=32, max_outputk=64).eval().requires_grad_(False).to(device)
     params = sum(p.numel() for p in net.parameters())

@@ -1,8 +1,8 @@
 """Metrics of generated images: FID, KID, sFID, Inception Score and precision/recall, as EDM reports them.
 
 The library behind `fid.py` (a command line on top), `generate.py --fid-ref` and `train.py --metrics`.
-Images arrive as this rank's iterable of uint8 NCHW batches (a dataset, generated samples streamed
-straight from a network, PNG files read by fid.py); a detector (`training.detectors`) turns them into
+Images arrive as a folder or zip of image files, a dataset, or this rank's iterable of uint8 NCHW
+batches (generated samples streamed straight from a network, `image_batches`); a detector (`training.detectors`) turns them into
 features; running sums give mu / sigma; the rows that KID, precision/recall and IS need are kept.
 
 Under `torchrun` each rank feeds its own share; per-rank sums are all-reduced and the kept rows
@@ -47,6 +47,9 @@ REF_FEATURES = 10000
 # Order of printed metrics (print_metrics).
 PRINT_ORDER = ('fid', 'fid_mean', 'fid_std', 'kid', 'kid_se', 'sfid', 'is', 'is_std', 'precision', 'recall')
 
+# Inception Score splits (as in the paper): IS needs at least this many images.
+IS_SPLITS = 10
+
 # KID: features per block (as StyleGAN's KID) and the most blocks used.
 KID_SUBSET_SIZE = 1000
 KID_MAX_SUBSETS = 100
@@ -77,7 +80,7 @@ def calculate_fid(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1 + sigma2 - 2 * np.real(covmean)))
 
 # Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) per split; mean and std over splits.
-def inception_score(probs, splits=10):
+def inception_score(probs, splits=IS_SPLITS):
     probs = np.asarray(torch.as_tensor(probs).cpu(), dtype=np.float64)
     if probs.ndim != 2 or probs.shape[0] < splits:
         raise ValueError(f'inception_score needs (N, classes) probabilities with N >= splits={splits}, got shape {probs.shape}')
