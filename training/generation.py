@@ -47,9 +47,10 @@ class Batch(NamedTuple):
     originals:  Optional[torch.Tensor]  # (B, C, H, W) uint8 originals (reconstruction), or None.
     conditions: Optional[torch.Tensor]  # Condition of each image (conditional nets), or None.
 
-# This process's strided share of a list: items r, r + W, r + 2W, ... for rank r of W.
+# This process's strided share of a list (or the rows of an array): items r, r + W, r + 2W, ... for rank r of W.
 def rank_share(items):
-    return list(items)[dist.get_rank()::dist.get_world_size()]
+    items = items if isinstance(items, np.ndarray) else list(items)
+    return items[dist.get_rank()::dist.get_world_size()]
 
 # Number of batches generate_batches makes of `num` names.
 def num_batches(num, batch):
@@ -60,7 +61,7 @@ def generate_batches(
     net,                        # DDNGenerator / DDNRecurrent in eval mode.
     names,                      # Seeds (sampling), or names of the rows of `codes` / images of `dataset`.
     batch           = 64,       # Most images per batch.
-    codes           = None,     # Decoding: (len(names), L) int latents, one row per name.
+    codes           = None,     # Decoding: (len(names), L) int array of latents, one row per name.
     dataset         = None,     # Reconstruction: a dataset of uint8 CHW images; names are indices.
     condition_fn    = None,     # (names, images or None) -> condition of a conditional net (conditions.make_condition_fn).
     scorer          = None,     # Sampling: guide scorer (guided layers keep the best candidate).
@@ -83,7 +84,7 @@ def generate_batches(
             if x is not None:
                 chosen, images = net.encode(x, condition=condition)
             elif codes is not None:
-                out = net(codes=torch.as_tensor(np.asarray(codes[start:start + batch]), device=device), condition=condition)
+                out = net(codes=torch.as_tensor(codes[start:start + batch], device=device), condition=condition)
                 chosen, images = out.codes, out.images
             else:
                 out = net(seeds=chunk, condition=condition, scorer=scorer, chooser=chooser)
