@@ -129,6 +129,7 @@ class Work(NamedTuple):
     stored:     object = None       # The one condition latents.npz keeps for all images, else None (each image's).
     scorer:     object = None       # Guide scorer of guided sampling, or None.
 
+# Sampling (optionally guided): --seeds, default 0-63.
 def _sample_work(opts, net, device, shared, chooser):
     kind = condition_kind(net)
     if kind not in (None, 'class') and shared is None:
@@ -139,6 +140,7 @@ def _sample_work(opts, net, device, shared, chooser):
     batches = generate_batches(net, rank_share(names), opts.batch, condition_fn=condition_fn, scorer=scorer, chooser=chooser)
     return Work(names, 'seeds', batches, None if shared is None else shared.cpu().numpy(), scorer)
 
+# Decoding the rows of --codes, with their stored conditions unless --class / --condition-image replace them.
 def _decode_work(opts, net, device, shared, net_id):
     kind = condition_kind(net)
     latents = read_latents(opts.codes_path, net, opts.max_images)
@@ -154,11 +156,12 @@ def _decode_work(opts, net, device, shared, net_id):
             raise click.UsageError(f'{NEED_IMAGE.format(net.condition)}; {opts.codes_path} holds no conditions')
         if len(latents.conditions) == 1:
             stored = latents.conditions
-    rows_of = {n: i for i, n in enumerate(latents.names)}
+    rows_of = {n: i for i, n in enumerate(latents.names)}   # name -> row of the stored conditions
     condition_fn = make_condition_fn(net, device, opts.class_idx, shared, latents.classes, latents.conditions, rows_of)
     batches = generate_batches(net, rank_share(latents.names), opts.batch, codes=rank_share(latents.codes), condition_fn=condition_fn)
     return Work(latents.names, latents.name_key, batches, stored)
 
+# Reconstruction of the first --max-images images of the --reconstruct dataset.
 def _reconstruct_work(opts, net, device):
     kind = condition_kind(net)
     use_labels = kind == 'class' and opts.class_idx is None
@@ -179,7 +182,7 @@ def _reconstruct_work(opts, net, device):
 # ----------------------------------------------------------------------------
 # What the run records: its options, then latents.npz, grid.png and metrics.json.
 
-# The guide of guided sampling as generation_options.json and metrics.json describe it.
+# The guide of guided sampling as generation_options.json and metrics.json describe it; then the options of the run.
 def _guide_info(opts, guide_types, chooser_info):
     info = dict(spec=opts.guide, guides=[dict(type=t, weight=w) for t, w in parse_spec(opts.guide)],
                 chooser=chooser_info, shared_by_all_seeds=True,
@@ -319,9 +322,8 @@ def _main(opts):
         dist.print0(f'Guide: {opts.guide} ({", ".join(f"{k}={v}" for k, v in chooser_info.items())})')
     if dist.get_rank() == 0:
         clear_outdir(opts.outdir)
-    dist.barrier()
-    if dist.get_rank() == 0:
         metric_lib.write_json(os.path.join(opts.outdir, 'generation_options.json'), _run_options(opts, mode, net, net_path, work.names, guide_info))
+    dist.barrier()
 
     # Generate, writing PNGs as batches come; the detector reads the same uint8 batches.
     what = {'sample': 'guided images' if work.scorer is not None else 'images', 'decode': 'images from latents',

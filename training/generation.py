@@ -56,6 +56,7 @@ def rank_share(items):
 def num_batches(num, batch):
     return math.ceil(num / batch)
 
+# This process's images of `names`, in batches of at most `batch`, as uint8 on the network's device.
 @torch.no_grad()
 def generate_batches(
     net,                        # DDNGenerator / DDNRecurrent in eval mode.
@@ -94,6 +95,7 @@ def generate_batches(
 # ----------------------------------------------------------------------------
 # Writing the images of a stream and keeping what rank 0 needs afterwards.
 
+# Saves a stream's PNGs as they come and keeps what the shared files need (see consume / gather).
 class Recorder:
     def __init__(self,
         outdir,                         # Output folder.
@@ -156,6 +158,7 @@ class Recorder:
         grid = {k: v for p in parts for k, v in p['grid'].items()}
         return dnnlib.EasyDict(names=names[order], codes=codes[order], conditions=conditions, grid=grid, metrics=self._metrics())
 
+    # Reconstruction MSE / PSNR on the uint8 images (range [0, 255]) and the mean guide distance, where they apply.
     def _metrics(self):
         results = {}
         sse, count = self.sq_err.tolist()

@@ -120,6 +120,7 @@ def save_latents(path, name_key, names, codes, ks, classes=None, conditions=None
         arrays['conditions'] = np.asarray(conditions, np.float32)
     write_atomic(path, lambda f: np.savez(f, **arrays))
 
+# The arrays of an .npz file, with errors that name the file and what it should be.
 def _read_npz(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Codes file not found: {path}')
