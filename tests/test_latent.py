@@ -33,9 +33,9 @@ def test_pack_unpack_round_trip(ks, B):
 
 def test_stored_bits():
     assert stored_bits([2] * 10) == 10 and latent_bits([2] * 10) == 10
-    assert stored_bits([64] * 63) == 378                     # The reference CIFAR model.
-    assert stored_bits([512] * 128) == 1152                  # The paper's faces.
-    assert stored_bits([3, 5, 7]) == 7                       # ceil(log2 105), not 2 + 3 + 3 = 8.
+    assert stored_bits([64] * 63) == 378                        # The reference CIFAR model.
+    assert stored_bits([512] * 128) == 1152                     # The paper's faces.
+    assert stored_bits([3, 5, 7]) == 7                          # ceil(log2 105), not 2 + 3 + 3 = 8.
     assert latent_bits([3, 5, 7]) == pytest.approx(math.log2(105))
     assert stored_bits([1, 1]) == 0
 
