@@ -11,7 +11,7 @@ File format (little endian): b'DDNZ', version (uint8), number of images N (uint3
 values K_l (uint32 each), then the packed codes of the N images (`packed_size(ks, N)` bytes). The K_l
 must match the decoding network.
 
-Pixels follow generate.py: the net works in [-1, 1], images are uint8 (x * 127.5 + 128, clipped);
+Pixels follow training/images.py: the net works in [-1, 1], images are uint8 (x * 127.5 + 128, clipped);
 PSNR = 10 log10(255^2 / MSE) on the uint8 images, averaged over images.
 
 SECURITY: --network loads without running code from the file (training/snapshot.py) unless --trust-pickle.
@@ -25,10 +25,13 @@ import numpy as np
 import torch
 import tqdm
 
-from generate import load_network, to_float, to_pil, to_uint8
+from torch_utils import distributed as dist
+from torch_utils.checkpoint import write_atomic
 from training.dataset import open_dataset
-from training.snapshot import fingerprint
-from training.latent import bits_per_image, latent_bits, pack_codes, packed_size, unpack_codes
+from training.generation import generate_batches, num_batches
+from training.images import image_path, to_pil
+from training.latent import latent_bits, pack_codes, packed_size, stored_bits, unpack_codes
+from training.snapshot import fingerprint, load_network
 
 MAGIC = b'DDNZ'
 VERSION = 2     # 2 adds the 8-byte fingerprint of the network (training.snapshot.fingerprint); 1 is still read.
@@ -43,10 +46,7 @@ def write_codes_file(path, codes, ks, network=None):
     header = MAGIC + struct.pack('<BII', version, codes.shape[0], len(ks)) + struct.pack(f'<{len(ks)}I', *ks)
     if network is not None:
         header += bytes.fromhex(network)[:8].ljust(8, b'\0')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'wb') as f:
-        f.write(header)
-        f.write(payload.tobytes())
+    write_atomic(path, lambda f: f.write(header + payload.tobytes()))
     return len(header), payload.size
 
 # (codes (N, L), ks) of a codes file; with `with_network` also the fingerprint of the network that
@@ -73,21 +73,16 @@ def psnr(a, b):
     return 10 * torch.log10(255.0 ** 2 / mse)
 
 def _device(name):
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    return torch.device(name)
+    try:
+        return dist.pick_device(name)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--device') from e
 
 def _load(network, device, trust_pickle=False):
     try:
         return load_network(network, device, trust_pickle)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
-
-# Batches (indices, uint8 images (B, C, H, W)) of the first `num` images of a dataset.
-def _dataset_batches(dataset, num, batch):
-    for start in range(0, num, batch):
-        idx = list(range(start, min(start + batch, num)))
-        yield idx, torch.from_numpy(np.stack([dataset[i][0] for i in idx]))
 
 def _open_dataset(data, net):
     try:
@@ -110,7 +105,7 @@ def _psnr_line(values):
 # The options both commands share: which network, on which device, how many images at once.
 def _network_options(fn):
     fn = click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)(fn)
-    fn = click.option('--device', help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)(fn)
+    fn = click.option('--device', help='Device: auto (this process\'s GPU if any, else CPU), cpu, cuda, cuda:N, mps', metavar='STR', type=str, default='auto', show_default=True)(fn)
     fn = click.option('--batch', help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)(fn)
     return click.option('--network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (latest snapshot)', metavar='FILE|URL|DIR', required=True)(fn)
 
@@ -137,15 +132,14 @@ def encode(network, data, max_images, out, batch, device, trust_pickle):
     dataset = _open_dataset(data, net)
     num = len(dataset) if max_images is None else min(max_images, len(dataset))
     all_codes, values = [], []
-    for _, images in tqdm.tqdm(_dataset_batches(dataset, num, batch), total=-(-num // batch), desc='encode', leave=False):
-        codes, recon = net.encode(to_float(images.to(device)))
-        all_codes.append(codes.cpu())
-        values.append(psnr(to_uint8(recon).cpu(), images))
+    for b in tqdm.tqdm(generate_batches(net, range(num), batch, dataset=dataset), total=num_batches(num, batch), desc='encode', leave=False):
+        all_codes.append(b.codes.cpu())
+        values.append(psnr(b.images.cpu(), b.originals.cpu()))
     codes = torch.cat(all_codes).numpy()
     header, payload = write_codes_file(out, codes, net.ks, network=fingerprint(net))
     click.echo(f'Network: {path} (L={net.num_layers}, K per layer {_describe_ks(net.ks)})')
     click.echo(f'Encoded {num} images to {out}: {payload} bytes of codes + {header} bytes of header')
-    click.echo(f'bits_per_image={bits_per_image(net.ks)} (information {latent_bits(net.ks):.2f}; '
+    click.echo(f'bits_per_image={stored_bits(net.ks)} (information {latent_bits(net.ks):.2f}; '
                f'raw {net.img_channels * net.img_resolution ** 2 * 8} bits)')
     click.echo(_psnr_line(values))
 
@@ -170,15 +164,13 @@ def decode(network, codes, outdir, data, batch, device, trust_pickle):
         raise click.ClickException(f'{codes} holds {num} images but the dataset only {len(dataset)}')
     os.makedirs(outdir, exist_ok=True)
     values = []
-    for start in tqdm.trange(0, num, batch, desc='decode', leave=False):
-        chunk = torch.from_numpy(all_codes[start:start + batch]).to(device)
-        images = to_uint8(net.decode(chunk)).cpu()
-        for i, image in enumerate(images.numpy()):
-            to_pil(image).save(os.path.join(outdir, f'{start + i:06d}.png'))
+    for b in tqdm.tqdm(generate_batches(net, range(num), batch, codes=all_codes), total=num_batches(num, batch), desc='decode', leave=False):
+        images = b.images.cpu()
+        for name, image in zip(b.names, images.numpy()):
+            to_pil(image).save(image_path(outdir, name))
         if dataset is not None:
-            originals = torch.from_numpy(np.stack([dataset[i][0] for i in range(start, start + len(images))]))
-            values.append(psnr(images, originals))
-    click.echo(f'Decoded {num} images ({bits_per_image(ks)} bits each) to {outdir}')
+            values.append(psnr(images, torch.from_numpy(np.stack([dataset[i][0] for i in b.names]))))
+    click.echo(f'Decoded {num} images ({stored_bits(ks)} bits each) to {outdir}')
     if values:
         click.echo(_psnr_line(values))
 

@@ -16,7 +16,6 @@ SECURITY: --network loads without running code from the file (training/snapshot.
 
 import itertools
 import math
-import os
 
 import click
 import numpy as np
@@ -25,8 +24,10 @@ import PIL.ImageDraw
 import torch
 from torch.nn import functional as F
 
-from generate import load_network, to_uint8
-from zscg import check_png_out
+from torch_utils import distributed as dist
+from training.images import check_png_out, save_png, to_pil, to_uint8
+from training.networks import batch_invariant
+from training.snapshot import load_network
 
 # Level colours: the root's children's grid border, then one per level.
 LEVEL_COLOURS = [(230, 25, 75), (245, 130, 48), (60, 180, 75), (0, 130, 200), (145, 30, 180), (240, 50, 230), (128, 128, 0)]
@@ -67,7 +68,8 @@ def node_images(net, levels, batch=1024):
     leaf_sum = None
     for start in range(0, len(leaves), batch):
         codes = torch.from_numpy(leaves[start:start + batch]).to(device)
-        out = net(codes=codes, num_layers=levels, return_layers=True)
+        with batch_invariant():
+            out = net(codes=codes, num_layers=levels, return_layers=True)
         for l, image in enumerate(out.layer_images):
             image = image.float()
             if image.shape[-1] != net.img_resolution:
@@ -86,9 +88,7 @@ def node_images(net, levels, batch=1024):
 # Drawing.
 
 def _to_rgb(image, side):
-    c, h, w = image.shape
-    pil = PIL.Image.fromarray(image[0], 'L').convert('RGB') if c == 1 else PIL.Image.fromarray(image.transpose(1, 2, 0), 'RGB')
-    return pil.resize((side, side), PIL.Image.Resampling.NEAREST)
+    return to_pil(image).convert('RGB').resize((side, side), PIL.Image.Resampling.NEAREST)
 
 # Paste an image into a square cell (x, y, side), inset by `pad`, with an optional coloured frame.
 def _paste(canvas, image, x, y, side, colour=None):
@@ -135,7 +135,7 @@ def render_tree(images, mean, ks, cell):
 @click.option('--levels',   help='Levels (layers) of the tree to draw', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--out',      help='Output PNG', metavar='PNG', default='tree.png', show_default=True)
 @click.option('--cell',     help='Side of a leaf cell in pixels  [default: output resolution + padding, >= 24]', metavar='INT', type=click.IntRange(min=4), default=None)
-@click.option('--device',   help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+@click.option('--device',   help='Device: auto (this process\'s GPU if any, else CPU), cpu, cuda, cuda:N, mps', metavar='STR', type=str, default='auto', show_default=True)
 @click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
 def main(network, levels, out, cell, device, trust_pickle):
     """Draw the first levels of a trained DDN's latent tree as recursive grids.
@@ -143,8 +143,14 @@ def main(network, levels, out, cell, device, trust_pickle):
     \b
     python tree.py --network training-runs/00000-digits --levels 3 --out tree.png
     """
-    check_png_out(out)
-    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
+    try:
+        check_png_out(out)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--out') from e
+    try:
+        device = dist.pick_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--device') from e
     try:
         path, net = load_network(network, device, trust_pickle)
     except (OSError, ValueError) as e:
@@ -158,8 +164,7 @@ def main(network, levels, out, cell, device, trust_pickle):
         cell = max(24, net.img_resolution + 2 * max(1, net.img_resolution // 8))
     images, mean = node_images(net, levels)
     picture = render_tree(images, mean, ks, cell)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    picture.save(out)
+    save_png(picture, out)
     click.echo(f'Network: {path} (L={net.num_layers}, K={ks})')
     click.echo(f'Saved {out}: {picture.width}x{picture.height}, {levels} levels, {math.prod(ks)} leaves')
 

@@ -20,7 +20,6 @@ SECURITY: --network loads without running code from the file (training/snapshot.
 """
 
 import math
-import os
 
 import click
 import numpy as np
@@ -34,7 +33,7 @@ from training.dataset import open_dataset
 from training.ddl import resize_area
 from training.guide_spec import parse_guides
 from training.image_ops import edge_map, grayscale, quantize
-from training.images import make_grid, save_png, to_float, to_uint8
+from training.images import check_png_out, make_grid, save_png, to_float, to_uint8
 from training.networks import batch_invariant
 
 # Tasks: the condition is computed from the ground truth.
@@ -118,18 +117,6 @@ def layout(rows, cell_min):
     grid = make_grid(np.stack([image for row in rows for image in row]), cols=len(rows[0]), min_cell=cell, gap=sep, fill=255)
     return np.pad(grid, ((0, 0), (sep, sep), (sep, sep)), constant_values=255)
 
-# --out must name a PNG file in a writable place; checked before any work.
-def check_png_out(out):
-    if os.path.isdir(out):
-        raise click.BadParameter(f'{out} is a folder; give a file name ending in .png', param_hint='--out')
-    if os.path.splitext(out)[1].lower() != '.png':
-        raise click.BadParameter(f'{out}: the output is a PNG; give a name ending in .png', param_hint='--out')
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        raise click.BadParameter(f'{out}: no permission to write in {parent}', param_hint='--out')
-
 # ----------------------------------------------------------------------------
 
 @click.command()
@@ -149,7 +136,10 @@ def check_png_out(out):
 @click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
 def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperature, topk, cell, device, trust_pickle):
     """Zero-shot conditional generation figure: condition | guided results per seed | ground truth."""
-    check_png_out(out)
+    try:
+        check_png_out(out)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--out') from e
     try:
         device = pick_device(device)
     except ValueError as e:

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from torch_utils import distributed as dist  # noqa: E402
 from training.ddl import reference_heads  # noqa: E402
 from training.networks import DDNGenerator, batch_invariant  # noqa: E402
 
@@ -51,14 +52,16 @@ def time_path(net, batch, steps, warmup, all_heads):
 @click.option('--batch', help='Images per step  [default: 2 on CPU, 256 on CUDA]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--steps', help='Timed steps per path  [default: 2 on CPU, 20 on CUDA]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--warmup', help='Untimed steps per path', metavar='INT', type=click.IntRange(min=0), default=1)
-@click.option('--device', help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@click.option('--device', help='Device: auto (this process\'s GPU if any, else CPU), cpu, cuda, cuda:N, mps', metavar='STR', type=str, default='auto')
 @click.option('--json', 'json_path', help='Also write the figures to this JSON file', metavar='FILE', type=str)
 def main(batch, steps, warmup, device, json_path):
     """Images/s of generation with the reference CIFAR-10 network, single-head vs all-K."""
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    try:
+        device = dist.pick_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--device') from e
     on_cuda = device.type == 'cuda'
-    batch = batch or (256 if on_cuda else 2)
-    steps = steps or (20 if on_cuda else 2)
+    batch, steps = batch or (256 if on_cuda else 2), steps or (20 if on_cuda else 2)
     torch.manual_seed(0)
     net = DDNGenerator(32, 3, max_blockn=32, max_outputk=64).eval().requires_grad_(False).to(device)
     params = sum(p.numel() for p in net.parameters())

@@ -68,7 +68,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torch_utils import misc  # noqa: E402
+from torch_utils import checkpoint, misc  # noqa: E402
 from training import metrics  # noqa: E402
 from training.dataset import DigitsDataset  # noqa: E402
 from training.loss import DDNLoss  # noqa: E402
@@ -449,9 +449,7 @@ def main(size, budget, clock, seed, samples, threads, peer, peer_dim, json_path,
     if json_path:
         result = dict(size=size, budget=budget, clock=clock, seed=seed, samples=samples, threads=threads, recipe=recipe,
             classifier_held_out_accuracy=held_acc, load_start=load_start, load_end=load_end, rows=rows)
-        with open(json_path + '.tmp', 'w') as f:
-            json.dump(result, f, indent=2)
-        os.replace(json_path + '.tmp', json_path)
+        checkpoint.write_atomic(json_path, lambda f: json.dump(result, f, indent=2), mode='w')
     if peer:
         print(f'quality_fd_ratio_vs_peer={ours["fd"] / theirs["fd"]:.4f}')
         print(f'recon_mse_ratio_vs_peer={ours["recon_mse"] / theirs["recon_mse"]:.4f}')

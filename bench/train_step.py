@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from torch_utils import distributed as dist  # noqa: E402
 from training.loss import DDNLoss  # noqa: E402
 from training.networks import DDNGenerator  # noqa: E402
 from training.training_loop import ADAM_IMPLEMENTATIONS, TrainingStep  # noqa: E402
@@ -47,22 +48,21 @@ REFERENCE_NET = dict(img_resolution=32, img_channels=3, max_blockn=32, max_outpu
 @click.option('--compile',   help='torch.compile the training forward', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--channels-last', help='Channels-last convolutions', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--adam',      help='Adam implementation (auto = torch\'s choice)', type=click.Choice(['auto', 'for-loop', 'foreach', 'fused']), default='auto', show_default=True)
-@click.option('--device',    help='Device', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+@click.option('--device',    help='Device: auto (this process\'s GPU if any, else CPU), cpu, cuda, cuda:N, mps', metavar='STR', type=str, default='auto', show_default=True)
 @click.option('--threads',   help='CPU threads', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--json', 'json_path', help='Also write the figures to this JSON file', metavar='FILE', type=str)
 def main(batch, steps, warmup, precision, compile, channels_last, adam, device, threads, json_path):
     """Images/s and peak memory of training steps of the reference CIFAR-10 DDN."""
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise click.UsageError('--device=cuda but CUDA is not available')
-    cuda = device == 'cuda'
+    try:
+        device = dist.pick_device(device)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint='--device') from e
+    cuda = device.type == 'cuda'
     batch = batch or (256 if cuda else 4)
     steps = steps or (20 if cuda else 3)
     warmup = warmup if warmup is not None else (5 if cuda else 1)
     precision = precision or ('bf16' if cuda else 'fp32')
     torch.set_num_threads(threads)
-    device = torch.device(device)
     if cuda:    # As the training loop: cuDNN autotuning on, TF32 off (fp32 means fp32).
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = False

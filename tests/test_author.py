@@ -296,12 +296,12 @@ def test_recorded_data_is_small():
     assert total < 1 << 20, total
 
 def test_network_loaders_of_every_command_take_author_pickles(author_classes, tmp_path):
-    # generate.py, tree.py and compress.py use generate.load_network; zscg.py wraps it.
-    import generate
+    # generate.py, tree.py and compress.py use training.snapshot.load_network; zscg.py wraps it.
     import zscg
+    from training import snapshot
     raw, _ = write_author_pickle(author_classes, _recorded('gray8')['config'])
     path = tmp_path / 'author.pkl'
     path.write_bytes(raw)
-    _, net = generate.load_network(str(path), 'cpu')
+    _, net = snapshot.load_network(str(path), 'cpu')
     assert isinstance(net, DDNGenerator) and net.num_layers == 7
     assert isinstance(zscg.load_network(str(path), 'cpu'), DDNGenerator)

@@ -23,6 +23,8 @@ pytest.importorskip('gradio')
 
 import demo  # noqa: E402
 import generate  # noqa: E402
+from training.images import to_pil, to_uint8  # noqa: E402
+from training.snapshot import load_network  # noqa: E402
 from training import interactive  # noqa: E402
 from training.ddl import resize_area  # noqa: E402
 from training.image_ops import edge_map  # noqa: E402
@@ -98,7 +100,7 @@ def _editor(layer_path, size):
                 composite=gradio_client.handle_file(layer_path), id=None)
 
 def _save(x, path):
-    generate.to_pil(generate.to_uint8(x[0]).numpy()).save(path)
+    to_pil(to_uint8(x[0]).numpy()).save(path)
     return str(path)
 
 # ----------------------------------------------------------------------------
@@ -120,7 +122,7 @@ def test_strokes_inpaint_equals_generate(server, snapshot, tmp_path):
     known = mask[0, 0].bool().numpy()
     assert _gallery(guided)[:, known].mean() > _gallery(plain)[:, known].mean() + 10
     # Coarse to fine: one frame per layer, the last one the guided image of the traced seed (0).
-    net = generate.load_network(snapshot, 'cpu')[1]
+    net = load_network(snapshot, 'cpu')[1]
     assert len(path) == net.num_layers
     assert np.array_equal(_gallery(path[-1:]), expected[:1])
     with PIL.Image.open(gif) as g:

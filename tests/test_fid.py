@@ -196,7 +196,7 @@ def test_compute_features_accepts_in_memory_batches_and_grayscale():
     detector = TinyDetector()
     gray = torch.randint(0, 256, (10, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     # Batches larger than `batch` are split; grayscale is repeated to 3 channels.
-    chunks = list(fid.compute_features(iter([gray[:7], gray[7:]]), detector, batch=4, device='cpu', progress=False))
+    chunks = list(metrics.compute_features(iter([gray[:7], gray[7:]]), detector, batch=4, device='cpu', progress=False))
     assert [c.shape[0] for c in chunks] == [4, 3, 3]
     torch.testing.assert_close(torch.cat(chunks), detector(gray.repeat(1, 3, 1, 1)))
 
@@ -211,10 +211,10 @@ def test_calc_metrics_on_in_memory_batches_as_generate_py_does():
     images = torch.randint(0, 256, (60, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     mu, sigma = metrics.compute_stats(detector(images))
     ref = {'mu': mu, 'sigma': sigma, 'features': detector(images).numpy()}
-    results = fid.calc_metrics(iter(images.split(25)), ref, metrics='fid,is,pr', detector=detector, device='cpu', progress=False)
+    results = metrics.calc_metrics(iter(images.split(25)), ref, metrics='fid,is,pr', detector=detector, device='cpu', progress=False)
     assert results['num'] == 60 and abs(results['fid']) < 1e-6 and (results['precision'], results['recall']) == (1.0, 1.0)
     with pytest.raises(ValueError, match='iterable of batches'):
-        fid.calc_metrics(iter(images.split(25)), ref, num=10, detector=detector, device='cpu')
+        metrics.calc_metrics(iter(images.split(25)), ref, num=10, detector=detector, device='cpu')
 
 def test_probabilities_unavailable_is_explained():
     images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)

@@ -23,6 +23,7 @@ sys.path.insert(0, REPO)
 import fid  # noqa: E402
 from training import metrics as metrics_lib  # noqa: E402
 import generate  # noqa: E402
+from dnnlib.util import format_int_list, parse_int_list  # noqa: E402
 from training.dataset import DigitsDataset  # noqa: E402
 from training.networks import DDNGenerator  # noqa: E402
 from training.split_prune import split_and_prune  # noqa: E402
@@ -120,15 +121,15 @@ def _latents(folder):
 # Seed lists.
 
 def test_parse_int_list():
-    assert generate.parse_int_list('1,5,9-12') == [1, 5, 9, 10, 11, 12]
-    assert generate.parse_int_list('7') == [7]
-    assert generate.parse_int_list('0-2, 1, 3') == [0, 1, 2, 3]    # Duplicates dropped, order kept.
+    assert parse_int_list('1,5,9-12') == [1, 5, 9, 10, 11, 12]
+    assert parse_int_list('7') == [7]
+    assert parse_int_list('0-2, 1, 3') == [0, 1, 2, 3]    # Duplicates dropped, order kept.
     for bad in ['3-1', 'a', '-1', '1,,2', '1.5']:
         with pytest.raises(ValueError):
-            generate.parse_int_list(bad)
+            parse_int_list(bad)
     for values in ([0, 1, 2, 3, 7], [5], [9, 3, 4, 5, 1], []):
-        assert generate.parse_int_list(generate.format_int_list(values) or '0')[:len(values)] == values
-    assert generate.format_int_list([0, 1, 2, 3, 7, 9, 10]) == '0-3,7,9-10'
+        assert parse_int_list(format_int_list(values) or '0')[:len(values)] == values
+    assert format_int_list([0, 1, 2, 3, 7, 9, 10]) == '0-3,7,9-10'
     result = _generate(['--network', 'x.pkl', '--outdir', 'o', '--seeds', '5-2'], ok=False)
     assert result.exit_code != 0 and 'Empty range' in result.output
 

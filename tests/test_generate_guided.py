@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import generate  # noqa: E402
+from training.images import to_float, to_pil, to_uint8  # noqa: E402
 from training import guidance as G  # noqa: E402
 from training.dataset import DigitsDataset  # noqa: E402
 from training.ddl import resize_area  # noqa: E402
@@ -57,7 +58,7 @@ def _pngs(folder):
 
 # Save images (1 or N, C, H, W) in [-1, 1] as one PNG (the first image).
 def _save_png(x, path):
-    generate.to_pil(generate.to_uint8(x[0]).numpy()).save(path)
+    to_pil(to_uint8(x[0]).numpy()).save(path)
     return str(path)
 
 def _json(path):
@@ -332,7 +333,7 @@ def test_condition_image(color_net, color_snapshot, digits, tmp_path):
     test = _tinted(images[1500:1502], labels[1500:1502])
     gray = test.mean(1, keepdim=True)
     gray_png = _save_png(gray[:1], tmp_path / 'gray.png')
-    rgb_png = _save_png(generate.to_float(generate.to_uint8(gray[:1])).expand(-1, 3, -1, -1), tmp_path / 'gray-rgb.png')
+    rgb_png = _save_png(to_float(to_uint8(gray[:1])).expand(-1, 3, -1, -1), tmp_path / 'gray-rgb.png')
     other_png = _save_png(gray[1:], tmp_path / 'other.png')
     big_png = _save_png(resize_area(gray[:1], 16), tmp_path / 'gray16.png')
     run = ['--network', color_snapshot, '--seeds', '0-7']
@@ -344,7 +345,7 @@ def test_condition_image(color_net, color_snapshot, digits, tmp_path):
         expected = color_net(seeds=list(range(8)), condition=color_net.make_condition(images=x).expand(8, -1, -1, -1)).images
     out = _images(tmp_path / 'gray', 8)
     assert PIL.Image.open(tmp_path / 'gray' / '000000.png').mode == 'RGB'
-    assert torch.equal(generate.to_uint8(expected), generate.to_uint8(out))
+    assert torch.equal(to_uint8(expected), to_uint8(out))
     # A grayscale file and its RGB copy are the same condition; any square size is accepted.
     _generate([*run, '--outdir', tmp_path / 'rgb', '--condition-image', rgb_png])
     assert _pngs(tmp_path / 'rgb') == _pngs(tmp_path / 'gray')
@@ -380,7 +381,7 @@ def test_condition_reconstruct_and_decode(color_snapshot, digits, tmp_path):
     _generate(['--network', color_snapshot, '--outdir', tmp_path / 'rec', '--reconstruct', data])
     with np.load(tmp_path / 'rec' / 'latents.npz') as npz:
         assert npz['conditions'].shape == (6, 1, 8, 8)
-    originals = torch.stack([generate.to_float(torch.from_numpy(_read_png(data / f'{i:06d}.png'))) for i in range(6)])
+    originals = torch.stack([to_float(torch.from_numpy(_read_png(data / f'{i:06d}.png'))) for i in range(6)])
     np.testing.assert_allclose(np.load(tmp_path / 'rec' / 'latents.npz')['conditions'], originals.mean(1, keepdim=True).numpy(), atol=1e-6)
     assert _json(tmp_path / 'rec' / 'metrics.json')['psnr'] > 10
     _generate(['--network', color_snapshot, '--outdir', tmp_path / 'dec', '--codes', tmp_path / 'rec' / 'latents.npz', '--batch', 4])
@@ -413,7 +414,7 @@ def test_class_conditional_net(tmp_path):
     _generate(['--network', snap, '--outdir', tmp_path / 'three', '--seeds', '0-3', '--class', 3])
     with torch.no_grad():
         expected = net(seeds=[0, 1, 2, 3], condition=torch.eye(10)[[3, 3, 3, 3]]).images
-    assert torch.equal(generate.to_uint8(expected), generate.to_uint8(_images(tmp_path / 'three', 4)))
+    assert torch.equal(to_uint8(expected), to_uint8(_images(tmp_path / 'three', 4)))
     with np.load(tmp_path / 'three' / 'latents.npz') as npz:
         assert npz['classes'].tolist() == [3, 3, 3, 3]
     _fails(['--network', snap, '--outdir', tmp_path / 'x', '--class', 10], 'the network has 10 classes')
@@ -441,7 +442,7 @@ def test_resize_conditional_net(tmp_path):
     cond = load_guide_image(low)
     with torch.no_grad():
         expected = net(seeds=[0, 1, 2, 3], condition=cond.expand(4, -1, -1, -1)).images
-    assert torch.equal(generate.to_uint8(expected), generate.to_uint8(_images(tmp_path / 'low', 4)))
+    assert torch.equal(to_uint8(expected), to_uint8(_images(tmp_path / 'low', 4)))
     _generate(['--network', snap, '--outdir', tmp_path / 'full', '--seeds', '0-3', '--condition-image', full])  # Downsampled.
     _fails(['--network', snap, '--outdir', tmp_path / 'x', '--condition-image', _save_png(resize_area(x, 2), tmp_path / 'tiny.png')],
            'smaller than the 4x4 condition')

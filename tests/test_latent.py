@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 
 import compress
-from generate import to_float, to_uint8
 from training.dataset import open_dataset
-from training.latent import bits_per_image, latent_bits, pack_codes, packed_size, unpack_codes
+from training.images import to_float, to_uint8
+from training.latent import latent_bits, pack_codes, packed_size, stored_bits, unpack_codes
 from training.networks import DDNGenerator
 
 def random_codes(ks, B, seed=0):
@@ -27,17 +27,17 @@ def test_pack_unpack_round_trip(ks, B):
     codes[:1] = np.asarray(ks) - 1                              # Largest codes in the first row.
     packed = pack_codes(codes, ks)
     assert packed.dtype == np.uint8 and packed.shape == (packed_size(ks, B),)
-    assert packed.size == math.ceil(B * bits_per_image(ks) / 8)
+    assert packed.size == math.ceil(B * stored_bits(ks) / 8)
     np.testing.assert_array_equal(unpack_codes(packed, ks, B), codes)
     np.testing.assert_array_equal(unpack_codes(packed.tobytes(), ks, B), codes)
 
-def test_bits_per_image():
-    assert bits_per_image([2] * 10) == 10 and latent_bits([2] * 10) == 10
-    assert bits_per_image([64] * 63) == 378                     # The reference CIFAR model.
-    assert bits_per_image([512] * 128) == 1152                  # The paper's faces.
-    assert bits_per_image([3, 5, 7]) == 7                       # ceil(log2 105), not 2 + 3 + 3 = 8.
+def test_stored_bits():
+    assert stored_bits([2] * 10) == 10 and latent_bits([2] * 10) == 10
+    assert stored_bits([64] * 63) == 378                        # The reference CIFAR model.
+    assert stored_bits([512] * 128) == 1152                     # The paper's faces.
+    assert stored_bits([3, 5, 7]) == 7                          # ceil(log2 105), not 2 + 3 + 3 = 8.
     assert latent_bits([3, 5, 7]) == pytest.approx(math.log2(105))
-    assert bits_per_image([1, 1]) == 0
+    assert stored_bits([1, 1]) == 0
 
 def test_taiji_latent_is_a_plain_binary_string():
     codes = random_codes([2] * 11, 5)
@@ -88,7 +88,7 @@ def test_compress_cli_round_trip(tmp_path, tiny_net, digits_u8):
     result = runner.invoke(compress.main, ['encode', '--network', str(pkl), '--data', 'digits', '--max-images', '24',
                                            '--batch', '10', '--out', str(codes_file), '--device', 'cpu'])
     assert result.exit_code == 0, result.output
-    assert f'bits_per_image={bits_per_image(tiny_net.ks)}' in result.stdout and 'psnr=' in result.stdout
+    assert f'bits_per_image={stored_bits(tiny_net.ks)}' in result.stdout and 'psnr=' in result.stdout
     codes, ks = compress.read_codes_file(codes_file)
     assert ks == tiny_net.ks and codes.shape == (24, tiny_net.num_layers)
     result = runner.invoke(compress.main, ['decode', '--network', str(pkl), '--codes', str(codes_file),

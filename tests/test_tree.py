@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from torch.nn import functional as F
 
 import tree
-from generate import to_uint8
+from training.images import to_uint8
 from training.networks import DDNGenerator
 
 @pytest.fixture(scope='module')

@@ -221,3 +221,41 @@ def broadcast_(tensors, src=0):
             torch.distributed.broadcast(flat, src=src)
             _unpack_(flat, group)
     return tensors
+
+# ----------------------------------------------------------------------------
+# Gathering results of different sizes, once per evaluation or generation run (not per step):
+# feature rows of a strided share, and small Python objects (names, grids, results dicts).
+
+# Every rank's rows of `x` (N_r, ...), interleaved: row i of rank r lands at i * W + r, so a strided
+# split (rank r took items r, r + W, ...) comes back in its original order. Shares may differ in
+# length by any amount (they are padded to the longest for the collective). Returned on x's device.
+def all_gather_rows(x):
+    world = get_world_size()
+    if world == 1:
+        return x
+    comm = _comm_device()
+    counts = [torch.zeros([1], dtype=torch.int64, device=comm) for _ in range(world)]
+    torch.distributed.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.int64, device=comm))
+    counts = torch.cat(counts).cpu()
+    padded = x.new_zeros((int(counts.max()),) + tuple(x.shape[1:]), device=comm)
+    padded[:x.shape[0]] = x.to(comm)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    valid = (torch.arange(padded.shape[0])[:, None] < counts[None, :]).flatten()
+    return torch.stack(parts, dim=1).flatten(0, 1)[valid.to(comm)].to(x.device)
+
+# The picklable `obj` of every rank, as a list on rank `dst` (None on the other ranks).
+def gather_object(obj, dst=0):
+    if get_world_size() == 1:
+        return [obj]
+    parts = [None] * get_world_size() if get_rank() == dst else None
+    torch.distributed.gather_object(obj, parts, dst=dst)
+    return parts
+
+# Rank `src`'s picklable `obj` on every rank.
+def broadcast_object(obj, src=0):
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]

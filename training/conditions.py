@@ -16,10 +16,14 @@ class labels, a learned per-scale embedding is added). This file turns a batch o
 import re
 from typing import NamedTuple, Optional
 
+import numpy as np
+import PIL.Image
 import torch
 from torch.nn import functional as F
 
+from training.ddl import resize_area
 from training.image_ops import edge_map, grayscale
+from training.images import to_float
 
 # ----------------------------------------------------------------------------
 # A parsed condition spec.
@@ -80,5 +84,91 @@ def condition_tensor(
     if images.shape[-1] < size:
         raise ValueError(f'condition resize{size} is larger than the images ({images.shape[-1]}x{images.shape[-2]})')
     return F.interpolate(images, size=(size, size), mode='area')
+
+# ----------------------------------------------------------------------------
+# Conditions at generation time (generate.py, training/generation.py): class labels, or a condition
+# image that becomes the network's condition exactly as in training (`net.make_condition`), in eval mode.
+
+# The network's kind of condition: None (unconditional), 'class', 'color', 'edge' or 'resize'.
+def condition_kind(net):
+    spec = getattr(net, 'condition', None)
+    return None if spec is None else parse_condition(spec).kind
+
+# One-hot rows (B, label_dim) of class indices.
+def one_hot(classes, label_dim, device):
+    return torch.eye(label_dim, device=device)[torch.as_tensor(list(classes), dtype=torch.long, device=device)]
+
+# Class of each seed for a class-conditional network: the given class, or one drawn from the seed.
+def seed_classes(seeds, label_dim, class_idx=None):
+    if class_idx is not None:
+        return [class_idx] * len(seeds)
+    return [int(np.random.RandomState(seed).randint(label_dim)) for seed in seeds]
+
+def load_condition_image(net, path, device):
+    """The condition (1, C', h, w) of a color / edge / resizeN network from an image file.
+
+    The file is read with the network's channels (a grayscale file is repeated to RGB, whose mean is
+    the same gray, so a color net accepts grayscale and RGB files alike) and must be square. For color
+    and edge nets it is area-resized (bilinear up) to the network's resolution, the size training saw;
+    a resizeN net takes any image of at least N x N (an N x N one as is). Then `net.make_condition`.
+    """
+    kind, size = parse_condition(net.condition)
+    try:
+        with PIL.Image.open(path) as image:
+            image = image.convert('L' if net.img_channels == 1 else 'RGB')
+    except OSError as e:
+        raise OSError(f'--condition-image: cannot read {path}: {e}') from e
+    array = np.asarray(image, dtype=np.uint8)
+    h, w = array.shape[:2]
+    if w != h:
+        raise ValueError(f'--condition-image {path} is {w}x{h}; condition images must be square')
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    x = to_float(torch.from_numpy(array.copy())[None].to(device))
+    if kind == 'resize':
+        if w < size:
+            raise ValueError(f'--condition-image {path} is {w}x{w}, smaller than the {size}x{size} '
+                             f'condition of this {net.condition} network')
+    elif w != net.img_resolution:
+        x = resize_area(x, net.img_resolution)
+    return net.make_condition(images=x)
+
+def make_condition_fn(net, device, class_idx=None, shared=None, classes=None, conditions=None, rows_of=None, dataset=None):
+    """(names, images=None) -> the condition (B, ...) of those images for a conditional `net`; None if
+    unconditional. Class nets: `class_idx` for every image, else `classes[rows_of[name]]` (stored with
+    latents), else the label of `dataset` image `name`, else a class drawn from each seed. Image nets: the
+    condition computed from `images` (reconstruction: each image's own), else the `shared` condition
+    (1, C', h, w) for every image, else `conditions[rows_of[name]]` (stored; a single row applies to all)."""
+    kind = condition_kind(net)
+    if kind is None:
+        return None
+    label_dim = int(getattr(net, 'label_dim', 0) or 0)
+
+    def classes_of(names):
+        if class_idx is None and classes is not None:
+            return [classes[rows_of[n]] for n in names]
+        if class_idx is None and dataset is not None:
+            found = [int(np.argmax(dataset.get_label(n))) for n in names]
+            if max(found) >= label_dim:
+                raise ValueError(f'The dataset has label {max(found)}, but the network has {label_dim} classes')
+            return found
+        return seed_classes(names, label_dim, class_idx)
+
+    def condition_fn(names, images=None):
+        if kind == 'class':
+            return one_hot(classes_of(names), label_dim, device)
+        if images is not None:
+            return net.make_condition(images=images)
+        if shared is not None:
+            return shared.expand(len(names), -1, -1, -1)
+        rows = [rows_of[n] for n in names] if conditions.shape[0] > 1 else [0] * len(names)
+        return torch.from_numpy(conditions[rows]).to(device)
+    return condition_fn
+
+# What latents.npz keeps of a batch's conditions for a network of condition `kind`: the class of
+# one-hot rows, an image condition as is; None for unconditional nets.
+def stored_condition_fn(kind):
+    if kind is None:
+        return None
+    return (lambda condition: condition.argmax(1)) if kind == 'class' else (lambda condition: condition.float())
 
 # ----------------------------------------------------------------------------

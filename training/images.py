@@ -76,3 +76,19 @@ def make_grid(images, cols=None, min_cell=GRID_MIN_CELL, gap=0, fill=0):
 def side_by_side(left, right):
     gap = np.full((left.shape[0], left.shape[1], max(2, left.shape[2] // 64)), 255, dtype=np.uint8)
     return np.concatenate([left, gap, right], axis=2)
+
+# ----------------------------------------------------------------------------
+# Output paths.
+
+# Raise ValueError unless `out` can become a PNG file: a name ending in .png, not a folder, in a place we
+# may write (its folder may not exist yet). Scripts turn the error into click.BadParameter for --out.
+def check_png_out(out):
+    if os.path.isdir(out):
+        raise ValueError(f'{out} is a folder; give a file name ending in .png')
+    if os.path.splitext(out)[1].lower() != '.png':
+        raise ValueError(f'{out}: the output is a PNG; give a name ending in .png')
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f'{out}: no permission to write in {parent}')

@@ -1,8 +1,8 @@
 """Metrics of generated images: FID, KID, sFID, Inception Score and precision/recall, as EDM reports them.
 
 The library behind `fid.py` (a command line on top), `generate.py --fid-ref` and `train.py --metrics`.
-Images arrive as this rank's iterable of uint8 NCHW batches (a dataset, generated samples streamed
-straight from a network, PNG files read by fid.py); a detector (`training.detectors`) turns them into
+Images arrive as a folder or zip of image files, a dataset, or this rank's iterable of uint8 NCHW
+batches (generated samples streamed straight from a network, `image_batches`); a detector (`training.detectors`) turns them into
 features; running sums give mu / sigma; the rows that KID, precision/recall and IS need are kept.
 
 Under `torchrun` each rank feeds its own share; per-rank sums are all-reduced and the kept rows
@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 
 import numpy as np
@@ -33,13 +32,23 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils.checkpoint import write_atomic
+from training.conditions import condition_kind, make_condition_fn
+from training.dataset import GENERATED_IMAGE_PATTERN, GENERATED_MARKER, ImageFolderDataset
 from training.detectors import DETECTOR_URL, NAMED as NAMED_DETECTORS, detector_name, load_detector  # noqa: F401 (part of this API)
+from training.generation import generate_batches
 
 # Metric names of `calc_metrics`.
 METRICS = ('fid', 'kid', 'sfid', 'is', 'pr')
 
 # Random real features kept in a reference file, enough for stable precision/recall and KID.
 REF_FEATURES = 10000
+
+# Order of printed metrics (print_metrics).
+PRINT_ORDER = ('fid', 'fid_mean', 'fid_std', 'kid', 'kid_se', 'sfid', 'is', 'is_std', 'precision', 'recall')
+
+# Inception Score splits (as in the paper): IS needs at least this many images.
+IS_SPLITS = 10
 
 # KID: features per block (as StyleGAN's KID) and the most blocks used.
 KID_SUBSET_SIZE = 1000
@@ -71,7 +80,7 @@ def calculate_fid(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1 + sigma2 - 2 * np.real(covmean)))
 
 # Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) per split; mean and std over splits.
-def inception_score(probs, splits=10):
+def inception_score(probs, splits=IS_SPLITS):
     probs = np.asarray(torch.as_tensor(probs).cpu(), dtype=np.float64)
     if probs.ndim != 2 or probs.shape[0] < splits:
         raise ValueError(f'inception_score needs (N, classes) probabilities with N >= splits={splits}, got shape {probs.shape}')
@@ -213,68 +222,49 @@ def select_indices(total, num, seed, what):
         raise ValueError(f'Asked for {num} images but {what} has only {total}; pass a --num of at most {total}')
     return np.sort(np.random.RandomState(seed).choice(total, size=num, replace=False))
 
-# This rank's strided share (images r, r + W, ...) of a dataset's images `indices` (default: all), as uint8 batches.
-def dataset_batches(dataset, batch=64, indices=None, workers=2):
-    indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
-    share = indices[dist.get_rank()::dist.get_world_size()]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, share.tolist()),
-        batch_size=batch, num_workers=workers, collate_fn=collate_images)
-    yield from loader
+# The images of a folder or zip. A generate.py --outdir (it holds generation_options.json) gives its
+# samples only, not grid.png.
+def scan_folder(path):
+    generated = os.path.isfile(os.path.join(os.fspath(path), GENERATED_MARKER))
+    return ImageFolderDataset(os.fspath(path), name_pattern=GENERATED_IMAGE_PATTERN if generated else None)
 
-# EDM's pixel convention: [-1, 1] -> uint8 (x * 127.5 + 128, clipped), as generate.py saves images.
-def to_uint8(images):
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+# This rank's uint8 RGB NCHW batches (at most `batch` images each) from a folder or zip path, a dataset
+# (`num` images chosen with `seed`, or all; rank r takes images r, r + W, ... of them) or an iterable of
+# batches (each rank passes its own share, used as given).
+def image_batches(source, batch=64, num=None, seed=0, workers=2, progress=True):
+    what = f'"{os.fspath(source)}"' if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    if isinstance(source, (str, os.PathLike)):
+        source = scan_folder(source)
+    if isinstance(source, torch.utils.data.Dataset):
+        share = select_indices(len(source), num, seed, what)[dist.get_rank()::dist.get_world_size()]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, share.tolist()),
+            batch_size=batch, num_workers=workers, collate_fn=collate_images)
+    elif num is not None:
+        raise ValueError('num/seed choose images from a dataset; an iterable of batches is used as given '
+            '(each rank passes its own share)')
+    else:
+        loader = source
+    for images in tqdm.tqdm(loader, unit='batch', disable=(not progress or dist.get_rank() != 0)):
+        yield from to_rgb(images).split(batch)
 
 # Samples of a DDN for `seeds` (this rank's share), as uint8 NCHW batches straight from the network; the
-# same images as `generate.py --seeds` (per-seed codes; a class-conditional net draws each seed's class as generate.py does).
-@torch.no_grad()
+# same images as `generate.py --seeds` (training/generation.py; a class-conditional net draws each seed's class).
 def generator_batches(net, seeds, batch=64):
-    seeds = list(seeds)
-    label_dim = int(getattr(net, 'label_dim', 0) or 0)
-    device = next(net.parameters()).device
-    for i in range(0, len(seeds), batch):
-        chunk = seeds[i:i + batch]
-        condition = None
-        if getattr(net, 'condition', None):
-            if not label_dim:
-                raise ValueError(f'Unconditional metrics need samples without a condition image; this network is '
-                                 f'conditioned on {net.condition!r}')
-            classes = [int(np.random.RandomState(seed).randint(label_dim)) for seed in chunk]
-            condition = torch.eye(label_dim, device=device)[torch.as_tensor(classes, device=device)]
-        yield to_uint8(net(seeds=chunk, condition=condition).images)
+    if condition_kind(net) not in (None, 'class'):
+        raise ValueError(f'Unconditional metrics need samples without a condition image; this network is '
+                         f'conditioned on {net.condition!r}')
+    condition_fn = make_condition_fn(net, net.init_feature.device)
+    for b in generate_batches(net, seeds, batch, condition_fn=condition_fn):
+        yield b.images
 
-# Features of batches (split to at most `batch` images), one (B, D) tensor per batch.
-def compute_features(batches, detector, batch=64, device=None, progress=True):
+# Detector features of this rank's images (any source of image_batches), one (B, D) tensor per batch.
+def compute_features(source, detector, batch=64, device=None, num=None, seed=0, progress=True, workers=2):
     device = dist.device() if device is None else torch.device(device)
-    for images in tqdm.tqdm(batches, unit='batch', disable=(not progress or dist.get_rank() != 0)):
-        for chunk in to_rgb(images).split(batch):
-            yield detector_features(detector, chunk, device)
+    for images in image_batches(source, batch=batch, num=num, seed=seed, workers=workers, progress=progress):
+        yield detector_features(detector, images, device)
 
 # ----------------------------------------------------------------------------
-# Cross-rank communication, once per evaluation (single-process runs return their input unchanged).
-
-# In-place reduction over ranks: SUM, or MAX for agreeing on shapes and flags.
-def _all_reduce(x, op='SUM'):
-    if dist.get_world_size() > 1:
-        torch.distributed.all_reduce(x, op=getattr(torch.distributed.ReduceOp, op))
-    return x
-
-# Every rank's rows, interleaved (row i of rank r lands at i * W + r) so a strided split comes back in its original order.
-def _all_gather_rows(x):
-    world = dist.get_world_size()
-    if world == 1:
-        return x
-    count = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-    counts = [torch.empty_like(count) for _ in range(world)]
-    torch.distributed.all_gather(counts, count)
-    counts = torch.cat(counts).cpu()
-    # all_gather needs equal shapes: pad every share to the largest one, then drop the padding rows.
-    padded = x.new_zeros((int(counts.max()),) + tuple(x.shape[1:]))
-    padded[:x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    valid = (torch.arange(padded.shape[0])[:, None] < counts[None, :]).flatten()
-    return torch.stack(parts, dim=1).flatten(0, 1)[valid.to(x.device)]
+# Statistics over all ranks (torch_utils.distributed: one reduction or gather per evaluation).
 
 # Running sum and outer product of feature rows, in float64 on the device.
 class _Moments:
@@ -294,8 +284,7 @@ class _Moments:
         if self.total is None:
             self.total = torch.zeros(dim, dtype=torch.float64, device=device)
             self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        _all_reduce(self.total)
-        _all_reduce(self.outer)
+        dist.all_reduce_([self.total, self.outer])
         mu = self.total / num
         sigma = (self.outer - num * torch.outer(mu, mu)) / (num - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
@@ -331,9 +320,9 @@ def accumulate(batches, detector, device, keep_features=False, want_probs=False,
     # A rank may have seen no images (fewer images than ranks): agree on the shapes, and on whether any rank
     # failed to give probabilities, with one max-reduction; the image count is a sum.
     local_classes = max((p.shape[1] for p in probs), default=0)
-    agreed = _all_reduce(torch.tensor([dim, local_classes, int(probs_error is not None), spatial_dim], device=device), 'MAX')
-    dim, classes, probs_failed, spatial_dim = (int(v) for v in agreed)
-    num = int(_all_reduce(torch.tensor([count], device=device)))
+    agreed = torch.tensor([dim, local_classes, int(probs_error is not None), spatial_dim], device=device)
+    dim, classes, probs_failed, spatial_dim = (int(v) for v in dist.all_reduce_([agreed], op='max')[0])
+    num = int(dist.all_reduce_([torch.tensor([count], device=device)])[0])
     if num < 2:
         raise ValueError(f'Statistics need at least 2 images, got {num}')
     mu, sigma = moments.reduce(num, dim, device)
@@ -342,14 +331,14 @@ def accumulate(batches, detector, device, keep_features=False, want_probs=False,
         stats['mu_s'], stats['sigma_s'] = spatial.reduce(num, spatial_dim, device)
     if keep_features:
         local = torch.cat(features) if features else torch.zeros(0, dim, dtype=torch.float32, device=device)
-        stats['features'] = _all_gather_rows(local).cpu().numpy()
+        stats['features'] = dist.all_gather_rows(local).cpu().numpy()
     if want_probs:
         # IS needs probabilities for every image: one failing rank makes it unavailable everywhere.
         if probs_failed:
             stats['probs_error'] = probs_error or 'the detector could not give class probabilities on another rank'
         else:
             local = torch.cat(probs) if probs else torch.zeros(0, classes, dtype=torch.float64, device=device)
-            stats['probs'] = _all_gather_rows(local).cpu().numpy()
+            stats['probs'] = dist.all_gather_rows(local).cpu().numpy()
     return stats
 
 # ----------------------------------------------------------------------------
@@ -366,12 +355,7 @@ def save_ref(path, mu, sigma, features=None, num=None, detector=None, mu_s=None,
         arrays['detector'] = np.str_(detector)
     if mu_s is not None:
         arrays['mu_s'], arrays['sigma_s'] = np.asarray(mu_s, np.float64), np.asarray(sigma_s, np.float64)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # A temporary file in the same folder plus rename: readers never see a half-written file.
-    with tempfile.NamedTemporaryFile(dir=folder, suffix='.npz.tmp', delete=False) as f:
-        np.savez(f, **arrays)
-    os.replace(f.name, path)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 # Reference statistics from a local `.npz` or a URL (EDM publishes its references as URLs): a dict of arrays.
 def load_ref(path):
@@ -448,30 +432,48 @@ def evaluate(stats, ref, metrics, device='cpu'):
         results['unavailable'] = unavailable
     return results
 
-# Rank 0's object on every rank.
-def broadcast_object(obj):
-    if dist.get_world_size() > 1:
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        obj = box[0]
-    return obj
-
-# Metrics of this rank's uint8 NCHW batches against reference statistics; the same dict on every rank.
-def calc_metrics(batches, ref_path=None, metrics=('fid',), detector=None, device=None, detector_url=None, trust_pickle=False):
-    """`ref_path`: `.npz` path, URL or an already loaded dict. `detector`: an already loaded detector, else one
+# Metrics of images against reference statistics; the same dict on every rank.
+def calc_metrics(images, ref_path=None, metrics=('fid',), detector=None, device=None, detector_url=None, trust_pickle=False,
+        num=None, seed=0, batch=64, workers=2, progress=False, splits=1):
+    """`images`: folder, zip, dataset, or this rank's iterable of uint8 NCHW batches (then `num` must be None).
+    `ref_path`: `.npz` path, URL or an already loaded dict. `detector`: an already loaded detector, else one
     is loaded from `detector_url`. Returns floats under fid, kid, kid_se, sfid, is, is_std, precision, recall,
-    plus num, and an `unavailable` dict naming metrics that could not be computed and why."""
+    plus num, and an `unavailable` dict naming metrics that could not be computed and why. `splits` > 1:
+    also FID of that many disjoint parts of the images (in file order), under fid_splits, fid_mean, fid_std."""
     metrics = parse_metrics(metrics)
     device = dist.device() if device is None else torch.device(device)
-    ref, ref_name = check_ref(ref_path, metrics)
+    ref, ref_name = check_ref(ref_path, metrics if splits <= 1 else metrics + ['fid'])
     if detector is None:
         detector = load_detector(detector_url, device, trust_pickle=trust_pickle)
-    stats = accumulate(batches, detector, device, keep_features=bool({'pr', 'kid'} & set(metrics)),
-        want_probs='is' in metrics, want_spatial='sfid' in metrics,
-        ref_dim=None if ref is None else int(np.shape(ref['mu'])[0]), ref_name=ref_name)
-    # Rank 0 computes (sqrtm and k-NN are heavy), then every rank receives the same results.
-    results = evaluate(stats, ref, metrics, device) if dist.get_rank() == 0 else None
-    return broadcast_object(results)
+    ref_dim = None if ref is None else int(np.shape(ref['mu'])[0])
+    want = dict(keep_features=bool({'pr', 'kid'} & set(metrics)), want_probs='is' in metrics,
+                want_spatial='sfid' in metrics, ref_dim=ref_dim, ref_name=ref_name)
+    if splits <= 1:
+        batches = image_batches(images, batch=batch, num=num, seed=seed, workers=workers, progress=progress)
+        stats = accumulate(batches, detector, device, **want)
+        # Rank 0 computes (sqrtm and k-NN are heavy), then every rank receives the same results.
+        results = evaluate(stats, ref, metrics, device) if dist.get_rank() == 0 else None
+        return dist.broadcast_object(results)
+
+    # Disjoint consecutive parts of the chosen images (contiguous seed ranges when the files are seeds).
+    if not isinstance(images, (str, os.PathLike, torch.utils.data.Dataset)):
+        raise ValueError('splits need a folder, zip or dataset of images, not an iterable of batches')
+    named = isinstance(images, (str, os.PathLike))
+    dataset = scan_folder(images) if named else images
+    chosen = select_indices(len(dataset), num, seed, f'"{images}"' if named else 'the dataset')
+    if len(chosen) < 2 * splits:
+        raise ValueError(f'--splits {splits} needs at least {2 * splits} images, got {len(chosen)}')
+    parts = []
+    for i, part in enumerate(np.array_split(chosen, splits)):
+        dist.print0(f'Split {i + 1}/{splits}: {len(part)} images')
+        batches = image_batches(torch.utils.data.Subset(dataset, part.tolist()), batch=batch, workers=workers, progress=progress)
+        parts.append(accumulate(batches, detector, device, **want))
+    results = None
+    if dist.get_rank() == 0:
+        results = evaluate(combine_stats(parts), ref, metrics, device)
+        fids = [calculate_fid(p['mu'], p['sigma'], ref['mu'], ref['sigma']) for p in parts]
+        results.update(fid_splits=fids, fid_mean=float(np.mean(fids)), fid_std=float(np.std(fids, ddof=1)), splits=splits)
+    return dist.broadcast_object(results)
 
 # ----------------------------------------------------------------------------
 # Metrics during training (train.py --metrics): each snapshot's samples against the training data.
@@ -517,7 +519,7 @@ def training_reference(dataset_kwargs, detector, detector_url=None, device=None,
         dist.print0(f'Reference statistics: {path} (cached)')
         return path, load_ref(path)
     dist.print0(f'Computing reference statistics of {len(dataset)} training images into {path}...')
-    stats = reference_stats(dataset_batches(dataset, batch=batch, workers=0), detector, device)
+    stats = reference_stats(image_batches(dataset, batch=batch, workers=0, progress=False), detector, device)
     if dist.get_rank() == 0:
         save_ref(path, stats['mu'], stats['sigma'], features=stats['features'], num=stats['num'],
                  detector=detector_name(detector_url), mu_s=stats.get('mu_s'), sigma_s=stats.get('sigma_s'))
@@ -591,13 +593,9 @@ class SnapshotMetrics:
             append_line(os.path.join(self.run_dir, f'metric-{name}.jsonl'), json.dumps(line))
         dist.print0(text)
 
-# Write JSON atomically (temporary file in the same folder, then rename).
+# Write JSON atomically (torch_utils.checkpoint.write_atomic), indented.
 def write_json(path, obj):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile('w', dir=folder, suffix='.json.tmp', delete=False) as f:
-        json.dump(obj, f, indent=2)
-    os.replace(f.name, path)
+    write_atomic(path, lambda f: json.dump(obj, f, indent=2), mode='w')
 
 # ----------------------------------------------------------------------------
 
@@ -620,3 +618,23 @@ def combine_stats(parts):
         out.pop('probs', None)
         out['probs_error'] = errors[0]
     return out
+
+# ----------------------------------------------------------------------------
+# Printing results (fid.py, generate.py).
+
+# Print the metrics of `results` (rank 0), one `name=value` per line in the order of `order`, so
+# scripts can grep them (generate.py puts `fid` last, for scripts that read the last line). A metric
+# that could not be computed prints its reason first and `name=unavailable` in its place; FID over
+# disjoint splits (fid.py --splits) also prints a summary line.
+def print_metrics(results, order=PRINT_ORDER):
+    unavailable = results.get('unavailable', {})
+    for name, reason in unavailable.items():
+        dist.print0(f'{name} unavailable: {reason}')
+    if 'fid_splits' in results:
+        dist.print0(f'FID over {results["splits"]} disjoint splits: {results["fid_mean"]:g} +- {results["fid_std"]:g} '
+                    f'({", ".join(f"{v:g}" for v in results["fid_splits"])})')
+    for name in order:
+        if name in results:
+            dist.print0(f'{name}={results[name]:g}')
+        elif name in unavailable:
+            dist.print0(f'{name}=unavailable')

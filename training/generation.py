@@ -1,0 +1,205 @@
+"""Generation with a trained DDN as a stream of batches (EDM2's `generate_images`, for DDN).
+
+`generate_batches` yields the images of a list of names in batches, in one of three modes chosen by
+its arguments: nothing -> sampling (names are seeds: per-seed codes, so a seed gives the same image
+whatever the batch or the number of processes); `codes` -> decoding those latents; `dataset` ->
+reconstruction (L2-guided encoding of dataset images, names are their indices). A `scorer` (and
+`chooser`) guides sampling (zero-shot conditional generation, training/guidance.py); a
+`condition_fn` gives the condition of a conditional network (training/conditions.py). Every network
+call runs under `batch_invariant()`, the kernels that make an image independent of its batch.
+
+`Recorder` consumes such a stream: it writes each image's PNG, keeps the latents, the grid images,
+the reconstruction error and the guide distance, and gathers them on rank 0 (generate.py writes
+latents.npz, grid.png and metrics.json from them). Callers split the work across processes with
+`rank_share`; the uint8 images can stream on into training/metrics.py (FID) unchanged.
+"""
+
+import math
+import os
+import re
+from typing import Iterator, NamedTuple, Optional
+
+import numpy as np
+import torch
+
+import dnnlib
+from torch_utils import checkpoint
+from torch_utils import distributed as dist
+from training.conditions import condition_kind
+from training.guidance import final_distance
+from training.images import image_path, make_grid, save_png, side_by_side, to_float, to_pil, to_uint8
+from training.latent import save_latents
+from training.networks import batch_invariant
+
+# Images in the preview grid (the first names of a run).
+GRID_IMAGES = 100
+
+# Files of an earlier run in an output folder, removed by clear_outdir (besides the {name:06d}.png images).
+OUTPUT_FILES = ('latents.npz', 'grid.png', 'generation_options.json', 'metrics.json')
+
+# ----------------------------------------------------------------------------
+# The stream.
+
+class Batch(NamedTuple):
+    names:      list                    # Seed or index of each image (its file name).
+    images:     torch.Tensor            # (B, C, H, W) uint8, on the network's device.
+    codes:      torch.Tensor            # (B, L) int64 latent.
+    originals:  Optional[torch.Tensor]  # (B, C, H, W) uint8 originals (reconstruction), or None.
+    conditions: Optional[torch.Tensor]  # Condition of each image (conditional nets), or None.
+
+# This process's strided share of a list (or the rows of an array): items r, r + W, r + 2W, ... for rank r of W.
+def rank_share(items):
+    items = items if isinstance(items, np.ndarray) else list(items)
+    return items[dist.get_rank()::dist.get_world_size()]
+
+# Number of batches generate_batches makes of `num` names.
+def num_batches(num, batch):
+    return math.ceil(num / batch)
+
+# This process's images of `names`, in batches of at most `batch`, as uint8 on the network's device.
+@torch.no_grad()
+def generate_batches(
+    net,                        # DDNGenerator / DDNRecurrent in eval mode.
+    names,                      # Seeds (sampling), or names of the rows of `codes` / images of `dataset`.
+    batch           = 64,       # Most images per batch.
+    codes           = None,     # Decoding: (len(names), L) int array of latents, one row per name.
+    dataset         = None,     # Reconstruction: a dataset of uint8 CHW images; names are indices.
+    condition_fn    = None,     # (names, images or None) -> condition of a conditional net (conditions.make_condition_fn).
+    scorer          = None,     # Sampling: guide scorer (guided layers keep the best candidate).
+    chooser         = None,     # Sampling: choice rule of guided layers (default: the seed-aware argmin).
+) -> Iterator[Batch]:
+    if codes is not None and dataset is not None:
+        raise ValueError('generate_batches: give codes (decoding) or a dataset (reconstruction), not both')
+    if (codes is not None or dataset is not None) and scorer is not None:
+        raise ValueError('generate_batches: a scorer guides sampling only')
+    names = list(names)
+    device = net.init_feature.device
+    for start in range(0, len(names), batch):
+        chunk = names[start:start + batch]
+        originals = x = None
+        if dataset is not None:
+            originals = torch.from_numpy(np.stack([dataset[i][0] for i in chunk])).to(device)
+            x = to_float(originals)
+        condition = None if condition_fn is None else condition_fn(chunk, x)
+        with batch_invariant():
+            if x is not None:
+                chosen, images = net.encode(x, condition=condition)
+            elif codes is not None:
+                out = net(codes=torch.as_tensor(codes[start:start + batch], device=device), condition=condition)
+                chosen, images = out.codes, out.images
+            else:
+                out = net(seeds=chunk, condition=condition, scorer=scorer, chooser=chooser)
+                chosen, images = out.codes, out.images
+        yield Batch(chunk, to_uint8(images), chosen, originals, condition)
+
+# ----------------------------------------------------------------------------
+# Writing the images of a stream and keeping what rank 0 needs afterwards.
+
+# Saves a stream's PNGs as they come and keeps what the shared files need (see consume / gather).
+class Recorder:
+    def __init__(self,
+        outdir,                         # Output folder.
+        subdirs,                        # One subfolder per 1000 names.
+        grid_names,                     # Names whose images go to grid.png.
+        record_conditions = None,       # Batch conditions -> what latents.npz keeps per image; None = nothing.
+        scorer          = None,         # Guide scorer: measure the guide distance of the saved images.
+    ):
+        self.outdir = outdir
+        self.subdirs = subdirs
+        self.grid_names = set(grid_names)
+        self.record_conditions = record_conditions
+        self.scorer = scorer
+        self.names, self.codes, self.conditions = [], [], []
+        self.grid = {}                                              # name -> (image, original or None)
+        self.sq_err = torch.zeros([2], dtype=torch.float64)         # Sum of squared errors, number of values.
+        self.guide_dist = torch.zeros([2], dtype=torch.float64)     # Sum of guide distances, number of images.
+
+    # Save each batch's PNGs and record it; yields its uint8 images (for the FID detector). The PNGs
+    # are written in place, not atomically (an fsync per image would dominate a 50k-image run): an
+    # interrupted run has no latents.npz, and `--force` clears its images.
+    def consume(self, batches) -> Iterator[torch.Tensor]:
+        for b in batches:
+            images = b.images.cpu()
+            originals = None if b.originals is None else b.originals.cpu()
+            for i, name in enumerate(b.names):
+                path = image_path(self.outdir, name, self.subdirs)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                to_pil(images[i].numpy()).save(path)
+                if name in self.grid_names:
+                    self.grid[name] = (images[i].numpy(), None if originals is None else originals[i].numpy())
+            self.names += list(b.names)
+            self.codes.append(b.codes.cpu())
+            if self.record_conditions is not None and b.conditions is not None:
+                self.conditions.append(self.record_conditions(b.conditions).cpu())
+            if originals is not None:
+                diff = images.to(torch.float64) - originals.to(torch.float64)
+                self.sq_err += torch.tensor([diff.square().sum().item(), diff.numel()], dtype=torch.float64)
+            if self.scorer is not None:
+                # Measured on the images as saved (uint8), like every other metric here.
+                d = final_distance(self.scorer, to_float(b.images))
+                self.guide_dist += torch.tensor([d.double().sum().item(), d.numel()], dtype=torch.float64)
+            yield b.images
+
+    # Everything recorded on all ranks, on rank 0 (None elsewhere): names, codes and conditions sorted
+    # by name, grid, and the reconstruction / guide metrics (mse, psnr, guide_distance) that apply.
+    def gather(self, L):
+        codes = torch.cat(self.codes).numpy() if self.codes else np.zeros((0, L), np.int64)
+        conditions = torch.cat(self.conditions).numpy() if self.conditions else None
+        mine = dict(names=np.asarray(self.names, np.int64), codes=codes, conditions=conditions, grid=self.grid)
+        dist.all_reduce_([self.sq_err, self.guide_dist])
+        parts = dist.gather_object(mine)
+        if parts is None:
+            return None
+        names = np.concatenate([p['names'] for p in parts])
+        codes = np.concatenate([p['codes'] for p in parts])
+        order = np.argsort(names, kind='stable')
+        conds = [p['conditions'] for p in parts if p['conditions'] is not None]
+        conditions = np.concatenate(conds)[order] if conds else None
+        grid = {k: v for p in parts for k, v in p['grid'].items()}
+        return dnnlib.EasyDict(names=names[order], codes=codes[order], conditions=conditions, grid=grid, metrics=self._metrics())
+
+    # Reconstruction MSE / PSNR on the uint8 images (range [0, 255]) and the mean guide distance, where they apply.
+    def _metrics(self):
+        results = {}
+        sse, count = self.sq_err.tolist()
+        if count:
+            results['mse'] = sse / count
+            results['psnr'] = 10 * math.log10(255 ** 2 / results['mse']) if results['mse'] > 0 else float('inf')
+        total, count = self.guide_dist.tolist()
+        if self.scorer is not None and count:
+            results['guide_distance'] = total / count
+        return results
+
+# ----------------------------------------------------------------------------
+# The output folder: {name:06d}.png images (Recorder), latents.npz and grid.png (save_run).
+
+# latents.npz and grid.png of a gathered recording `rec` of `net` (rank 0). `stored`: the one condition
+# latents.npz keeps for all images (a shared condition image), else each image's recorded condition.
+# The grid holds `grid_names`; with originals (reconstruction) it is originals | reconstructions.
+def save_run(outdir, rec, net, name_key, grid_names, stored=None, network=None):
+    kind = condition_kind(net)
+    classes = rec.conditions if kind == 'class' else None
+    conditions = None if kind in (None, 'class') else stored if stored is not None else rec.conditions
+    save_latents(os.path.join(outdir, 'latents.npz'), name_key, rec.names, rec.codes, net.ks,
+                 classes=classes, conditions=conditions, network=network)
+    grid = make_grid([rec.grid[n][0] for n in grid_names])
+    if rec.grid[grid_names[0]][1] is not None:
+        grid = side_by_side(make_grid([rec.grid[n][1] for n in grid_names]), grid)
+    save_png(grid, os.path.join(outdir, 'grid.png'))
+
+# Make the folder and remove the outputs of an earlier run in it (our file names only).
+def clear_outdir(outdir):
+    os.makedirs(outdir, exist_ok=True)
+    checkpoint.remove_stale_temps(outdir)
+    for name in os.listdir(outdir):
+        path = os.path.join(outdir, name)
+        if name in OUTPUT_FILES or (re.fullmatch(r'\d{6}\.png', name) and os.path.isfile(path)):
+            os.remove(path)
+        elif re.fullmatch(r'\d{6}', name) and os.path.isdir(path):
+            for sub in os.listdir(path):
+                if re.fullmatch(r'\d{6}\.png', sub):
+                    os.remove(os.path.join(path, sub))
+            if not os.listdir(path):
+                os.rmdir(path)
+
+# ----------------------------------------------------------------------------
