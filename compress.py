@@ -72,11 +72,6 @@ def psnr(a, b):
     mse = (a.to(torch.float64) - b.to(torch.float64)).square().flatten(1).mean(1)
     return 10 * torch.log10(255.0 ** 2 / mse)
 
-def _device(name):
-    try:
-        return dist.pick_device(name)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint='--device') from e
 
 def _load(network, device, trust_pickle=False):
     try:
@@ -105,7 +100,7 @@ def _psnr_line(values):
 # The options both commands share: which network, on which device, how many images at once.
 def _network_options(fn):
     fn = click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)(fn)
-    fn = click.option('--device', help='Device: auto (this process\'s GPU if any, else CPU), cpu, cuda, cuda:N, mps', metavar='STR', type=str, default='auto', show_default=True)(fn)
+    fn = dist.device_option()(fn)
     fn = click.option('--batch', help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)(fn)
     return click.option('--network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (latest snapshot)', metavar='FILE|URL|DIR', required=True)(fn)
 
@@ -127,7 +122,7 @@ def encode(network, data, max_images, out, batch, device, trust_pickle):
     """Encode dataset images to packed latents; report bits/image and PSNR."""
     if os.path.isdir(out):
         raise click.BadParameter(f'{out} is a folder; give a file name', param_hint='--out')
-    device = _device(device)
+    device = dist.pick_device(device)
     path, net = _load(network, device, trust_pickle)
     dataset = _open_dataset(data, net)
     num = len(dataset) if max_images is None else min(max_images, len(dataset))
@@ -150,7 +145,7 @@ def encode(network, data, max_images, out, batch, device, trust_pickle):
 @click.option('--data',         help='Also report the PSNR against these originals (the encoded dataset)', metavar='ZIP|DIR', default=None)
 def decode(network, codes, outdir, data, batch, device, trust_pickle):
     """Decode a codes file to images {index:06d}.png."""
-    device = _device(device)
+    device = dist.pick_device(device)
     path, net = _load(network, device, trust_pickle)
     all_codes, ks, made_by = read_codes_file(codes, with_network=True)
     if list(ks) != list(net.ks):

@@ -20,7 +20,7 @@ import tempfile
 import click
 import numpy as np
 
-from torch_utils.distributed import pick_device
+from torch_utils.distributed import device_option, pick_device
 from training import interactive
 from training.images import to_uint8
 from training.interactive import CANVAS_SIZE, MAX_SEEDS, UPLOAD_GUIDES
@@ -158,14 +158,11 @@ def build_app(network, device):
 @click.option('--network', help='Network snapshot, URL or run folder', metavar='PATH|URL|DIR', type=str, required=True)
 @click.option('--host', help='Address to listen on', metavar='ADDR', type=str, default='127.0.0.1', show_default=True)
 @click.option('--port', help='Port to listen on', metavar='INT', type=click.IntRange(1, 65535), default=7860, show_default=True)
-@click.option('--device', help='Device: auto (this process\'s GPU if any, else CPU), cpu, cuda, cuda:N, mps', metavar='STR', type=str, default='auto', show_default=True)
+@device_option()
 def main(network, host, port, device):
     """Zero-shot conditional generation in the browser (gradio app on HOST:PORT)."""
     os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
-    try:
-        device = pick_device(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint='--device') from None
+    device = pick_device(device)
     try:
         app = build_app(network, device)
     except Exception as e:  # gradio's Error for a network that does not load

@@ -238,7 +238,7 @@ def _load_metrics(opts, num, device):
 @click.option('--force', help='Write into a non-empty --outdir, replacing an earlier run\'s images, latents and grid', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label of class-conditional networks (and target of --guide classifier)  [default: random per seed]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64)
-@click.option('--device', help='Device: auto (this process\'s GPU if any, else CPU), cpu, cuda, cuda:N, mps', metavar='STR', type=str, default='auto')
+@dist.device_option()
 # DDN options.
 @click.option('--codes', 'codes_path', help='Decode the latents of this file (a latents.npz written here)', metavar='NPZ', type=str, default=None)
 @click.option('--reconstruct', 'data', help='Encode and reconstruct images of a dataset (folder, zip, or "digits")', metavar='PATH|digits', type=str, default=None)
@@ -293,10 +293,7 @@ def _main(opts):
     guide_types = [name for name, _ in parse_spec(opts.guide)] if opts.guide is not None else []
     check_guide_options(opts, guide_types)
     chooser, chooser_info = make_chooser(opts.guide_temp, opts.guide_topk)
-    try:
-        device = dist.pick_device(opts.device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint='--device') from e
+    device = dist.pick_device(opts.device)
     check_outdir(opts.outdir, opts.force)
 
     dist.print0(f'Loading network from "{opts.network}"...')

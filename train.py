@@ -154,7 +154,7 @@ def resolve_resume(path):
 @option(PERF, '--bench',         help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
 @option(PERF, '--cache',         help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True)
 @option(PERF, '--workers',       help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1)
-@option(PERF, '--device',        help='Device; auto = the GPU of this process if any, else the CPU', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto')
+@distributed.device_option(cls=GroupedOption, group=PERF)
 
 # I/O.
 @option(IO, '--desc',            help='String to include in result dir name', metavar='STR', type=str)
@@ -264,10 +264,7 @@ def launch(opts):
              kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump,
              cudnn_benchmark=opts.bench, device=opts.device)
     c.update(compile=opts.compile, channels_last=opts.channels_last)
-    has_cuda = torch.cuda.is_available() if opts.device == 'auto' else opts.device == 'cuda'
-    if opts.device == 'cuda' and not torch.cuda.is_available():
-        raise click.UsageError('--device=cuda but CUDA is not available')
-    if opts.precision == 'fp16' and not has_cuda:
+    if opts.precision == 'fp16' and distributed.pick_device(opts.device).type != 'cuda':
         raise click.UsageError('--precision=fp16 needs CUDA (loss scaling); use --precision=bf16 on the CPU')
 
     # Metrics of the snapshots: check the names, and a local detector file, before a run folder exists.
@@ -340,12 +337,10 @@ def launch(opts):
         run_dir = next_run_dir(opts.outdir, f'{dataset_name}-{desc}')
     else:   # Reserved now by rank 0 (an atomic mkdir), then shared with the other ranks.
         try:
-            run_dir = [make_run_dir(opts.outdir, f'{dataset_name}-{desc}') if distributed.get_rank() == 0 else None]
+            run_dir = make_run_dir(opts.outdir, f'{dataset_name}-{desc}') if distributed.get_rank() == 0 else None
         except OSError as err:
             raise click.ClickException(f'--outdir: cannot create a run folder in {opts.outdir}: {err}') from None
-        if world_size > 1:
-            torch.distributed.broadcast_object_list(run_dir, src=0)
-        run_dir = run_dir[0]
+        run_dir = distributed.broadcast_object(run_dir)
     c.run_dir = run_dir
 
     # Print options.

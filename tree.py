@@ -135,7 +135,7 @@ def render_tree(images, mean, ks, cell):
 @click.option('--levels',   help='Levels (layers) of the tree to draw', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--out',      help='Output PNG', metavar='PNG', default='tree.png', show_default=True)
 @click.option('--cell',     help='Side of a leaf cell in pixels  [default: output resolution + padding, >= 24]', metavar='INT', type=click.IntRange(min=4), default=None)
-@click.option('--device',   help='Device: auto (this process\'s GPU if any, else CPU), cpu, cuda, cuda:N, mps', metavar='STR', type=str, default='auto', show_default=True)
+@dist.device_option()
 @click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
 def main(network, levels, out, cell, device, trust_pickle):
     """Draw the first levels of a trained DDN's latent tree as recursive grids.
@@ -147,10 +147,7 @@ def main(network, levels, out, cell, device, trust_pickle):
         check_png_out(out)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--out') from e
-    try:
-        device = dist.pick_device(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint='--device') from e
+    device = dist.pick_device(device)
     try:
         path, net = load_network(network, device, trust_pickle)
     except (OSError, ValueError) as e:

@@ -27,7 +27,7 @@ import torch
 import tqdm
 
 import dnnlib
-from torch_utils.distributed import pick_device
+from torch_utils.distributed import device_option, pick_device
 from training import guidance, snapshot
 from training.dataset import open_dataset
 from training.ddl import resize_area
@@ -132,7 +132,7 @@ def layout(rows, cell_min):
 @click.option('--temperature', help='Softmax temperature of the choice (0 = argmin: every seed gives the same image)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.2, show_default=True)
 @click.option('--topk', help='Choose uniformly among the N best instead (overrides --temperature)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--cell', help='Smallest cell side in pixels (nearest upscaling)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--device', help='Device: auto (this process\'s GPU if any, else CPU), cpu, cuda, cuda:N, mps', metavar='STR', default='auto', show_default=True)
+@device_option()
 @click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
 def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperature, topk, cell, device, trust_pickle):
     """Zero-shot conditional generation figure: condition | guided results per seed | ground truth."""
@@ -140,10 +140,7 @@ def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperatu
         check_png_out(out)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--out') from e
-    try:
-        device = pick_device(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint='--device') from None
+    device = pick_device(device)
     indices, seeds = parse_int_list(images), parse_int_list(seeds)
     net = load_network(network, device, trust_pickle)
     res, C = net.img_resolution, net.img_channels

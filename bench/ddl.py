@@ -44,6 +44,7 @@ if __package__ in (None, ''):
     # Run as `python bench/ddl.py`: make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from torch_utils import distributed as dist                 # noqa: E402
 from training.ddl import DiscreteDistributionLayer          # noqa: E402
 from training.split_prune import split_and_prune            # noqa: E402
 
@@ -307,7 +308,7 @@ def fmt_mib(nbytes):
 # ----------------------------------------------------------------------------
 
 @click.command()
-@click.option('--device',    help='Device to run on [default: cuda if available]', type=click.Choice(['cpu', 'cuda']), default=None)
+@dist.device_option()
 @click.option('--steps',     help='Timed steps per layer and shape', metavar='INT', type=click.IntRange(min=1), default=20,
               show_default=True)
 @click.option('--threads',   help='CPU threads for torch [default: number of cores]', metavar='INT', type=click.IntRange(min=1),
@@ -316,11 +317,8 @@ def fmt_mib(nbytes):
               show_default=True)
 def main(device, steps, threads, precision):
     """Time one DDL training step, ours vs the reference package sddn; print the ratio of medians."""
-    if device is None:
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise click.BadParameter('CUDA is not available', param_hint='--device')
-    if precision == 'bf16' and device != 'cuda':
+    device = dist.pick_device(device)
+    if precision == 'bf16' and device.type != 'cuda':
         raise click.BadParameter('bf16 autocast is only benchmarked on CUDA', param_hint='--precision')
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
@@ -328,7 +326,6 @@ def main(device, steps, threads, precision):
     # sddn divides by empty near2 rows on purpose (and repairs the NaNs); keep its warning off our output.
     warnings.filterwarnings('ignore', message='invalid value encountered in divide', category=RuntimeWarning, module=r'sddn\.')
     torch.set_num_threads(threads)
-    device = torch.device(device)
     bf16 = precision == 'bf16'
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     print(f'device {name}, threads {threads}, precision {precision}, torch {torch.__version__}, sddn {sddn.__version__}; '

@@ -52,14 +52,11 @@ def time_path(net, batch, steps, warmup, all_heads):
 @click.option('--batch', help='Images per step  [default: 2 on CPU, 256 on CUDA]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--steps', help='Timed steps per path  [default: 2 on CPU, 20 on CUDA]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--warmup', help='Untimed steps per path', metavar='INT', type=click.IntRange(min=0), default=1)
-@click.option('--device', help='Device: auto (this process\'s GPU if any, else CPU), cpu, cuda, cuda:N, mps', metavar='STR', type=str, default='auto')
+@dist.device_option()
 @click.option('--json', 'json_path', help='Also write the figures to this JSON file', metavar='FILE', type=str)
 def main(batch, steps, warmup, device, json_path):
     """Images/s of generation with the reference CIFAR-10 network, single-head vs all-K."""
-    try:
-        device = dist.pick_device(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint='--device') from e
+    device = dist.pick_device(device)
     on_cuda = device.type == 'cuda'
     batch, steps = batch or (256 if on_cuda else 2), steps or (20 if on_cuda else 2)
     torch.manual_seed(0)

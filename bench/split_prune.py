@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torch_utils import distributed
+from torch_utils import distributed as dist
 from training.ddl import DiscreteDistributionLayer
 from training.split_prune import decide, find_node_sets, redistribute, split_and_prune
 
@@ -142,12 +143,12 @@ def _state(model, ema, optimizer):
 @click.option('--batch',    help='Targets observed per layer per step', metavar='INT', type=click.IntRange(min=1), default=256)
 @click.option('--steps',    help='Timed steps', metavar='INT', type=click.IntRange(min=1), default=30)
 @click.option('--warmup',   help='Untimed steps first', metavar='INT', type=click.IntRange(min=0), default=3)
-@click.option('--device',   help='Device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@dist.device_option()
 @click.option('--threads',  help='CPU threads', metavar='INT', type=click.IntRange(min=1), default=1)
 def main(layers, batch, steps, warmup, device, threads):
     """Operations and time of one Split-and-Prune pass: per-layer loop vs batched."""
     torch.set_num_threads(threads)
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = dist.pick_device(device)
     cuda = device.type == 'cuda'
     before = make_setup(layers, device=device)
     after = make_setup(layers, device=device)

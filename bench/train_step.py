@@ -48,15 +48,12 @@ REFERENCE_NET = dict(img_resolution=32, img_channels=3, max_blockn=32, max_outpu
 @click.option('--compile',   help='torch.compile the training forward', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--channels-last', help='Channels-last convolutions', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--adam',      help='Adam implementation (auto = torch\'s choice)', type=click.Choice(['auto', 'for-loop', 'foreach', 'fused']), default='auto', show_default=True)
-@click.option('--device',    help='Device: auto (this process\'s GPU if any, else CPU), cpu, cuda, cuda:N, mps', metavar='STR', type=str, default='auto', show_default=True)
+@dist.device_option()
 @click.option('--threads',   help='CPU threads', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--json', 'json_path', help='Also write the figures to this JSON file', metavar='FILE', type=str)
 def main(batch, steps, warmup, precision, compile, channels_last, adam, device, threads, json_path):
     """Images/s and peak memory of training steps of the reference CIFAR-10 DDN."""
-    try:
-        device = dist.pick_device(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint='--device') from e
+    device = dist.pick_device(device)
     cuda = device.type == 'cuda'
     batch = batch or (256 if cuda else 4)
     steps = steps or (20 if cuda else 3)

@@ -135,6 +135,21 @@ def pick_device(name=None):
         raise ValueError(f'{name!r}: MPS is not available on this machine')
     return dev
 
+# The `--device` option of every script: the string of the command line, checked by `pick_device`
+# when the command line is parsed (a bad value is a usage error naming --device); the script calls
+# `pick_device(value)` for its torch.device.
+DEVICE_HELP = "Device: auto (this process's GPU if any, else CPU), cpu, cuda, cuda:N, mps"
+
+def device_option(default='auto', **kwargs):
+    import click
+    def check(ctx, param, value):
+        try:
+            pick_device(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+        return value
+    return click.option('--device', help=DEVICE_HELP, metavar='STR', type=str, default=default, show_default=True, callback=check, **kwargs)
+
 # ----------------------------------------------------------------------------
 # print() on rank 0 only, so N processes do not print N copies of every line.
 
@@ -259,3 +274,23 @@ def broadcast_object(obj, src=0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+# ----------------------------------------------------------------------------
+# Host-side collectives for small values read on the host every step (a stop request): a gloo
+# group beside the main one, so with NCCL they still move no device memory and sync no stream.
+
+def new_host_group():
+    return torch.distributed.new_group(backend='gloo') if get_world_size() > 1 else None
+
+# The maximum of an integer over all ranks, through a group from new_host_group() (None: this value).
+def host_max(value, group):
+    if group is None:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    return int(t)
+
+# DDP communication hook: SUM a bucket of gradients over ranks (DDP's default averages), async.
+def allreduce_sum_hook(process_group, bucket):
+    work = torch.distributed.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])

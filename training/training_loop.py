@@ -126,9 +126,7 @@ def file_tag(cur_nimg, last_kimg):
 class _StopRequest:
     def __init__(self):
         self.signum = None
-        self.group = None
-        if distributed.get_world_size() > 1:    # A CPU collective: no device sync per step, even with NCCL.
-            self.group = torch.distributed.new_group(backend='gloo')
+        self.group = distributed.new_host_group()   # A CPU collective: no device sync per step, even with NCCL.
         for sig in STOP_SIGNALS:
             try:
                 signal.signal(sig, self._handle)
@@ -140,12 +138,8 @@ class _StopRequest:
 
     # True on every rank once any rank got a stop signal (the signal number in self.signum).
     def requested(self):
-        flag = self.signum or 0
-        if self.group is not None:
-            t = torch.tensor([flag], dtype=torch.int64)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
-            flag = int(t)
-            self.signum = flag or None
+        flag = distributed.host_max(self.signum or 0, self.group)
+        self.signum = flag or None
         return bool(flag)
 
 # training_loop leaves the handlers of STOP_SIGNALS as it found them, also when it raises.
@@ -187,13 +181,6 @@ class _TrainingForward(torch.nn.Module):
 
     def forward(self, images, labels):
         return self.loss_fn(net=self.net, images=images, labels=labels)
-
-# DDP communication hook: SUM the gradients of a bucket over ranks (DDP's default averages). The
-# loss is scaled by the global batch, so the sum is the gradient of the global mean, with the same
-# arithmetic as one process accumulating all the rounds.
-def _allreduce_sum_hook(process_group, bucket):
-    work = torch.distributed.all_reduce(bucket.buffer(), group=process_group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
 
 # ----------------------------------------------------------------------------
 # One optimisation step of a DDN: gradient accumulation, all-reduce, Adam, node balancing, EMA.
@@ -239,7 +226,7 @@ class TrainingStep:
                 else dict(broadcast_buffers=False)
             self.ddp = DDP(self.forward, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
                            bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
-            self.ddp.register_comm_hook(None, _allreduce_sum_hook)
+            self.ddp.register_comm_hook(None, distributed.allreduce_sum_hook)   # Sum: the loss is scaled by the global batch.
             self.forward = self.ddp
         if compile:
             self.forward = torch.compile(self.forward, backend=compile if isinstance(compile, str) else 'inductor')
@@ -413,9 +400,7 @@ def training_loop(
     training_options = _canonical_options(locals())     # The arguments of this call, for the snapshots.
     start_time = time.time()
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    device = distributed.device() if device in (None, 'auto') else torch.device(device)
-    if device.type == 'cuda' and device.index is None:
-        device = distributed.device()
+    device = distributed.pick_device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
