@@ -113,12 +113,15 @@ def balance_step(net, optimizer, method, bias_rate):
     rule = 'tv' if method == 'none' else method
     return split_and_prune(net, optimizer, rule=rule, enabled=method != 'none', bias_rate=bias_rate)
 
+# Node counts (L, K) of every node set of `net`.
+def node_counts(net):
+    return torch.stack([ns.node_stats.count for ns in find_node_sets(net)])
+
 # Train `net` on the images x for `steps` Adam steps (lr 3e-3), balancing after each step.
 def overfit(net, x, method, steps, bias_rate=0.2):
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     mse_before = (net.encode(x)[1] - x).square().mean().item()
     splits = torch.zeros([], dtype=torch.int64)
-    node_counts = lambda: torch.stack([ns.node_stats.count for ns in find_node_sets(net)])  # noqa: E731
     for step in range(steps):
         loss = net(target=x).losses.mean()
         opt.zero_grad()
@@ -126,10 +129,11 @@ def overfit(net, x, method, steps, bias_rate=0.2):
         opt.step()
         splits += balance_step(net, opt, method, bias_rate)
         if step == steps // 2 - 1:
-            half = node_counts()
+            half = node_counts(net)
     mse_after = (net.encode(x)[1] - x).square().mean().item()
-    return OverfitRun(net, int(splits), mse_before, mse_after, node_counts() - half)
+    return OverfitRun(net, int(splits), mse_before, mse_after, node_counts(net) - half)
 
+# `overfit` itself, for tests that train their own network (test_recurrent.py).
 @pytest.fixture(scope='session')
 def overfit_fn():
     return overfit

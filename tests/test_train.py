@@ -336,8 +336,8 @@ def _digit_folder(path, count=300):
 @torch.no_grad()
 def _condition_ratio(net, images, labels):
     if net.condition == 'class':
-        error = lambda condition: (net.encode(images, condition)[1] - images).square().mean()  # noqa: E731
-        return float(error(labels) / error(labels.roll(1, dims=1)))
+        right, wrong = (net.encode(images, c)[1] - images for c in (labels, labels.roll(1, dims=1)))
+        return float(right.square().mean() / wrong.square().mean())
     cond = net.make_condition(images)
     low = torch.nn.functional.adaptive_avg_pool2d(net(seeds=range(len(images)), condition=cond).images, cond.shape[-1])
     return float((low - cond).square().mean() / (low - cond.roll(1, 0)).square().mean())
