@@ -1,8 +1,10 @@
 """Shared pytest fixtures. Puts the repository root on sys.path, so tests import `dnnlib`,
 `torch_utils` and `training` exactly as the scripts at the root do, without installing anything."""
 
+import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +19,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from training.dataset import DigitsDataset  # noqa: E402
+from training.networks import DDNGenerator  # noqa: E402
+from training.split_prune import balance, find_node_sets  # noqa: E402
 
 # The tests run tiny networks: one thread avoids the synchronisation overhead that dominates
 # small ops and keeps the suite fast on a busy 2-core machine (torchrun children already get
@@ -33,14 +37,17 @@ def repo_root():
 # ----------------------------------------------------------------------------
 # Environment for child processes (fresh interpreters, torchrun): the repository and tests importable.
 
-@pytest.fixture
-def subprocess_env():
+def child_env():
     env = os.environ.copy()
     paths = [str(REPO_ROOT), str(REPO_ROOT / 'tests')]
     if env.get('PYTHONPATH'):
         paths.append(env['PYTHONPATH'])
     env['PYTHONPATH'] = os.pathsep.join(paths)
     return env
+
+@pytest.fixture
+def subprocess_env():
+    return child_env()
 
 # ----------------------------------------------------------------------------
 # A TCP port that is free on the loopback interface right now.
@@ -87,3 +94,71 @@ def digit_classifier(digits):
     clf.eval().requires_grad_(False)
     assert (clf(images).argmax(1) == labels).float().mean() > 0.9
     return clf
+
+# ----------------------------------------------------------------------------
+# Overfitting a few images (test_networks.py, test_balance.py, test_recurrent.py). Each training
+# run is made once per session and shared by the tests that look at it: they only read the result.
+
+class OverfitRun:
+    def __init__(self, net, splits, mse_before, mse_after, half_counts):
+        self.net = net                      # The trained network (do not modify).
+        self.splits = splits                # Total number of splits over the run.
+        self.mse_before = mse_before        # Reconstruction MSE (encode) before training ...
+        self.mse_after = mse_after          # ... and after.
+        self.half_counts = half_counts      # (L, K) node counts of the second half of training.
+
+# One balancing step after the optimizer step, `method` in 'tv', 'paper' (Split-and-Prune with
+# that rule), 'bias' (selection bias) or 'none': the one place the tests call the balancing API.
+def balance_step(net, optimizer, method, bias_rate):
+    return balance(net, optimizer, method, bias_rate=bias_rate)
+
+# Node counts (L, K) of every node set of `net`.
+def node_counts(net):
+    return torch.stack([ns.node_stats.count for ns in find_node_sets(net)])
+
+# Train `net` on the images x for `steps` Adam steps (lr 3e-3), balancing after each step.
+def overfit(net, x, method, steps, bias_rate=0.2):
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    mse_before = (net.encode(x)[1] - x).square().mean().item()
+    splits = torch.zeros([], dtype=torch.int64)
+    for step in range(steps):
+        loss = net(target=x).losses.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        splits += balance_step(net, opt, method, bias_rate)
+        if step == steps // 2 - 1:
+            half = node_counts(net)
+    mse_after = (net.encode(x)[1] - x).square().mean().item()
+    return OverfitRun(net, int(splits), mse_before, mse_after, node_counts(net) - half)
+
+# `overfit` itself, for tests that train their own network (test_recurrent.py).
+@pytest.fixture(scope='session')
+def overfit_fn():
+    return overfit
+
+# A small generator overfitting the first 8 built-in digits for 300 steps with balancing `method`
+# (same seed for every method): `overfit_digits(method)` -> OverfitRun, trained on first use.
+@pytest.fixture(scope='session')
+def overfit_digits(digits):
+    runs = {}
+    def get(method):
+        if method not in runs:
+            torch.manual_seed(0)
+            net = DDNGenerator(8, 1, max_outputk=8, max_blockn=1, max_channels=16, chain_dropout=0.05)
+            runs[method] = overfit(net, digits[0][:8], method, steps=300)
+        return runs[method]
+    return get
+
+# ----------------------------------------------------------------------------
+# tests/scripts/ddl_two_ranks.py under torchrun (2 gloo processes), launched once for all its
+# rules: {rule: findings} (test_networks.py: 'tv', test_balance.py: 'bias').
+
+@pytest.fixture(scope='session')
+def ddl_two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp('ddl-two-ranks') / 'result.json'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(REPO_ROOT / 'tests' / 'scripts' / 'ddl_two_ranks.py'), str(out), 'tv', 'bias']
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())

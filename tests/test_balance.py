@@ -130,31 +130,18 @@ def test_zero_bias_is_bit_identical_to_nearest():
     assert torch.equal(layer.node_stats.select(out.dist), out.dist.argmin(1))
 
 # ----------------------------------------------------------------------------
-# 3. A small generator overfitting 8 digits (as in test_networks.py): node frequencies over the
-# second half of training, with balancing by bias and with no balancing at all, same seed.
+# 3. A small generator overfitting 8 digits (conftest's `overfit_digits`, shared with test_networks.py):
+# node frequencies over the second half of training, with balancing by bias and with no balancing
+# at all, same seed.
 
-def _train_digits(x, method, steps=300, bias_rate=0.2):
-    torch.manual_seed(0)
-    net = DDNGenerator(8, 1, max_outputk=8, max_blockn=1, max_channels=16, chain_dropout=0.05)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    mse_before = (net.encode(x)[1] - x).square().mean().item()
-    splits = torch.zeros([], dtype=torch.int64)
-    for step in range(steps):
-        loss = net(target=x).losses.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        splits += balance(net, opt, method, bias_rate=bias_rate)
-        if step == steps // 2 - 1:
-            half = torch.stack([d.node_stats.count for d in net.ddls])
-    counts = torch.stack([d.node_stats.count for d in net.ddls]) - half        # (L, K) second half.
-    rel_freq = counts / counts.sum(1, keepdim=True) * counts.shape[1]         # 1 = uniform.
-    mse_after = (net.encode(x)[1] - x).square().mean().item()
-    return net, int(splits), rel_freq, mse_before, mse_after
+# Node frequencies x K (1 = uniform) of the second half of a run's training, (L, K).
+def _rel_freq(run):
+    return run.half_counts / run.half_counts.sum(1, keepdim=True) * run.half_counts.shape[1]
 
-def test_bias_balances_node_frequencies_without_splits(digits):
-    net, splits, rel, before, after = _train_digits(digits[0][:8], 'bias')
-    _, splits_off, rel_off, _, _ = _train_digits(digits[0][:8], 'none')
+def test_bias_balances_node_frequencies_without_splits(overfit_digits):
+    run, off = overfit_digits('bias'), overfit_digits('none')
+    net, splits, splits_off, before, after = run.net, run.splits, off.splits, run.mse_before, run.mse_after
+    rel, rel_off = _rel_freq(run), _rel_freq(off)
     tv = (rel - 1).abs().sum(1).mean().item() / (2 * rel.shape[1])           # Mean total variation to uniform.
     tv_off = (rel_off - 1).abs().sum(1).mean().item() / (2 * rel_off.shape[1])
     dead, dead_off = int((rel == 0).sum()), int((rel_off == 0).sum())
@@ -203,13 +190,8 @@ def test_state_dict_and_snapshot_keep_the_bias():
 # ----------------------------------------------------------------------------
 # Two processes (gloo on CPU) balancing by bias: biases, parameters and statistics agree on both.
 
-def test_two_processes_same_bias(tmp_path, subprocess_env, repo_root):
-    out = tmp_path / 'result.json'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           str(repo_root / 'tests' / 'scripts' / 'ddl_two_ranks.py'), str(out), 'bias']
-    proc = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+def test_two_processes_same_bias(ddl_two_ranks):
+    result = ddl_two_ranks['bias']
     assert result['world'] == 2 and result['splits'] == 0
     assert result['bias_max'] > 0                # The biases moved ...
     assert result['max_diff'] == 0.0             # ... identically on both ranks.

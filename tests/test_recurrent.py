@@ -15,7 +15,6 @@ import generate
 import train
 from training.ddl import reference_heads
 from training.networks import DDNRecurrent, batch_invariant
-from training.split_prune import balance
 
 def tiny_rec(**kwargs):
     torch.manual_seed(0)
@@ -125,27 +124,17 @@ def test_class_condition_changes_the_output():
 # Overfitting 8 real digits: the shared DDL learns, and Split-and-Prune keeps its nodes in use
 # (statistics pooled over all layers); without it, nodes starve.
 
-def _overfit(x, split_prune_on, steps=150):
-    net = tiny_rec(num_iters=4, chain_dropout=0.05)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    mse_before = (net.encode(x)[1] - x).square().mean().item()
-    splits = 0
-    for _ in range(steps):
-        loss = net(target=x).losses.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        splits = balance(net, opt, 'tv' if split_prune_on else 'none')
-    mse_after = (net.encode(x)[1] - x).square().mean().item()
-    return mse_before, mse_after, net.ddl.node_stats.frequency() * net.ddl.K, net.ddl.node_stats.seen.item(), splits
-
-def test_overfit_eight_digits_with_and_without_split_prune(digits):
-    before, after, rel_freq, seen, _ = _overfit(digits[0][:8], True)
+# conftest's `overfit` (Adam, a balancing step after each), 150 steps.
+def test_overfit_eight_digits_with_and_without_split_prune(digits, overfit_fn):
+    run = overfit_fn(tiny_rec(num_iters=4, chain_dropout=0.05), digits[0][:8], 'tv', steps=150)
+    before, after, ddl = run.mse_before, run.mse_after, run.net.ddl
+    rel_freq = ddl.node_stats.frequency() * ddl.K
     assert after < before / 5, (before, after)
-    assert seen == 150 * 8 * 4  # Every layer's targets, pooled.
+    assert ddl.node_stats.seen.item() == 150 * 8 * 4  # Every layer's targets, pooled.
     assert rel_freq.min() >= 0.25 and rel_freq.max() <= 4.0, rel_freq
-    _, after_off, rel_off, _, _ = _overfit(digits[0][:8], False)
-    assert after_off < before
+    off = overfit_fn(tiny_rec(num_iters=4, chain_dropout=0.05), digits[0][:8], 'none', steps=150)
+    assert off.mse_after < before
+    rel_off = off.net.ddl.node_stats.frequency() * off.net.ddl.K
     assert rel_off.min() < 0.25, rel_off
 
 # ----------------------------------------------------------------------------

@@ -11,14 +11,17 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
 import train
 from torch_utils import checkpoint
 from training import training_loop as tl
+from training.dataset import DigitsDataset
 
 # A tiny network on the built-in 16x16 digits: 5 layers of K=8, about 2000 images/s on one core.
 TINY = ['--batch=50', '--lr-rampup=0', '--max-channels=8', '--max-blockn=1', '--max-outputk=8',
@@ -224,13 +227,10 @@ def test_killed_run_leaves_complete_files_and_resumes(tmp_path, env):
 # ----------------------------------------------------------------------------
 # Bad input: one clear message each, non-zero exit, nothing written or overwritten.
 
-def _png_folder(path, size, count=4, labels=False):
+def _png_folder(path, size, count=4):
     os.makedirs(path)
     for i in range(count):
         PIL.Image.new('L', (size, size), color=i * 40).save(os.path.join(path, f'{i}.png'))
-    if labels:
-        with open(os.path.join(path, 'dataset.json'), 'w') as f:
-            json.dump({'labels': [[f'{i}.png', i % 2] for i in range(count)]}, f)
     return str(path)
 
 def _bad_cases(tmp_path, run_dir):
@@ -318,26 +318,60 @@ def test_torchrun_does_not_take_our_options():
 
 # ----------------------------------------------------------------------------
 
-# Conditional training through the CLI: the snapshot is conditional, follows its condition, and the
-# sample grid was drawn with the conditions of the first dataset images.
+# A labelled folder of the first `count` built-in digits at 16x16 (their classes in dataset.json);
+# returns the images in [-1, 1] and the one-hot labels.
+def _digit_folder(path, count=300):
+    ds = DigitsDataset(resolution=16, use_labels=True)
+    os.makedirs(path)
+    for i in range(count):
+        PIL.Image.fromarray(ds[i][0][0]).save(os.path.join(path, f'{i}.png'))
+    with open(os.path.join(path, 'dataset.json'), 'w') as f:
+        json.dump({'labels': [[f'{i}.png', int(ds.get_label(i).argmax())] for i in range(count)]}, f)
+    images = torch.from_numpy(np.stack([ds[i][0] for i in range(count)])).float() / 127.5 - 1
+    return images, torch.from_numpy(np.stack([ds.get_label(i) for i in range(count)]))
+
+# How much better a net follows the right condition than a wrong one (< 1: it follows it). resizeN:
+# the error of the samples' N x N downsample to the condition they were drawn with, over the error to
+# the next image's condition; class: the reconstruction error with the true labels, over that with
+# the next class's.
+@torch.no_grad()
+def _condition_ratio(net, images, labels):
+    if net.condition == 'class':
+        right, wrong = (net.encode(images, c)[1] - images for c in (labels, labels.roll(1, dims=1)))
+        return float(right.square().mean() / wrong.square().mean())
+    cond = net.make_condition(images)
+    low = torch.nn.functional.adaptive_avg_pool2d(net(seeds=range(len(images)), condition=cond).images, cond.shape[-1])
+    return float((low - cond).square().mean() / (low - cond.roll(1, 0)).square().mean())
+
+# Conditional training through the CLI: the snapshot is conditional and follows its condition
+# (measured: 0.08 for resize4, 0.86 for class), where an untrained net of the same options does
+# not (0.97 to 1.02 over five seeds).
 @pytest.mark.parametrize('extra', [['--condition=resize4'], ['--cond=True']])
 def test_conditional_training(tmp_path, env, extra):
     outdir = tmp_path / 'out'
-    data = [] if extra != ['--cond=True'] else ['--data', _png_folder(tmp_path / 'labels', 16, count=6, labels=True)]
+    if extra == ['--cond=True']:
+        images, labels = _digit_folder(tmp_path / 'labels')
+        data = ['--data', str(tmp_path / 'labels')]
+    else:
+        ds = DigitsDataset(resolution=16)
+        images, labels, data = torch.from_numpy(np.stack([ds[i][0] for i in range(64)])).float() / 127.5 - 1, None, []
     proc = run_train([f'--outdir={outdir}', '--duration=0.001', *TINY, *extra, *data], env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'class_embed' in proc.stdout if extra == ['--cond=True'] else 'Total' in proc.stdout  # Module summary.
     run_dir = outdir / run_dirs(outdir)[0]
     assert (run_dir / 'samples-000000.png').exists()
     with open(sorted(run_dir.glob('network-snapshot-*.pkl'))[-1], 'rb') as f:
-        net = pickle.load(f)['ema']
+        snapshot = pickle.load(f)
+    net = snapshot['ema']
     if extra == ['--cond=True']:
-        assert net.condition == 'class' and net.label_dim >= 2
-        cond_a, cond_b = torch.eye(net.label_dim)[[0]], torch.eye(net.label_dim)[[1]]
+        assert 'class_embed' in proc.stdout                                 # Module summary.
+        assert net.condition == 'class' and net.label_dim == 10
     else:
         assert net.condition == 'resize4'
-        cond_a, cond_b = -torch.ones(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
-    assert not torch.equal(net(seeds=[0], condition=cond_a).images, net(seeds=[0], condition=cond_b).images)
+    torch.manual_seed(0)
+    untrained = dnnlib.util.construct_class_by_name(**snapshot['network_kwargs']).eval()
+    trained_ratio, untrained_ratio = _condition_ratio(net, images, labels), _condition_ratio(untrained, images, labels)
+    assert untrained_ratio > (0.9 if labels is None else 0.98), untrained_ratio
+    assert trained_ratio < (0.5 if labels is None else 0.95), trained_ratio
 
 # A duration whose image count is not exact in floating point (0.00205 Mimg * 1e6 = 2050.0000000000005):
 # the run stops at 2050 images, not one step later.

@@ -16,6 +16,7 @@ import torch
 import dnnlib
 from torch_utils import checkpoint, training_stats
 from training import training_loop as tl
+from training.ddl import DiscreteDistributionLayer
 from training.loss import DDNLoss
 from training.networks import DDNGenerator
 
@@ -130,12 +131,30 @@ def test_training_step_fp16_loss_scaling():
             assert torch.equal(p, before[name]), name
     assert float(net.ddls[0].node_stats.seen) == 7 * 8
 
+# bf16 on the CPU: the blocks' convolutions run under autocast in bf16, while every DDL selects
+# and builds its candidates in fp32; the loss is the fp32 step's up to bf16 rounding, not equal to it.
 def test_training_step_bf16_on_cpu():
-    net, opt = _step_setup()
-    step = tl.TrainingStep(net, net, DDNLoss(), opt, batch_size=4, precision='bf16')
-    loss = step.accumulate(torch.rand(4, 1, 8, 8) * 2 - 1)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
-    step.update(lr=1e-3, ema_beta=0)
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    losses, convs, ddls = {}, {}, {}
+    for precision in ('fp32', 'bf16'):
+        net, opt = _step_setup()
+        conv_dtypes, ddl_dtypes = convs[precision], ddls[precision] = set(), set()
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_hook(lambda m, args, out, seen=conv_dtypes: seen.add(out.dtype))
+            elif isinstance(m, DiscreteDistributionLayer):
+                m.register_forward_hook(lambda m, args, out, seen=ddl_dtypes: seen.update((out.image.dtype, out.dist.dtype)))
+        step = tl.TrainingStep(net, net, DDNLoss(), opt, batch_size=4, precision=precision)
+        losses[precision] = step.accumulate(images).detach()
+        before = [p.detach().clone() for p in net.parameters()]
+        step.update(lr=1e-3, ema_beta=0)
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+        assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    assert convs == dict(fp32={torch.float32}, bf16={torch.bfloat16})
+    assert ddls == dict(fp32={torch.float32}, bf16={torch.float32})
+    assert losses['bf16'].dtype == torch.float32
+    rel = ((losses['bf16'] - losses['fp32']).abs() / losses['fp32']).max().item()
+    assert 1e-5 < rel < 0.05, rel
 
 # torch.compile of the training forward keeps what eager training does: the same losses and
 # weights, Split-and-Prune statistics (buffers mutated inside the compiled graph) and splits (rows
