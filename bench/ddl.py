@@ -44,9 +44,9 @@ if __package__ in (None, ''):
     # Run as `python bench/ddl.py`: make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torch_utils import distributed as dist                 # noqa: E402
-from training.ddl import DiscreteDistributionLayer          # noqa: E402
-from training.split_prune import split_and_prune            # noqa: E402
+from torch_utils import distributed as dist
+from training.ddl import DiscreteDistributionLayer
+from training.split_prune import split_and_prune
 
 # ----------------------------------------------------------------------------
 # Benchmark configuration.

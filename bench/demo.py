@@ -21,11 +21,11 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from training import interactive  # noqa: E402
-from training.ddl import resize_area  # noqa: E402
-from training.image_ops import edge_map  # noqa: E402
-from training.images import save_png, to_uint8  # noqa: E402
-from training.snapshot import load_network  # noqa: E402
+from training import interactive
+from training.ddl import resize_area
+from training.image_ops import edge_map
+from training.images import save_png, to_uint8
+from training.snapshot import load_network
 
 WEIGHTS = ('inpaint', 'superres', 'color', 'lowbit', 'edge', 'l2', 'clip')
 

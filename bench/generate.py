@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torch_utils import distributed as dist  # noqa: E402
-from training.ddl import reference_heads  # noqa: E402
-from training.networks import DDNGenerator, batch_invariant  # noqa: E402
+from torch_utils import distributed as dist
+from training.ddl import reference_heads
+from training.networks import DDNGenerator, batch_invariant
 
 # ----------------------------------------------------------------------------
 # Seconds per batch of one generation path: `warmup` untimed steps, then the mean of `steps`.

@@ -68,12 +68,12 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torch_utils import checkpoint, misc  # noqa: E402
-from training import metrics  # noqa: E402
-from training.dataset import DigitsDataset  # noqa: E402
-from training.loss import DDNLoss  # noqa: E402
-from training.networks import DDNGenerator  # noqa: E402
-from training.training_loop import TrainingStep, ema_beta, learning_rate  # noqa: E402
+from torch_utils import checkpoint, misc
+from training import metrics
+from training.dataset import DigitsDataset
+from training.loss import DDNLoss
+from training.networks import DDNGenerator
+from training.training_loop import TrainingStep, ema_beta, learning_rate
 
 # Where the README's recipes for the two sizes differ (the search in the README).
 RECIPE = {

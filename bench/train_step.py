@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torch_utils import distributed as dist  # noqa: E402
-from training.loss import DDNLoss  # noqa: E402
-from training.networks import DDNGenerator  # noqa: E402
-from training.training_loop import ADAM_IMPLEMENTATIONS, TrainingStep  # noqa: E402
+from torch_utils import distributed as dist
+from training.loss import DDNLoss
+from training.networks import DDNGenerator
+from training.training_loop import ADAM_IMPLEMENTATIONS, TrainingStep
 
 # The reference CIFAR-10 network of DDN.md §4.
 REFERENCE_NET = dict(img_resolution=32, img_channels=3, max_blockn=32, max_outputk=64)

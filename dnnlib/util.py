@@ -282,7 +282,7 @@ class Logger:
         should_flush    = True,     # Flush after every write, so log.txt is current if the run dies.
     ):
         # The file stays open for the Logger's lifetime and is closed by close() / __exit__.
-        self.file = open(file_name, file_mode, encoding='utf-8') if file_name is not None else None  # noqa: SIM115
+        self.file = open(file_name, file_mode, encoding='utf-8') if file_name is not None else None
         self.should_flush = should_flush
         self.stdout = sys.stdout
         self.stderr = sys.stderr

@@ -18,9 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from training.dataset import DigitsDataset  # noqa: E402
-from training.networks import DDNGenerator  # noqa: E402
-from training.split_prune import balance, find_node_sets  # noqa: E402
+from training.dataset import DigitsDataset
+from training.networks import DDNGenerator
+from training.split_prune import balance, find_node_sets
 
 # The tests run tiny networks: one thread avoids the synchronisation overhead that dominates
 # small ops and keeps the suite fast on a busy 2-core machine (torchrun children already get

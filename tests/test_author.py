@@ -113,7 +113,7 @@ class AuthorLayoutWriter:
 
     def snapshot(self, cfg, extra_model_modules=(), **model_attrs):
         res, s1 = cfg['res'], int(math.log2(cfg['res']))
-        ch = lambda s: min(max(4, 2 ** (13 - s)), cfg['max_channels'])  # noqa: E731
+        ch = lambda s: min(max(4, 2 ** (13 - s)), cfg['max_channels'])
         modules, names, per_scale = collections.OrderedDict(), [], {}
         if cfg['condition']:
             modules['condition_process'] = self.obj('training.networks', 'ConditionProcess', **_module_state(

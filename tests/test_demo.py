@@ -21,15 +21,15 @@ from click.testing import CliRunner
 gradio_client = pytest.importorskip('gradio_client')
 pytest.importorskip('gradio')
 
-import demo  # noqa: E402
-import generate  # noqa: E402
-from training.images import to_pil, to_uint8  # noqa: E402
-from training.snapshot import load_network  # noqa: E402
-from training import interactive  # noqa: E402
-from training.ddl import resize_area  # noqa: E402
-from training.image_ops import edge_map  # noqa: E402
-from training.networks import DDNGenerator  # noqa: E402
-from training.split_prune import split_and_prune  # noqa: E402
+import demo
+import generate
+from training.images import to_pil, to_uint8
+from training.snapshot import load_network
+from training import interactive
+from training.ddl import resize_area
+from training.image_ops import edge_map
+from training.networks import DDNGenerator
+from training.split_prune import split_and_prune
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = '0-5'

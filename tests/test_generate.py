@@ -20,13 +20,13 @@ from click.testing import CliRunner
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import fid  # noqa: E402
-from training import metrics as metrics_lib  # noqa: E402
-import generate  # noqa: E402
-from dnnlib.util import format_int_list, parse_int_list  # noqa: E402
-from training.dataset import DigitsDataset  # noqa: E402
-from training.networks import DDNGenerator  # noqa: E402
-from training.split_prune import split_and_prune  # noqa: E402
+import fid
+from training import metrics as metrics_lib
+import generate
+from dnnlib.util import format_int_list, parse_int_list
+from training.dataset import DigitsDataset
+from training.networks import DDNGenerator
+from training.split_prune import split_and_prune
 
 # The stand-in detector is TorchScript on purpose (the Inception pickle is one); PyTorch warns that TorchScript is deprecated.
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*` is deprecated:DeprecationWarning')

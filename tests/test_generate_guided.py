@@ -23,15 +23,15 @@ from click.testing import CliRunner
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import generate  # noqa: E402
-from training.images import to_float, to_pil, to_uint8  # noqa: E402
-from training import guidance as G  # noqa: E402
-from training.dataset import DigitsDataset  # noqa: E402
-from training.ddl import resize_area  # noqa: E402
-from training.guide_spec import load_guide_image, load_mask, parse_guides  # noqa: E402
-from training.image_ops import edge_map  # noqa: E402
-from training.networks import DDNGenerator  # noqa: E402
-from training.split_prune import split_and_prune  # noqa: E402
+import generate
+from training.images import to_float, to_pil, to_uint8
+from training import guidance as G
+from training.dataset import DigitsDataset
+from training.ddl import resize_area
+from training.guide_spec import load_guide_image, load_mask, parse_guides
+from training.image_ops import edge_map
+from training.networks import DDNGenerator
+from training.split_prune import split_and_prune
 
 # The style test saves a TorchScript feature network; PyTorch warns that TorchScript is deprecated.
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*` is deprecated:DeprecationWarning')
@@ -353,7 +353,7 @@ def test_condition_image(color_net, color_snapshot, digits, tmp_path):
     assert len(_pngs(tmp_path / 'big')) == 8
     # The samples follow their condition: their grayscale is closer to it than to another digit's.
     _generate([*run, '--outdir', tmp_path / 'other', '--condition-image', other_png])
-    luminance_err = lambda y, g: (y.mean(1, keepdim=True) - g).square().mean().item()  # noqa: E731
+    luminance_err = lambda y, g: (y.mean(1, keepdim=True) - g).square().mean().item()
     g0 = load_guide_image(gray_png)
     assert luminance_err(out, g0) * 1.5 < luminance_err(_images(tmp_path / 'other', 8), g0)
     options = _json(tmp_path / 'gray' / 'generation_options.json')

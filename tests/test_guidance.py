@@ -21,13 +21,13 @@ from torch import nn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import zscg  # noqa: E402
-from training import guidance as G  # noqa: E402
-from training.ddl import LayerInfo, argmin, resize_area  # noqa: E402
-from training.guide_spec import load_guide_image, load_mask, load_module, parse_guides  # noqa: E402
-from training.image_ops import LUMA_WEIGHTS, edge_map  # noqa: E402
-from training.networks import DDNGenerator, batch_invariant  # noqa: E402
-from training.split_prune import split_and_prune  # noqa: E402
+import zscg
+from training import guidance as G
+from training.ddl import LayerInfo, argmin, resize_area
+from training.guide_spec import load_guide_image, load_mask, load_module, parse_guides
+from training.image_ops import LUMA_WEIGHTS, edge_map
+from training.networks import DDNGenerator, batch_invariant
+from training.split_prune import split_and_prune
 
 # Seeds of the guided/unguided comparisons, and the dataset images used as conditions (one per seed).
 SEEDS = list(range(16))
@@ -163,7 +163,7 @@ def test_combined_is_scale_free():
     cand = torch.randn(3, 16, 1, 4, 4)
     info = LayerInfo(0, 1, 16, 4)
     s1, s2 = G.L2Scorer(torch.zeros(1, 1, 4, 4)), G.ColorScorer(torch.ones(1, 1, 4, 4) * 0.5)
-    scaled = lambda c, i: s2(c, i) * 1000  # noqa: E731
+    scaled = lambda c, i: s2(c, i) * 1000
     d1 = G.CombinedScorer([(s1, 1), (s2, 2)])(cand, info)
     d2 = G.CombinedScorer([(s1, 1), (scaled, 2)])(cand, info)
     assert torch.allclose(d1, d2, atol=1e-5)
@@ -190,7 +190,7 @@ def test_guided_sampling_is_per_seed(net, digits, chooser):
 @pytest.mark.parametrize('chooser', [argmin, G.TemperatureChooser(0.5), G.TopKChooser(3)], ids=['argmin', 'temperature', 'topk'])
 def test_silent_scorer_samples_like_unguided(net, chooser):
     # A scorer with nothing to say (constant rows) must leave sampling exactly as without guidance.
-    silent = lambda cand, info: torch.zeros(cand.shape[:2])  # noqa: E731
+    silent = lambda cand, info: torch.zeros(cand.shape[:2])
     assert torch.equal(_generate(net, silent, chooser), _generate(net))
 
 def test_chooser_rules():

@@ -92,7 +92,7 @@ def cache_dir(tmp_path, monkeypatch):
 def test_kid_block_estimate_matches_a_direct_double_sum():
     rng = np.random.RandomState(0)
     x, y = rng.standard_normal((12, 5)), rng.standard_normal((12, 5)) + 0.3
-    k = lambda a, b: (a @ b / 5 + 1) ** 3  # noqa: E731
+    k = lambda a, b: (a @ b / 5 + 1) ** 3
     m = len(x)
     direct = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1)) \
         - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2

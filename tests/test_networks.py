@@ -126,7 +126,7 @@ def test_single_head_equals_all_heads_network():
     with reference_heads(net):
         slow = net(codes=codes).images
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    to_u8 = lambda x: (x * 127.5 + 128).clip(0, 255).to(torch.uint8)  # noqa: E731
+    to_u8 = lambda x: (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
     assert (to_u8(fast).int() - to_u8(slow).int()).abs().max() <= 1
 
 def test_pickle_roundtrip():
@@ -177,7 +177,7 @@ def test_scorer_guides_every_layer_and_chooser_gets_seed_uniforms():
         return dist.argmin(1)
     guided = net(scorer=scorer, chooser=chooser, seeds=[1, 2, 3]).images
     plain = net(seeds=[1, 2, 3]).images
-    err = lambda x: (x - goal).square().mean().item()  # noqa: E731
+    err = lambda x: (x - goal).square().mean().item()
     assert err(guided) < err(plain) / 2
     assert len(seen) == net.num_layers
     u = net.seed_uniforms([1, 2, 3])

@@ -63,7 +63,7 @@ def test_classifier_features_at_32_px():
 def test_fd_ranks_real_blur_noise(split16, classifier):
     train, _, held, _ = split16
     real = quality.classifier_features(classifier, held)
-    figures = lambda x: quality.quality_figures(real, quality.classifier_features(classifier, x))  # noqa: E731
+    figures = lambda x: quality.quality_figures(real, quality.classifier_features(classifier, x))
     images = train[:600]
     same = figures(images)
     blur = figures(quality.quantize(quality.half_res_round_trip(images)))

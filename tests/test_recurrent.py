@@ -25,7 +25,7 @@ def tiny_rec(**kwargs):
 
 def test_weights_are_shared_across_layers():
     short, long = tiny_rec(num_iters=2), tiny_rec(num_iters=20)
-    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    count = lambda net: sum(p.numel() for p in net.parameters())
     assert count(short) == count(long)
     assert long.num_layers == 20 and long.ks == [8] * 20 and long.bits_per_image == 60
     assert long.layer_sizes == [8] * 20

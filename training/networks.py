@@ -424,7 +424,7 @@ class DDNGenerator(_DDNBase):
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self._init_condition(condition, label_dim, img_channels)
-        ch = lambda s: channels_at(s, max_channels, min_channels)  # noqa: E731
+        ch = lambda s: channels_at(s, max_channels, min_channels)
 
         s0 = int(s0)
         self.register_buffer('init_feature', positional_feature(ch(s0), start_size), persistent=False)
@@ -518,7 +518,7 @@ class UNet(nn.Module):
         dropout     = 0.0,      # Dropout in the blocks.
     ):
         super().__init__()
-        block = lambda up=False: Block(channels, channels, up=up, dropout=dropout, eps=1e-5, edm_init=False)  # noqa: E731
+        block = lambda up=False: Block(channels, channels, up=up, dropout=dropout, eps=1e-5, edm_init=False)
         self.down = nn.ModuleList([block() for _ in range(levels)])
         self.mid = block()
         self.up = nn.ModuleList([block(up=True) for _ in range(levels)])

@@ -25,7 +25,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
-import dnnlib  # noqa: E402
+import dnnlib
 
 W = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else tempfile.mkdtemp(prefix='bad-input-')
 ENV = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONPATH=REPO, DDN_CACHE_DIR=os.path.join(W, 'cache'))
@@ -77,7 +77,7 @@ def main():
               '--snap=1', '--dump=1', *TINY)
     assert proc.returncode == 0, proc.stderr
     run = os.path.join(W, 'runs', sorted(n for n in os.listdir('runs') if not n.startswith('.'))[0])
-    P = lambda name: os.path.join(REPO, name)  # noqa: E731
+    P = lambda name: os.path.join(REPO, name)
     with open('payload.pkl', 'wb') as f:
         pickle.dump(Payload(), f)
     torch.save(dict(net=Payload()), 'training-state-000009.pt')

@@ -12,7 +12,7 @@ import sys
 with open(sys.argv[1], 'rb') as f:
     data = pickle.load(f)
 
-import torch  # noqa: E402  (imported after unpickling on purpose: the pickle must not need it first)
+import torch  # Imported after unpickling on purpose: the pickle must not need it first.
 
 ema = data['ema']
 with torch.no_grad():

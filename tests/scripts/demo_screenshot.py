@@ -16,7 +16,7 @@ import click
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from training import interactive  # noqa: E402
+from training import interactive
 
 @click.command()
 @click.option('--network', required=True, help='Network for the demo (snapshot or run folder)')
