@@ -73,6 +73,23 @@ def one_process_group(device):
     backend = 'nccl' if device.type == 'cuda' else 'gloo'
     torch.distributed.init_process_group(backend, rank=0, world_size=1)
 
+# Seconds of each of `steps` calls of `step` after `warmup` untimed ones (the device finished each);
+# the CUDA peak memory counts from the first timed step.
+def time_steps(step, warmup, steps, cuda):
+    times = []
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        if i == warmup - 1 and cuda:
+            torch.cuda.reset_peak_memory_stats()
+    return times
+
 @click.command(context_settings=dict(show_default=True))
 @click.option('--author-repo', help='Checkout of github.com/DIYer22/discrete_distribution_networks', metavar='DIR', type=str, required=True)
 @click.option('--mode',      help='What to time', type=click.Choice(['train', 'generate']), default='train')
@@ -133,18 +150,7 @@ def main(author_repo, mode, precision, batch, steps, warmup, threads, json_path)
                 d = net({'batch_size': batch, 'batch_seeds': seeds, 'idx_gens': seeds, 'idx_ks': idx_ks}, None, None)
                 d['predict'].float().sum().item()
 
-    times = []
-    for i in range(warmup + steps):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        if i == warmup - 1 and cuda:
-            torch.cuda.reset_peak_memory_stats()
+    times = time_steps(step, warmup, steps, cuda)
     if mode == 'train':
         torch.distributed.destroy_process_group()
 
