@@ -193,8 +193,27 @@ def main(**kwargs):
 # Validate the options, build the config `c`, create the run folder and train.
 def launch(opts):
     world_size = distributed.get_world_size()
+    condition = check_condition(opts)
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs, dataset_info, dataset_name = dataset_config(opts, condition)
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers, prefetch_factor=2)
+    c.network_kwargs = network_config(opts, condition, dataset_info)
+    c.update(optimizer_config(opts))
+    c.update(training_config(opts, world_size))
+    c.update(metrics_config(opts, condition))
+    start_kwargs, resumed_seed = transfer_resume_config(opts, c.network_kwargs, dataset_info)
+    c.update(start_kwargs)
+    c.seed = choose_seed(opts.seed, resumed_seed)
+    c.run_dir = choose_run_dir(opts, c.get('resume_state'), dataset_name, world_size)
+    print_summary(c, dataset_info, world_size)
+    if opts.dry_run:
+        distributed.print0('Dry run; exiting.')
+        return
+    logger = open_run_dir(c)
+    run_training(c, opts.nosubdir, logger)
 
-    # Conditional training: --cond=True is shorthand for --condition=class.
+# The option clashes checked first: --cond=True (= --condition=class), --transfer with --resume -> the condition.
+def check_condition(opts):
     if opts.cond and opts.condition not in (None, 'class'):
         raise click.UsageError(f'--cond=True (class labels) conflicts with --condition={opts.condition}')
     condition = 'class' if opts.cond else opts.condition
@@ -205,27 +224,27 @@ def launch(opts):
             raise click.UsageError(f'--condition: {err}') from None
     if opts.transfer is not None and opts.resume is not None:
         raise click.UsageError('--transfer and --resume cannot be used together')
+    return condition
 
-    # Dataset: open it now so that a bad --data fails before anything is written.
-    c = dnnlib.EasyDict()
+# Dataset config, opened now so that a bad --data fails before anything is written -> (kwargs, info, name).
+def dataset_config(opts, condition):
     try:
-        c.dataset_kwargs = dataset_module.dataset_kwargs_for(opts.data, use_labels=False, xflip=opts.xflip, cache=opts.cache)
-        dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
+        dataset_kwargs = dataset_module.dataset_kwargs_for(opts.data, use_labels=False, xflip=opts.xflip, cache=opts.cache)
+        dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     except (OSError, ValueError) as err:
         raise click.ClickException(f'--data: cannot use {opts.data or "the built-in digits"}: {err}') from None
     if condition == 'class':    # The images are fine (opened above); now the labels.
-        c.dataset_kwargs.use_labels = True
+        dataset_kwargs.use_labels = True
         try:
-            dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
+            dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
         except ValueError as err:
             raise click.ClickException(f'--cond/--condition=class needs labels: {err}') from None
-    c.dataset_kwargs.resolution = dataset_obj.resolution       # Be explicit about what the run used.
-    dataset_info = training_loop.dataset_meta(dataset_obj)
-    dataset_name = dataset_obj.name
-    del dataset_obj
+    dataset_kwargs.resolution = dataset_obj.resolution         # Be explicit about what the run used.
+    return dataset_kwargs, training_loop.dataset_meta(dataset_obj), dataset_obj.name
 
-    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers, prefetch_factor=2)
-    c.network_kwargs = dnnlib.EasyDict(
+# Network config of --arch, validated on the meta device (nothing allocated).
+def network_config(opts, condition, dataset_info):
+    network_kwargs = dnnlib.EasyDict(
         img_resolution  = dataset_info['image_shape'][1],
         img_channels    = dataset_info['image_shape'][0],
         dropout         = opts.dropout,
@@ -237,37 +256,47 @@ def launch(opts):
         label_dim       = dataset_info['label_dim'] if condition == 'class' else 0,
     )
     if opts.arch == 'single-shot':
-        c.network_kwargs.update(class_name='training.networks.DDNGenerator', start_size=opts.start_size,
+        network_kwargs.update(class_name='training.networks.DDNGenerator', start_size=opts.start_size,
             max_blockn=opts.max_blockn, max_outputk=opts.max_outputk, max_channels=opts.max_channels)
     else:
-        c.network_kwargs.update(class_name='training.networks.DDNRecurrent', num_iters=opts.iters,
+        network_kwargs.update(class_name='training.networks.DDNRecurrent', num_iters=opts.iters,
             outputk=opts.max_outputk, channels=opts.max_channels, levels=opts.levels, iter_embed=opts.iter_embed)
-    try:  # Validate the architecture without allocating it.
+    try:
         with torch.device('meta'):
-            dnnlib.util.construct_class_by_name(**c.network_kwargs)
+            dnnlib.util.construct_class_by_name(**network_kwargs)
     except ValueError as err:
         raise click.UsageError(f'Invalid network options: {err}') from None
+    return network_kwargs
+
+# Loss, optimizer (Adam of --adam) and node-balancing config.
+def optimizer_config(opts):
+    c = dnnlib.EasyDict()
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DDNLoss')
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
     c.optimizer_kwargs.update(training_loop.ADAM_IMPLEMENTATIONS[opts.adam])
     c.balance_kwargs = dnnlib.EasyDict(method=opts.balance)
     if opts.balance == 'bias':
         c.balance_kwargs.bias_rate = opts.bias_rate
+    return c
 
-    # Training options.
+# Training and performance options: batch sizes, duration, EMA, precision, ticks, device, compile, layout.
+def training_config(opts, world_size):
     if opts.batch_gpu is not None and opts.batch % (world_size * opts.batch_gpu) != 0:
         raise click.UsageError(f'--batch={opts.batch} must be divisible by processes x --batch-gpu = {world_size} x {opts.batch_gpu}')
     if opts.batch % world_size != 0:
         raise click.UsageError(f'--batch={opts.batch} must be divisible by the number of processes ({world_size})')
-    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.duration * 1000,
-             ema_halflife_kimg=opts.ema * 1000, lr_rampup_kimg=opts.lr_rampup, precision=opts.precision,
-             kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump,
-             cudnn_benchmark=opts.bench, device=opts.device)
+    c = dnnlib.EasyDict(batch_size=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.duration * 1000,
+                        ema_halflife_kimg=opts.ema * 1000, lr_rampup_kimg=opts.lr_rampup, precision=opts.precision,
+                        kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump,
+                        cudnn_benchmark=opts.bench, device=opts.device)
     c.update(compile=opts.compile, channels_last=opts.channels_last)
     if opts.precision == 'fp16' and distributed.pick_device(opts.device).type != 'cuda':
         raise click.UsageError('--precision=fp16 needs CUDA (loss scaling); use --precision=bf16 on the CPU')
+    return c
 
-    # Metrics of the snapshots: check the names, and a local detector file, before a run folder exists.
+# Metrics of the snapshots: check the names, and a local detector file, before a run folder exists.
+def metrics_config(opts, condition):
+    c = dnnlib.EasyDict()
     if opts.metrics:
         try:
             metric_lib.parse_training_metrics(opts.metrics)
@@ -289,8 +318,11 @@ def launch(opts):
         raise click.UsageError('--detector is only used with --metrics')
     if opts.trust_pickle and opts.metrics is None and opts.transfer is None:
         raise click.UsageError('--trust-pickle is only used with --transfer or --metrics')
+    return c
 
-    # Transfer learning and resume: check the files now, before a run folder exists.
+# Transfer learning and resume: check the files now, before a run folder exists -> (config, resumed seed).
+def transfer_resume_config(opts, network_kwargs, dataset_info):
+    c = dnnlib.EasyDict()
     resumed_seed = None
     if opts.transfer is not None:
         try:
@@ -303,47 +335,48 @@ def launch(opts):
     if opts.resume is not None:
         c.resume_state = resolve_resume(opts.resume)
         try:
-            state = training_loop.load_training_state(c.resume_state, c.network_kwargs, dataset_info)
+            state = training_loop.load_training_state(c.resume_state, network_kwargs, dataset_info)
         except (OSError, ValueError, RuntimeError) as err:
             raise click.ClickException(f'--resume: {err}') from None
         resumed_seed = int(state.get('seed', 0))
         if int(state.get('batch_size', opts.batch)) != opts.batch:
             raise click.UsageError(f'--batch={opts.batch}, but the training state {c.resume_state} was trained with '
                                    f'--batch={state["batch_size"]}; resume with that batch so the run repeats exactly')
-        del state
+    return c, resumed_seed
 
-    # Seed: given, else the resumed run's (so the continuation is exact), else random (same on all ranks).
-    if opts.seed is not None:
-        c.seed = opts.seed
-    elif resumed_seed is not None:
-        c.seed = resumed_seed
-    else:
-        seed = torch.randint(1 << 31, size=[], dtype=torch.int64)
-        distributed.broadcast_([seed])
-        c.seed = int(seed)
+# Seed: given, else the resumed run's (so the continuation is exact), else random (same on all ranks).
+def choose_seed(seed, resumed_seed):
+    if seed is not None:
+        return seed
+    if resumed_seed is not None:
+        return resumed_seed
+    random_seed = torch.randint(1 << 31, size=[], dtype=torch.int64)
+    distributed.broadcast_([random_seed])
+    return int(random_seed)
 
-    # Run folder (rank 0 writes; every rank checks, so that all of them agree on an error).
+# Run folder, chosen (not yet filled) by rank 0; every rank checks, so that all of them agree on an error.
+def choose_run_dir(opts, resume_state, dataset_name, world_size):
     desc = opts.desc or f'gpus{world_size}-batch{opts.batch}-{opts.precision}'
     if os.path.exists(opts.outdir) and not os.path.isdir(opts.outdir):
         raise click.ClickException(f'--outdir: {opts.outdir} exists and is not a folder')
     if opts.nosubdir:
         run_dir = opts.outdir
         resuming_here = opts.resume is not None and \
-            os.path.abspath(os.path.dirname(c.resume_state)) == os.path.abspath(run_dir)
+            os.path.abspath(os.path.dirname(resume_state)) == os.path.abspath(run_dir)
         if holds_run(run_dir) and not resuming_here:
             raise click.ClickException(f'--nosubdir: {run_dir} already holds a training run; choose another --outdir, '
                                        f'or continue it in place with --resume={run_dir}')
-    elif opts.dry_run:
-        run_dir = next_run_dir(opts.outdir, f'{dataset_name}-{desc}')
-    else:   # Reserved now by rank 0 (an atomic mkdir), then shared with the other ranks.
-        try:
-            run_dir = make_run_dir(opts.outdir, f'{dataset_name}-{desc}') if distributed.get_rank() == 0 else None
-        except OSError as err:
-            raise click.ClickException(f'--outdir: cannot create a run folder in {opts.outdir}: {err}') from None
-        run_dir = distributed.broadcast_object(run_dir)
-    c.run_dir = run_dir
+        return run_dir
+    if opts.dry_run:
+        return next_run_dir(opts.outdir, f'{dataset_name}-{desc}')
+    try:    # Reserved now by rank 0 (an atomic mkdir), then shared with the other ranks.
+        run_dir = make_run_dir(opts.outdir, f'{dataset_name}-{desc}') if distributed.get_rank() == 0 else None
+    except OSError as err:
+        raise click.ClickException(f'--outdir: cannot create a run folder in {opts.outdir}: {err}') from None
+    return distributed.broadcast_object(run_dir)
 
-    # Print options.
+# Print the training options and a summary of the run (rank 0).
+def print_summary(c, dataset_info, world_size):
     distributed.print0()
     distributed.print0('Training options:')
     distributed.print0(json.dumps(c, indent=2))
@@ -355,30 +388,30 @@ def launch(opts):
     distributed.print0(f'Batch size:              {c.batch_size} ({c.batch_size // world_size} per process)')
     distributed.print0(f'Precision:               {c.precision}')
     distributed.print0()
-    if opts.dry_run:
-        distributed.print0('Dry run; exiting.')
-        return
 
-    # Create the run folder and go.
+# Create the run folder on rank 0 with training_options.json and log.txt -> the log (None on other ranks).
+def open_run_dir(c):
     distributed.barrier()       # Every rank has chosen the same folder before rank 0 creates it.
-    if distributed.get_rank() == 0:
-        distributed.print0('Creating output directory...')
-        os.makedirs(c.run_dir, exist_ok=True)
-        checkpoint.remove_stale_temps(c.run_dir)    # Left by a killed run of this folder.
-        options_path = os.path.join(c.run_dir, 'training_options.json')
-        if not os.path.exists(options_path):    # Resuming in place keeps the original options.
-            checkpoint.save_atomic(json.dumps(c, indent=2).encode('utf-8'), options_path, mode='bytes')
-        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
-    else:
-        logger = None
+    if distributed.get_rank() != 0:
+        return None
+    distributed.print0('Creating output directory...')
+    os.makedirs(c.run_dir, exist_ok=True)
+    checkpoint.remove_stale_temps(c.run_dir)    # Left by a killed run of this folder.
+    options_path = os.path.join(c.run_dir, 'training_options.json')
+    if not os.path.exists(options_path):    # Resuming in place keeps the original options.
+        checkpoint.save_atomic(json.dumps(c, indent=2).encode('utf-8'), options_path, mode='bytes')
+    return dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+
+# Train; a bad image met during training ends the run as a --data error (and drops a run folder left empty).
+def run_training(c, nosubdir, logger):
     try:
         training_loop.training_loop(**c)
-    except dataset_module.DatasetError as err:     # A bad image met during training: name it, no traceback.
+    except dataset_module.DatasetError as err:     # Name the image, no traceback.
         message = str(err).strip().splitlines()[-1]
         if logger is not None:
             logger.close()
             logger = None
-            if not opts.nosubdir and not holds_saved_work(c.run_dir):
+            if not nosubdir and not holds_saved_work(c.run_dir):
                 shutil.rmtree(c.run_dir, ignore_errors=True)    # Nothing worth keeping was written.
         raise click.ClickException(f'--data: {message.removeprefix("training.dataset.DatasetError: ")}') from None
     finally:
