@@ -741,9 +741,11 @@ def training_loop(
                            compile=compile, channels_last=channels_last)
     if transfer_pkl is not None:
         _transfer(transfer_pkl, trust_pickle, net, step_fn.ema)
-    run = _Run(step_fn, run_dir, device, seed, num_rounds, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio,
-               kimg_per_tick, snapshot_ticks, state_dump_ticks, dataset_kwargs, network_kwargs, dataset_info,
-               training_options, grid_cond, start_time)
+    run = _Run(step_fn, run_dir, device, seed=seed, num_rounds=num_rounds, lr_rampup_kimg=lr_rampup_kimg,
+               ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio, kimg_per_tick=kimg_per_tick,
+               snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks, dataset_kwargs=dataset_kwargs,
+               network_kwargs=network_kwargs, dataset_info=dataset_info, training_options=training_options,
+               grid_cond=grid_cond, start_time=start_time)
     if state is not None:
         run.resume(state, resume_state)
     del state
