@@ -365,6 +365,339 @@ def node_usage_summary(net):
     return dict(splits=int(total[:, 0].sum()), dead_nodes=int(total[:, 1].sum()), usage_tv=float(total[:, 2].mean()))
 
 # ----------------------------------------------------------------------------
+# Setup, in the order training_loop runs it: device, batch split, dataset, network, optimizer,
+# transfer, data stream.
+
+# This rank's device; cuDNN autotuning as asked, TF32 off.
+def _set_up_device(device, cudnn_benchmark, precision):
+    device = distributed.pick_device(device)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
+    return device
+
+# Batch split: every rank takes batch_size / world_size images per step, in rounds of batch_gpu.
+# Returns (batch_gpu, number of rounds).
+def _split_batch(batch_size, batch_gpu, world_size):
+    if batch_size % world_size:
+        raise ValueError(f'batch_size {batch_size} is not divisible by the number of processes {world_size}')
+    batch_gpu_total = batch_size // world_size
+    if batch_gpu is None or batch_gpu > batch_gpu_total:
+        batch_gpu = batch_gpu_total
+    if batch_gpu_total % batch_gpu:
+        raise ValueError(f'batch_size {batch_size} is not divisible by world_size x batch_gpu = {world_size} x {batch_gpu}')
+    return batch_gpu, batch_gpu_total // batch_gpu
+
+# The training set, its description (dataset_meta), the network options completed from it
+# (resolution, channels) and the conditions of the sample grids.
+def _load_dataset(dataset_kwargs, network_kwargs):
+    distributed.print0('Loading dataset...')
+    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    dataset_info = dataset_meta(dataset_obj)
+    grid_cond = dict(cond_images=None, cond_labels=None)
+    if network_kwargs.get('condition'):  # Conditions for the sample grids: the first dataset images.
+        items = [dataset_obj[i % len(dataset_obj)] for i in range(len(SAMPLE_GRID_SEEDS))]
+        grid_cond = dict(cond_images=torch.stack([torch.as_tensor(x) for x, _ in items]).float() / 127.5 - 1,
+                         cond_labels=torch.stack([torch.as_tensor(y) for _, y in items]).float())
+    network_kwargs = dnnlib.EasyDict(network_kwargs)
+    network_kwargs.setdefault('img_resolution', dataset_obj.resolution)
+    network_kwargs.setdefault('img_channels', dataset_obj.num_channels)
+    if [network_kwargs.img_channels, network_kwargs.img_resolution, network_kwargs.img_resolution] != dataset_obj.image_shape:
+        raise ValueError(f'network_kwargs describe {network_kwargs.img_channels}x{network_kwargs.img_resolution}^2 images '
+                         f'but the dataset has shape {dataset_obj.image_shape}')
+    return dataset_obj, dataset_info, network_kwargs, grid_cond
+
+# The training state to resume from (None: a new run), checked against this configuration and
+# batch size.
+def _read_resume_state(resume_state, network_kwargs, dataset_info, batch_size):
+    if resume_state is None:
+        return None
+    state = load_training_state(resume_state, network_kwargs, dataset_info)
+    if int(state.get('batch_size', batch_size)) != batch_size:
+        raise ValueError(f'Training state {resume_state} was trained with batch_size {state["batch_size"]}, not {batch_size}: '
+                         'the resumed run would not repeat the interrupted one')
+    return state
+
+# Network: identical initial weights on every rank (same seed, then a broadcast to be sure).
+def _construct_network(network_kwargs, image_shape, seed, device):
+    distributed.print0('Constructing network...')
+    torch.manual_seed(seed)
+    net = dnnlib.util.construct_class_by_name(**network_kwargs).to(device)
+    distributed.broadcast_(misc.params_and_buffers(net))
+    if distributed.get_rank() == 0:
+        with torch.no_grad():
+            images = torch.zeros([2, *image_shape], device=device)
+            labels = torch.zeros([2, net.label_dim], device=device)
+            labels[:, :1] = 1  # Class 0 (conditional nets take a condition too).
+            net.eval()
+            misc.print_module_summary(net, [images], max_nesting=2, kwargs=dict(condition=net.make_condition(images, labels)))
+    net.train().requires_grad_(True)
+    distributed.print0(f'Latent: L={net.num_layers} layers, K={sorted(set(net.ks))}, {net.bits_per_image:.0f} bits per image')
+    return net
+
+# Loss, optimizer, EMA, and the TrainingStep that uses them (it holds all four).
+def _set_up_step(net, loss_kwargs, optimizer_kwargs, ema_halflife_kimg, batch_size, precision, balance_kwargs,
+                 compile, channels_last):
+    distributed.print0('Setting up optimizer...')
+    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_halflife_kimg > 0 else net
+    return TrainingStep(net, ema, loss_fn, optimizer, batch_size, precision, balance_kwargs,
+                        compile=compile, channels_last=channels_last)
+
+# Transfer learning: the weights of a snapshot, in the network and its EMA.
+def _transfer(transfer_pkl, trust_pickle, net, ema):
+    distributed.print0(f'Transferring weights from "{transfer_pkl}"...')
+    transfer_weights(load_transfer_network(transfer_pkl, trust_pickle), net)
+    if ema is not net:
+        misc.copy_params_and_buffers(net, ema, require_all=True)
+
+# Data: this rank's share of the global stream of images, from image `start_idx` on (where the
+# training state left it), in batches of batch_gpu.
+def _data_stream(dataset_obj, data_loader_kwargs, device, seed, start_idx, batch_gpu):
+    loader_kwargs = dict(data_loader_kwargs)
+    loader_kwargs['pin_memory'] = bool(loader_kwargs.get('pin_memory', False)) and device.type == 'cuda'
+    if not loader_kwargs.get('num_workers'):
+        loader_kwargs.pop('prefetch_factor', None)
+    sampler = misc.InfiniteSampler(dataset_obj, rank=distributed.get_rank(), num_replicas=distributed.get_world_size(),
+                                   seed=seed, start_idx=start_idx)
+    return iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
+
+# ----------------------------------------------------------------------------
+# A run in progress: the steps, where the run stands (images seen, tick) and the files it writes.
+# Every rank keeps the same counters and takes the same decisions; only rank 0 writes.
+
+class _Run:
+    def __init__(self,
+        step_fn,                # TrainingStep: network, EMA, loss function, optimizer, global batch size.
+        run_dir,                # Output directory (rank 0 writes).
+        device,                 # This rank's device.
+        seed,                   # Global random seed: per-step seeding; recorded in the training states.
+        num_rounds,             # Accumulation rounds per step, of batch_gpu images each.
+        lr_rampup_kimg,         # Learning-rate warm-up (see learning_rate).
+        ema_halflife_kimg,      # EMA half-life (see ema_beta).
+        ema_rampup_ratio,       # EMA ramp-up (see ema_beta).
+        kimg_per_tick,          # Length of a tick.
+        snapshot_ticks,         # Snapshot every this many ticks; None = never.
+        state_dump_ticks,       # Training state every this many ticks; None = never.
+        dataset_kwargs,         # Saved in the snapshots.
+        network_kwargs,         # Saved in the snapshots and the training states.
+        dataset_info,           # dataset_meta(): saved in the training states.
+        training_options,       # The arguments of training_loop(): saved in the snapshots.
+        grid_cond,              # cond_images, cond_labels of the sample grids.
+        start_time,             # time.time() when training_loop started.
+    ):
+        self.step_fn, self.net, self.ema = step_fn, step_fn.net, step_fn.ema
+        self.batch_size, self.base_lr = step_fn.batch_size, step_fn.optimizer.defaults['lr']
+        self.run_dir, self.device, self.seed, self.num_rounds = run_dir, device, seed, num_rounds
+        self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+        self.lr_rampup_kimg, self.ema_halflife_kimg, self.ema_rampup_ratio = lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio
+        self.kimg_per_tick, self.snapshot_ticks, self.state_dump_ticks = kimg_per_tick, snapshot_ticks, state_dump_ticks
+        self.dataset_kwargs, self.network_kwargs, self.dataset_info = dataset_kwargs, network_kwargs, dataset_info
+        self.training_options, self.grid_cond, self.start_time = training_options, grid_cond, start_time
+        self.cur_nimg = 0               # Images seen, all ranks together.
+        self.cur_tick = 0               # The tick in progress.
+        self.tick_start_nimg = 0        # cur_nimg where the tick in progress started.
+        self.last_tag_kimg = -1         # kimg of the newest file name of this run (see file_tag).
+
+    # Continue from a training state: weights, EMA, optimizer, loss scaler and counters.
+    def resume(self, state, path):
+        distributed.print0(f'Resuming from "{path}" at kimg {state["cur_nimg"] / 1e3:.3f}...')
+        self.net.load_state_dict(state['net'])
+        if self.ema is not self.net:
+            self.ema.load_state_dict(state['ema'] if state.get('ema') is not None else state['net'])
+        self.step_fn.optimizer.load_state_dict(state['optimizer'])
+        if state.get('scaler') and self.step_fn.scaler.is_enabled():
+            self.step_fn.scaler.load_state_dict(state['scaler'])
+        # The state records the last finished tick; the next one starts where it left off (a state
+        # written on a stop signal, mid-tick, also records where that tick started).
+        self.cur_nimg = int(state['cur_nimg'])
+        self.cur_tick = int(state.get('next_tick', int(state['cur_tick']) + 1))
+        self.tick_start_nimg = int(state.get('tick_start_nimg', self.cur_nimg))
+        self.last_tag_kimg = int(state.get('last_tag_kimg', self.cur_nimg // 1000))
+
+    # Steps until `total_nimg` images or a stop signal; once per tick a report and the files due.
+    def train(self, batches, total_nimg, snapshot_metrics):
+        report = _TickReport(self.net, self.device, self.start_time)
+        progress = _TickProgress(enabled=(self.rank == 0))
+        progress.start(round(self.kimg_per_tick * 1000) if self.cur_tick else self.batch_size)
+        stop = _StopRequest()
+        while True:
+            self.step(batches)
+            progress.update(self.batch_size)
+            done = self.cur_nimg >= total_nimg
+            if not done and stop.requested():
+                progress.close()
+                self.stop(stop.signum)
+                return
+            # Maintenance once per tick (the first tick is a single step, for quick feedback).
+            if not done and self.cur_tick != 0 and self.cur_nimg < self.tick_start_nimg + self.kimg_per_tick * 1000:
+                continue
+            progress.close()
+            self.end_tick(report, done, snapshot_metrics)
+            if done:
+                break
+            progress.start(round(self.kimg_per_tick * 1000))
+        misc.check_ddp_consistency(self.net)
+        if self.world_size > 1:
+            distributed.print0(f'Parameters and buffers identical on all {self.world_size} processes.')
+        distributed.print0()
+        distributed.print0('Exiting...')
+
+    # One step: the same random numbers whenever step `cur_nimg // batch_size` is run. No host sync.
+    def step(self, batches):
+        misc.set_seed_for_step(self.seed, self.rank, self.cur_nimg // self.batch_size)
+        rank_images = 0
+        for round_idx in range(self.num_rounds):
+            images, labels = next(batches)
+            images = images.to(self.device, non_blocking=True).to(torch.float32) / 127.5 - 1
+            labels = labels.to(self.device, non_blocking=True)
+            self.step_fn.accumulate(images, labels, sync=(round_idx == self.num_rounds - 1))
+            rank_images += images.shape[0]
+        training_stats.report('Progress/rank_batch', rank_images)
+        self.step_fn.update(learning_rate(self.base_lr, self.cur_nimg, self.lr_rampup_kimg),
+                            ema_beta(self.cur_nimg, self.batch_size, self.ema_halflife_kimg, self.ema_rampup_ratio))
+        self.cur_nimg += self.batch_size
+
+    # A stop signal: save where we are (the tick in progress continues on resume) and leave.
+    def stop(self, signum):
+        tag = self.take_tag()
+        path = self.write_state(tag, self.cur_tick, self.tick_start_nimg) if self.rank == 0 else None
+        distributed.print0(f'Stopped by {signal.Signals(signum).name} at kimg {self.cur_nimg / 1e3:.3f}: training state saved to {path}')
+        distributed.print0(f'To continue, run the same command with --resume={self.run_dir}')
+
+    # The end of a tick: report, snapshot and training state when due, the stats.jsonl line.
+    def end_tick(self, report, done, snapshot_metrics):
+        tick_end_time = time.time()
+        if self.ema is not self.net:            # Buffers (node statistics) are not averaged: copy them.
+            for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers(), strict=True):
+                b_ema.copy_(b_net)
+        stats = report(self.cur_tick, self.cur_nimg, self.cur_nimg - self.tick_start_nimg, tick_end_time)
+        write_snapshot = self.snapshot_ticks is not None and (done or self.cur_tick % self.snapshot_ticks == 0)
+        write_dump = self.state_dump_ticks is not None and (done or self.cur_tick % self.state_dump_ticks == 0) and self.cur_tick != 0
+        tag = self.take_tag() if write_snapshot or write_dump else None
+        if write_snapshot:
+            self.write_snapshot(tag, snapshot_metrics)
+        if write_dump and self.rank == 0:       # The next tick starts here.
+            self.write_state(tag, self.cur_tick + 1, self.cur_nimg)
+        if self.rank == 0:
+            append_line(os.path.join(self.run_dir, 'stats.jsonl'), json.dumps(dict(stats, timestamp=time.time())))
+        self.cur_tick += 1
+        self.tick_start_nimg = self.cur_nimg
+        report.next_tick(tick_end_time)
+
+    # Name tag of the files written now (see file_tag); this kimg is then taken.
+    def take_tag(self):
+        tag = file_tag(self.cur_nimg, self.last_tag_kimg)
+        self.last_tag_kimg = self.cur_nimg // 1000
+        return tag
+
+    # Snapshot: the EMA network as a pickle and, beside it, in the safe format, with a sample grid
+    # and a node-usage plot (rank 0); then its metrics, on all ranks.
+    def write_snapshot(self, tag, snapshot_metrics):
+        snapshot = copy.deepcopy(self.ema).eval().requires_grad_(False)
+        misc.check_ddp_consistency(self.net)
+        misc.check_ddp_consistency(snapshot)
+        if self.rank == 0:
+            checkpoint.save_atomic(_png_bytes(sample_grid(snapshot, **self.grid_cond)), os.path.join(self.run_dir, f'samples-{tag}.png'), mode='bytes')
+            checkpoint.save_atomic(_png_bytes(node_usage_plot(snapshot)), os.path.join(self.run_dir, f'node-usage-{tag}.png'), mode='bytes')
+            data = dict(ema=snapshot.cpu(), loss_fn=self.step_fn.loss_fn, dataset_kwargs=dict(self.dataset_kwargs),
+                        network_kwargs=dict(self.network_kwargs), training_options=self.training_options)
+            checkpoint.save_atomic(data, os.path.join(self.run_dir, f'network-snapshot-{tag}.pkl'), mode='pickle')
+            # The same network in the safe format (loads without running code), beside the pickle.
+            snapshot_io.save_network_safe(data['ema'], os.path.join(self.run_dir, f'network-snapshot-{tag}.safetensors'),
+                                          extra_metadata=dict(training_options=self.training_options))
+            del data
+        if snapshot_metrics is not None:    # On all ranks, each generating its share of the samples.
+            snapshot_metrics(snapshot, f'network-snapshot-{tag}.pkl', self.cur_nimg / 1e3)
+        del snapshot
+
+    # A training state for exact resume (rank 0 writes it): the next tick and where it starts. No RNG
+    # state: every step seeds itself from (seed, rank, step). Resume reads `seed` (train.py's default
+    # --seed) and checks `batch_size`. Returns the path.
+    def write_state(self, tag, next_tick, tick_start_nimg):
+        state = dict(
+            net=self.net.state_dict(),
+            ema=None if self.ema is self.net else self.ema.state_dict(),
+            optimizer=self.step_fn.optimizer.state_dict(),
+            scaler=self.step_fn.scaler.state_dict() if self.step_fn.scaler.is_enabled() else None,
+            cur_nimg=self.cur_nimg, cur_tick=next_tick - 1, next_tick=next_tick, tick_start_nimg=tick_start_nimg,
+            last_tag_kimg=self.last_tag_kimg,
+            seed=self.seed, batch_size=self.batch_size,
+            config=dict(network_kwargs=dict(self.network_kwargs), dataset=self.dataset_info),
+        )
+        path = os.path.join(self.run_dir, f'training-state-{tag}.pt')
+        checkpoint.save_atomic(state, path, mode='torch')
+        return path
+
+# ----------------------------------------------------------------------------
+# The report of a tick: statistics through training_stats (-> stats.jsonl) and the progress line.
+# The device's statistics reach the host here, once per tick.
+
+class _TickReport:
+    def __init__(self, net, device, start_time):
+        self.net, self.device, self.start_time = net, device, start_time
+        self.tick_start_time = time.time()
+        self.maintenance_time = self.tick_start_time - start_time   # Time outside the last tick's steps.
+        self.prev_splits = node_usage_summary(net)['splits']        # Splits before the tick.
+
+    # Report the tick that ended at `tick_end_time` after `tick_img` images; returns the statistics.
+    def __call__(self, cur_tick, cur_nimg, tick_img, tick_end_time):
+        usage = node_usage_summary(self.net)
+        tick_sec = tick_end_time - self.tick_start_time
+        report0 = training_stats.report0
+        report0('Progress/tick', cur_tick)
+        report0('Progress/kimg', cur_nimg / 1e3)
+        report0('Timing/total_sec', tick_end_time - self.start_time)
+        report0('Timing/sec_per_tick', tick_sec)
+        report0('Timing/sec_per_kimg', tick_sec / max(tick_img, 1) * 1e3)
+        report0('Timing/img_per_sec', tick_img / max(tick_sec, 1e-8))
+        report0('Timing/maintenance_sec', self.maintenance_time)
+        report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
+        if self.device.type == 'cuda':
+            report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(self.device) / 2**30)
+            report0('Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(self.device) / 2**30)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        report0('SplitPrune/splits', usage['splits'])
+        report0('SplitPrune/splits_tick', usage['splits'] - self.prev_splits)
+        report0('SplitPrune/dead_nodes', usage['dead_nodes'])
+        report0('SplitPrune/usage_tv', usage['usage_tv'])
+        training_stats.default_collector.update()
+        stats = training_stats.default_collector.as_dict()
+        distributed.print0(self.progress_line(cur_tick, cur_nimg, tick_img, tick_sec, tick_end_time, usage))
+        self.prev_splits = usage['splits']
+        return stats
+
+    # The progress line of a tick (EDM's fields, and the node usage of Split-and-Prune).
+    def progress_line(self, cur_tick, cur_nimg, tick_img, tick_sec, tick_end_time, usage):
+        mean = training_stats.default_collector.mean
+        fields = [
+            f'tick {cur_tick:<5d}',
+            f'kimg {cur_nimg / 1e3:<9.3f}',
+            f'loss {mean("Loss/loss"):<8.5f}',
+            f'time {dnnlib.util.format_time(tick_end_time - self.start_time):<10s}',
+            f'sec/tick {tick_sec:<7.1f}',
+            f'img/s {tick_img / max(tick_sec, 1e-8):<8.1f}',
+            f'sec/kimg {tick_sec / max(tick_img, 1) * 1e3:<8.2f}',
+            f'splits {usage["splits"]} (+{usage["splits"] - self.prev_splits})',
+            f'tv {usage["usage_tv"]:<6.3f}',
+            f'maintenance {self.maintenance_time:<5.1f}',
+            f'cpumem {mean("Resources/cpu_mem_gb"):<5.2f}',
+        ]
+        if self.device.type == 'cuda':
+            fields.append(f'gpumem {mean("Resources/peak_gpu_mem_gb"):<5.2f}')
+        return '  '.join(fields)
+
+    # The next tick starts now; the time since the end of the last one counts as maintenance.
+    def next_tick(self, tick_end_time):
+        self.tick_start_time = time.time()
+        self.maintenance_time = self.tick_start_time - tick_end_time
+
+# ----------------------------------------------------------------------------
+# The training loop: the outline of a run. Setup, resume, then steps with a report per tick (see
+# _Run); only rank 0 writes.
 
 @_restores_stop_handlers
 def training_loop(
@@ -396,267 +729,43 @@ def training_loop(
     metrics             = None,     # Metrics of every snapshot, e.g. 'fid50k,kid10k' (training.metrics); None = none.
     metric_kwargs       = {},       # detector_url, trust_pickle, batch: options of training.metrics.SnapshotMetrics.
 ):
-    # Initialise.
     training_options = _canonical_options(locals())     # The arguments of this call, for the snapshots.
     start_time = time.time()
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    device = distributed.pick_device(device)
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    if precision not in PRECISIONS:
-        raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
-
-    # Batch split: every rank takes batch_size / world_size images per step, in rounds of batch_gpu.
-    if batch_size % world_size:
-        raise ValueError(f'batch_size {batch_size} is not divisible by the number of processes {world_size}')
-    batch_gpu_total = batch_size // world_size
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    if batch_gpu_total % batch_gpu:
-        raise ValueError(f'batch_size {batch_size} is not divisible by world_size x batch_gpu = {world_size} x {batch_gpu}')
-    num_rounds = batch_gpu_total // batch_gpu
-
-    # Dataset.
-    distributed.print0('Loading dataset...')
-    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    dataset_info = dataset_meta(dataset_obj)
-    grid_cond = dict(cond_images=None, cond_labels=None)
-    if network_kwargs.get('condition'):  # Conditions for the sample grids: the first dataset images.
-        items = [dataset_obj[i % len(dataset_obj)] for i in range(len(SAMPLE_GRID_SEEDS))]
-        grid_cond = dict(cond_images=torch.stack([torch.as_tensor(x) for x, _ in items]).float() / 127.5 - 1,
-                         cond_labels=torch.stack([torch.as_tensor(y) for _, y in items]).float())
-    network_kwargs = dnnlib.EasyDict(network_kwargs)
-    network_kwargs.setdefault('img_resolution', dataset_obj.resolution)
-    network_kwargs.setdefault('img_channels', dataset_obj.num_channels)
-    if [network_kwargs.img_channels, network_kwargs.img_resolution, network_kwargs.img_resolution] != dataset_obj.image_shape:
-        raise ValueError(f'network_kwargs describe {network_kwargs.img_channels}x{network_kwargs.img_resolution}^2 images '
-                         f'but the dataset has shape {dataset_obj.image_shape}')
-    state = load_training_state(resume_state, network_kwargs, dataset_info) if resume_state is not None else None
-    if state is not None and int(state.get('batch_size', batch_size)) != batch_size:
-        raise ValueError(f'Training state {resume_state} was trained with batch_size {state["batch_size"]}, not {batch_size}: '
-                         'the resumed run would not repeat the interrupted one')
-
-    # Network: identical initial weights on every rank (same seed, then a broadcast to be sure).
-    distributed.print0('Constructing network...')
-    torch.manual_seed(seed)
-    net = dnnlib.util.construct_class_by_name(**network_kwargs).to(device)
-    distributed.broadcast_(misc.params_and_buffers(net))
-    if rank == 0:
-        with torch.no_grad():
-            images = torch.zeros([2, *dataset_obj.image_shape], device=device)
-            labels = torch.zeros([2, net.label_dim], device=device)
-            labels[:, :1] = 1  # Class 0 (conditional nets take a condition too).
-            net.eval()
-            misc.print_module_summary(net, [images], max_nesting=2, kwargs=dict(condition=net.make_condition(images, labels)))
-    net.train().requires_grad_(True)
-    distributed.print0(f'Latent: L={net.num_layers} layers, K={sorted(set(net.ks))}, {net.bits_per_image:.0f} bits per image')
-
-    # Optimizer, loss, EMA.
-    distributed.print0('Setting up optimizer...')
-    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
-    ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_halflife_kimg > 0 else net
-    step_fn = TrainingStep(net, ema, loss_fn, optimizer, batch_size, precision, balance_kwargs,
+    world_size = distributed.get_world_size()
+    device = _set_up_device(device, cudnn_benchmark, precision)
+    batch_gpu, num_rounds = _split_batch(batch_size, batch_gpu, world_size)
+    dataset_obj, dataset_info, network_kwargs, grid_cond = _load_dataset(dataset_kwargs, network_kwargs)
+    state = _read_resume_state(resume_state, network_kwargs, dataset_info, batch_size)
+    net = _construct_network(network_kwargs, dataset_obj.image_shape, seed, device)
+    step_fn = _set_up_step(net, loss_kwargs, optimizer_kwargs, ema_halflife_kimg, batch_size, precision, balance_kwargs,
                            compile=compile, channels_last=channels_last)
-
-    # Transfer learning or resume.
-    cur_nimg, cur_tick = 0, 0
     if transfer_pkl is not None:
-        distributed.print0(f'Transferring weights from "{transfer_pkl}"...')
-        transfer_weights(load_transfer_network(transfer_pkl, trust_pickle), net)
-        if ema is not net:
-            misc.copy_params_and_buffers(net, ema, require_all=True)
+        _transfer(transfer_pkl, trust_pickle, net, step_fn.ema)
+    run = _Run(step_fn, run_dir, device, seed=seed, num_rounds=num_rounds, lr_rampup_kimg=lr_rampup_kimg,
+               ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio, kimg_per_tick=kimg_per_tick,
+               snapshot_ticks=snapshot_ticks, state_dump_ticks=state_dump_ticks, dataset_kwargs=dataset_kwargs,
+               network_kwargs=network_kwargs, dataset_info=dataset_info, training_options=training_options,
+               grid_cond=grid_cond, start_time=start_time)
     if state is not None:
-        distributed.print0(f'Resuming from "{resume_state}" at kimg {state["cur_nimg"] / 1e3:.3f}...')
-        net.load_state_dict(state['net'])
-        if ema is not net:
-            ema.load_state_dict(state['ema'] if state.get('ema') is not None else state['net'])
-        optimizer.load_state_dict(state['optimizer'])
-        if state.get('scaler') and step_fn.scaler.is_enabled():
-            step_fn.scaler.load_state_dict(state['scaler'])
-        # The state records the last finished tick; the next one starts where it left off (a state
-        # written on a stop signal, mid-tick, also records where that tick started).
-        cur_nimg = int(state['cur_nimg'])
-        cur_tick = int(state.get('next_tick', int(state['cur_tick']) + 1))
-        resume_tick_start = int(state.get('tick_start_nimg', cur_nimg))
-        last_tag_kimg = int(state.get('last_tag_kimg', cur_nimg // 1000))
-        del state
-    base_lr = optimizer.defaults['lr']
-
-    # Data: the global stream of images continues where the state left it.
-    loader_kwargs = dict(data_loader_kwargs)
-    loader_kwargs['pin_memory'] = bool(loader_kwargs.get('pin_memory', False)) and device.type == 'cuda'
-    if not loader_kwargs.get('num_workers'):
-        loader_kwargs.pop('prefetch_factor', None)
-    sampler = misc.InfiniteSampler(dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=cur_nimg)
-    dataset_iterator = iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
+        run.resume(state, resume_state)
+    del state
+    batches = _data_stream(dataset_obj, data_loader_kwargs, device, seed, run.cur_nimg, batch_gpu)
 
     # Metrics of the snapshots: detector and reference statistics are ready before the first step.
     snapshot_metrics = None
     if metrics:
         snapshot_metrics = SnapshotMetrics(metrics, run_dir, dataset_kwargs, device=device, **metric_kwargs)
 
-    # Train. The duration in whole images: `--duration` is in Mimg, and 0.00205 * 1e6 is 2050.0000000000005
+    # The duration in whole images: `--duration` is in Mimg, and 0.00205 * 1e6 is 2050.0000000000005
     # in floating point, which would make a run stop one step late.
     total_nimg = round(total_kimg * 1000)
     distributed.print0(f'Training for {total_kimg} kimg: {batch_size} images per step = {world_size} process(es) '
                        f'x {num_rounds} round(s) x {batch_gpu} images, {precision}')
     distributed.print0()
-    if cur_nimg >= total_nimg:
+    if run.cur_nimg >= total_nimg:
         distributed.print0('The training state is already at the requested duration; nothing to do.')
         return
-    stats_path = os.path.join(run_dir, 'stats.jsonl') if rank == 0 else None
-    tick_start_nimg, tick_start_time = cur_nimg, time.time()
-    if resume_state is None:
-        last_tag_kimg = -1                  # kimg of the newest file name of this run (see file_tag).
-    else:
-        tick_start_nimg = resume_tick_start
-    maintenance_time = tick_start_time - start_time
-    prev_splits = node_usage_summary(net)['splits']
-    progress = _TickProgress(enabled=(rank == 0))
-    progress.start(round(kimg_per_tick * 1000) if cur_tick else batch_size)
-    stop = _StopRequest()
-
-    # A training state for exact resume (rank 0 writes it). No RNG state: every step seeds itself from
-    # (seed, rank, step). Resume reads `seed` (train.py's default --seed) and checks `batch_size`.
-    def write_state(tag, next_tick):
-        state = dict(
-            net=net.state_dict(),
-            ema=None if ema is net else ema.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scaler=step_fn.scaler.state_dict() if step_fn.scaler.is_enabled() else None,
-            cur_nimg=cur_nimg, cur_tick=next_tick - 1, next_tick=next_tick, tick_start_nimg=tick_start_nimg,
-            last_tag_kimg=last_tag_kimg,
-            seed=seed, batch_size=batch_size,
-            config=dict(network_kwargs=dict(network_kwargs), dataset=dataset_info),
-        )
-        path = os.path.join(run_dir, f'training-state-{tag}.pt')
-        checkpoint.save_atomic(state, path, mode='torch')
-        return path
-
-    while True:
-        # One step: the same random numbers whenever step `cur_nimg // batch_size` is run.
-        misc.set_seed_for_step(seed, rank, cur_nimg // batch_size)
-        rank_images = 0
-        for round_idx in range(num_rounds):
-            images, labels = next(dataset_iterator)
-            images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
-            labels = labels.to(device, non_blocking=True)
-            step_fn.accumulate(images, labels, sync=(round_idx == num_rounds - 1))
-            rank_images += images.shape[0]
-        training_stats.report('Progress/rank_batch', rank_images)
-        step_fn.update(learning_rate(base_lr, cur_nimg, lr_rampup_kimg),
-                       ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio))
-        cur_nimg += batch_size
-        progress.update(batch_size)
-        done = cur_nimg >= total_nimg
-
-        # A stop signal: save where we are (the tick in progress continues on resume) and leave.
-        if not done and stop.requested():
-            progress.close()
-            tag, last_tag_kimg = file_tag(cur_nimg, last_tag_kimg), cur_nimg // 1000
-            path = write_state(tag, cur_tick) if rank == 0 else None
-            distributed.print0(f'Stopped by {signal.Signals(stop.signum).name} at kimg {cur_nimg / 1e3:.3f}: training state saved to {path}')
-            distributed.print0(f'To continue, run the same command with --resume={run_dir}')
-            return
-
-        # Maintenance once per tick (the first tick is a single step, for quick feedback).
-        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
-            continue
-        progress.close()
-        tick_end_time = time.time()
-        if ema is not net:                       # Buffers (node statistics) are not averaged: copy them.
-            for b_ema, b_net in zip(ema.buffers(), net.buffers(), strict=True):
-                b_ema.copy_(b_net)
-        usage = node_usage_summary(net)
-        tick_sec = tick_end_time - tick_start_time
-        tick_img = cur_nimg - tick_start_nimg
-        report0 = training_stats.report0
-        report0('Progress/tick', cur_tick)
-        report0('Progress/kimg', cur_nimg / 1e3)
-        report0('Timing/total_sec', tick_end_time - start_time)
-        report0('Timing/sec_per_tick', tick_sec)
-        report0('Timing/sec_per_kimg', tick_sec / max(tick_img, 1) * 1e3)
-        report0('Timing/img_per_sec', tick_img / max(tick_sec, 1e-8))
-        report0('Timing/maintenance_sec', maintenance_time)
-        report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
-        if device.type == 'cuda':
-            report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
-            report0('Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(device) / 2**30)
-            torch.cuda.reset_peak_memory_stats(device)
-        report0('SplitPrune/splits', usage['splits'])
-        report0('SplitPrune/splits_tick', usage['splits'] - prev_splits)
-        report0('SplitPrune/dead_nodes', usage['dead_nodes'])
-        report0('SplitPrune/usage_tv', usage['usage_tv'])
-        training_stats.default_collector.update()
-        stats = training_stats.default_collector.as_dict()
-        mean = training_stats.default_collector.mean
-        fields = [
-            f'tick {cur_tick:<5d}',
-            f'kimg {cur_nimg / 1e3:<9.3f}',
-            f'loss {mean("Loss/loss"):<8.5f}',
-            f'time {dnnlib.util.format_time(tick_end_time - start_time):<10s}',
-            f'sec/tick {tick_sec:<7.1f}',
-            f'img/s {tick_img / max(tick_sec, 1e-8):<8.1f}',
-            f'sec/kimg {tick_sec / max(tick_img, 1) * 1e3:<8.2f}',
-            f'splits {usage["splits"]} (+{usage["splits"] - prev_splits})',
-            f'tv {usage["usage_tv"]:<6.3f}',
-            f'maintenance {maintenance_time:<5.1f}',
-            f'cpumem {mean("Resources/cpu_mem_gb"):<5.2f}',
-        ]
-        if device.type == 'cuda':
-            fields.append(f'gpumem {mean("Resources/peak_gpu_mem_gb"):<5.2f}')
-        distributed.print0('  '.join(fields))
-        prev_splits = usage['splits']
-        write_snapshot = snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0)
-        write_dump = state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0
-        kimg_tag = file_tag(cur_nimg, last_tag_kimg)
-        if write_snapshot or write_dump:
-            last_tag_kimg = cur_nimg // 1000
-
-        # Snapshot: EMA network pickle (+ sample grid and node-usage plot).
-        if write_snapshot:
-            snapshot = copy.deepcopy(ema).eval().requires_grad_(False)
-            misc.check_ddp_consistency(net)
-            misc.check_ddp_consistency(snapshot)
-            if rank == 0:
-                checkpoint.save_atomic(_png_bytes(sample_grid(snapshot, **grid_cond)), os.path.join(run_dir, f'samples-{kimg_tag}.png'), mode='bytes')
-                checkpoint.save_atomic(_png_bytes(node_usage_plot(snapshot)), os.path.join(run_dir, f'node-usage-{kimg_tag}.png'), mode='bytes')
-                data = dict(ema=snapshot.cpu(), loss_fn=loss_fn, dataset_kwargs=dict(dataset_kwargs),
-                            network_kwargs=dict(network_kwargs), training_options=training_options)
-                checkpoint.save_atomic(data, os.path.join(run_dir, f'network-snapshot-{kimg_tag}.pkl'), mode='pickle')
-                # The same network in the safe format (loads without running code), beside the pickle.
-                snapshot_io.save_network_safe(data['ema'], os.path.join(run_dir, f'network-snapshot-{kimg_tag}.safetensors'),
-                                              extra_metadata=dict(training_options=training_options))
-                del data
-            if snapshot_metrics is not None:    # On all ranks, each generating its share of the samples.
-                snapshot_metrics(snapshot, f'network-snapshot-{kimg_tag}.pkl', cur_nimg / 1e3)
-            del snapshot
-
-        # Training state for exact resume.
-        if write_dump and rank == 0:
-            tick_start_nimg = cur_nimg      # The next tick starts here.
-            write_state(kimg_tag, cur_tick + 1)
-
-        # stats.jsonl: one line per tick.
-        if rank == 0:
-            append_line(stats_path, json.dumps(dict(stats, timestamp=time.time())))
-
-        # Next tick.
-        cur_tick += 1
-        tick_start_nimg = cur_nimg
-        tick_start_time = time.time()
-        maintenance_time = tick_start_time - tick_end_time
-        if done:
-            break
-        progress.start(round(kimg_per_tick * 1000))
-
-    misc.check_ddp_consistency(net)
-    if world_size > 1:
-        distributed.print0(f'Parameters and buffers identical on all {world_size} processes.')
-    distributed.print0()
-    distributed.print0('Exiting...')
+    run.train(batches, total_nimg, snapshot_metrics)
 
 # ----------------------------------------------------------------------------
 # A tqdm bar over the images of the current tick, shown only on an interactive terminal. It writes
