@@ -610,6 +610,7 @@ class _Run:
             snapshot_io.save_network_safe(data['ema'], os.path.join(self.run_dir, f'network-snapshot-{tag}.safetensors'),
                                           extra_metadata=dict(training_options=self.training_options))
             del data
+            snapshot.to(self.device)        # Back from the CPU copy written above, for the metrics.
         if snapshot_metrics is not None:    # On all ranks, each generating its share of the samples.
             snapshot_metrics(snapshot, f'network-snapshot-{tag}.pkl', self.cur_nimg / 1e3)
         del snapshot
