@@ -184,3 +184,22 @@ def test_scorer_guides_every_layer_and_chooser_gets_seed_uniforms():
     assert all(torch.equal(seen[l], u[:, l]) for l in range(net.num_layers))
     # Guided output of a seed does not depend on its batch.
     assert torch.equal(net(scorer=scorer, seeds=[2]).images[0], net(scorer=scorer, seeds=[1, 2, 3]).images[1])
+
+# A generator subclass must define the whole _DDNBase contract; a missing piece fails at class definition.
+def test_ddn_base_contract_is_checked():
+    from training.networks import _DDNBase
+    with pytest.raises(TypeError, match='must define layer_sizes, _run, _add_condition'):
+        class Partial(_DDNBase):
+            @property
+            def ks(self):
+                return [2]
+    assert issubclass(DDNGenerator, _DDNBase)
+
+# reference_heads switches every DDL of a module to the all-K path, and back on exit (even on error).
+def test_reference_heads_restores_the_layers():
+    net = tiny_net()
+    with pytest.raises(RuntimeError):
+        with reference_heads(net):
+            assert all(d.reference for d in net.ddls)
+            raise RuntimeError
+    assert not any(d.reference for d in net.ddls)

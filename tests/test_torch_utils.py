@@ -570,3 +570,42 @@ def test_checkpoint_latest(tmp_path):
 
 if __name__ == '__main__':
     _distributed_worker(sys.argv[1])
+
+# ----------------------------------------------------------------------------
+# The one --device convention and the one atomic writer.
+
+def test_pick_device_and_device_option():
+    import click
+    from click.testing import CliRunner
+    from torch_utils.distributed import device_option, pick_device
+    assert pick_device(None) == pick_device('auto') == distributed.device()
+    assert pick_device('cpu') == torch.device('cpu')
+    with pytest.raises(ValueError, match='not a device'):
+        pick_device('gpu0')
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='CUDA is not available'):
+            pick_device('cuda')
+
+    @click.command()
+    @device_option()
+    def cmd(device):
+        click.echo(f'device={pick_device(device)}')
+    assert CliRunner().invoke(cmd, []).output.strip() == f'device={distributed.device()}'
+    assert CliRunner().invoke(cmd, ['--device', 'cpu']).output.strip() == 'device=cpu'
+    bad = CliRunner().invoke(cmd, ['--device', 'gpu0'])
+    assert bad.exit_code == 2 and '--device' in bad.output and 'not a device' in bad.output
+
+def test_write_atomic_keeps_the_old_file_on_error(tmp_path):
+    from torch_utils.checkpoint import write_atomic
+    path = tmp_path / 'sub' / 'out.json'
+    write_atomic(path, lambda f: f.write('{"a": 1}'), mode='w')      # Creates the folder.
+    assert path.read_text() == '{"a": 1}'
+    def fail(f):
+        f.write('half')
+        raise RuntimeError('disk full')
+    with pytest.raises(RuntimeError, match='disk full'):
+        write_atomic(path, fail, mode='w')
+    assert path.read_text() == '{"a": 1}'                             # The old file, whole.
+    assert sorted(p.name for p in path.parent.iterdir()) == ['out.json']  # No temporary left behind.
+    with pytest.raises(ValueError, match="mode must be"):
+        write_atomic(path, lambda f: None, mode='a')
