@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from training.ddl import resize_area
 from training.image_ops import edge_map, grayscale
-from training.images import to_float
+from training.images import pil_to_float, square_pil
 
 # ----------------------------------------------------------------------------
 # A parsed condition spec.
@@ -115,18 +115,14 @@ def load_condition_image(net, path, device):
     kind, size = parse_condition(net.condition)
     try:
         with PIL.Image.open(path) as image:
-            image = image.convert('L' if net.img_channels == 1 else 'RGB')
+            image = square_pil(image, net.img_channels, f'Condition image {path}')
     except OSError as e:
-        raise OSError(f'--condition-image: cannot read {path}: {e}') from e
-    array = np.asarray(image, dtype=np.uint8)
-    h, w = array.shape[:2]
-    if w != h:
-        raise ValueError(f'--condition-image {path} is {w}x{h}; condition images must be square')
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    x = to_float(torch.from_numpy(array.copy())[None].to(device))
+        raise OSError(f'Condition image {path}: cannot read it: {e}') from e
+    w = image.size[0]
+    x = pil_to_float(image).to(device)
     if kind == 'resize':
         if w < size:
-            raise ValueError(f'--condition-image {path} is {w}x{w}, smaller than the {size}x{size} '
+            raise ValueError(f'Condition image {path} is {w}x{w}, smaller than the {size}x{size} '
                              f'condition of this {net.condition} network')
     elif w != net.img_resolution:
         x = resize_area(x, net.img_resolution)

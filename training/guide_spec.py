@@ -29,6 +29,7 @@ from torch import nn
 
 from training import guidance
 from training.ddl import argmin
+from training.images import pil_to_float, square_pil
 from training.snapshot import UnsafeFileError
 
 # ----------------------------------------------------------------------------
@@ -50,19 +51,13 @@ def guide_from_pil(image, channels=None, resolution=None, allow_resize=False, so
     picture gives the same guide whether it arrives as a file or from a page. `source` names it in errors."""
     if channels is None:
         channels = 1 if image.mode in ('1', 'L', 'LA', 'I', 'I;16', 'F') else 3
-    if channels not in (1, 3):
-        raise ValueError(f'channels must be 1 or 3, got {channels}')
-    image = image.convert('L' if channels == 1 else 'RGB')
+    image = square_pil(image, channels, source)
     w, h = image.size
-    if w != h:
-        raise ValueError(f'{source} is {w}x{h}; guide images must be square')
     if resolution is not None and w != resolution:
         if not allow_resize:
             raise ValueError(f'{source} is {w}x{h}, but {resolution}x{resolution} is needed')
         image = image.resize((resolution, resolution), PIL.Image.Resampling.BOX if w > resolution else PIL.Image.Resampling.BICUBIC)
-    array = np.array(image, dtype=np.uint8)
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array).float()[None] / 127.5 - 1
+    return pil_to_float(image)
 
 def load_mask(path, resolution=None):
     """An inpainting mask file as a (1, 1, H, W) float32 tensor in [0, 1]: white (255) = known pixel,

@@ -37,6 +37,23 @@ def to_pil(image):
         raise ValueError(f'Expected a uint8 (1 or 3, H, W) image, got {image.dtype} of shape {image.shape}')
     return PIL.Image.fromarray(image[0], 'L') if image.shape[0] == 1 else PIL.Image.fromarray(image.transpose(1, 2, 0), 'RGB')
 
+# An open PIL image converted to `channels` (1: PIL's Rec.601 'L'; 3: 'RGB', gray repeated, alpha
+# dropped), which must be square; `source` names it in the error.
+def square_pil(image, channels, source='Image'):
+    if channels not in (1, 3):
+        raise ValueError(f'channels must be 1 or 3, got {channels}')
+    image = image.convert('L' if channels == 1 else 'RGB')
+    w, h = image.size
+    if w != h:
+        raise ValueError(f'{source} is {w}x{h}; it must be square')
+    return image
+
+# An 'L' or 'RGB' PIL image as a (1, C, H, W) float32 tensor in [-1, 1].
+def pil_to_float(image):
+    array = np.array(image, dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return to_float(torch.from_numpy(array))[None]
+
 # Write a uint8 CHW image (or a PIL image) as a PNG, atomically (a temporary file, then a rename).
 def save_png(image, path):
     pil = image if isinstance(image, PIL.Image.Image) else to_pil(image)
