@@ -25,10 +25,11 @@ import numpy as np
 import torch
 import tqdm
 
+import cli
 from torch_utils import distributed as dist
 from torch_utils.checkpoint import write_atomic
 from training.dataset import open_dataset
-from training.generation import generate_batches, num_batches
+from sampling.generation import generate_batches, num_batches
 from training.images import image_path, to_pil
 from training.latent import latent_bits, pack_codes, packed_size, stored_bits, unpack_codes
 from training.snapshot import fingerprint, load_network
@@ -100,7 +101,7 @@ def _psnr_line(values):
 # The options both commands share: which network, on which device, how many images at once.
 def _network_options(fn):
     fn = click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)(fn)
-    fn = dist.device_option()(fn)
+    fn = cli.device_option()(fn)
     fn = click.option('--batch', help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)(fn)
     return click.option('--network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (latest snapshot)', metavar='FILE|URL|DIR', required=True)(fn)
 

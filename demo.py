@@ -7,23 +7,30 @@ image for super-resolution / colourisation / low-bit / edge / L2 guidance, mix g
 choose seeds and the choice rule, and add a CLIP prompt when `open_clip_torch` is installed. The page
 shows guided samples beside the unguided samples of the same seeds, the coarse-to-fine path of one
 sample (the chosen image of every layer) and a GIF of it. Guidance is the library's
-(`training/interactive.py`, `training/guide_spec.py`, `training/guidance.py`): a demo image is the
+(`sampling/interactive.py`, `sampling/guide_spec.py`, `sampling/guidance.py`): a demo image is the
 image `generate.py` writes for the same network, seed, guide and rule.
 
 Needs gradio (`pip install gradio`), which ddn does not install by default. The app listens on
 127.0.0.1 only unless `--host` says otherwise; it loads networks named in the page as `--network` does.
 """
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 
 import click
 import numpy as np
 
-from torch_utils.distributed import device_option, pick_device
-from training import interactive
+from cli import device_option
+from torch_utils.distributed import pick_device
+from sampling import interactive
 from training.images import to_uint8
-from training.interactive import CANVAS_SIZE, MAX_SEEDS, UPLOAD_GUIDES
+from sampling.interactive import CANVAS_SIZE, MAX_SEEDS, UPLOAD_GUIDES
 from training.snapshot import load_network
 
 GRADIO_INSTALL_HINT = 'demo.py needs gradio, which ddn does not install: pip install gradio'
@@ -171,6 +178,43 @@ def main(network, host, port, device):
         raise
     print(f'DDN demo on http://{host}:{port}/ (Ctrl+C to stop)', flush=True)
     app.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, share=False, show_error=True)
+
+# ----------------------------------------------------------------------------
+# The app in a child process (tests, benchmarks, screenshots): started on a free local port, waited
+# for until it answers, stopped on exit.
+
+@contextlib.contextmanager
+def serving(network, log=None, timeout=120, extra_args=()):
+    """Run `demo.py --network NETWORK` on 127.0.0.1 and a free port; yields (url, process).
+    `log`: a file path for its output (default: discarded). Raises RuntimeError if it exits or
+    does not answer within `timeout` seconds."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED='False', OMP_NUM_THREADS='1')
+    out = open(log, 'w') if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--network', str(network), '--port', str(port), *extra_args],
+                            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    url = f'http://127.0.0.1:{port}/'
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f'demo.py did not start (exit code {proc.poll()}); see {log or "its output"}') from None
+                time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if log is not None:
+            out.close()
 
 if __name__ == '__main__':
     main()

@@ -7,7 +7,7 @@ and `mu_s` / `sigma_s` of spatial features for sFID when the detector has them).
 `python fid.py calc` measures a folder or zip of images against such a file; `--splits N` also gives
 FID over N disjoint ranges of the images (seed ranges for generate.py's output) as mean and std.
 
-The metrics, image sources and detectors live in `training/metrics.py` and `training/detectors.py`
+The metrics, image sources and detectors live in `evaluation/metrics.py` and `evaluation/detectors.py`
 (generate.py and train.py --metrics use them too); this script is their command line. `--detector` takes a file,
 a URL, or a standard detector's name: inception (default), dinov2 (FD-DINOv2), clip (CLIP-FID).
 
@@ -20,9 +20,10 @@ Inception); any other pickle needs --trust-pickle, since unpickling it runs code
 
 import click
 
+from torch_utils import checkpoint
 from torch_utils import distributed as dist
-from training import metrics as metric_lib
-from training.metrics import REF_FEATURES
+from evaluation import metrics as metric_lib
+from evaluation.metrics import REF_FEATURES
 
 # ----------------------------------------------------------------------------
 # Command line.
@@ -85,7 +86,7 @@ def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector
         except (ValueError, OSError, ImportError) as e:
             raise click.ClickException(str(e)) from e
         if dist.get_rank() == 0 and out:
-            metric_lib.write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=metric_lib.detector_name(detector_url)))
+            checkpoint.write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=metric_lib.detector_name(detector_url)))
         metric_lib.print_metrics(results)
 
 @cli.command()

@@ -1,6 +1,6 @@
 """Generate images with a trained DDN: samples from seeds (optionally guided toward a condition),
 decoded latents, or reconstructions of a dataset; optionally FID (and IS) of the result on the fly.
-EDM's `generate.py`, for DDN; the work itself is `training.generation.generate_batches`.
+EDM's `generate.py`, for DDN; the work itself is `sampling.generation.generate_batches`.
 
 Three modes, one output layout (`--outdir`): sample (default; `--seeds 0-49999` -> `{seed:06d}.png`,
 seed s always gives the same image, whatever `--batch` and the number of processes); decode (`--codes
@@ -11,7 +11,7 @@ Every mode also writes `latents.npz` (training/latent.py; decoding it reproduces
 `generation_options.json`. `--fid-ref` streams the uint8 batches straight into the detector (no PNG
 is read back) and writes `metrics.json`; the last printed line is `fid=...`.
 
-Guided sampling (zero-shot conditional generation, DDN.md §5, training/guidance.py): `--guide
+Guided sampling (zero-shot conditional generation, DDN.md §5, sampling/guidance.py): `--guide
 TYPE[:WEIGHT],...` makes every layer keep its candidate nearest a condition (argmin, ties broken by
 the seed), or sample (`--guide-temp`, `--guide-topk`) from the seed's own uniforms, so a guided image is
 as deterministic as a plain sample. The guide inputs (`--guide-image`, ...) are shared by every seed.
@@ -35,14 +35,17 @@ import tqdm
 
 import dnnlib
 from dnnlib.util import format_int_list, parse_int_list
+from torch_utils import checkpoint
 from torch_utils import distributed as dist
-from training import metrics as metric_lib
+from evaluation import metrics as metric_lib
 from training import snapshot
 from training.conditions import condition_kind, load_condition_image, make_condition_fn, stored_condition_fn
 from training.dataset import open_dataset
-from training.detectors import DETECTOR_URL, load_detector
-from training.generation import GRID_IMAGES, Recorder, clear_outdir, generate_batches, num_batches, rank_share, save_run
-from training.guide_spec import GUIDE_OPTIONS, GUIDE_TYPES, build_guide, check_guide_options, make_chooser, parse_spec
+from evaluation.detectors import DETECTOR_URL, load_detector
+from sampling.generation import GRID_IMAGES, Recorder, clear_outdir, generate_batches, num_batches, rank_share, save_run
+import cli
+from cli import GUIDE_OPTIONS, build_guide, check_guide_options
+from sampling.guide_spec import GUIDE_TYPES, make_chooser, parse_spec
 from training.latent import latents_network, read_latents
 
 # Most seeds one --seeds list may hold (a typo such as 0-99999999999 would otherwise fill the memory).
@@ -125,7 +128,7 @@ def _shared_condition(opts, net, mode, guide_types, device):
 class Work(NamedTuple):
     names:      list                # Seed or index of every image, in grid order.
     name_key:   str                 # 'seeds' or 'indices' (latents.npz).
-    batches:    object              # This rank's stream (training.generation.generate_batches).
+    batches:    object              # This rank's stream (sampling.generation.generate_batches).
     stored:     object = None       # The one condition latents.npz keeps for all images, else None (each image's).
     scorer:     object = None       # Guide scorer of guided sampling, or None.
 
@@ -210,7 +213,7 @@ def _write_outputs(opts, mode, net, net_id, net_path, work, rec, results, guide_
             info.update(guide=guide_info)
         if opts.fid_ref is not None:
             info.update(fid_ref=opts.fid_ref, detector=opts.detector_url or DETECTOR_URL)
-        metric_lib.write_json(os.path.join(opts.outdir, 'metrics.json'), info)
+        checkpoint.write_json(os.path.join(opts.outdir, 'metrics.json'), info)
     print(f'Saved {len(rec.names)} images, latents.npz and grid.png to "{opts.outdir}"')
 
 # The reference and detector of --fid-ref, loaded before generating so a bad path fails in seconds,
@@ -238,7 +241,7 @@ def _load_metrics(opts, num, device):
 @click.option('--force', help='Write into a non-empty --outdir, replacing an earlier run\'s images, latents and grid', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label of class-conditional networks (and target of --guide classifier)  [default: random per seed]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64)
-@dist.device_option()
+@cli.device_option()
 # DDN options.
 @click.option('--codes', 'codes_path', help='Decode the latents of this file (a latents.npz written here)', metavar='NPZ', type=str, default=None)
 @click.option('--reconstruct', 'data', help='Encode and reconstruct images of a dataset (folder, zip, or "digits")', metavar='PATH|digits', type=str, default=None)
@@ -292,7 +295,10 @@ def _main(opts):
     mode = _check_mode(opts)
     guide_types = [name for name, _ in parse_spec(opts.guide)] if opts.guide is not None else []
     check_guide_options(opts, guide_types)
-    chooser, chooser_info = make_chooser(opts.guide_temp, opts.guide_topk)
+    try:
+        chooser, chooser_info = make_chooser(opts.guide_temp, opts.guide_topk)
+    except ValueError as e:
+        raise click.UsageError(f'--guide-temp/--guide-topk: {e}') from e
     device = dist.pick_device(opts.device)
     check_outdir(opts.outdir, opts.force)
 
@@ -319,7 +325,7 @@ def _main(opts):
         dist.print0(f'Guide: {opts.guide} ({", ".join(f"{k}={v}" for k, v in chooser_info.items())})')
     if dist.get_rank() == 0:
         clear_outdir(opts.outdir)
-        metric_lib.write_json(os.path.join(opts.outdir, 'generation_options.json'), _run_options(opts, mode, net, net_path, work.names, guide_info))
+        checkpoint.write_json(os.path.join(opts.outdir, 'generation_options.json'), _run_options(opts, mode, net, net_path, work.names, guide_info))
     dist.barrier()
 
     # Generate, writing PNGs as batches come; the detector reads the same uint8 batches.

@@ -22,11 +22,12 @@ except ImportError:     # Windows: no advisory locks; run ids are then only uniq
 import click
 import torch
 
+import cli
 import dnnlib
 from training.conditions import parse_condition
 from torch_utils import checkpoint, distributed
 from training import dataset as dataset_module
-from training import metrics as metric_lib
+from evaluation import metrics as metric_lib
 from training import training_loop
 from training.split_prune import BALANCE_METHODS
 
@@ -154,7 +155,7 @@ def resolve_resume(path):
 @option(PERF, '--bench',         help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
 @option(PERF, '--cache',         help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True)
 @option(PERF, '--workers',       help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1)
-@distributed.device_option(cls=GroupedOption, group=PERF)
+@cli.device_option(cls=GroupedOption, group=PERF)
 
 # I/O.
 @option(IO, '--desc',            help='String to include in result dir name', metavar='STR', type=str)
@@ -313,7 +314,7 @@ def metrics_config(opts, condition):
             except (OSError, ValueError, TypeError) as err:
                 raise click.ClickException(f'--detector: {err}') from None
         c.metrics = opts.metrics
-        c.metric_kwargs = dnnlib.EasyDict(detector_url=opts.detector, trust_pickle=opts.trust_pickle)
+        c.metric_kwargs = dnnlib.EasyDict(class_name='evaluation.metrics.SnapshotMetrics', detector_url=opts.detector, trust_pickle=opts.trust_pickle)
     elif opts.detector is not None:
         raise click.UsageError('--detector is only used with --metrics')
     if opts.trust_pickle and opts.metrics is None and opts.transfer is None:
@@ -399,7 +400,7 @@ def open_run_dir(c):
     checkpoint.remove_stale_temps(c.run_dir)    # Left by a killed run of this folder.
     options_path = os.path.join(c.run_dir, 'training_options.json')
     if not os.path.exists(options_path):    # Resuming in place keeps the original options.
-        checkpoint.save_atomic(json.dumps(c, indent=2).encode('utf-8'), options_path, mode='bytes')
+        checkpoint.write_json(options_path, c)
     return dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
 
 # Train; a bad image met during training ends the run as a --data error (and drops a run folder left empty).

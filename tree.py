@@ -24,6 +24,7 @@ import PIL.ImageDraw
 import torch
 from torch.nn import functional as F
 
+import cli
 from torch_utils import distributed as dist
 from training.images import check_png_out, save_png, to_pil, to_uint8
 from training.networks import batch_invariant
@@ -135,7 +136,7 @@ def render_tree(images, mean, ks, cell):
 @click.option('--levels',   help='Levels (layers) of the tree to draw', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--out',      help='Output PNG', metavar='PNG', default='tree.png', show_default=True)
 @click.option('--cell',     help='Side of a leaf cell in pixels  [default: output resolution + padding, >= 24]', metavar='INT', type=click.IntRange(min=4), default=None)
-@dist.device_option()
+@cli.device_option()
 @click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
 def main(network, levels, out, cell, device, trust_pickle):
     """Draw the first levels of a trained DDN's latent tree as recursive grids.

@@ -2,8 +2,8 @@
 
 For each chosen image of a dataset, a condition is derived from it (a low-resolution copy, the image
 with a hole, its luminance, a low-bit copy, its edge map, or the image itself), an unconditional DDN
-is guided by that condition (`training/guidance.py`, the guide of `--task` built by
-`training/guide_spec.py`), and one row of the figure shows:
+is guided by that condition (`sampling/guidance.py`, the guide of `--task` built by
+`sampling/guide_spec.py`), and one row of the figure shows:
 
     condition | guided result of each seed | ground truth
 
@@ -27,11 +27,13 @@ import torch
 import tqdm
 
 import dnnlib
-from torch_utils.distributed import device_option, pick_device
-from training import guidance, snapshot
+from cli import device_option
+from torch_utils.distributed import pick_device
+from sampling import guidance
+from training import snapshot
 from training.dataset import open_dataset
 from training.ddl import resize_area
-from training.guide_spec import parse_guides
+from sampling.guide_spec import make_chooser, parse_guides
 from training.image_ops import edge_map, grayscale, quantize
 from training.images import check_png_out, make_grid, save_png, to_float, to_uint8
 from training.networks import batch_invariant
@@ -153,7 +155,7 @@ def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperatu
     sr_size = sr_size or max(1, res // 4)
     if task == 'superres' and (sr_size > res or res % sr_size):
         raise click.ClickException(f'--sr-size {sr_size} must divide the resolution {res}')
-    chooser = guidance.TopKChooser(topk) if topk else guidance.TemperatureChooser(temperature)
+    chooser, _ = make_chooser(temperature=None if topk else temperature or None, topk=topk)
 
     rows, guided_d, unguided_d = [], [], []
     with torch.no_grad(), batch_invariant():

@@ -44,6 +44,7 @@ if __package__ in (None, ''):
     # Run as `python bench/ddl.py`: make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli
 from torch_utils import distributed as dist
 from training.ddl import DiscreteDistributionLayer
 from training.split_prune import split_and_prune
@@ -308,7 +309,7 @@ def fmt_mib(nbytes):
 # ----------------------------------------------------------------------------
 
 @click.command()
-@dist.device_option()
+@cli.device_option()
 @click.option('--steps',     help='Timed steps per layer and shape', metavar='INT', type=click.IntRange(min=1), default=20,
               show_default=True)
 @click.option('--threads',   help='CPU threads for torch [default: number of cores]', metavar='INT', type=click.IntRange(min=1),

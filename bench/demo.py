@@ -1,5 +1,5 @@
 """How long a demo.py request takes, per mode: through the HTTP API (what the page waits for) and
-in the library alone (`training.interactive.run_request`, no server), per image.
+in the library alone (`sampling.interactive.run_request`, no server), per image.
 
     python bench/demo.py --network training-runs/00000-digits-... [--seeds 0-7] [--repeats 3]
 
@@ -21,7 +21,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from training import interactive
+from sampling import interactive
+import demo
 from training.ddl import resize_area
 from training.image_ops import edge_map
 from training.images import save_png, to_uint8
@@ -67,7 +68,7 @@ def main(network, seeds, repeats):
     num = len(interactive.parse_seeds(seeds))
     folder = tempfile.mkdtemp(prefix='ddn-bench-demo-')
     layer, files = _inputs(net, folder)
-    with interactive.serving(network) as (url, _):
+    with demo.serving(network) as (url, _):
         client = Client(url, verbose=False)
         editor = dict(background=handle_file(os.path.join(folder, 'blank.png')), layers=[handle_file(os.path.join(folder, 'layer.png'))],
                       composite=handle_file(os.path.join(folder, 'layer.png')), id=None)

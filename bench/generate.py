@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli
 from torch_utils import distributed as dist
 from training.ddl import reference_heads
 from training.networks import DDNGenerator, batch_invariant
@@ -52,7 +53,7 @@ def time_path(net, batch, steps, warmup, all_heads):
 @click.option('--batch', help='Images per step  [default: 2 on CPU, 256 on CUDA]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--steps', help='Timed steps per path  [default: 2 on CPU, 20 on CUDA]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--warmup', help='Untimed steps per path', metavar='INT', type=click.IntRange(min=0), default=1)
-@dist.device_option()
+@cli.device_option()
 @click.option('--json', 'json_path', help='Also write the figures to this JSON file', metavar='FILE', type=str)
 def main(batch, steps, warmup, device, json_path):
     """Images/s of generation with the reference CIFAR-10 network, single-head vs all-K."""

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli
 from torch_utils import distributed
 from torch_utils import distributed as dist
 from training.ddl import DiscreteDistributionLayer
@@ -143,7 +144,7 @@ def _state(model, ema, optimizer):
 @click.option('--batch',    help='Targets observed per layer per step', metavar='INT', type=click.IntRange(min=1), default=256)
 @click.option('--steps',    help='Timed steps', metavar='INT', type=click.IntRange(min=1), default=30)
 @click.option('--warmup',   help='Untimed steps first', metavar='INT', type=click.IntRange(min=0), default=3)
-@dist.device_option()
+@cli.device_option()
 @click.option('--threads',  help='CPU threads', metavar='INT', type=click.IntRange(min=1), default=1)
 def main(layers, batch, steps, warmup, device, threads):
     """Operations and time of one Split-and-Prune pass: per-layer loop vs batched."""

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli
 from torch_utils import distributed as dist
 from training.loss import DDNLoss
 from training.networks import DDNGenerator
@@ -48,7 +49,7 @@ REFERENCE_NET = dict(img_resolution=32, img_channels=3, max_blockn=32, max_outpu
 @click.option('--compile',   help='torch.compile the training forward', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--channels-last', help='Channels-last convolutions', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--adam',      help='Adam implementation (auto = torch\'s choice)', type=click.Choice(['auto', 'for-loop', 'foreach', 'fused']), default='auto', show_default=True)
-@dist.device_option()
+@cli.device_option()
 @click.option('--threads',   help='CPU threads', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--json', 'json_path', help='Also write the figures to this JSON file', metavar='FILE', type=str)
 def main(batch, steps, warmup, precision, compile, channels_last, adam, device, threads, json_path):

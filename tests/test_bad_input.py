@@ -20,7 +20,8 @@ import toy_2d
 import tree
 import zscg
 from torch_utils import checkpoint
-from training import metrics, snapshot
+from evaluation import metrics
+from training import snapshot
 from training.dataset import DatasetError, ImageFolderDataset
 from training.networks import DDNGenerator
 

@@ -25,7 +25,7 @@ import demo
 import generate
 from training.images import to_pil, to_uint8
 from training.snapshot import load_network
-from training import interactive
+from sampling import interactive
 from training.ddl import resize_area
 from training.image_ops import edge_map
 from training.networks import DDNGenerator
@@ -61,7 +61,7 @@ def snapshot(digits, tmp_path_factory):
 def server(snapshot, tmp_path_factory):
     log = tmp_path_factory.mktemp('demo') / 'server.log'
     try:
-        with interactive.serving(snapshot, log=log) as (url, proc):
+        with demo.serving(snapshot, log=log) as (url, proc):
             yield dict(client=gradio_client.Client(url, verbose=False), url=url, proc=proc, log=log)
     except RuntimeError as e:
         pytest.fail(f'{e}\n{log.read_text()}')

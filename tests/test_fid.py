@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import fid
-from training import detectors, metrics
+from evaluation import detectors, metrics
 
 # The stand-in detectors are TorchScript on purpose (the Inception pickle is one); PyTorch now warns that TorchScript is deprecated.
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*` is deprecated:DeprecationWarning')

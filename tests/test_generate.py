@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import fid
-from training import metrics as metrics_lib
+from evaluation import metrics as metrics_lib
 import generate
 from dnnlib.util import format_int_list, parse_int_list
 from training.dataset import DigitsDataset

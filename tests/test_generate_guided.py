@@ -25,10 +25,10 @@ sys.path.insert(0, REPO)
 
 import generate
 from training.images import to_float, to_pil, to_uint8
-from training import guidance as G
+from sampling import guidance as G
 from training.dataset import DigitsDataset
 from training.ddl import resize_area
-from training.guide_spec import load_guide_image, load_mask, parse_guides
+from sampling.guide_spec import load_guide_image, load_mask, parse_guides
 from training.image_ops import edge_map
 from training.networks import DDNGenerator
 from training.split_prune import split_and_prune

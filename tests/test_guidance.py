@@ -1,4 +1,4 @@
-"""Tests for zero-shot conditional generation (training/guidance.py, training/guide_spec.py, zscg.py).
+"""Tests for zero-shot conditional generation (sampling/guidance.py, sampling/guide_spec.py, zscg.py).
 
 A tiny DDN (8x8 grayscale, L=7, K=16) is trained inside this module on the built-in digits (once,
 about 15 s on one CPU thread); every guide must then pull the generated images toward its own
@@ -22,9 +22,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import zscg
-from training import guidance as G
+from sampling import guidance as G
 from training.ddl import LayerInfo, argmin, resize_area
-from training.guide_spec import load_guide_image, load_mask, load_module, parse_guides
+from sampling.guide_spec import load_guide_image, load_mask, load_module, parse_guides
 from training.image_ops import LUMA_WEIGHTS, edge_map
 from training.networks import DDNGenerator, batch_invariant
 from training.split_prune import split_and_prune

@@ -1,4 +1,4 @@
-"""Tests of training/metrics.py and training/detectors.py: KID and combined statistics against direct
+"""Tests of evaluation/metrics.py and evaluation/detectors.py: KID and combined statistics against direct
 computations, safe detector loading (a payload must not run), sFID and disjoint splits through
 `fid.py calc`, the DINOv2 / CLIP loaders offline, and `train.py --metrics` (one JSON line per snapshot,
 equal to `fid.py calc` on generate.py's PNGs of the same seeds; two gloo processes equal one).
@@ -25,7 +25,7 @@ import fid
 import generate
 import train
 from torch_utils import safe_pickle
-from training import detectors, metrics
+from evaluation import detectors, metrics
 from training.dataset import DigitsDataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*` is deprecated:DeprecationWarning')

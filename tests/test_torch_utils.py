@@ -577,7 +577,8 @@ if __name__ == '__main__':
 def test_pick_device_and_device_option():
     import click
     from click.testing import CliRunner
-    from torch_utils.distributed import device_option, pick_device
+    from cli import device_option
+    from torch_utils.distributed import pick_device
     assert pick_device(None) == pick_device('auto') == distributed.device()
     assert pick_device('cpu') == torch.device('cpu')
     with pytest.raises(ValueError, match='not a device'):

@@ -225,8 +225,8 @@ def test_save_bytes_atomic_and_append_line(tmp_path):
     checkpoint.save_atomic(b'{"x": 2}', path, mode='bytes')
     assert json.loads(path.read_text()) == {'x': 2}
     assert os.listdir(tmp_path) == ['a.json']                          # No temporary file left.
-    tl.append_line(tmp_path / 's.jsonl', '{"a": 1}')
-    tl.append_line(tmp_path / 's.jsonl', '{"a": 2}\n')
+    checkpoint.append_line(tmp_path / 's.jsonl', '{"a": 1}')
+    checkpoint.append_line(tmp_path / 's.jsonl', '{"a": 2}\n')
     assert (tmp_path / 's.jsonl').read_text() == '{"a": 1}\n{"a": 2}\n'
 
 # ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ only. Files from elsewhere go through training/snapshot.py (`load_state`: weight
 restricted unpickler or safetensors).
 """
 
+import json
 import os
 import pickle
 import re
@@ -52,6 +53,18 @@ def save_atomic(obj, path, mode='torch'):
     if mode not in writers:
         raise ValueError(f"mode must be 'torch', 'pickle' or 'bytes', got {mode!r}")
     write_atomic(path, writers[mode])
+
+# Write JSON atomically (write_atomic), indented.
+def write_json(path, obj):
+    write_atomic(path, lambda f: json.dump(obj, f, indent=2), mode='w')
+
+# Append one line to a file with a single write(), so a killed job never leaves half a line.
+def append_line(path, line):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line.rstrip('\n') + '\n').encode('utf-8'))
+    finally:
+        os.close(fd)
 
 # ----------------------------------------------------------------------------
 # Remove the temporary files (`*.tmp-<pid>`) that a killed process left in `folder`. A file whose

@@ -135,21 +135,6 @@ def pick_device(name=None):
         raise ValueError(f'{name!r}: MPS is not available on this machine')
     return dev
 
-# The `--device` option of every script: the string of the command line, checked by `pick_device`
-# when the command line is parsed (a bad value is a usage error naming --device); the script calls
-# `pick_device(value)` for its torch.device.
-DEVICE_HELP = "Device: auto (this process's GPU if any, else CPU), cpu, cuda, cuda:N, mps"
-
-def device_option(default='auto', **kwargs):
-    import click
-    def check(ctx, param, value):
-        try:
-            pick_device(value)
-        except ValueError as e:
-            raise click.BadParameter(str(e)) from None
-        return value
-    return click.option('--device', help=DEVICE_HELP, metavar='STR', type=str, default=default, show_default=True, callback=check, **kwargs)
-
 # ----------------------------------------------------------------------------
 # print() on rank 0 only, so N processes do not print N copies of every line.
 

@@ -86,7 +86,7 @@ def condition_tensor(
     return F.interpolate(images, size=(size, size), mode='area')
 
 # ----------------------------------------------------------------------------
-# Conditions at generation time (generate.py, training/generation.py): class labels, or a condition
+# Conditions at generation time (generate.py, sampling/generation.py): class labels, or a condition
 # image that becomes the network's condition exactly as in training (`net.make_condition`), in eval mode.
 
 # The network's kind of condition: None (unconditional), 'class', 'color', 'edge' or 'resize'.

@@ -1,7 +1,7 @@
 """Image operations shared by conditional training and zero-shot guidance: grayscale, edge map, quantisation.
 
 One definition of each, used both where a condition is computed for a conditional network
-(`training/conditions.py`) and where candidates are compared with a guide (`training/guidance.py`,
+(`training/conditions.py`) and where candidates are compared with a guide (`sampling/guidance.py`,
 `zscg.py`). Images are (N, C, H, W) tensors in [-1, 1]; C is 1 or 3.
 """
 

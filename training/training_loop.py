@@ -43,7 +43,6 @@ from torch_utils import checkpoint, distributed, misc, training_stats
 from training import snapshot as snapshot_io
 from training.images import make_grid, to_pil, to_uint8
 from training.split_prune import balance, find_node_sets
-from training.metrics import SnapshotMetrics
 from training.networks import batch_invariant
 
 # File names inside a run folder, '*' standing for the kimg tag (see file_tag).
@@ -64,15 +63,6 @@ ADAM_IMPLEMENTATIONS = {'auto': {}, 'for-loop': dict(foreach=False), 'foreach': 
 
 # Seeds of the images in every sample grid (a fixed 8x8 grid, so grids of a run are comparable).
 SAMPLE_GRID_SEEDS = range(64)
-
-# ----------------------------------------------------------------------------
-# Append one line to a file with a single write(), so a killed job never leaves half a line.
-def append_line(path, line):
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line.rstrip('\n') + '\n').encode('utf-8'))
-    finally:
-        os.close(fd)
 
 # ----------------------------------------------------------------------------
 # What a training state must agree on to be resumed: the network and the dataset.
@@ -583,7 +573,7 @@ class _Run:
         if write_dump and self.rank == 0:       # The next tick starts here.
             self.write_state(tag, self.cur_tick + 1, self.cur_nimg)
         if self.rank == 0:
-            append_line(os.path.join(self.run_dir, 'stats.jsonl'), json.dumps(dict(stats, timestamp=time.time())))
+            checkpoint.append_line(os.path.join(self.run_dir, 'stats.jsonl'), json.dumps(dict(stats, timestamp=time.time())))
         self.cur_tick += 1
         self.tick_start_nimg = self.cur_nimg
         report.next_tick(tick_end_time)
@@ -727,8 +717,8 @@ def training_loop(
     trust_pickle        = False,    # Let transfer_pkl be a pickle that runs code (not one of our snapshots).
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
     device              = None,     # 'cpu', 'cuda' or None = this rank's GPU if any, else the CPU.
-    metrics             = None,     # Metrics of every snapshot, e.g. 'fid50k,kid10k' (training.metrics); None = none.
-    metric_kwargs       = {},       # detector_url, trust_pickle, batch: options of training.metrics.SnapshotMetrics.
+    metrics             = None,     # Metrics of every snapshot, e.g. 'fid50k,kid10k' (evaluation.metrics); None = none.
+    metric_kwargs       = {},       # class_name (default evaluation.metrics.SnapshotMetrics), detector_url, trust_pickle, batch.
 ):
     training_options = _canonical_options(locals())     # The arguments of this call, for the snapshots.
     start_time = time.time()
@@ -755,7 +745,8 @@ def training_loop(
     # Metrics of the snapshots: detector and reference statistics are ready before the first step.
     snapshot_metrics = None
     if metrics:
-        snapshot_metrics = SnapshotMetrics(metrics, run_dir, dataset_kwargs, device=device, **metric_kwargs)
+        metric_kwargs = {'class_name': 'evaluation.metrics.SnapshotMetrics', **metric_kwargs}   # A name: no import upward.
+        snapshot_metrics = dnnlib.util.construct_class_by_name(metrics, run_dir, dataset_kwargs, device=device, **metric_kwargs)
 
     # The duration in whole images: `--duration` is in Mimg, and 0.00205 * 1e6 is 2050.0000000000005
     # in floating point, which would make a run stop one step late.

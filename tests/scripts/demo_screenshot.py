@@ -16,7 +16,7 @@ import click
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from training import interactive
+import demo
 
 @click.command()
 @click.option('--network', required=True, help='Network for the demo (snapshot or run folder)')
@@ -27,7 +27,7 @@ def main(network, out, browser):
     browser = browser or shutil.which('chromium') or shutil.which('chromium-browser')
     if browser is None:
         raise click.ClickException('No Chromium found: apt-get install chromium, or pass --browser')
-    with interactive.serving(network) as (url, _):
+    with demo.serving(network) as (url, _):
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path=browser, args=['--no-sandbox'])
             page = b.new_page(viewport={'width': 1400, 'height': 1500})

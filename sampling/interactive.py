@@ -2,7 +2,7 @@
 
 Paper §3.5 / `DDN.md` §5. The web demo lets a user draw colour strokes, upload a guide image, mix
 guides and look at the coarse-to-fine path of one sample. Everything that decides an image happens
-here, in `training/guide_spec.py` and in `training/guidance.py` (the same guides and choosers as
+here, in `sampling/guide_spec.py` and in `sampling/guidance.py` (the same guides and choosers as
 `generate.py`); the page only turns widgets into these arguments. So a guided image of the demo is
 the image `generate.py` writes for the same seed, guide and choice rule.
 
@@ -14,18 +14,10 @@ the image `generate.py` writes for the same seed, guide and choice rule.
 - `run_guided()`: guided samples for a list of seeds, the unguided samples of the same seeds, and the
   chosen image of every layer of one of them.
 - `coarse_to_fine()` / `write_gif()`: that path as frames of one size, and as an animated GIF.
-- `serving()`: demo.py in a child process on a free local port (tests, benchmarks, screenshots).
 """
 
-import contextlib
 import io
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -33,9 +25,9 @@ import PIL.Image
 import torch
 
 from dnnlib.util import parse_int_list
-from training import guidance
+from sampling import guidance
 from training.ddl import argmin, resize_area
-from training.guide_spec import guide_from_pil, make_chooser, parse_guides
+from sampling.guide_spec import guide_from_pil, make_chooser, parse_guides
 from training.networks import batch_invariant
 
 # At most this many seeds per request, so a typo such as 0-99999 cannot stall the page.
@@ -52,9 +44,6 @@ UPLOAD_GUIDES = {
     'edge':     'edges (upload: an edge map, white = edge)',
     'l2':       'L2 to the upload',
 }
-
-# The demo script that `serving` starts.
-DEMO_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'demo.py')
 
 # ----------------------------------------------------------------------------
 # Widgets -> guide tensors.
@@ -238,40 +227,3 @@ def write_gif(frames: Sequence[np.ndarray], path=None, ms_per_frame: int = 300, 
         with open(path, 'wb') as f:
             f.write(data)
     return data
-
-# ----------------------------------------------------------------------------
-# The app in a child process (tests, benchmarks, screenshots): started on a free local port, waited
-# for until it answers, stopped on exit.
-
-@contextlib.contextmanager
-def serving(network, log=None, timeout=120, extra_args=()):
-    """Run `demo.py --network NETWORK` on 127.0.0.1 and a free port; yields (url, process).
-    `log`: a file path for its output (default: discarded). Raises RuntimeError if it exits or
-    does not answer within `timeout` seconds."""
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED='False', OMP_NUM_THREADS='1')
-    out = open(log, 'w') if log is not None else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, DEMO_SCRIPT, '--network', str(network), '--port', str(port), *extra_args],
-                            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(DEMO_SCRIPT))
-    url = f'http://127.0.0.1:{port}/'
-    try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f'demo.py did not start (exit code {proc.poll()}); see {log or "its output"}') from None
-                time.sleep(0.5)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if log is not None:
-            out.close()

@@ -9,7 +9,7 @@ unconditional model. Usage:
     scorer = CombinedScorer([(InpaintScorer(x, mask), 1.0), (ColorScorer(x), 0.5)])
     out = net(scorer=scorer, chooser=TemperatureChooser(0.3), seeds=[0, 1, 2])
 
-(`training/guide_spec.py` builds such a scorer from a spec string such as 'inpaint:1,color:0.5' and
+(`sampling/guide_spec.py` builds such a scorer from a spec string such as 'inpaint:1,color:0.5' and
 files, for the scripts.) The two contracts (from `training/ddl.py`):
 - Scorer:  `scorer(cand, info) -> dist`, cand (B, K, C, H, W) in [-1, 1], `info` a LayerInfo(index,
   num_layers, K, size); dist (B, K), lower is better.
@@ -31,7 +31,7 @@ Conventions of the built-in scorers:
 
 The CLIP scorer needs a CLIP package (`open_clip_torch` or OpenAI's `clip`); it is not a dependency
 of ddn. Classifier and feature networks are any callables (modules); loading them from files is
-`training/guide_spec.py`'s job.
+`sampling/guide_spec.py`'s job.
 """
 
 import math

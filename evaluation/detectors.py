@@ -30,7 +30,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import safe_pickle
-from training.guidance import CLIP_MEAN, CLIP_STD
+from sampling.guidance import CLIP_MEAN, CLIP_STD
 
 # StyleGAN3's Inception-v3 (a PyTorch translation of TensorFlow's inception-2015-12-05), as in EDM.
 DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'

@@ -1,6 +1,6 @@
 """Guides as the scripts name them: the spec grammar 'inpaint:1,color:0.5', guide files, and the CLI options.
 
-`training/guidance.py` holds the scorers and choosers as library code; this file is what speaks the
+`sampling/guidance.py` holds the scorers and choosers as library code; this file is what speaks the
 command line of `generate.py` (`--guide SPEC`, `--guide-image`, `--guide-mask`, ..., `--guide-temp`,
 `--guide-topk`) and of the pages and scripts built on it (`demo.py`, `zscg.py`):
 
@@ -21,13 +21,12 @@ import pickle
 import zipfile
 from typing import Optional
 
-import click
 import numpy as np
 import PIL.Image
 import torch
 from torch import nn
 
-from training import guidance
+from sampling import guidance
 from training.ddl import argmin
 from training.images import pil_to_float, square_pil
 from training.snapshot import UnsafeFileError
@@ -217,55 +216,14 @@ def parse_guides(
                for name, weight in items]
     return guidance.CombinedScorer(scorers)
 
-# ----------------------------------------------------------------------------
-# generate.py's guide options: which guide reads which option, the scorer of the options, the choice rule.
-
-# Guide options: (CLI option, the guide types that read it).
-GUIDE_OPTIONS = {
-    'guide_image':      ('--guide-image',       ('l2', 'superres', 'inpaint', 'color', 'lowbit', 'edge', 'style')),
-    'guide_mask':       ('--guide-mask',        ('inpaint',)),
-    'guide_bits':       ('--guide-bits',        ('lowbit',)),
-    'guide_classifier': ('--guide-classifier',  ('classifier',)),
-    'guide_text':       ('--guide-text',        ('clip',)),
-    'guide_style':      ('--guide-style',       ('style',)),
-    'guide_features':   ('--guide-features',    ('style',)),
-    'guide_temp':       ('--guide-temp',        tuple(GUIDE_TYPES)),
-    'guide_topk':       ('--guide-topk',        tuple(GUIDE_TYPES)),
-}
-
 def make_chooser(temperature=None, topk=None):
     """The choice rule of guided layers and its description: argmin (exact ties broken by the seed's
     uniform), softmax(-z / T) sampling, or a uniform choice among the N best; all draw from the seed.
-    Raises click.UsageError for both rules at once, ValueError for a bad temperature or top-k."""
+    Raises ValueError for both rules at once, or for a bad temperature or top-k."""
     if temperature is not None and topk is not None:
-        raise click.UsageError('A temperature (--guide-temp) and a top-k (--guide-topk) are two choice rules; give one of them')
+        raise ValueError('a temperature and a top-k are two choice rules; give one of them')
     if topk is not None:
         return guidance.TopKChooser(topk), dict(rule='topk', topk=topk)
     if temperature is not None:
         return guidance.TemperatureChooser(temperature), dict(rule='temperature', temperature=temperature)
     return argmin, dict(rule='argmin')
-
-def check_guide_options(opts, guide_types):
-    """Usage errors for guide inputs that no guide of `--guide` reads (or given without --guide)."""
-    for key, (option, readers) in GUIDE_OPTIONS.items():
-        if opts.get(key) is None:
-            continue
-        if not guide_types:
-            raise click.UsageError(f'{option} is only used with --guide')
-        if not set(readers) & set(guide_types):
-            raise click.UsageError(f'{option} is not read by --guide {opts.guide} (only by {", ".join(readers)})')
-
-def build_guide(opts, net, device):
-    """The CombinedScorer of `opts.guide` (None without one), its inputs loaded from their files
-    and checked against the network by `parse_guides`."""
-    if opts.guide is None:
-        return None
-    try:
-        return parse_guides(opts.guide, img_channels=net.img_channels, img_resolution=net.img_resolution,
-            image=opts.guide_image, mask=opts.guide_mask, bits=opts.guide_bits, classifier=opts.guide_classifier,
-            class_idx=opts.class_idx, text=opts.guide_text, style=opts.guide_style, features=opts.guide_features,
-            device=device, trust_pickle=opts.get('trust_pickle', False))
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-        raise ValueError(f'--guide {opts.guide}: {e}') from e
-    except ImportError as e:
-        raise click.ClickException(f'--guide {opts.guide}: {e}') from e

@@ -2,7 +2,7 @@
 
 The library behind `fid.py` (a command line on top), `generate.py --fid-ref` and `train.py --metrics`.
 Images arrive as a folder or zip of image files, a dataset, or this rank's iterable of uint8 NCHW
-batches (generated samples streamed straight from a network, `image_batches`); a detector (`training.detectors`) turns them into
+batches (generated samples streamed straight from a network, `image_batches`); a detector (`evaluation.detectors`) turns them into
 features; running sums give mu / sigma; the rows that KID, precision/recall and IS need are kept.
 
 Under `torchrun` each rank feeds its own share; per-rank sums are all-reduced and the kept rows
@@ -32,11 +32,11 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils.checkpoint import write_atomic
+from torch_utils.checkpoint import append_line, write_atomic, write_json
 from training.conditions import condition_kind, make_condition_fn
 from training.dataset import GENERATED_IMAGE_PATTERN, GENERATED_MARKER, ImageFolderDataset
-from training.detectors import DETECTOR_URL, NAMED as NAMED_DETECTORS, detector_name, load_detector  # noqa: F401 (part of this API)
-from training.generation import generate_batches
+from evaluation.detectors import DETECTOR_URL, NAMED as NAMED_DETECTORS, detector_name, load_detector  # noqa: F401 (part of this API)
+from sampling.generation import generate_batches
 
 # Metric names of `calc_metrics`.
 METRICS = ('fid', 'kid', 'sfid', 'is', 'pr')
@@ -248,7 +248,7 @@ def image_batches(source, batch=64, num=None, seed=0, workers=2, progress=True):
         yield from to_rgb(images).split(batch)
 
 # Samples of a DDN for `seeds` (this rank's share), as uint8 NCHW batches straight from the network; the
-# same images as `generate.py --seeds` (training/generation.py; a class-conditional net draws each seed's class).
+# same images as `generate.py --seeds` (sampling/generation.py; a class-conditional net draws each seed's class).
 def generator_batches(net, seeds, batch=64):
     if condition_kind(net) not in (None, 'class'):
         raise ValueError(f'Unconditional metrics need samples without a condition image; this network is '
@@ -589,13 +589,8 @@ class SnapshotMetrics:
                     write_json(os.path.join(self.run_dir, f'metric-{name}-best.json'), best)
             text += f'  best {best["value"]:.6g} at {best["snapshot"]}'
         if dist.get_rank() == 0:
-            from training.training_loop import append_line  # Here: training_loop imports this module.
             append_line(os.path.join(self.run_dir, f'metric-{name}.jsonl'), json.dumps(line))
         dist.print0(text)
-
-# Write JSON atomically (torch_utils.checkpoint.write_atomic), indented.
-def write_json(path, obj):
-    write_atomic(path, lambda f: json.dump(obj, f, indent=2), mode='w')
 
 # ----------------------------------------------------------------------------
 

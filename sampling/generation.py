@@ -4,14 +4,14 @@
 its arguments: nothing -> sampling (names are seeds: per-seed codes, so a seed gives the same image
 whatever the batch or the number of processes); `codes` -> decoding those latents; `dataset` ->
 reconstruction (L2-guided encoding of dataset images, names are their indices). A `scorer` (and
-`chooser`) guides sampling (zero-shot conditional generation, training/guidance.py); a
+`chooser`) guides sampling (zero-shot conditional generation, sampling/guidance.py); a
 `condition_fn` gives the condition of a conditional network (training/conditions.py). Every network
 call runs under `batch_invariant()`, the kernels that make an image independent of its batch.
 
 `Recorder` consumes such a stream: it writes each image's PNG, keeps the latents, the grid images,
 the reconstruction error and the guide distance, and gathers them on rank 0 (generate.py writes
 latents.npz, grid.png and metrics.json from them). Callers split the work across processes with
-`rank_share`; the uint8 images can stream on into training/metrics.py (FID) unchanged.
+`rank_share`; the uint8 images can stream on into evaluation/metrics.py (FID) unchanged.
 """
 
 import math
@@ -26,7 +26,7 @@ import dnnlib
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from training.conditions import condition_kind
-from training.guidance import final_distance
+from sampling.guidance import final_distance
 from training.images import image_path, make_grid, save_png, side_by_side, to_float, to_pil, to_uint8
 from training.latent import save_latents
 from training.networks import batch_invariant
