@@ -4,7 +4,7 @@ The node sets are the reference network's (`DDNGenerator(32, 3, max_blockn=32, m
 L = 63 DDLs, K = 64, each weight 192 x 128), with an EMA mirror and Adam state, as in training;
 the convolutional blocks play no part in Split-and-Prune and are left out. Every step, each
 layer observes one batch of random distances (not timed), then one pass runs:
-- before: `split_and_prune_per_layer` below, the per-layer loop this project used up to commit
+- before: `split_and_prune_per_layer` (tests/split_prune_reference.py), the per-layer loop this project used up to commit
   3f4006a (fold, copy back and row copies one node set at a time: a few operations per layer);
 - after:  `training.split_prune.split_and_prune`, batched over the layers (a fixed number of
   operations, whatever L).
@@ -20,7 +20,6 @@ on CUDA, the kernels launched on the GPU. Times: median and minimum per pass ove
 Last lines: `sp_ops_before=`, `sp_ops_after=`, `sp_ops_ratio=`, `sp_time_ratio=` (before / after).
 """
 
-import copy
 import os
 import statistics
 import sys
@@ -32,105 +31,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli
-from torch_utils import distributed
+from tests.split_prune_reference import count_ops, make_setup, observe_all, split_and_prune_per_layer
 from torch_utils import distributed as dist
-from training.ddl import DiscreteDistributionLayer
-from training.split_prune import decide, find_node_sets, redistribute, split_and_prune
-
-# ATen operations that only make views or metadata (no kernel runs).
-METADATA_OPS = {
-    'aten::view', 'aten::unbind', 'aten::select', 'aten::slice', 'aten::as_strided', 'aten::detach',
-    'aten::alias', 'aten::expand', 'aten::reshape', 'aten::_reshape_alias', 'aten::unsqueeze',
-    'aten::squeeze', 'aten::t', 'aten::transpose', 'aten::permute', 'aten::lift_fresh',
-    'aten::result_type', 'aten::resolve_conj', 'aten::resolve_neg', 'aten::empty', 'aten::empty_strided',
-    'aten::split', 'aten::split_with_sizes', 'aten::narrow', 'aten::_unsafe_view', 'detach',
-}
+from training.split_prune import split_and_prune
 
 # ----------------------------------------------------------------------------
-# The per-layer Split-and-Prune pass as it was before batching (commit 3f4006a), kept as the
-# "before" of this benchmark and as the reference the batched pass is tested against
-# (tests/test_split_prune.py). Same decisions and arithmetic, one node set at a time.
-
-@torch.no_grad()
-def _copy_node_rows_per_layer(tensors, rows, do, s, d):
-    ar = torch.arange(rows, device=do.device)
-    dst = d * rows + ar
-    src = torch.where(do, s * rows + ar, dst)
-    for tensor in tensors:
-        tensor.index_copy_(0, dst, tensor.index_select(0, src))
-
-@torch.no_grad()
-def split_and_prune_per_layer(model, optimizer=None, mirrors=(), rule='tv'):
-    node_sets = find_node_sets(model)
-    mirror_sets = [find_node_sets(m) for m in mirrors]
-    device = node_sets[0].node_stats.count.device
-    distributed.all_reduce_([t for ns in node_sets for t in ns.node_stats.pending_tensors()])
-    for ns in node_sets:
-        ns.node_stats.fold()
-    total_splits = torch.zeros([], dtype=torch.int64, device=device)
-    groups = {}
-    for idx, ns in enumerate(node_sets):
-        groups.setdefault((ns.K, ns.node_stats.track_near2), []).append(idx)
-    for (K, track_near2), members in groups.items():
-        stats = [node_sets[i].node_stats for i in members]
-        count = torch.stack([st.count for st in stats])
-        near2 = torch.stack([st.near2 for st in stats]) if track_near2 else None
-        dist_acc = torch.stack([st.dist_acc for st in stats])
-        decision = decide(count, dist_acc, rule=rule)
-        new_count, new_near2, new_dist = redistribute(count, near2, dist_acc, decision)
-        for g, st in enumerate(stats):
-            st.count.copy_(new_count[g])
-            if track_near2:
-                st.near2.copy_(new_near2[g])
-            st.dist_acc.copy_(new_dist[g])
-            st.num_splits.add_(decision.do_split[g].long())
-        total_splits += decision.do_split.sum()
-        for g, i in enumerate(members):
-            do, s, d = decision.do_split[g], decision.i_split[g], decision.i_prune[g]
-            mirrored = [ms[i].node_params() for ms in mirror_sets]
-            for p, (param, rows) in enumerate(node_sets[i].node_params()):
-                tensors = [param.data] + [m[p][0].data for m in mirrored]
-                if optimizer is not None:
-                    state = optimizer.state.get(param, {})
-                    tensors += [v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]
-                _copy_node_rows_per_layer(tensors, rows, do, s, d)
-    return total_splits
-
-# ----------------------------------------------------------------------------
-# The reference net's node sets: L DDLs on 256 feature channels (leak: 128 per head), RGB, K = 64.
-
-def make_setup(num_layers=63, K=64, device='cpu', seed=0):
-    torch.manual_seed(seed)
-    model = torch.nn.ModuleList([DiscreteDistributionLayer(256, 3, K, index=l, num_layers=num_layers)
-                                 for l in range(num_layers)]).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for p in model.parameters():                    # One step, so that Adam has state rows to copy.
-        p.grad = torch.randn_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return model, ema, optimizer
-
-# One batch of random selection distances (B, K) per layer, the same for both setups.
-def observe_all(models, batch, generator):
-    K = find_node_sets(models[0])[0].K
-    for l in range(len(find_node_sets(models[0]))):
-        dist = torch.rand(batch, K, generator=generator).to(find_node_sets(models[0])[l].node_stats.count.device)
-        dist = dist ** 3                            # Uneven node usage, so that layers split.
-        for model in models:
-            find_node_sets(model)[l].node_stats.select(dist)
-
-# Operations issued per pass (and kernels launched on CUDA), from one profiled pass.
-def count_ops(fn, cuda):
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-    events = prof.events()
-    ops = sum(1 for e in events if e.cpu_parent is None and e.name.startswith('aten::') and e.name not in METADATA_OPS)
-    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA) if cuda else None
-    return ops, kernels
+# Every tensor a pass may change: weights, EMA weights and buffers, optimizer state.
 
 def _state(model, ema, optimizer):
     tensors = list(model.state_dict().values()) + list(ema.state_dict().values())

@@ -2,13 +2,12 @@
 plain loop implementation written from the spec), weights and Adam state copied, mass conserved."""
 
 import copy
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests import split_prune_reference as ref
 from training.ddl import DiscreteDistributionLayer
 from training.split_prune import BALANCE_METHODS, NodeStatistics, balance, decide, redistribute, split_and_prune
 
@@ -268,16 +267,8 @@ def test_statistics_credit_the_chosen_node_on_ties():
 
 # ----------------------------------------------------------------------------
 # The batched pass (all node sets at once) against the per-layer loop it replaced, kept in
-# bench/split_prune.py: bit-identical statistics, weights, EMA rows and Adam state over many steps,
+# tests/split_prune_reference.py: bit-identical statistics, weights, EMA rows and Adam state over many steps,
 # with two groups of K and a node set without near2.
-
-def _per_layer_reference():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
-    try:
-        import split_prune as bench_split_prune
-    finally:
-        sys.path.pop(0)
-    return bench_split_prune
 
 def _mixed_model(seed):
     torch.manual_seed(seed)
@@ -291,7 +282,6 @@ def _mixed_model(seed):
 
 @pytest.mark.parametrize('rule', ['tv', 'paper'])
 def test_batched_pass_equals_per_layer_loop(rule):
-    ref = _per_layer_reference()
     runs = [_mixed_model(0), _mixed_model(0)]
     passes = [lambda m, e, o: split_and_prune(m, o, mirrors=[e], rule=rule),
               lambda m, e, o: ref.split_and_prune_per_layer(m, o, mirrors=[e], rule=rule)]
@@ -318,7 +308,6 @@ def test_batched_pass_equals_per_layer_loop(rule):
 
 # The number of tensor operations of a pass does not grow with the number of node sets.
 def test_pass_operation_count_does_not_grow_with_layers():
-    ref = _per_layer_reference()
     counts = []
     for layers in (2, 8):
         model, ema, opt = ref.make_setup(layers, K=16)

@@ -7,18 +7,21 @@ shift* (nodes born in dense regions win far more than 1/K of the targets). Split
 after every optimizer step: the most frequently chosen node is split in two and the least chosen is
 pruned to make room, parameters AND optimizer state included.
 
-This file holds the pieces, each named after the paper:
+This file reads top-down like the paper:
+- `split_and_prune()`: the algorithm, four steps over all node sets of a model after the optimizer
+  step (statistics summed across ranks first, so every rank takes the same decision);
+- `balance()`: what training calls after every step, by method: 'tv' / 'paper' (Split-and-Prune with
+  that rule), 'bias' or 'none' (statistics only: the paper's ablation);
+- `decide()` and `redistribute()`: the split decision and the redistribution of the statistics, as
+  pure tensor code batched over node sets;
 - `NodeStatistics`: running selection statistics of one node set (count, near2, dist_acc, seen), kept
   as device tensors and updated without host syncs; `select()` is the training selection itself;
 - `SplittableNodes`: the base class of any module owning K nodes (it says which parameter rows make
-  node k), so the same code serves the networks and the 2D toy;
-- `split_and_prune()`: one decision pass over all node sets of a model after the optimizer step,
-  statistics summed across ranks first, so every rank takes the same decision. The pass is
-  batched over the node sets (a fixed number of tensor operations, however many layers: on a
-  GPU the launches do not grow with L), and its result is bit-identical to treating the node sets
-  one by one (tests/test_split_prune.py checks it against that loop, kept in bench/split_prune.py);
-- `balance()`: what training calls after every step, by method: 'tv' / 'paper' (Split-and-Prune with
-  that rule), 'bias' or 'none' (statistics only: the paper's ablation).
+  node k), so the same code serves the networks and the 2D toy.
+The pass is batched over the node sets by `split_prune_plan.py` (a fixed number of tensor
+operations, however many layers: on a GPU the launches do not grow with L), and its result is
+bit-identical to treating the node sets one by one (tests/test_split_prune.py checks it against that
+loop, kept in tests/split_prune_reference.py).
 
 Beyond the paper, `balance(method='bias')` is the balanced alternative the author suggests
 (our spec `DDN.md` §3): nothing is split or pruned and no parameter is discarded; instead each node
@@ -28,114 +31,107 @@ auxiliary-loss-free load balancing of mixture-of-experts models. See `bias_step(
 """
 
 import math
-import operator
-import weakref
 from typing import Iterable, NamedTuple
 
 import torch
 from torch import nn
 
 from torch_utils import distributed
+from training.split_prune_plan import get_plan
 
 # ----------------------------------------------------------------------------
-# Running statistics of which node was the nearest to each training target.
-# Observations go to `pending_*` buffers (this rank, this step); `fold()` adds the
-# all-reduced pending values into the global statistics, which are therefore identical
-# on every rank. Statistics are float64: halving and proportional redistribution must
-# keep count.sum() == seen exactly enough to test.
+# One Split-and-Prune pass over every node set of `model`, to call right after `optimizer.step()`.
+# Returns the number of splits of this pass as a device tensor (no host sync). The number of tensor
+# operations of a pass does not grow with the number of node sets (see split_prune_plan.py;
+# bench/split_prune.py counts them).
 
-class NodeStatistics(nn.Module):
-    def __init__(self,
-        K,                              # Number of nodes.
-        track_near2     = True,         # Keep near2 (K x K). False: O(K) memory and time per step, and a
-                                        # pruned node's count is spread uniformly (very large K, 2D toy).
-    ):
-        super().__init__()
-        self.K = K
-        self.track_near2 = track_near2
-        K2 = K if track_near2 else 0
-        self.register_buffer('count', torch.zeros(K, dtype=torch.float64))        # Times node k was nearest.
-        self.register_buffer('near2', torch.zeros(K2, K2, dtype=torch.float64))     # [i, j]: i nearest, j second nearest.
-        self.register_buffer('dist_acc', torch.zeros(K, dtype=torch.float64))     # Accumulated distance of node k to targets.
-        self.register_buffer('seen', torch.zeros([], dtype=torch.float64))        # Number of targets observed.
-        self.register_buffer('num_splits', torch.zeros([], dtype=torch.int64))    # Splits performed so far.
-        # Bias of training selection on log(distance) (balance 'bias', beyond the paper): zero-mean,
-        # and zero under Split-and-Prune, where selection is the plain nearest node.
-        self.register_buffer('select_bias', torch.zeros(K, dtype=torch.float64))
-        # Not yet folded observations of this rank; always zero between optimizer steps.
-        self.register_buffer('pending_count', torch.zeros(K, dtype=torch.float64), persistent=False)
-        self.register_buffer('pending_near2', torch.zeros(K2 * K2, dtype=torch.float64), persistent=False)
-        self.register_buffer('pending_dist', torch.zeros(K, dtype=torch.float64), persistent=False)
-        # Shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d float64 buffers.
-        self.register_buffer('pending_seen', torch.zeros([1], dtype=torch.float64), persistent=False)
-
-    # Training selection of a batch of distances (B, K), recorded in the statistics: the node
-    # minimising `dist * exp(select_bias)`, i.e. the bias is added to log(dist). With a zero bias
-    # (Split-and-Prune, or no balancing) that product equals `dist` exactly, so the choice is the
-    # plain nearest node. Returns the codes (B,).
-    @torch.no_grad()
-    def select(self, dist):
-        dist = dist.detach()
-        biased = dist * self.select_bias.exp().to(dist.dtype)
-        codes = biased.argmin(dim=1)
-        self._record(dist, biased, codes)
-        return codes
-
-    # Add one batch to the pending statistics: `i1` (B,) are the chosen nodes, the argmin of
-    # `select` (B, K), on which the second nearest is taken too; the distances `dist` (B, K)
-    # accumulate. Crediting the node actually chosen matters: after a split the clone ties with its
-    # original.
-    def _record(self, dist, select, i1):
-        B, K = dist.shape
-        assert K == self.K
-        if K >= 2 and self.track_near2:
-            i2 = select.scatter(1, i1[:, None], math.inf).argmin(dim=1)
-            self.pending_near2.index_add_(0, i1 * K + i2, torch.ones_like(i1, dtype=torch.float64))
-        self.pending_count.index_add_(0, i1, torch.ones_like(i1, dtype=torch.float64))
-        self.pending_dist.add_(dist.sum(0, dtype=torch.float64))
-        self.pending_seen.add_(B)
-
-    # Tensors to all-reduce, in a fixed order.
-    def pending_tensors(self):
-        return [self.pending_count, self.pending_near2, self.pending_dist, self.pending_seen]
-
-    # Add the (already reduced) pending observations to the statistics and clear them.
-    @torch.no_grad()
-    def fold(self):
-        self.count.add_(self.pending_count)
-        self.near2.add_(self.pending_near2.view(self.near2.shape))
-        self.dist_acc.add_(self.pending_dist)
-        self.seen.add_(self.pending_seen.view([]))
-        for t in self.pending_tensors():
-            t.zero_()
-
-    # Forget all statistics and the balancing bias (e.g. after loading weights trained elsewhere).
-    @torch.no_grad()
-    def reset(self):
-        for t in [self.count, self.near2, self.dist_acc, self.seen, self.select_bias] + self.pending_tensors():
-            t.zero_()
-
-    # Frequency of each node as the nearest, (K,); uniform before any observation.
-    def frequency(self):
-        total = self.count.sum()
-        return torch.where(total > 0, self.count / total.clamp(min=1), torch.full_like(self.count, 1 / self.K))
+@torch.no_grad()
+def split_and_prune(
+    model:      nn.Module,                      # Module containing SplittableNodes.
+    optimizer:  torch.optim.Optimizer = None,   # Optimizer whose state rows follow the weights.
+    mirrors:    Iterable[nn.Module] = (),       # Modules with the same structure (EMA copies).
+    rule:       str = 'tv',                     # 'tv' (total variation test) or 'paper' (thresholds).
+) -> torch.Tensor:
+    if rule not in ('tv', 'paper'):
+        raise ValueError(f'Unknown Split-and-Prune rule {rule!r}; expected "tv" or "paper"')
+    # 1. All ranks' observations of this step are summed with ONE all-reduce and folded in.
+    plan = _reduced_plan(model, optimizer, mirrors)
+    if plan is None:
+        return torch.zeros([], dtype=torch.int64)
+    plan.fold()
+    total_splits = torch.zeros([], dtype=torch.int64, device=plan.device)
+    for grp in plan.groups:
+        # 2. Node sets with equal K are stacked and decided together: split the most frequent node,
+        #    prune the least frequent one, where the rule says it helps.
+        count, dist_acc = grp.stack('count'), grp.stack('dist_acc')
+        decision = decide(count, dist_acc, rule=rule)
+        # 3. For each split, the node's parameter rows are copied onto the pruned node, together with
+        #    the optimizer's per-parameter state rows (Adam's exp_avg, exp_avg_sq, ...) and the rows
+        #    of the same parameters in `mirrors` (e.g. the EMA copy of the network).
+        grp.copy_node_rows(decision)
+        # 4. Statistics are redistributed with the total mass conserved (count.sum() == seen).
+        near2 = grp.stack('near2') if grp.track_near2 else None
+        new_count, new_near2, new_dist = redistribute(count, near2, dist_acc, decision)
+        grp.write('count', new_count)
+        if grp.track_near2:
+            grp.write('near2', new_near2)
+        grp.write('dist_acc', new_dist)
+        splits = decision.do_split.long()
+        torch._foreach_add_(grp.num_splits, list(splits.unbind(0)))
+        total_splits += splits.sum()
+    return total_splits
 
 # ----------------------------------------------------------------------------
-# Base class of a module that owns K nodes. Subclasses create `self.node_stats`
-# and say which rows of which parameters make up each node.
+# Node balancing over every node set of `model`, to call right after `optimizer.step()`, by method:
+# - 'tv', 'paper': Split-and-Prune with that rule (paper §3.3, `split_and_prune`);
+# - 'bias' (beyond the paper): the selection biases are nudged toward uniform frequencies
+#   (`bias_step`); nothing is split, so weights, optimizer state and mirrors are left alone. The
+#   training selection must be `node_stats.select(dist)` for the bias to act (the DDL's is);
+# - 'none': the statistics are only folded (for the plots and logs): the paper's ablation.
+# Returns the number of splits of this step as a device tensor (no host sync); 0 unless tv/paper.
 
-class SplittableNodes(nn.Module):
-    def __init__(self,
-        K,                              # Number of nodes.
-        track_near2     = True,         # See NodeStatistics.
-    ):
-        super().__init__()
-        self.K = K
-        self.node_stats = NodeStatistics(K, track_near2=track_near2)
+BALANCE_METHODS = ('tv', 'paper', 'bias', 'none')
 
-    # List of (parameter, rows_per_node): node k owns rows [k * rows, (k + 1) * rows) of dim 0.
-    def node_params(self) -> list[tuple[nn.Parameter, int]]:
-        raise NotImplementedError
+@torch.no_grad()
+def balance(
+    model:      nn.Module,                      # Module containing SplittableNodes.
+    optimizer:  torch.optim.Optimizer = None,   # Optimizer whose state rows follow split weights.
+    method:     str = 'tv',                     # One of BALANCE_METHODS.
+    *,
+    mirrors:    Iterable[nn.Module] = (),       # Modules with the same structure (EMA copies).
+    bias_rate:  float = 1e-2,                   # method 'bias': step of the log-distance bias per call.
+) -> torch.Tensor:
+    if method not in BALANCE_METHODS:
+        raise ValueError(f'Unknown balancing method {method!r}; expected one of {", ".join(BALANCE_METHODS)}')
+    if method in ('tv', 'paper'):
+        return split_and_prune(model, optimizer, mirrors=mirrors, rule=method)
+    plan = _reduced_plan(model, optimizer, mirrors)
+    if plan is None:
+        return torch.zeros([], dtype=torch.int64)
+    if method == 'bias':
+        _update_biases(plan, bias_rate)
+    plan.fold()
+    return torch.zeros([], dtype=torch.int64, device=plan.device)
+
+# Balancing by selection bias (beyond the paper, DDN.md §3): each node set's `select_bias` takes one
+# `bias_step` from this step's reduced counts (before they are folded), the same on every rank.
+def _update_biases(plan, bias_rate):
+    for grp in plan.groups:
+        grp.write('select_bias', bias_step(grp.stack('select_bias'), grp.stack('pending_count'), grp.stack('pending_seen'), bias_rate))
+
+# The plan of `model`'s node sets (None if it has none), after checking that every mirror has the
+# same node sets; then this step's pending observations summed over ranks with ONE all-reduce.
+def _reduced_plan(model, optimizer, mirrors):
+    node_sets = find_node_sets(model)
+    if not node_sets:
+        return None
+    mirror_sets = [find_node_sets(m) for m in mirrors]
+    for ms in mirror_sets:
+        if len(ms) != len(node_sets):
+            raise ValueError('Node balancing: a mirror module does not have the same node sets as the model')
+    plan = get_plan(model, node_sets, mirror_sets, optimizer)
+    distributed.all_reduce_(plan.pending)
+    return plan
 
 # ----------------------------------------------------------------------------
 # The split decision and the redistribution of statistics, batched over G node sets
@@ -254,215 +250,107 @@ def bias_step(bias, count, seen, bias_rate):
     return bias - bias.mean(dim=1, keepdim=True)
 
 # ----------------------------------------------------------------------------
+# Running statistics of which node was the nearest to each training target.
+# Observations go to `pending_*` buffers (this rank, this step); `fold()` adds the
+# all-reduced pending values into the global statistics, which are therefore identical
+# on every rank. Statistics are float64: halving and proportional redistribution must
+# keep count.sum() == seen exactly enough to test.
+
+class NodeStatistics(nn.Module):
+    def __init__(self,
+        K,                              # Number of nodes.
+        track_near2     = True,         # Keep near2 (K x K). False: O(K) memory and time per step, and a
+                                        # pruned node's count is spread uniformly (very large K, 2D toy).
+    ):
+        super().__init__()
+        self.K = K
+        self.track_near2 = track_near2
+        K2 = K if track_near2 else 0
+        self.register_buffer('count', torch.zeros(K, dtype=torch.float64))        # Times node k was nearest.
+        self.register_buffer('near2', torch.zeros(K2, K2, dtype=torch.float64))     # [i, j]: i nearest, j second nearest.
+        self.register_buffer('dist_acc', torch.zeros(K, dtype=torch.float64))     # Accumulated distance of node k to targets.
+        self.register_buffer('seen', torch.zeros([], dtype=torch.float64))        # Number of targets observed.
+        self.register_buffer('num_splits', torch.zeros([], dtype=torch.int64))    # Splits performed so far.
+        # Bias of training selection on log(distance) (balance 'bias', beyond the paper): zero-mean,
+        # and zero under Split-and-Prune, where selection is the plain nearest node.
+        self.register_buffer('select_bias', torch.zeros(K, dtype=torch.float64))
+        # Not yet folded observations of this rank; always zero between optimizer steps.
+        self.register_buffer('pending_count', torch.zeros(K, dtype=torch.float64), persistent=False)
+        self.register_buffer('pending_near2', torch.zeros(K2 * K2, dtype=torch.float64), persistent=False)
+        self.register_buffer('pending_dist', torch.zeros(K, dtype=torch.float64), persistent=False)
+        # Shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d float64 buffers.
+        self.register_buffer('pending_seen', torch.zeros([1], dtype=torch.float64), persistent=False)
+
+    # Training selection of a batch of distances (B, K), recorded in the statistics: the node
+    # minimising `dist * exp(select_bias)`, i.e. the bias is added to log(dist). With a zero bias
+    # (Split-and-Prune, or no balancing) that product equals `dist` exactly, so the choice is the
+    # plain nearest node. Returns the codes (B,).
+    @torch.no_grad()
+    def select(self, dist):
+        dist = dist.detach()
+        biased = dist * self.select_bias.exp().to(dist.dtype)
+        codes = biased.argmin(dim=1)
+        self._record(dist, biased, codes)
+        return codes
+
+    # Add one batch to the pending statistics: `i1` (B,) are the chosen nodes, the argmin of
+    # `select` (B, K), on which the second nearest is taken too; the distances `dist` (B, K)
+    # accumulate. Crediting the node actually chosen matters: after a split the clone ties with its
+    # original.
+    def _record(self, dist, select, i1):
+        B, K = dist.shape
+        assert K == self.K
+        if K >= 2 and self.track_near2:
+            i2 = select.scatter(1, i1[:, None], math.inf).argmin(dim=1)
+            self.pending_near2.index_add_(0, i1 * K + i2, torch.ones_like(i1, dtype=torch.float64))
+        self.pending_count.index_add_(0, i1, torch.ones_like(i1, dtype=torch.float64))
+        self.pending_dist.add_(dist.sum(0, dtype=torch.float64))
+        self.pending_seen.add_(B)
+
+    # Tensors to all-reduce, in a fixed order.
+    def pending_tensors(self):
+        return [self.pending_count, self.pending_near2, self.pending_dist, self.pending_seen]
+
+    # Add the (already reduced) pending observations to the statistics and clear them.
+    @torch.no_grad()
+    def fold(self):
+        self.count.add_(self.pending_count)
+        self.near2.add_(self.pending_near2.view(self.near2.shape))
+        self.dist_acc.add_(self.pending_dist)
+        self.seen.add_(self.pending_seen.view([]))
+        for t in self.pending_tensors():
+            t.zero_()
+
+    # Forget all statistics and the balancing bias (e.g. after loading weights trained elsewhere).
+    @torch.no_grad()
+    def reset(self):
+        for t in [self.count, self.near2, self.dist_acc, self.seen, self.select_bias] + self.pending_tensors():
+            t.zero_()
+
+    # Frequency of each node as the nearest, (K,); uniform before any observation.
+    def frequency(self):
+        total = self.count.sum()
+        return torch.where(total > 0, self.count / total.clamp(min=1), torch.full_like(self.count, 1 / self.K))
+
+# ----------------------------------------------------------------------------
+# Base class of a module that owns K nodes. Subclasses create `self.node_stats`
+# and say which rows of which parameters make up each node.
+
+class SplittableNodes(nn.Module):
+    def __init__(self,
+        K,                              # Number of nodes.
+        track_near2     = True,         # See NodeStatistics.
+    ):
+        super().__init__()
+        self.K = K
+        self.node_stats = NodeStatistics(K, track_near2=track_near2)
+
+    # List of (parameter, rows_per_node): node k owns rows [k * rows, (k + 1) * rows) of dim 0.
+    def node_params(self) -> list[tuple[nn.Parameter, int]]:
+        raise NotImplementedError
+
 # Find the node sets of a model in a stable order.
 def find_node_sets(model: nn.Module) -> list[SplittableNodes]:
     return [m for m in model.modules() if isinstance(m, SplittableNodes)]
-
-# ----------------------------------------------------------------------------
-# The tensors one Split-and-Prune pass reads and writes, arranged once so that a pass over L node
-# sets costs a fixed number of tensor operations, independent of L (the reference CIFAR-10 net has
-# L = 63): every per-node-set list below is handed to ONE `torch._foreach_*` call (on CUDA a
-# multi-tensor kernel, a few launches for hundreds of tensors) or stacked by ONE `torch.stack`.
-# A plan holds the tensors themselves; `split_and_prune` rebuilds it whenever one of them is no
-# longer the same object (after `.to()`, an optimizer's first step or `load_state_dict`, ...).
-
-class _RowGroup(NamedTuple):
-    tensors:    list            # Same shape, dtype and device: weights, mirrored weights, optimizer state.
-    member:     torch.Tensor    # (N,) long: position of each tensor's node set in its decision group.
-    rows:       int             # Rows per node.
-
-class _DecisionGroup(NamedTuple):
-    K:          int
-    track_near2: bool
-    stats:      list            # NodeStatistics of the member node sets.
-    count:      list            # Their tensors, one list per statistic, for stack / foreach.
-    near2:      list
-    dist_acc:   list
-    num_splits: list
-    select_bias: list
-    pending_count: list
-    pending_seen: list
-    row_groups: list            # _RowGroup of the tensors whose rows follow the decisions.
-
-class _Plan:
-    def __init__(self, node_sets, mirror_sets, optimizer, key):
-        self.key = key
-        stats = [ns.node_stats for ns in node_sets]
-        self.device = stats[0].count.device
-        self.pending = [t for st in stats for t in st.pending_tensors()]
-        # fold(): statistics += pending, with near2's flat pending buffer seen as K x K.
-        self.fold_dst = [t for st in stats for t in (st.count, st.near2, st.dist_acc, st.seen)]
-        self.fold_src = [t for st in stats for t in (st.pending_count, st.pending_near2.view(st.near2.shape),
-                                                      st.pending_dist, st.pending_seen.view([]))]
-        by_key: dict[tuple, list[int]] = {}
-        for idx, ns in enumerate(node_sets):
-            by_key.setdefault((ns.K, ns.node_stats.track_near2), []).append(idx)
-        self.groups = []
-        for (K, track_near2), members in by_key.items():
-            sts = [stats[i] for i in members]
-            rows: dict[tuple, list] = {}        # (shape, dtype, device, rows) -> [(tensor, position)]
-            for g, i in enumerate(members):
-                mirrored = [ms[i].node_params() for ms in mirror_sets]
-                for p, (param, n) in enumerate(node_sets[i].node_params()):
-                    tensors = [param] + [m[p][0] for m in mirrored]
-                    if optimizer is not None:
-                        state = optimizer.state.get(param, {})
-                        tensors += [v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]
-                    for t in tensors:
-                        rows.setdefault((tuple(t.shape), t.dtype, t.device, n), []).append((t, g))
-            row_groups = [_RowGroup([t for t, _ in items], torch.tensor([g for _, g in items], device=dev), n)
-                          for (_, _, dev, n), items in rows.items()]
-            self.groups.append(_DecisionGroup(K, track_near2, sts, [st.count for st in sts], [st.near2 for st in sts],
-                                              [st.dist_acc for st in sts], [st.num_splits for st in sts],
-                                              [st.select_bias for st in sts], [st.pending_count for st in sts],
-                                              [st.pending_seen.view([]) for st in sts], row_groups))
-
-# Everything a plan depends on, by identity: a plan is valid while each of these is the same object.
-def _plan_key(node_sets, mirror_sets, optimizer):
-    key = [optimizer]
-    for i, ns in enumerate(node_sets):
-        st = ns.node_stats
-        key += [st.count, st.near2, st.dist_acc, st.seen, st.num_splits, st.select_bias, *st.pending_tensors()]
-        params = [param for param, _ in ns.node_params()]
-        key += params + [p for ms in mirror_sets for p, _ in ms[i].node_params()]
-        if optimizer is not None:
-            key += [v for param in params for v in optimizer.state.get(param, {}).values() if torch.is_tensor(v)]
-    return key
-
-_plans = weakref.WeakKeyDictionary()    # model -> its last _Plan.
-
-def _get_plan(model, node_sets, mirror_sets, optimizer):
-    key = _plan_key(node_sets, mirror_sets, optimizer)
-    plan = _plans.get(model)
-    if plan is None or len(plan.key) != len(key) or not all(map(operator.is_, plan.key, key)):
-        plan = _plans[model] = _Plan(node_sets, mirror_sets, optimizer, key)
-    return plan
-
-# ----------------------------------------------------------------------------
-# Copy, in every tensor of a row group, node s's rows onto node d's rows where `do` is True, for all
-# node sets at once: the tensors are stacked, the source rows (s's when splitting, d's own
-# otherwise) gathered and written to d's rows, and everything copied back. Values change only in the
-# rows of the node sets that split; no host sync.
-
-@torch.no_grad()
-def _copy_node_rows(group, do, s, d):
-    N = len(group.tensors)
-    do, s, d = do[group.member], s[group.member], d[group.member]
-    stacked = torch.stack(group.tensors)
-    row_size = math.prod(stacked.shape[2:])
-    nodes = stacked.view(N, -1, group.rows * row_size)                  # (N, K, rows * row size)
-    n = torch.arange(N, device=stacked.device)
-    nodes[n, d] = nodes[n, torch.where(do, s, d)]
-    torch._foreach_copy_(group.tensors, list(stacked.unbind(0)))
-
-# ----------------------------------------------------------------------------
-# The plan of `model`'s node sets (None if it has none), after checking that every mirror has the
-# same node sets; then this step's pending observations summed over ranks with ONE all-reduce.
-
-def _reduced_plan(model, optimizer, mirrors):
-    node_sets = find_node_sets(model)
-    if not node_sets:
-        return None
-    mirror_sets = [find_node_sets(m) for m in mirrors]
-    for ms in mirror_sets:
-        if len(ms) != len(node_sets):
-            raise ValueError('Node balancing: a mirror module does not have the same node sets as the model')
-    plan = _get_plan(model, node_sets, mirror_sets, optimizer)
-    distributed.all_reduce_(plan.pending)
-    return plan
-
-# Add the reduced pending observations to the statistics and clear them, all node sets at once.
-def _fold(plan):
-    torch._foreach_add_(plan.fold_dst, plan.fold_src)
-    torch._foreach_zero_(plan.pending)
-
-# ----------------------------------------------------------------------------
-# One Split-and-Prune pass over every node set of `model`, to call right after
-# `optimizer.step()`:
-# 1. all ranks' pending observations are summed with ONE all-reduce and folded in;
-# 2. node sets with equal K are stacked and decided together;
-# 3. for each split, the node's parameter rows are copied onto the pruned node, together
-#    with the optimizer's per-parameter state rows (Adam's exp_avg, exp_avg_sq, ...) and the
-#    rows of the same parameters in `mirrors` (e.g. the EMA copy of the network);
-# 4. statistics are redistributed with the total mass conserved (count.sum() == seen).
-# The number of tensor operations of a pass does not grow with the number of node sets (see
-# `_Plan`; bench/split_prune.py counts them). Returns the number of splits of this pass as a
-# device tensor (no host sync).
-
-@torch.no_grad()
-def split_and_prune(
-    model:      nn.Module,                      # Module containing SplittableNodes.
-    optimizer:  torch.optim.Optimizer = None,   # Optimizer whose state rows follow the weights.
-    mirrors:    Iterable[nn.Module] = (),       # Modules with the same structure (EMA copies).
-    rule:       str = 'tv',                     # 'tv' (total variation test) or 'paper' (thresholds).
-) -> torch.Tensor:
-    if rule not in ('tv', 'paper'):
-        raise ValueError(f'Unknown Split-and-Prune rule {rule!r}; expected "tv" or "paper"')
-    plan = _reduced_plan(model, optimizer, mirrors)
-    if plan is None:
-        return torch.zeros([], dtype=torch.int64)
-    _fold(plan)
-    total_splits = torch.zeros([], dtype=torch.int64, device=plan.device)
-    for grp in plan.groups:
-        # 2. Decide and redistribute, all node sets of equal K together.
-        count = torch.stack(grp.count)
-        near2 = torch.stack(grp.near2) if grp.track_near2 else None
-        dist_acc = torch.stack(grp.dist_acc)
-        decision = decide(count, dist_acc, rule=rule)
-        new_count, new_near2, new_dist = redistribute(count, near2, dist_acc, decision)
-        torch._foreach_copy_(grp.count, list(new_count.unbind(0)))
-        if grp.track_near2:
-            torch._foreach_copy_(grp.near2, list(new_near2.unbind(0)))
-        torch._foreach_copy_(grp.dist_acc, list(new_dist.unbind(0)))
-        splits = decision.do_split.long()
-        torch._foreach_add_(grp.num_splits, list(splits.unbind(0)))
-        total_splits += splits.sum()
-
-        # 3. Copy weights, optimizer state and mirrored weights of the node sets that split.
-        for row_group in grp.row_groups:
-            _copy_node_rows(row_group, *decision)
-    return total_splits
-
-# ----------------------------------------------------------------------------
-# Balancing by selection bias (beyond the paper, DDN.md §3): each node set's `select_bias` takes one
-# `bias_step` from this step's reduced counts (before they are folded), the same on every rank.
-
-def _update_biases(plan, bias_rate):
-    for grp in plan.groups:
-        new_bias = bias_step(torch.stack(grp.select_bias), torch.stack(grp.pending_count),
-                             torch.stack(grp.pending_seen), bias_rate)
-        torch._foreach_copy_(grp.select_bias, list(new_bias.unbind(0)))
-
-# ----------------------------------------------------------------------------
-# Node balancing over every node set of `model`, to call right after `optimizer.step()`, by method:
-# - 'tv', 'paper': Split-and-Prune with that rule (paper §3.3, `split_and_prune`);
-# - 'bias' (beyond the paper): the selection biases are nudged toward uniform frequencies
-#   (`bias_step`); nothing is split, so weights, optimizer state and mirrors are left alone. The
-#   training selection must be `node_stats.select(dist)` for the bias to act (the DDL's is);
-# - 'none': the statistics are only folded (for the plots and logs): the paper's ablation.
-# Returns the number of splits of this step as a device tensor (no host sync); 0 unless tv/paper.
-
-BALANCE_METHODS = ('tv', 'paper', 'bias', 'none')
-
-@torch.no_grad()
-def balance(
-    model:      nn.Module,                      # Module containing SplittableNodes.
-    optimizer:  torch.optim.Optimizer = None,   # Optimizer whose state rows follow split weights.
-    method:     str = 'tv',                     # One of BALANCE_METHODS.
-    *,
-    mirrors:    Iterable[nn.Module] = (),       # Modules with the same structure (EMA copies).
-    bias_rate:  float = 1e-2,                   # method 'bias': step of the log-distance bias per call.
-) -> torch.Tensor:
-    if method not in BALANCE_METHODS:
-        raise ValueError(f'Unknown balancing method {method!r}; expected one of {", ".join(BALANCE_METHODS)}')
-    if method in ('tv', 'paper'):
-        return split_and_prune(model, optimizer, mirrors=mirrors, rule=method)
-    plan = _reduced_plan(model, optimizer, mirrors)
-    if plan is None:
-        return torch.zeros([], dtype=torch.int64)
-    if method == 'bias':
-        _update_biases(plan, bias_rate)
-    _fold(plan)
-    return torch.zeros([], dtype=torch.int64, device=plan.device)
 
 # ----------------------------------------------------------------------------
