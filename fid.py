@@ -7,7 +7,7 @@ and `mu_s` / `sigma_s` of spatial features for sFID when the detector has them).
 `python fid.py calc` measures a folder or zip of images against such a file; `--splits N` also gives
 FID over N disjoint ranges of the images (seed ranges for generate.py's output) as mean and std.
 
-The metrics, image sources and detectors live in `evaluation/metrics.py` and `evaluation/detectors.py`
+The metrics live in `evaluation/` (metrics.py, feature_metrics.py, image_sources.py, detectors.py)
 (generate.py and train.py --metrics use them too); this script is their command line. `--detector` takes a file,
 a URL, or a standard detector's name: inception (default), dinov2 (FD-DINOv2), clip (CLIP-FID).
 
@@ -22,6 +22,7 @@ import click
 
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
+from evaluation import detectors, image_sources
 from evaluation import metrics as metric_lib
 from evaluation.metrics import REF_FEATURES
 
@@ -86,7 +87,7 @@ def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector
         except (ValueError, OSError, ImportError) as e:
             raise click.ClickException(str(e)) from e
         if dist.get_rank() == 0 and out:
-            checkpoint.write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=metric_lib.detector_name(detector_url)))
+            checkpoint.write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=detectors.detector_name(detector_url)))
         metric_lib.print_metrics(results)
 
 @cli.command()
@@ -99,14 +100,14 @@ def ref(data_path, dest_path, features, batch, detector_url, workers, trust_pick
     with dist.session():
         try:
             dist.print0(f'Calculating reference statistics of "{data_path}"...')
-            detector = metric_lib.load_detector(detector_url, dist.device(), trust_pickle=trust_pickle)
-            batches = metric_lib.image_batches(data_path, batch=batch, workers=workers)
+            detector = detectors.load_detector(detector_url, dist.device(), trust_pickle=trust_pickle)
+            batches = image_sources.image_batches(data_path, batch=batch, workers=workers)
             stats = metric_lib.reference_stats(batches, detector, dist.device(), features=features)
         except (ValueError, OSError, ImportError) as e:
             raise click.ClickException(str(e)) from e
         if dist.get_rank() == 0:
             metric_lib.save_ref(dest_path, stats['mu'], stats['sigma'], features=stats.get('features'), num=stats['num'],
-                detector=metric_lib.detector_name(detector_url), mu_s=stats.get('mu_s'), sigma_s=stats.get('sigma_s'))
+                detector=detectors.detector_name(detector_url), mu_s=stats.get('mu_s'), sigma_s=stats.get('sigma_s'))
         dist.barrier()
         dist.print0(f'Saved statistics of {stats["num"]} images to "{dest_path}"')
 

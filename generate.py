@@ -42,6 +42,7 @@ from training import snapshot
 from training.conditions import condition_kind, load_condition_image, make_condition_fn, stored_condition_fn
 from training.dataset import open_dataset
 from evaluation.detectors import DETECTOR_URL, load_detector
+from evaluation.feature_metrics import IS_SPLITS
 from sampling.generation import GRID_IMAGES, Recorder, clear_outdir, generate_batches, num_batches, rank_share, save_run
 import cli
 from cli import GUIDE_OPTIONS, build_guide, check_guide_options
@@ -228,7 +229,7 @@ def _load_metrics(opts, num, device):
         detector = load_detector(opts.detector_url, device, trust_pickle=opts.trust_pickle)
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f'--fid-ref: {e}') from e
-    return dnnlib.EasyDict(ref=ref, detector=detector, names=['fid'] + (['is'] if num >= metric_lib.IS_SPLITS else []))
+    return dnnlib.EasyDict(ref=ref, detector=detector, names=['fid'] + (['is'] if num >= IS_SPLITS else []))
 
 # ----------------------------------------------------------------------------
 # Command line.

@@ -27,7 +27,8 @@ import dnnlib
 from training.conditions import parse_condition
 from torch_utils import checkpoint, distributed
 from training import dataset as dataset_module
-from evaluation import metrics as metric_lib
+from evaluation import detectors
+from evaluation.snapshot_metrics import parse_training_metrics
 from training import run_files, training_loop
 from training import snapshot as snapshot_io
 from training.training_step import ADAM_IMPLEMENTATIONS
@@ -301,21 +302,21 @@ def metrics_config(opts, condition):
     c = dnnlib.EasyDict()
     if opts.metrics:
         try:
-            metric_lib.parse_training_metrics(opts.metrics)
+            parse_training_metrics(opts.metrics)
         except ValueError as err:
             raise click.UsageError(f'--metrics: {err}') from None
         if condition not in (None, 'class'):
             raise click.UsageError(f'--metrics measures unconditional samples; a --condition={condition} network needs a condition image per sample')
         if opts.detector is not None and not (os.path.isfile(opts.detector) or dnnlib.util.is_url(opts.detector)
-                                              or opts.detector in metric_lib.NAMED_DETECTORS):
-            raise click.UsageError(f'--detector: no such file: {opts.detector} (or name one of {", ".join(metric_lib.NAMED_DETECTORS)}, or a URL)')
+                                              or opts.detector in detectors.NAMED):
+            raise click.UsageError(f'--detector: no such file: {opts.detector} (or name one of {", ".join(detectors.NAMED)}, or a URL)')
         if opts.detector is not None and os.path.isfile(opts.detector):
             try:
-                metric_lib.load_detector(opts.detector, 'cpu', trust_pickle=opts.trust_pickle)
+                detectors.load_detector(opts.detector, 'cpu', trust_pickle=opts.trust_pickle)
             except (OSError, ValueError, TypeError) as err:
                 raise click.ClickException(f'--detector: {err}') from None
         c.metrics = opts.metrics
-        c.metric_kwargs = dnnlib.EasyDict(class_name='evaluation.metrics.SnapshotMetrics', detector_url=opts.detector, trust_pickle=opts.trust_pickle)
+        c.metric_kwargs = dnnlib.EasyDict(class_name='evaluation.snapshot_metrics.SnapshotMetrics', detector_url=opts.detector, trust_pickle=opts.trust_pickle)
     elif opts.detector is not None:
         raise click.UsageError('--detector is only used with --metrics')
     if opts.trust_pickle and opts.metrics is None and opts.transfer is None:

@@ -36,7 +36,7 @@ of installing torchvision. Install the peer without its torch pin and without to
 Ours is `training.networks.DDNGenerator` trained with the training loop's own `TrainingStep`; the
 recipe options have the names and units of train.py's. The defaults are the README's recipe for each size
 (its first command at 16 px).
-The Frechet distance and precision/recall are the library's (evaluation/metrics.py), the functions fid.py
+The Frechet distance and precision/recall are the library's (evaluation/feature_metrics.py), the functions fid.py
 uses.
 
 Prints a table, the conditions (load average, threads), and as its LAST lines
@@ -69,7 +69,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torch_utils import checkpoint, misc
-from evaluation import metrics
+from evaluation import feature_metrics
 from training.dataset import DigitsDataset
 from training.loss import DDNLoss
 from training.networks import DDNGenerator
@@ -166,12 +166,12 @@ def train_classifier(images, labels, steps=400, batch=64, lr=3e-3, seed=0):
 def classifier_features(clf, images, batch=500):
     return torch.cat([clf.features(part.float()) for part in images.split(batch)]).double()
 
-# FD, precision and recall of generated features against real ones (evaluation/metrics.py, as fid.py).
+# FD, precision and recall of generated features against real ones (evaluation/feature_metrics.py, as fid.py).
 def quality_figures(real_features, gen_features):
-    mu_r, sigma_r = metrics.compute_stats(real_features)
-    mu_g, sigma_g = metrics.compute_stats(gen_features)
-    precision, recall = metrics.precision_recall(real_features, gen_features, k=3)
-    return dict(fd=metrics.calculate_fid(mu_g, sigma_g, mu_r, sigma_r), precision=precision, recall=recall)
+    mu_r, sigma_r = feature_metrics.compute_stats(real_features)
+    mu_g, sigma_g = feature_metrics.compute_stats(gen_features)
+    precision, recall = feature_metrics.precision_recall(real_features, gen_features, k=3)
+    return dict(fd=feature_metrics.calculate_fid(mu_g, sigma_g, mu_r, sigma_r), precision=precision, recall=recall)
 
 # ----------------------------------------------------------------------------
 # Ours: DDNGenerator + the training loop's TrainingStep, for a wall-clock budget.

@@ -20,6 +20,7 @@ carry its TorchScript archive (as bytes); it is answered with `torch.jit.load` f
 `trust_pickle=True` (`--trust-pickle`), because loading it runs code named by the file.
 """
 
+import inspect
 import io
 import os
 import pickle
@@ -30,7 +31,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import safe_pickle
-from sampling.guidance import CLIP_MEAN, CLIP_STD
+from sampling.network_scorers import CLIP_MEAN, CLIP_STD
 
 # StyleGAN3's Inception-v3 (a PyTorch translation of TensorFlow's inception-2015-12-05), as in EDM.
 DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
@@ -233,3 +234,57 @@ def load_detector(url_or_path=None, device=None, cache_dir=None, trust_pickle=Fa
 # The name a detector is recorded under in reference files and results.
 def detector_name(url_or_path=None):
     return url_or_path or DETECTOR_URL
+
+# ----------------------------------------------------------------------------
+# Calling a detector: features, spatial features (sFID) and class probabilities (IS).
+
+# Raised when a detector cannot give class probabilities: IS is then reported unavailable, never approximated.
+class ProbabilitiesUnavailable(Exception):
+    pass
+
+# (N, D) features of uint8 RGB NCHW images: the detector's return_features=True output.
+def detector_features(detector, images, device):
+    with torch.no_grad():
+        features = detector(images.to(device), return_features=True)
+    if not torch.is_tensor(features) or features.ndim != 2 or features.shape[0] != images.shape[0]:
+        shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+        raise ValueError(f'The detector should return (N, D) features for {images.shape[0]} images, got {shape}')
+    return features
+
+# (N, Ds) spatial features for sFID, from the detector's `spatial_features` method.
+def detector_spatial(detector, images, device):
+    with torch.no_grad():
+        spatial = detector.spatial_features(images.to(device))
+    return spatial.flatten(1)
+
+# Whether the detector offers spatial features (sFID).
+def has_spatial(detector):
+    return hasattr(detector, 'spatial_features')
+
+# Argument names of the detector's forward, for Python modules and TorchScript alike.
+def _forward_arguments(detector):
+    schema = getattr(detector.forward, 'schema', None)
+    if schema is not None:
+        return {argument.name for argument in schema.arguments}
+    return set(inspect.signature(detector.forward).parameters)
+
+# (N, classes) class probabilities p(y|x) from the detector's return_features=False output, or ProbabilitiesUnavailable.
+def detector_probabilities(detector, images, device):
+    # StyleGAN3 and EDM compute IS with no_output_bias=True, as the original TensorFlow code did; detectors
+    # without that switch are called plainly.
+    kwargs = {'no_output_bias': True} if 'no_output_bias' in _forward_arguments(detector) else {}
+    try:
+        with torch.no_grad():
+            probs = detector(images.to(device), return_features=False, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise ProbabilitiesUnavailable(f'the detector failed when asked for class probabilities (return_features=False): {e}') from e
+    if not torch.is_tensor(probs) or probs.ndim != 2 or probs.shape[0] != images.shape[0]:
+        raise ProbabilitiesUnavailable('the detector does not return (N, classes) probabilities for return_features=False')
+    probs = probs.to(torch.float64)
+    # Logits or features are not probabilities; turning them into some would fake the score.
+    if probs.min() < -1e-6 or not torch.allclose(probs.sum(dim=1), torch.ones_like(probs[:, 0]), atol=1e-3):
+        raise ProbabilitiesUnavailable('the detector output for return_features=False is not a probability distribution '
+            '(non-negative rows summing to 1)')
+    return probs

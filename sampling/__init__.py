@@ -1,7 +1,10 @@
 """sampling: making images with a trained DDN (below `evaluation/`, above `training/`).
 
 - `generation.py`: the generation stream (sample, decode, reconstruct) in batches, and its run files.
-- `guidance.py`: zero-shot conditional generation: scorers that rank a layer's K candidates, choosers.
+- `guidance.py`: zero-shot conditional generation: the scorer and chooser contracts, the pixel-space
+  scorers (l2, superres, inpaint, color, lowbit, edge), CombinedScorer and final_distance.
+- `network_scorers.py`: scorers that run a network on the candidates (classifier, CLIP, style).
+- `choosers.py`: the choice rules among scored candidates (temperature, top-k).
 - `guide_spec.py`: guides by name ('inpaint:1,color:0.5'), guide files, the choice rule (`make_chooser`).
 - `interactive.py`: the web demo's request logic (strokes and uploads -> guides -> guided samples).
 """

@@ -1,8 +1,9 @@
 """Guides as the scripts name them: the spec grammar 'inpaint:1,color:0.5', guide files, and the CLI options.
 
-`sampling/guidance.py` holds the scorers and choosers as library code; this file is what speaks the
-command line of `generate.py` (`--guide SPEC`, `--guide-image`, `--guide-mask`, ..., `--guide-temp`,
-`--guide-topk`) and of the pages and scripts built on it (`demo.py`, `zscg.py`):
+`sampling/guidance.py`, `network_scorers.py` and `choosers.py` hold the scorers and choosers as library
+code; this file is what speaks the command line of `generate.py` (`--guide SPEC`, `--guide-image`,
+`--guide-mask`, ..., `--guide-temp`, `--guide-topk`) and of the pages and scripts built on it
+(`demo.py`, `zscg.py`):
 
 - `parse_spec(spec)`: 'inpaint:1,color:0.5' -> [('inpaint', 1.0), ('color', 0.5)]; `GUIDE_TYPES` lists the types.
 - `parse_guides(spec, ...)`: the CombinedScorer of a spec, its inputs (files or tensors) checked
@@ -26,7 +27,7 @@ import PIL.Image
 import torch
 from torch import nn
 
-from sampling import guidance
+from sampling import choosers, guidance, network_scorers
 from training.ddl import argmin
 from training.images import pil_to_float, square_pil
 from training.snapshot import UnsafeFileError
@@ -174,15 +175,15 @@ def _scorer(name, given, ch, res, device, trust_pickle, classifier_resolution):
     if name == 'classifier':
         module = _module(given['classifier'], device, trust_pickle)
         r = classifier_resolution or getattr(module, 'img_resolution', None) or res
-        return guidance.ClassifierScorer(module, given['class_idx'], resolution=r)
+        return network_scorers.ClassifierScorer(module, given['class_idx'], resolution=r)
     if name == 'clip':
-        return guidance.ClipScorer(given['text'], device=device)
+        return network_scorers.ClipScorer(given['text'], device=device)
     # style: statistics do not depend on the image size, so any square size is accepted.
     style = given['style']
     x = load_guide_image(style, channels=ch) if isinstance(style, (str, os.PathLike)) else guidance.as_batch(style, 'style image')
     if x.shape[1] != ch:
         raise ValueError(f'style image has {x.shape[1]} channel(s), but the network makes {ch}-channel images')
-    return guidance.StyleScorer(x, _module(given['features'], device, trust_pickle))
+    return network_scorers.StyleScorer(x, _module(given['features'], device, trust_pickle))
 
 def parse_guides(
     spec:           str,                    # 'TYPE[:WEIGHT],...', e.g. 'inpaint:1,color:0.5'.
@@ -223,7 +224,7 @@ def make_chooser(temperature=None, topk=None):
     if temperature is not None and topk is not None:
         raise ValueError('a temperature and a top-k are two choice rules; give one of them')
     if topk is not None:
-        return guidance.TopKChooser(topk), dict(rule='topk', topk=topk)
+        return choosers.TopKChooser(topk), dict(rule='topk', topk=topk)
     if temperature is not None:
-        return guidance.TemperatureChooser(temperature), dict(rule='temperature', temperature=temperature)
+        return choosers.TemperatureChooser(temperature), dict(rule='temperature', temperature=temperature)
     return argmin, dict(rule='argmin')

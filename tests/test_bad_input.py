@@ -20,7 +20,7 @@ import toy_2d
 import tree
 import zscg
 from torch_utils import checkpoint
-from evaluation import metrics
+from evaluation import image_sources
 from training import snapshot
 from training.dataset import DatasetError, ImageFolderDataset
 from training.networks import DDNGenerator
@@ -174,7 +174,7 @@ def test_fid_scans_only_generated_samples(net_file, tmp_path):
         out = tmp_path / f'out{len(subdirs)}'
         result = CliRunner().invoke(generate.main, ['--network', str(net_file), '--outdir', str(out), '--seeds', '0-4', *subdirs])
         assert result.exit_code == 0 and (out / 'grid.png').exists()
-        batches = list(metrics.image_batches(str(out), batch=100, workers=0, progress=False))
+        batches = list(image_sources.image_batches(str(out), batch=100, workers=0, progress=False))
         assert sum(len(b) for b in batches) == 5
 
 # 10. Tracebacks of the other scripts: missing --codes, --out a folder or not a PNG, toy densities.

@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import fid
-from evaluation import detectors, metrics
+from evaluation import detectors, feature_metrics, image_sources, metrics
 
 # The stand-in detectors are TorchScript on purpose (the Inception pickle is one); PyTorch now warns that TorchScript is deprecated.
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*` is deprecated:DeprecationWarning')
@@ -116,17 +116,17 @@ def cache_dir(tmp_path, monkeypatch):
 
 def test_fid_of_stats_with_themselves_is_zero():
     features = np.random.RandomState(0).standard_normal((3000, 32)) @ np.random.RandomState(1).standard_normal((32, 32))
-    mu, sigma = metrics.compute_stats(features)
+    mu, sigma = feature_metrics.compute_stats(features)
     np.testing.assert_allclose(mu, features.mean(axis=0))
     np.testing.assert_allclose(sigma, np.cov(features, rowvar=False))
-    assert abs(metrics.calculate_fid(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+    assert abs(feature_metrics.calculate_fid(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
 
 def test_fid_matches_analytic_diagonal_gaussians():
     rng = np.random.RandomState(2)
     mu1, mu2 = rng.standard_normal(64), rng.standard_normal(64)
     s1, s2 = rng.uniform(0.1, 3.0, 64), rng.uniform(0.1, 3.0, 64)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
-    assert metrics.calculate_fid(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+    assert feature_metrics.calculate_fid(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
 
 def test_fid_matches_eigenvalue_computation_for_full_covariances():
     rng = np.random.RandomState(3)
@@ -138,41 +138,41 @@ def test_fid_matches_eigenvalue_computation_for_full_covariances():
     root1 = v @ np.diag(np.sqrt(w)) @ v.T
     trace_root = np.sum(np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1)))
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * trace_root
-    assert metrics.calculate_fid(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert feature_metrics.calculate_fid(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
 
 def test_compute_stats_of_samples_approaches_the_true_gaussian():
     rng = np.random.RandomState(4)
     scale = rng.uniform(0.5, 2.0, 8)
     samples = rng.standard_normal((200000, 8)) * scale + 3.0
-    mu, sigma = metrics.compute_stats(torch.from_numpy(samples))
-    assert metrics.calculate_fid(mu, sigma, np.full(8, 3.0), np.diag(scale ** 2)) < 1e-3
+    mu, sigma = feature_metrics.compute_stats(torch.from_numpy(samples))
+    assert feature_metrics.calculate_fid(mu, sigma, np.full(8, 3.0), np.diag(scale ** 2)) < 1e-3
 
 def test_inception_score_uniform_is_one():
-    score, std = metrics.inception_score(np.full((1000, 10), 0.1))
+    score, std = feature_metrics.inception_score(np.full((1000, 10), 0.1))
     assert score == pytest.approx(1.0, abs=1e-9) and std == pytest.approx(0.0, abs=1e-9)
 
 def test_inception_score_confident_diverse_is_number_of_classes():
     probs = np.eye(10)[np.arange(1000) % 10]
-    score, _std = metrics.inception_score(probs)
+    score, _std = feature_metrics.inception_score(probs)
     assert score == pytest.approx(10.0, rel=1e-9)
     # Slightly less confident predictions score a little lower, but still near the number of classes.
-    soft, _std = metrics.inception_score(0.95 * probs + 0.005)
+    soft, _std = feature_metrics.inception_score(0.95 * probs + 0.005)
     assert 7.0 < soft < 10.0
 
 def test_precision_recall_of_a_set_with_itself_is_one():
     real = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
-    assert metrics.precision_recall(real, real, k=3, batch=64) == (1.0, 1.0)
+    assert feature_metrics.precision_recall(real, real, k=3, batch=64) == (1.0, 1.0)
 
 def test_precision_recall_of_far_away_set_is_zero():
     generator = torch.Generator().manual_seed(1)
     real, far = torch.randn(300, 8, generator=generator), torch.randn(300, 8, generator=generator) + 100
-    assert metrics.precision_recall(real, far, k=3, batch=64) == (0.0, 0.0)
+    assert feature_metrics.precision_recall(real, far, k=3, batch=64) == (0.0, 0.0)
 
 def test_precision_recall_of_half_covered_set():
     generator = torch.Generator().manual_seed(2)
     real = torch.randn(1000, 4, generator=generator)
     gen = torch.cat([torch.randn(500, 4, generator=generator), torch.randn(500, 4, generator=generator) + 100])
-    precision, recall = metrics.precision_recall(real, gen, k=3, batch=128)
+    precision, recall = feature_metrics.precision_recall(real, gen, k=3, batch=128)
     # Half the generated samples are on the real manifold; the real set is covered by the other half.
     assert 0.4 < precision < 0.6 and recall > 0.8
 
@@ -186,17 +186,17 @@ def test_load_detector_formats_give_the_same_features(tmp_path, kind):
     trust = kind in ('python_pickle', 'torch_save')
     if trust:
         with pytest.raises(detectors.UntrustedDetectorError, match='--trust-pickle'):
-            metrics.load_detector(path, 'cpu')
-    detector = metrics.load_detector(path, 'cpu', trust_pickle=trust)
+            detectors.load_detector(path, 'cpu')
+    detector = detectors.load_detector(path, 'cpu', trust_pickle=trust)
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    features = metrics.detector_features(detector, images, 'cpu')
+    features = detectors.detector_features(detector, images, 'cpu')
     torch.testing.assert_close(features, TinyDetector()(images))
 
 def test_compute_features_accepts_in_memory_batches_and_grayscale():
     detector = TinyDetector()
     gray = torch.randint(0, 256, (10, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     # Batches larger than `batch` are split; grayscale is repeated to 3 channels.
-    chunks = list(metrics.compute_features(iter([gray[:7], gray[7:]]), detector, batch=4, device='cpu', progress=False))
+    chunks = list(image_sources.compute_features(iter([gray[:7], gray[7:]]), detector, batch=4, device='cpu', progress=False))
     assert [c.shape[0] for c in chunks] == [4, 3, 3]
     torch.testing.assert_close(torch.cat(chunks), detector(gray.repeat(1, 3, 1, 1)))
 
@@ -204,12 +204,12 @@ def test_compute_features_accepts_in_memory_batches_and_grayscale():
 def test_probabilities_use_no_output_bias_when_the_detector_has_it(scripted):
     detector = torch.jit.script(OutputBiasDetector()) if scripted else OutputBiasDetector()
     images = torch.zeros(3, 3, 16, 16, dtype=torch.uint8)
-    torch.testing.assert_close(metrics.detector_probabilities(detector, images, 'cpu'), torch.full((3, 10), 0.1, dtype=torch.float64))
+    torch.testing.assert_close(detectors.detector_probabilities(detector, images, 'cpu'), torch.full((3, 10), 0.1, dtype=torch.float64))
 
 def test_calc_metrics_on_in_memory_batches_as_generate_py_does():
     detector = TinyDetector()
     images = torch.randint(0, 256, (60, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    mu, sigma = metrics.compute_stats(detector(images))
+    mu, sigma = feature_metrics.compute_stats(detector(images))
     ref = {'mu': mu, 'sigma': sigma, 'features': detector(images).numpy()}
     results = metrics.calc_metrics(iter(images.split(25)), ref, metrics='fid,is,pr', detector=detector, device='cpu', progress=False)
     assert results['num'] == 60 and abs(results['fid']) < 1e-6 and (results['precision'], results['recall']) == (1.0, 1.0)
@@ -218,14 +218,14 @@ def test_calc_metrics_on_in_memory_batches_as_generate_py_does():
 
 def test_probabilities_unavailable_is_explained():
     images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
-    assert metrics.detector_probabilities(TinyDetector(), images, 'cpu').shape == (2, 10)
-    with pytest.raises(metrics.ProbabilitiesUnavailable, match='not a probability distribution'):
-        metrics.detector_probabilities(FeaturesOnlyDetector(), images, 'cpu')
+    assert detectors.detector_probabilities(TinyDetector(), images, 'cpu').shape == (2, 10)
+    with pytest.raises(detectors.ProbabilitiesUnavailable, match='not a probability distribution'):
+        detectors.detector_probabilities(FeaturesOnlyDetector(), images, 'cpu')
 
 def test_offline_detector_url_names_the_cache_file(tmp_path):
     url = f'http://127.0.0.1:{_closed_port()}/x.pkl'
     with pytest.raises(OSError) as info:
-        metrics.load_detector(url, 'cpu', cache_dir=str(tmp_path / 'cache'))
+        detectors.load_detector(url, 'cpu', cache_dir=str(tmp_path / 'cache'))
     message = str(info.value)
     assert url in message and str(tmp_path / 'cache') in message and '--detector PATH' in message
 

@@ -21,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import fid
+from evaluation import detectors
 from evaluation import metrics as metrics_lib
 import generate
 from dnnlib.util import format_int_list, parse_int_list
@@ -253,7 +254,7 @@ def test_fid_ref(snapshot, reference, tmp_path):
 
     # The same numbers as measuring the written PNGs afterwards.
     images = torch.from_numpy(np.stack([_read_png(outdir / f'{i:06d}.png') for i in range(12)]))
-    expected = metrics_lib.calc_metrics([images], ref, metrics=('fid', 'is'), detector=metrics_lib.load_detector(detector, 'cpu'),
+    expected = metrics_lib.calc_metrics([images], ref, metrics=('fid', 'is'), detector=detectors.load_detector(detector, 'cpu'),
         device='cpu')
     assert metrics['fid'] == pytest.approx(expected['fid'], rel=1e-6)
     assert metrics['is'] == pytest.approx(expected['is'], rel=1e-6)

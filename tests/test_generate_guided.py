@@ -25,6 +25,7 @@ sys.path.insert(0, REPO)
 
 import generate
 from training.images import to_float, to_pil, to_uint8
+from sampling import network_scorers
 from sampling import guidance as G
 from training.dataset import DigitsDataset
 from training.ddl import resize_area
@@ -188,7 +189,7 @@ def test_style_guide_follows_its_image_and_features(snapshot, unguided, guide_fi
     # Style image and feature network given apart: a TorchScript of random conv features other than
     # the default ones (seed 1), so a run that dropped --guide-features would choose other images.
     features = str(tmp_path / 'features.pt')
-    feature_net = G.RandomFeatures(1, seed=1)
+    feature_net = network_scorers.RandomFeatures(1, seed=1)
     torch.jit.script(feature_net).save(features)
     inverted = _save_png(-guide_files['x'], tmp_path / 'inverted.png')     # Another style: black ink on white.
     runs = dict(digit=(guide_files['image'], features), inverted=(inverted, features), default=(guide_files['image'], None))
@@ -198,8 +199,8 @@ def test_style_guide_follows_its_image_and_features(snapshot, unguided, guide_fi
                    '--guide-style', style] + (['--guide-features', feats] if feats else []))
         out[name] = _images(tmp_path / name)
     assert _json(tmp_path / 'digit' / 'generation_options.json')['guide']['features'] == features
-    to_digit = G.StyleScorer(guide_files['x'], feature_net)
-    to_inverted = G.StyleScorer(load_guide_image(inverted), feature_net)
+    to_digit = network_scorers.StyleScorer(guide_files['x'], feature_net)
+    to_inverted = network_scorers.StyleScorer(load_guide_image(inverted), feature_net)
     d = {(scorer, name): G.final_distance(s, out[name]).mean().item()
          for scorer, s in (('digit', to_digit), ('inverted', to_inverted)) for name in out}
     print('style distances (style, samples):', d)

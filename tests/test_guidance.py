@@ -22,6 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import zscg
+from sampling import choosers
+from sampling import network_scorers
 from sampling import guidance as G
 from training.ddl import LayerInfo, argmin, resize_area
 from sampling.guide_spec import load_guide_image, load_mask, load_module, parse_guides
@@ -90,7 +92,7 @@ def _cases(x):
         'color':    (G.ColorScorer(x), G.ColorScorer(x), 2),
         'lowbit':   (G.LowBitScorer(x, 1), G.LowBitScorer(x, 1, quantize_candidates=True), 1.5),  # Pixels off by a bin.
         'edge':     (G.EdgeScorer(edges), G.EdgeScorer(edges), 1.3),
-        'style':    (G.StyleScorer(x), G.StyleScorer(x), 1.5),
+        'style':    (network_scorers.StyleScorer(x), network_scorers.StyleScorer(x), 1.5),
     }
 
 @pytest.mark.parametrize('name', ['l2', 'superres', 'inpaint', 'color', 'lowbit', 'edge', 'style'])
@@ -168,7 +170,7 @@ def test_combined_is_scale_free():
     d2 = G.CombinedScorer([(s1, 1), (scaled, 2)])(cand, info)
     assert torch.allclose(d1, d2, atol=1e-5)
 
-@pytest.mark.parametrize('chooser', [G.TemperatureChooser(0.3), G.TopKChooser(3)], ids=['temperature', 'topk'])
+@pytest.mark.parametrize('chooser', [choosers.TemperatureChooser(0.3), choosers.TopKChooser(3)], ids=['temperature', 'topk'])
 def test_random_choosers_give_diversity(net, digits, chooser):
     scorer = G.SuperResScorer(resize_area(digits[0][1000:1001], 4))
     greedy = _generate(net, scorer)
@@ -177,7 +179,7 @@ def test_random_choosers_give_diversity(net, digits, chooser):
     # Still guided: much closer to the condition than unguided samples.
     assert G.final_distance(scorer, sampled).mean() * 2 < G.final_distance(scorer, _generate(net)).mean()
 
-@pytest.mark.parametrize('chooser', [argmin, G.TemperatureChooser(0.5), G.TopKChooser(3)], ids=['argmin', 'temperature', 'topk'])
+@pytest.mark.parametrize('chooser', [argmin, choosers.TemperatureChooser(0.5), choosers.TopKChooser(3)], ids=['argmin', 'temperature', 'topk'])
 def test_guided_sampling_is_per_seed(net, digits, chooser):
     scorer = parse_guides('inpaint:1,l2:0.2', img_channels=1, img_resolution=8,
                           image=digits[0][1000:1001], mask=zscg.hole_mask(8, 'right'))
@@ -187,7 +189,7 @@ def test_guided_sampling_is_per_seed(net, digits, chooser):
     for i, seed in enumerate(seeds):
         assert torch.equal(batch[i:i + 1], _generate(net, scorer, chooser, [seed])), seed
 
-@pytest.mark.parametrize('chooser', [argmin, G.TemperatureChooser(0.5), G.TopKChooser(3)], ids=['argmin', 'temperature', 'topk'])
+@pytest.mark.parametrize('chooser', [argmin, choosers.TemperatureChooser(0.5), choosers.TopKChooser(3)], ids=['argmin', 'temperature', 'topk'])
 def test_silent_scorer_samples_like_unguided(net, chooser):
     # A scorer with nothing to say (constant rows) must leave sampling exactly as without guidance.
     silent = lambda cand, info: torch.zeros(cand.shape[:2])
@@ -198,21 +200,21 @@ def test_chooser_rules():
     u = torch.tensor([0.9, 0.3], dtype=torch.float64)
     assert argmin(dist, None, None).tolist() == [1, 0]
     assert argmin(dist, None, u).tolist() == [3, 0]                      # Tie broken by u.
-    assert G.TemperatureChooser(0)(dist, None, u).tolist() == [3, 0]
-    assert G.TopKChooser(1)(dist, None, u).tolist() == [1, 0]                # Rank ties broken by index.
-    assert G.TopKChooser(3)(dist, None, torch.tensor([0.99, 0.0], dtype=torch.float64)).tolist() == [2, 0]
+    assert choosers.TemperatureChooser(0)(dist, None, u).tolist() == [3, 0]
+    assert choosers.TopKChooser(1)(dist, None, u).tolist() == [1, 0]                # Rank ties broken by index.
+    assert choosers.TopKChooser(3)(dist, None, torch.tensor([0.99, 0.0], dtype=torch.float64)).tolist() == [2, 0]
     # Low temperature concentrates on the best, high temperature spreads.
     d = torch.arange(8.)[None].expand(4000, -1)
     u = torch.rand(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    cold = G.TemperatureChooser(0.05)(d, None, u)
-    hot = G.TemperatureChooser(100)(d, None, u)
+    cold = choosers.TemperatureChooser(0.05)(d, None, u)
+    hot = choosers.TemperatureChooser(100)(d, None, u)
     assert (cold == 0).all()
     assert torch.bincount(hot, minlength=8).min() > 400
-    assert G.TemperatureChooser(1)(d[:5], None, None).shape == (5,)       # Falls back to torch.rand.
+    assert choosers.TemperatureChooser(1)(d[:5], None, None).shape == (5,)       # Falls back to torch.rand.
     with pytest.raises(ValueError):
-        G.TemperatureChooser(-1)
+        choosers.TemperatureChooser(-1)
     with pytest.raises(ValueError):
-        G.TopKChooser(0)
+        choosers.TopKChooser(0)
 
 # ----------------------------------------------------------------------------
 # CLIP: the optional package.

@@ -1,4 +1,4 @@
-"""Tests of evaluation/metrics.py and evaluation/detectors.py: KID and combined statistics against direct
+"""Tests of evaluation/ (metrics.py, feature_metrics.py, image_sources.py, snapshot_metrics.py, detectors.py): KID and combined statistics against direct
 computations, safe detector loading (a payload must not run), sFID and disjoint splits through
 `fid.py calc`, the DINOv2 / CLIP loaders offline, and `train.py --metrics` (one JSON line per snapshot,
 equal to `fid.py calc` on generate.py's PNGs of the same seeds; two gloo processes equal one).
@@ -25,7 +25,7 @@ import fid
 import generate
 import train
 from torch_utils import safe_pickle
-from evaluation import detectors, metrics
+from evaluation import detectors, feature_metrics, image_sources, metrics, snapshot_metrics
 from training.dataset import DigitsDataset
 
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*` is deprecated:DeprecationWarning')
@@ -96,16 +96,16 @@ def test_kid_block_estimate_matches_a_direct_double_sum():
     m = len(x)
     direct = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1)) \
         - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2
-    assert metrics._mmd2_unbiased(x, y) == pytest.approx(direct, rel=1e-10)
+    assert feature_metrics._mmd2_unbiased(x, y) == pytest.approx(direct, rel=1e-10)
 
 def test_kid_is_unbiased_and_has_a_standard_error():
     rng = np.random.RandomState(1)
-    same = [metrics.kernel_inception_distance(rng.standard_normal((2000, 8)), rng.standard_normal((2000, 8)), subset_size=200, seed=s)
+    same = [feature_metrics.kernel_inception_distance(rng.standard_normal((2000, 8)), rng.standard_normal((2000, 8)), subset_size=200, seed=s)
             for s in range(3)]
     for kid, se, blocks, size in same:
         assert blocks == 10 and size == 200 and se > 0
         assert abs(kid) < 4 * se        # Zero in expectation for one distribution (a biased estimate is > 0).
-    kid, se, _, _ = metrics.kernel_inception_distance(rng.standard_normal((2000, 8)), rng.standard_normal((2000, 8)) + 0.5, subset_size=200)
+    kid, se, _, _ = feature_metrics.kernel_inception_distance(rng.standard_normal((2000, 8)), rng.standard_normal((2000, 8)) + 0.5, subset_size=200)
     assert kid > 10 * se
 
 def test_combined_split_statistics_equal_those_of_all_images():
@@ -113,10 +113,10 @@ def test_combined_split_statistics_equal_those_of_all_images():
     features = rng.standard_normal((50, 6))
     parts = []
     for chunk in np.array_split(features, 3):
-        mu, sigma = metrics.compute_stats(chunk)
+        mu, sigma = feature_metrics.compute_stats(chunk)
         parts.append(dict(num=len(chunk), mu=mu, sigma=sigma, features=chunk))
     combined = metrics.combine_stats(parts)
-    mu, sigma = metrics.compute_stats(features)
+    mu, sigma = feature_metrics.compute_stats(features)
     np.testing.assert_allclose(combined['mu'], mu, rtol=1e-12)
     np.testing.assert_allclose(combined['sigma'], sigma, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(combined['features'], features)
@@ -174,7 +174,7 @@ def test_calc_kid_sfid_and_splits(tmp_path, cache_dir):
         saved = json.load(f)
 
     # The splits are the files in order, 10 each (seed ranges 0-9, 10-19, ...); each one's FID as computed directly.
-    loaded = metrics.load_detector(detector, 'cpu')
+    loaded = detectors.load_detector(detector, 'cpu')
     ref_stats = metrics.load_ref(ref)
     pngs = sorted(os.listdir(fake))
     images = torch.from_numpy(np.stack([np.asarray(Image.open(os.path.join(fake, n))).transpose(2, 0, 1) for n in pngs]))
@@ -214,8 +214,8 @@ def test_embedding_detectors_resize_and_normalise():
     torch.testing.assert_close(detectors.dinov2_detector(_Embed())(images), ((x - mean) / std).mean(dim=(2, 3)))
     mean, std = torch.tensor(detectors.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(detectors.CLIP_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(detectors.clip_detector(_Embed())(images), ((x - mean) / std).amax(dim=(2, 3)))
-    with pytest.raises(metrics.ProbabilitiesUnavailable):
-        metrics.detector_probabilities(detectors.clip_detector(_Embed()), images, 'cpu')
+    with pytest.raises(detectors.ProbabilitiesUnavailable):
+        detectors.detector_probabilities(detectors.clip_detector(_Embed()), images, 'cpu')
 
 def _offline(*args, **kwargs):
     raise urllib.error.URLError('no network')
@@ -224,7 +224,7 @@ def test_dinov2_offline_error_names_the_files(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
     monkeypatch.setattr(detectors, '_hub_dinov2', _offline)
     with pytest.raises(OSError) as info:
-        metrics.load_detector('dinov2', 'cpu')
+        detectors.load_detector('dinov2', 'cpu')
     message = str(info.value)
     assert detectors.DINOV2_WEIGHTS_URL in message and str(tmp_path / 'hub' / 'checkpoints' / 'dinov2_vitl14_pretrain.pth') in message
     assert str(tmp_path / 'hub' / 'facebookresearch_dinov2_main') in message
@@ -232,33 +232,33 @@ def test_dinov2_offline_error_names_the_files(tmp_path, monkeypatch):
 def test_clip_needs_open_clip_and_names_the_file_offline(tmp_path, monkeypatch, cache_dir):
     monkeypatch.setitem(sys.modules, 'open_clip', None)
     with pytest.raises(ImportError, match='pip install open_clip_torch'):
-        metrics.load_detector('clip', 'cpu')
+        detectors.load_detector('clip', 'cpu')
     monkeypatch.setitem(sys.modules, 'open_clip', types.ModuleType('open_clip'))
     monkeypatch.setattr(torch.hub, 'download_url_to_file', _offline)
     with pytest.raises(OSError) as info:
-        metrics.load_detector('clip', 'cpu')
+        detectors.load_detector('clip', 'cpu')
     assert detectors.CLIP_WEIGHTS_URL in str(info.value) and os.path.join(cache_dir, 'clip', 'ViT-L-14.pt') in str(info.value)
     # A file that is not a TorchScript archive is refused before open_clip would unpickle it.
     path = os.path.join(cache_dir, 'clip', 'ViT-L-14.pt')
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({'weights': torch.zeros(1)}, path)
     with pytest.raises(ValueError, match='not OpenAI'):
-        metrics.load_detector('clip', 'cpu')
+        detectors.load_detector('clip', 'cpu')
     # With the file in place, open_clip builds the model from it.
     _script(_Embed(), path)
     calls = []
     sys.modules['open_clip'].load_openai_model = lambda name, precision, device: calls.append((name, precision)) or _Embed()
-    detector = metrics.load_detector('clip', 'cpu')
+    detector = detectors.load_detector('clip', 'cpu')
     assert calls == [(path, 'fp32')] and detector(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).shape == (1, 3)
 
 # ----------------------------------------------------------------------------
 # train.py --metrics.
 
 def test_training_metric_names():
-    assert metrics.parse_training_metrics('fid50k,fid10k,kid10k,pr10k,fid200') == [
+    assert snapshot_metrics.parse_training_metrics('fid50k,fid10k,kid10k,pr10k,fid200') == [
         ('fid50k', 'fid', 50000), ('fid10k', 'fid', 10000), ('kid10k', 'kid', 10000), ('pr10k', 'pr', 10000), ('fid200', 'fid', 200)]
     with pytest.raises(ValueError, match='fid50k'):
-        metrics.parse_training_metrics('fid')
+        snapshot_metrics.parse_training_metrics('fid')
     result = CliRunner().invoke(train.main, ['--outdir', 'unused', '--metrics', 'is50k'])
     assert result.exit_code != 0 and '--metrics' in result.output
 
@@ -319,7 +319,7 @@ def test_train_metrics_equal_fid_py_on_generated_pngs(tmp_path):
     with open(run_dir / 'training_options.json') as f:
         dataset_kwargs = json.load(f)['dataset_kwargs']
     written = os.stat(ref).st_mtime_ns
-    path, cached = metrics.training_reference(dataset_kwargs, metrics.load_detector(detector, 'cpu'), detector, 'cpu',
+    path, cached = snapshot_metrics.training_reference(dataset_kwargs, detectors.load_detector(detector, 'cpu'), detector, 'cpu',
                                               cache_dir=str(tmp_path / 'cache' / 'fid-refs'))
     assert path == ref and cached['mu'].shape == (16,) and os.stat(ref).st_mtime_ns == written
 
@@ -334,6 +334,6 @@ def test_train_metrics_two_processes_match_one(tmp_path):
     # One process, the same snapshot and reference: the same number (25 seeds split unevenly over 2 ranks).
     with open(run_dir / lines[-1]['snapshot'], 'rb') as f:
         net = pickle.load(f)['ema']
-    expected = metrics.calc_metrics(metrics.generator_batches(net, range(25), batch=7), lines[-1]['ref'], ['fid'],
-                                    detector=metrics.load_detector(detector, 'cpu'), device='cpu')
+    expected = metrics.calc_metrics(image_sources.generator_batches(net, range(25), batch=7), lines[-1]['ref'], ['fid'],
+                                    detector=detectors.load_detector(detector, 'cpu'), device='cpu')
     assert lines[-1]['value'] == pytest.approx(expected['fid'], rel=1e-6)

@@ -298,6 +298,15 @@ def test_loop_requires_the_base_learning_rate(tmp_path):
         tl.training_loop(**_loop_kwargs(tmp_path / 'a', total_kimg=0.04, optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam')))
     assert not os.listdir(tmp_path / 'a')
 
+# A precision is checked once (training_step.autocast_dtype), by the step and by the loop before its setup.
+def test_unknown_precision_is_refused(tmp_path):
+    net, opt = _step_setup()
+    with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'bf16', 'fp16'\], got 'fp8'"):
+        training_step.TrainingStep(net, net, DDNLoss(), opt, batch_size=8, precision='fp8')
+    with pytest.raises(ValueError, match='precision must be one of'):
+        tl.training_loop(**_loop_kwargs(tmp_path / 'a', total_kimg=0.04, precision='fp8'))
+    assert not os.listdir(tmp_path / 'a')
+
 # Transfer: weights come from the snapshot, statistics start from zero.
 def test_transfer_weights(tmp_path):
     tl.training_loop(**_loop_kwargs(tmp_path / 'a', total_kimg=0.04, snapshot_ticks=1))

@@ -1,8 +1,8 @@
 """The main training loop of a Discrete Distribution Network, shaped like EDM's.
 
 `training_loop(**c)` is what `train.py` calls with the options of `training_options.json`: setup,
-resume, then steps until the duration or a stop signal, with a report per tick. One step
-(training_step.TrainingStep):
+resume, then steps until the duration or a stop signal, with a report per tick. One step (seeded
+here, run by training_step.TrainingStep):
 1. per-step seeding from (seed, rank, step), so a resumed run repeats an uninterrupted one exactly;
 2. gradient accumulation over `batch_size / (world_size * batch_gpu)` rounds of `batch_gpu` images,
    under `torch.autocast` for bf16/fp16; gradients summed across ranks by DDP after the last round;
@@ -33,7 +33,7 @@ from training import snapshot as snapshot_io
 from training.images import to_float
 from training.pictures import SAMPLE_GRID_SEEDS
 from training.tick_report import TickProgress, TickReport
-from training.training_step import PRECISIONS, TrainingStep, ema_beta, learning_rate
+from training.training_step import TrainingStep, autocast_dtype, ema_beta, learning_rate
 
 # Signals that stop a run cleanly: finish the step, write a training state, exit 0 (SLURM sends
 # SIGUSR1 ahead of the end of a job with --signal=USR1@SECONDS; schedulers send SIGTERM).
@@ -84,8 +84,7 @@ def _set_up_device(device, cudnn_benchmark, precision):
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    if precision not in PRECISIONS:
-        raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
+    autocast_dtype(precision)       # Checked before the dataset and the network are built.
     return device
 
 # Batch split: every rank takes batch_size / world_size images per step, in rounds of batch_gpu.
@@ -194,8 +193,8 @@ def training_loop(
     trust_pickle        = False,    # Let transfer_pkl be a pickle that runs code (not one of our snapshots).
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark.
     device              = None,     # 'cpu', 'cuda' or None = this rank's GPU if any, else the CPU.
-    metrics             = None,     # Metrics of every snapshot, e.g. 'fid50k,kid10k' (evaluation.metrics); None = none.
-    metric_kwargs       = {},       # class_name (default evaluation.metrics.SnapshotMetrics), detector_url, trust_pickle, batch.
+    metrics             = None,     # Metrics of every snapshot, e.g. 'fid50k,kid10k' (evaluation/snapshot_metrics.py); None = none.
+    metric_kwargs       = {},       # class_name (default evaluation.snapshot_metrics.SnapshotMetrics), detector_url, trust_pickle, batch.
 ):
     training_options = run_files.canonical_options(locals())     # The arguments of this call, for the snapshots.
     start_time = time.time()
@@ -223,7 +222,7 @@ def training_loop(
     # Metrics of the snapshots: detector and reference statistics are ready before the first step.
     snapshot_metrics = None
     if metrics:
-        metric_kwargs = {'class_name': 'evaluation.metrics.SnapshotMetrics', **metric_kwargs}   # A name: no import upward.
+        metric_kwargs = {'class_name': 'evaluation.snapshot_metrics.SnapshotMetrics', **metric_kwargs}   # A name: no import upward.
         snapshot_metrics = dnnlib.util.construct_class_by_name(metrics, run_dir, dataset_kwargs, device=device, **metric_kwargs)
 
     # The duration in whole images: `--duration` is in Mimg, and 0.00205 * 1e6 is 2050.0000000000005

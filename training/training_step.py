@@ -20,6 +20,13 @@ from training.split_prune import balance
 # Precisions: autocast dtype of each (None = plain fp32).
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
+# The autocast dtype of `precision` (None = plain fp32); ValueError naming the choices otherwise. The one
+# check of a precision, for TrainingStep and for the training loop, which checks before its setup.
+def autocast_dtype(precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
+    return PRECISIONS[precision]
+
 # torch.optim.Adam's implementations, as keyword arguments ('auto' = torch's choice: for-loop on
 # the CPU, foreach on CUDA; both give identical results, 'fused' differs in the last bits).
 ADAM_IMPLEMENTATIONS = {'auto': {}, 'for-loop': dict(foreach=False), 'foreach': dict(foreach=True), 'fused': dict(fused=True)}
@@ -56,8 +63,7 @@ class TrainingStep:
         channels_last   = False,        # Convolution weights and feature maps in channels-last layout.
         bucket_cap_mb   = 25,           # Size of DDP's gradient buckets (multi-process runs).
     ):
-        if precision not in PRECISIONS:
-            raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
+        self.dtype = autocast_dtype(precision)
         self.device = next(net.parameters()).device
         self.net, self.ema, self.loss_fn, self.optimizer = net, ema, loss_fn, optimizer
         self.batch_size = batch_size
@@ -92,7 +98,7 @@ class TrainingStep:
     # Several processes: pass sync=False for every round of a step but the last, so that gradients
     # are reduced once per step (DDP's no_sync); a single process ignores it.
     def accumulate(self, images, labels=None, sync=True):
-        dtype = PRECISIONS[self.precision]
+        dtype = self.dtype
         no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
         with no_sync:
             with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
