@@ -303,8 +303,10 @@ def test_unknown_precision_is_refused(tmp_path):
     net, opt = _step_setup()
     with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'bf16', 'fp16'\], got 'fp8'"):
         training_step.TrainingStep(net, net, DDNLoss(), opt, batch_size=8, precision='fp8')
+    # Before the setup: a dataset that cannot be built would fail later, with another error.
+    unbuildable = dnnlib.EasyDict(class_name='training.dataset.NoSuchDataset')
     with pytest.raises(ValueError, match='precision must be one of'):
-        tl.training_loop(**_loop_kwargs(tmp_path / 'a', total_kimg=0.04, precision='fp8'))
+        tl.training_loop(**_loop_kwargs(tmp_path / 'a', total_kimg=0.04, precision='fp8', dataset_kwargs=unbuildable))
     assert not os.listdir(tmp_path / 'a')
 
 # Transfer: weights come from the snapshot, statistics start from zero.
