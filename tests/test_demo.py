@@ -162,7 +162,7 @@ def test_bad_input_gets_a_message_and_the_server_keeps_running(server, digits, t
         (dict(strokes=_editor(str(tmp_path / 'empty.png'), 64), w_inpaint=1), 'Nothing is drawn'),
         (dict(upload=gradio_client.handle_file(big), w_l2=1), 'needs 8x8'),
         (dict(w_superres=1), 'needs an uploaded image'),
-        (dict(seeds='0-99999'), 'more than 64 seeds'),
+        (dict(seeds='0-99999'), 'more than 64 values'),
         (dict(seeds='a,b'), 'Cannot parse'),
         (dict(temperature=0.5, topk=2), 'two choice rules'),
         (dict(w_clip=1, text=''), 'text prompt'),

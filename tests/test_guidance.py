@@ -26,7 +26,8 @@ from sampling import guidance as G
 from training.ddl import LayerInfo, argmin, resize_area
 from sampling.guide_spec import load_guide_image, load_mask, load_module, parse_guides
 from training.image_ops import LUMA_WEIGHTS, edge_map
-from training.networks import DDNGenerator, batch_invariant
+from training.determinism import batch_invariant
+from training.networks import DDNGenerator
 from training.split_prune import split_and_prune
 
 # Seeds of the guided/unguided comparisons, and the dataset images used as conditions (one per seed).

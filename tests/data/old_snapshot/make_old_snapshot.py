@@ -1,11 +1,11 @@
-# Run in a checkout of commit 4aa7b5a: writes a tiny DDN snapshot and its samples for seeds 0-7.
+"""Run in a checkout of commit 4aa7b5a (PYTHONPATH=.): writes a tiny DDN snapshot and its samples for seeds 0-7 to argv[1]."""
 import os, sys
 import numpy as np
 import torch
 from training.dataset import DigitsDataset
 from training.networks import DDNGenerator
 from training.split_prune import split_and_prune
-from training.snapshot import save_network_pickle, save_network_safe
+from training.snapshot import save_network_safe
 from training.generation import generate_batches
 from training.loss import DDNLoss
 from torch_utils import checkpoint
