@@ -26,7 +26,6 @@ import generate
 from dnnlib.util import format_int_list, parse_int_list
 from training.dataset import DigitsDataset
 from training.networks import DDNGenerator
-from training.split_prune import split_and_prune
 
 # The stand-in detector is TorchScript on purpose (the Inception pickle is one); PyTorch warns that TorchScript is deprecated.
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*` is deprecated:DeprecationWarning')
@@ -34,22 +33,10 @@ pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*` is deprecated:Depr
 # ----------------------------------------------------------------------------
 # Fixtures: a tiny trained network in a run folder, and one reference generation from it.
 
-# A tiny DDN trained briefly on 16 digits (nearest-candidate loss + Split-and-Prune after each step).
-def _train_tiny_net(steps, seed=0):
+# A tiny untrained DDN (an older snapshot beside the trained one in the run folder).
+def _untrained_net(seed):
     torch.manual_seed(seed)
-    net = DDNGenerator(8, 1, max_outputk=8, max_blockn=2, max_channels=32)
-    if steps:
-        images = np.stack([DigitsDataset(resolution=8)[i][0] for i in range(16)])
-        x = torch.from_numpy(images).float() / 127.5 - 1
-        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-        net.train()
-        for _ in range(steps):
-            loss = net(target=x).losses.mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            split_and_prune(net, opt)
-    return net.eval().cpu()
+    return DDNGenerator(8, 1, max_outputk=8, max_blockn=2, max_channels=32).eval()
 
 # Write a snapshot the way the training loop does: a pickle of dict(ema=...).
 def _save_snapshot(net, path):
@@ -67,10 +54,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 @pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
+def run_dir(tiny_net, tmp_path_factory):
     folder = tmp_path_factory.mktemp('run')
-    _save_snapshot(_train_tiny_net(0, seed=1), folder / 'network-snapshot-000000.pkl')    # Older, untrained.
-    _save_snapshot(_train_tiny_net(30), folder / 'network-snapshot-000010.pkl')           # Latest.
+    _save_snapshot(_untrained_net(seed=1), folder / 'network-snapshot-000000.pkl')       # Older, untrained.
+    _save_snapshot(tiny_net, folder / 'network-snapshot-000010.pkl')                     # Latest: conftest's tiny net.
     (folder / 'network-snapshot-000020.pkl.tmp-123').write_bytes(b'interrupted save')     # Never picked.
     return folder
 

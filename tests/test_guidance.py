@@ -27,8 +27,6 @@ from training.ddl import LayerInfo, argmin, resize_area
 from sampling.guide_spec import load_guide_image, load_mask, load_module, parse_guides
 from training.image_ops import LUMA_WEIGHTS, edge_map
 from training.determinism import batch_invariant
-from training.networks import DDNGenerator
-from training.split_prune import split_and_prune
 
 # Seeds of the guided/unguided comparisons, and the dataset images used as conditions (one per seed).
 SEEDS = list(range(16))
@@ -37,29 +35,14 @@ COND = slice(1000, 1016)
 # ----------------------------------------------------------------------------
 # Fixtures: the digits in [-1, 1], a tiny trained DDN, its snapshot, a tiny digit classifier.
 
+# The shared tiny trained net of conftest.py (trained on digits [:1000]; COND lies beyond).
 @pytest.fixture(scope='module')
-def net(digits):
-    torch.manual_seed(0)
-    images = digits[0]
-    net = DDNGenerator(8, 1, max_outputk=16, max_blockn=2, max_channels=32)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    net.train()
-    for _ in range(150):
-        x = images[torch.randint(0, len(images), (64,), generator=gen)]
-        loss = net(target=x).losses.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        split_and_prune(net, opt)
-    return net.eval().requires_grad_(False)
+def net(tiny_net):
+    return tiny_net
 
 @pytest.fixture(scope='module')
-def snapshot(net, tmp_path_factory):
-    path = tmp_path_factory.mktemp('run') / 'network-snapshot-000013.pkl'
-    with open(path, 'wb') as f:
-        pickle.dump(dict(ema=net), f)
-    return str(path)
+def snapshot(tiny_snapshot):
+    return tiny_snapshot
 
 # The digit classifier of conftest.py.
 @pytest.fixture(scope='module')
