@@ -268,9 +268,9 @@ def test_errors(run_dir, snapshot, reference, tmp_path):
     (tmp_path / 'junk.pkl').write_bytes(b'not a pickle')
     fails(['--network', tmp_path / 'junk.pkl', *out], 'is not a network file')
     fails(['--network', snapshot, '--class', '3', *out], 'unconditional')
-    fails(['--network', snapshot, '--reconstruct', tmp_path / 'nowhere', *out], 'Cannot read dataset')
+    fails(['--network', snapshot, '--reconstruct', tmp_path / 'nowhere', *out], 'cannot open the dataset')
     (tmp_path / 'empty').mkdir()
-    fails(['--network', snapshot, '--reconstruct', tmp_path / 'empty', *out], 'Cannot read dataset')
+    fails(['--network', snapshot, '--reconstruct', tmp_path / 'empty', *out], 'cannot open the dataset')
     fails(['--network', snapshot, '--codes', tmp_path / 'none.npz', *out], 'Codes file not found')
     fails(['--network', snapshot, '--codes', reference / 'latents.npz', '--seeds', '1', *out], '--seeds')
     fails(['--network', snapshot, '--seeds', '0-3', '--fid-ref', tmp_path / 'none.npz', *out], 'not found')
@@ -282,11 +282,12 @@ def test_errors(run_dir, snapshot, reference, tmp_path):
     np.savez(bad, seeds=latents['seeds'], codes=latents['codes'][:, :L - 1], ks=latents['ks'][:L - 1])
     fails(['--network', snapshot, '--codes', bad, *out], f'L={L - 1} layers, but the network has L={L}')
     np.savez(bad, seeds=latents['seeds'], codes=latents['codes'], ks=latents['ks'] * 2)
-    fails(['--network', snapshot, '--codes', bad, *out], 'at layer 0, but the network has K=8')
+    ks = latents['ks'].tolist()
+    fails(['--network', snapshot, '--codes', bad, *out], f'at layer 0, but the network has K={ks[0]}')
     codes = latents['codes'].copy()
-    codes[4, 2] = 8
+    codes[4, 2] = ks[2]
     np.savez(bad, seeds=latents['seeds'], codes=codes, ks=latents['ks'])
-    fails(['--network', snapshot, '--codes', bad, *out], 'row 4 has code 8 at layer 2')
+    fails(['--network', snapshot, '--codes', bad, *out], f'row 4 has code {ks[2]} at layer 2')
     (tmp_path / 'text.npz').write_text('hello')
     fails(['--network', snapshot, '--codes', tmp_path / 'text.npz', *out], 'Cannot read codes file')
 

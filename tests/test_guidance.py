@@ -24,7 +24,7 @@ sys.path.insert(0, REPO)
 import zscg
 from sampling import guidance as G
 from training.ddl import LayerInfo, argmin, resize_area
-from sampling.guide_spec import load_guide_image, load_mask, load_module, parse_guides
+from sampling.guide_spec import MissingGuideInput, load_guide_image, load_mask, load_module, parse_guides
 from training.image_ops import LUMA_WEIGHTS, edge_map
 from training.determinism import batch_invariant
 
@@ -243,16 +243,25 @@ def test_parse_guides_builds_weighted_scorers(digits):
     ('', {}, 'Empty guide spec'),
     ('l2:heavy', dict(image='x'), "Bad weight 'heavy'"),
     ('l2:-1', dict(image='x'), 'must be finite and >= 0'),
-    ('l2', {}, '--guide-image'),
-    ('inpaint', dict(image='x'), '--guide-mask'),
-    ('lowbit', dict(image='x'), '--guide-bits'),
-    ('classifier', dict(class_idx=3), '--guide-classifier'),
-    ('classifier', dict(classifier='c.pkl'), '--class'),
-    ('clip', {}, '--guide-text'),
 ])
-def test_parse_guides_missing_inputs(spec, inputs, message):
+def test_parse_guides_bad_spec(spec, inputs, message):
     with pytest.raises(ValueError, match=message):
         parse_guides(spec, img_channels=1, img_resolution=8, **inputs)
+
+# A missing input is named by its keyword argument (generate.py names the option that gives it).
+@pytest.mark.parametrize('spec, inputs, missing', [
+    ('l2', {}, ('image',)),
+    ('inpaint', dict(image='x'), ('mask',)),
+    ('lowbit', dict(image='x'), ('bits',)),
+    ('classifier', dict(class_idx=3), ('classifier',)),
+    ('classifier', dict(classifier='c.pkl'), ('class_idx',)),
+    ('classifier', {}, ('classifier', 'class_idx')),
+    ('clip', {}, ('text',)),
+])
+def test_parse_guides_missing_inputs(spec, inputs, missing):
+    with pytest.raises(MissingGuideInput, match=f'needs {" and ".join(missing)}$') as info:
+        parse_guides(spec, img_channels=1, img_resolution=8, **inputs)
+    assert isinstance(info.value, ValueError) and info.value.guide == spec and info.value.inputs == missing
 
 @pytest.mark.parametrize('spec, inputs, message', [
     ('l2', dict(image=torch.zeros(3, 8, 8)), r'3 channel\(s\)'),
