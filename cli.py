@@ -7,7 +7,7 @@ import pickle
 import click
 
 import dnnlib
-from evaluation.detectors import UntrustedDetectorError
+from evaluation.detectors import DetectorDownloadError, UntrustedDetectorError
 from sampling.guide_spec import GUIDE_TYPES, MissingGuideInput, make_chooser, parse_guides
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
@@ -21,6 +21,9 @@ from training import snapshot
 TRUST_PICKLE_HINT = ('If you trust the file, pass --trust-pickle (the file then runs as code), or convert a network '
                      'once: python convert.py --network FILE --out net.safetensors --trust-pickle')
 
+# Said after a training state was given where a network belongs.
+NOT_A_NETWORK_HINT = 'A training state is resumed with train.py --resume; generate.py and the other scripts take a run folder or a network snapshot'
+
 def click_error(err, option=None):
     """A ClickException with the message of a library error (ValueError, OSError, ImportError, ...),
     after the `option` it concerns if given, plus the --trust-pickle hint when a file was refused
@@ -28,6 +31,10 @@ def click_error(err, option=None):
     message = str(err) if option is None else f'{option}: {err}'
     if isinstance(err, (snapshot.UnsafeFileError, UntrustedDetectorError)):
         message = f'{message}\n{TRUST_PICKLE_HINT}'
+    if isinstance(err, DetectorDownloadError):
+        message = f'{message}\nOr pass --detector PATH naming a local copy of the detector.'
+    if isinstance(err, snapshot.NotANetworkError):
+        message = f'{message}\n{NOT_A_NETWORK_HINT}'
     return click.ClickException(message)
 
 # ----------------------------------------------------------------------------

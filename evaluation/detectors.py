@@ -48,6 +48,9 @@ CLIP_WEIGHTS_URL = 'https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0
 NAMED = {'inception': 2048, 'dinov2': 1024, 'clip': 768}
 
 # Raised for a detector file that would run code when loaded, unless the user trusts it.
+class DetectorDownloadError(OSError):
+    """The detector could not be downloaded (nor found in the cache)."""
+
 class UntrustedDetectorError(ValueError):
     pass
 
@@ -110,7 +113,7 @@ def _download(url, cache_dir=None):
     if leader:
         dist.barrier()
     if error is not None:
-        raise OSError(f'{error}\nOr give detector_url=PATH naming a local copy of the detector.') from error
+        raise DetectorDownloadError(f'{error}\nOr give detector_url=PATH naming a local copy of the detector.') from error
     return data
 
 # ----------------------------------------------------------------------------

@@ -55,6 +55,9 @@ TRUST_HINT = ('Load a file you trust with trust_pickle=True (the file then runs 
 class UnsafeFileError(ValueError):
     """A file would need to run code to load, and the caller did not allow it."""
 
+class NotANetworkError(ValueError):
+    """A torch.save / TorchScript archive (a training state, say) where a network file was expected."""
+
 # ----------------------------------------------------------------------------
 # The allowlisted network classes, imported on first use.
 
@@ -217,7 +220,7 @@ def network_from_bytes(data, source, trust_pickle=False):
     if fmt == 'safetensors':
         return load_safe(data, source)
     if fmt == 'zip':
-        raise ValueError(f'{source} is a torch.save/TorchScript archive, not a network snapshot '
+        raise NotANetworkError(f'{source} is a torch.save/TorchScript archive, not a network snapshot '
                          '(a training-state-*.pt resumes a run; a network is a run folder '
                          'or a network-snapshot-*.safetensors/.pkl)')
     if fmt == 'unknown':
