@@ -133,6 +133,9 @@ def main(network, data, task, indices, seeds, out, sr_size, bits, hole, temperat
         check_png_out(out)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--out') from e
+    if temperature is None and topk is None:
+        temperature = DEFAULT_TEMPERATURE
+    chooser, _ = cli.chooser(temperature, topk, options=('--temperature', '--topk'))
     device = pick_device(device)
     net = load_network(network, device, trust_pickle)
     res, C = net.img_resolution, net.img_channels
@@ -142,9 +145,6 @@ def main(network, data, task, indices, seeds, out, sr_size, bits, hole, temperat
     sr_size = sr_size or max(1, res // 4)
     if task == 'superres' and (sr_size > res or res % sr_size):
         raise click.ClickException(f'--sr-size {sr_size} must divide the resolution {res}')
-    if temperature is None and topk is None:
-        temperature = DEFAULT_TEMPERATURE
-    chooser, _ = cli.chooser(temperature, topk, options=('--temperature', '--topk'))
 
     rows, guided_d, unguided_d = [], [], []
     with torch.no_grad(), batch_invariant():

@@ -55,3 +55,22 @@ def f(x):
 def test_library_messages_name_no_flags(path):
     found = flags_in((ROOT / path).read_text())
     assert not found, f'{path} names command-line flags: ' + '; '.join(f'line {n}: {t[:80]!r}' for n, t in found)
+
+# ----------------------------------------------------------------------------
+# The scripts name the flags: a library ValueError becomes a usage error about the options that caused it.
+
+def test_zscg_uses_generate_chooser_rule():
+    from click.testing import CliRunner
+    import zscg
+    result = CliRunner().invoke(zscg.main, ['--network', 'unused', '--temperature', '0.3', '--topk', '2'])
+    assert result.exit_code == 2 and '--temperature/--topk' in result.output and 'give one of them' in result.output
+
+def test_generate_names_the_missing_guide_option():
+    import cli
+    import dnnlib
+    from click import UsageError
+    opts = dnnlib.EasyDict(guide='inpaint', guide_image=None, guide_mask=None, guide_bits=None, guide_classifier=None,
+                           class_idx=None, guide_text=None, guide_style=None, guide_features=None)
+    net = dnnlib.EasyDict(img_channels=1, img_resolution=8)
+    with pytest.raises(UsageError, match=r"guide 'inpaint' .* needs --guide-image and --guide-mask$"):
+        cli.build_guide(opts, net, 'cpu')

@@ -79,12 +79,16 @@ def _refused(cli, args, marker, words=('run code', 'refusing')):
 @pytest.mark.parametrize('source', ['pkl', 'inside', 'fake', 'run', 'url', 'file_url'])
 def test_network_loaders_run_no_code(files, tmp_path, source):
     network = files[source]
-    _refused(generate.main, ['--network', network, '--outdir', tmp_path / 'out', '--seeds', '0'], files.marker)
-    _refused(zscg.main, ['--network', network, '--out', tmp_path / 'z.png'], files.marker)
-    _refused(tree.main, ['--network', network, '--out', tmp_path / 't.png'], files.marker)
-    _refused(compress.main, ['encode', '--network', network, '--out', tmp_path / 'c.bin'], files.marker)
-    _refused(compress.main, ['decode', '--network', network, '--codes', files.pkl, '--outdir', tmp_path / 'd'], files.marker)
-    _refused(convert.main, ['--network', network, '--out', tmp_path / 'n.safetensors'], files.marker)
+    outputs = [
+        _refused(generate.main, ['--network', network, '--outdir', tmp_path / 'out', '--seeds', '0'], files.marker),
+        _refused(zscg.main, ['--network', network, '--out', tmp_path / 'z.png'], files.marker),
+        _refused(tree.main, ['--network', network, '--out', tmp_path / 't.png'], files.marker),
+        _refused(compress.main, ['encode', '--network', network, '--out', tmp_path / 'c.bin'], files.marker),
+        _refused(compress.main, ['decode', '--network', network, '--codes', files.pkl, '--outdir', tmp_path / 'd'], files.marker),
+        _refused(convert.main, ['--network', network, '--out', tmp_path / 'n.safetensors'], files.marker),
+    ]
+    # The library says trust_pickle=True; every script names its flag instead (cli.click_error).
+    assert all('--trust-pickle' in out for out in outputs), outputs
     assert not (tmp_path / 'out').exists() and not (tmp_path / 'n.safetensors').exists()
 
 def test_train_loaders_run_no_code(files, tmp_path):
