@@ -1,6 +1,14 @@
 """Command-line helpers shared by the scripts (generate.py, zscg.py, ...): the only library-side code
 that knows option names. The packages below take keyword arguments and raise ValueError; these
-helpers turn options into those arguments and errors into click usage errors."""
+helpers turn options into those arguments and errors into click usage errors.
+
+- `click_error`: a library error as a click error, with the hints that name flags (--trust-pickle, ...).
+- `load_network`, `open_dataset_for`, `check_writable`, `int_list`: --network, a dataset option checked
+  against the network, an output path, a list of integers ('0-3,7').
+- `device_option`: every script's --device.
+- `GUIDE_INPUT_OPTIONS`, `GUIDE_OPTIONS`, `check_guide_options`, `build_guide`, `chooser`: generate.py's
+  guide options (zscg.py uses `chooser` for its own two), mapped onto `sampling.guide_spec.parse_guides`.
+"""
 
 import pickle
 
@@ -26,8 +34,9 @@ NOT_A_NETWORK_HINT = 'A training state is resumed with train.py --resume; genera
 
 def click_error(err, option=None):
     """A ClickException with the message of a library error (ValueError, OSError, ImportError, ...),
-    after the `option` it concerns if given, plus the --trust-pickle hint when a file was refused
-    because loading it would run code."""
+    after the `option` it concerns if given, plus the hint that names the flag to use: --trust-pickle
+    for a file refused because loading it would run code, --detector for a failed download, train.py
+    --resume for a training state given as a network."""
     message = str(err) if option is None else f'{option}: {err}'
     if isinstance(err, (snapshot.UnsafeFileError, UntrustedDetectorError)):
         message = f'{message}\n{TRUST_PICKLE_HINT}'

@@ -4,6 +4,9 @@ Pixel convention (EDM): the network works in [-1, 1]; an image is saved as uint8
 truncated and clipped to [0, 255] (so 0 -> 128, and the boundaries -1 / 1 -> 0 / 255), and read back
 as `u / 127.5 - 1`. Every script and the training loop use these functions, so a sample grid written
 during training, `generate.py`'s PNGs and the demo show the same pixel values for the same image.
+
+Also here: which PIL modes are grayscale (`GRAYSCALE_MODES`, for datasets and guide files alike), and the
+reconstruction PSNR of uint8 images (`psnr` per image, `mean_psnr` the figure every report prints).
 """
 
 import math
