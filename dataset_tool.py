@@ -39,6 +39,7 @@ import numpy as np
 import PIL.Image
 import tqdm
 
+import cli
 from torch_utils.checkpoint import remove_stale_temps
 from training.dataset import is_hidden, to_uint8_array
 
@@ -292,6 +293,7 @@ class DatasetWriter:
             raise click.ClickException(f'--dest {dest} exists and is not a folder')
         if self.is_zip and os.path.isdir(dest):
             raise click.ClickException(f'--dest {dest} is a folder, not a .zip file')
+        cli.check_writable(dest, '--dest')
         parent = os.path.dirname(os.path.abspath(dest))
         os.makedirs(parent, exist_ok=True)
         remove_stale_temps(parent)      # Left by a killed conversion.
