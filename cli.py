@@ -1,16 +1,106 @@
 """Command-line helpers shared by the scripts (generate.py, zscg.py, ...): the only library-side code
 that knows option names. The packages below take keyword arguments and raise ValueError; these
-helpers turn options into those arguments and errors into click usage errors."""
+helpers turn options into those arguments and errors into click usage errors.
+
+- `click_error`: a library error as a click error, with the hints that name flags (--trust-pickle, ...).
+- `load_network`, `open_dataset_for`, `check_writable`, `int_list`: --network, a dataset option checked
+  against the network, an output path, a list of integers ('0-3,7').
+- `device_option`: every script's --device.
+- `GUIDE_INPUT_OPTIONS`, `GUIDE_OPTIONS`, `check_guide_options`, `build_guide`, `chooser`: generate.py's
+  guide options (zscg.py uses `chooser` for its own two), mapped onto `sampling.guide_spec.parse_guides`.
+"""
 
 import pickle
 
 import click
 
-from sampling.guide_spec import GUIDE_TYPES, parse_guides
+import dnnlib
+from evaluation.detectors import DetectorDownloadError, UntrustedDetectorError
+from sampling.guide_spec import GUIDE_TYPES, MissingGuideInput, make_chooser, parse_guides
+from torch_utils import checkpoint
 from torch_utils import distributed as dist
+from training import dataset as dataset_lib
+from training import snapshot
+
+# ----------------------------------------------------------------------------
+# Library errors as click errors.
+
+# Said after a refusal to run code from a file (the library says trust_pickle=True).
+TRUST_PICKLE_HINT = ('If you trust the file, pass --trust-pickle (the file then runs as code), or convert a network '
+                     'once: python convert.py --network FILE --out net.safetensors --trust-pickle')
+
+# Said after a training state was given where a network belongs.
+NOT_A_NETWORK_HINT = 'A training state is resumed with train.py --resume; generate.py and the other scripts take a run folder or a network snapshot'
+
+def click_error(err, option=None):
+    """A ClickException with the message of a library error (ValueError, OSError, ImportError, ...),
+    after the `option` it concerns if given, plus the hint that names the flag to use: --trust-pickle
+    for a file refused because loading it would run code, --detector for a failed download, train.py
+    --resume for a training state given as a network."""
+    message = str(err) if option is None else f'{option}: {err}'
+    if isinstance(err, (snapshot.UnsafeFileError, UntrustedDetectorError)):
+        message = f'{message}\n{TRUST_PICKLE_HINT}'
+    if isinstance(err, DetectorDownloadError):
+        message = f'{message}\nOr pass --detector PATH naming a local copy of the detector.'
+    if isinstance(err, snapshot.NotANetworkError):
+        message = f'{message}\n{NOT_A_NETWORK_HINT}'
+    return click.ClickException(message)
+
+# ----------------------------------------------------------------------------
+# What most scripts do first: load --network, open --data, check where the output goes.
+
+def load_network(source, device='cpu', trust_pickle=False):
+    """(path, network) of a --network value (file, URL or run folder), or a click error saying why not."""
+    try:
+        return snapshot.load_network(source, device, trust_pickle=trust_pickle)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        raise click_error(e) from None
+
+def open_dataset_for(data, net, option='--data', hint='', **kwargs):
+    """The dataset of an `option` value (a folder, zip or 'digits', opened at the network's resolution)
+    whose images have the network's shape, or a click error naming the option (and `hint`)."""
+    try:
+        dataset = dataset_lib.open_dataset(data, resolution=net.img_resolution, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        raise click.ClickException(f'{option} {data}: cannot open the dataset: {e}{hint}') from None
+    shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    if list(dataset.image_shape) != shape:
+        raise click.ClickException(f'{option} {data}: the dataset has images of shape {list(dataset.image_shape)}, '
+                                   f'but the network makes {shape}')
+    return dataset
+
+def check_writable(path, option):
+    """A usage error naming `option` unless `path` (a file or folder, new or existing) may be written."""
+    try:
+        checkpoint.check_writable(path)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=option) from None
+
+def int_list(max_values=10_000_000):
+    """click callback: '1,5,9-12' -> [1, 5, 9, 10, 11, 12] (dnnlib.util.parse_int_list), a usage error naming the option."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return dnnlib.util.parse_int_list(value, max_values=max_values)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return parse
 
 # ----------------------------------------------------------------------------
 # generate.py's guide options: which guide reads which option, the scorer of the options, the choice rule.
+
+# parse_guides argument -> the option that gives it.
+GUIDE_INPUT_OPTIONS = {
+    'image':        '--guide-image',
+    'mask':         '--guide-mask',
+    'bits':         '--guide-bits',
+    'classifier':   '--guide-classifier',
+    'class_idx':    '--class',
+    'text':         '--guide-text',
+    'style':        '--guide-style (or --guide-image)',
+    'features':     '--guide-features',
+}
 
 # Guide options: (CLI option, the guide types that read it).
 GUIDE_OPTIONS = {
@@ -24,6 +114,14 @@ GUIDE_OPTIONS = {
     'guide_temp':       ('--guide-temp',        tuple(GUIDE_TYPES)),
     'guide_topk':       ('--guide-topk',        tuple(GUIDE_TYPES)),
 }
+
+def chooser(temperature, topk, options=('--guide-temp', '--guide-topk')):
+    """(chooser, description) of guided layers (guide_spec.make_chooser: argmin, softmax with a
+    temperature, or uniform among the top-k), a usage error naming the two `options` if both are given."""
+    try:
+        return make_chooser(temperature, topk)
+    except ValueError as e:
+        raise click.UsageError(f'{"/".join(options)}: {e}') from None
 
 def check_guide_options(opts, guide_types):
     """Usage errors for guide inputs that no guide of `--guide` reads (or given without --guide)."""
@@ -45,8 +143,11 @@ def build_guide(opts, net, device):
             image=opts.guide_image, mask=opts.guide_mask, bits=opts.guide_bits, classifier=opts.guide_classifier,
             class_idx=opts.class_idx, text=opts.guide_text, style=opts.guide_style, features=opts.guide_features,
             device=device, trust_pickle=opts.get('trust_pickle', False))
+    except MissingGuideInput as e:
+        needs = ' and '.join(GUIDE_INPUT_OPTIONS[name] for name in e.inputs)
+        raise click.UsageError(f'--guide {opts.guide}: guide {e.guide!r} ({GUIDE_TYPES[e.guide][0]}) needs {needs}') from None
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-        raise ValueError(f'--guide {opts.guide}: {e}') from e
+        raise click_error(e, f'--guide {opts.guide}') from e
     except ImportError as e:
         raise click.ClickException(f'--guide {opts.guide}: {e}') from e
 

@@ -28,11 +28,10 @@ import tqdm
 import cli
 from torch_utils import distributed as dist
 from torch_utils.checkpoint import write_atomic
-from training.dataset import open_dataset
 from sampling.generation import generate_batches, num_batches
-from training.images import image_path, to_pil
+from training.images import image_path, mean_psnr, psnr, to_pil
 from training.latent import latent_bits, pack_codes, packed_size, stored_bits, unpack_codes
-from training.snapshot import fingerprint, load_network
+from training.snapshot import fingerprint
 
 MAGIC = b'DDNZ'
 VERSION = 2     # 2 adds the 8-byte fingerprint of the network (training.snapshot.fingerprint); 1 is still read.
@@ -68,33 +67,12 @@ def read_codes_file(path, with_network=False):
     codes = unpack_codes(data[start:], ks, num)
     return (codes, ks, network) if with_network else (codes, ks)
 
-# PSNR (dB) of each uint8 image pair (B, C, H, W), in float64; inf for identical images.
-def psnr(a, b):
-    mse = (a.to(torch.float64) - b.to(torch.float64)).square().flatten(1).mean(1)
-    return 10 * torch.log10(255.0 ** 2 / mse)
 
-
-def _load(network, device, trust_pickle=False):
-    try:
-        return load_network(network, device, trust_pickle)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
-
-def _open_dataset(data, net):
-    try:
-        dataset = open_dataset(data, resolution=net.img_resolution) if data in (None, 'digits') else open_dataset(data)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f'Cannot open dataset {data}: {e}') from e
-    shape = [net.img_channels, net.img_resolution, net.img_resolution]
-    if list(dataset.image_shape) != shape:
-        raise click.ClickException(f'Dataset images are {dataset.image_shape}, the network makes {shape}')
-    return dataset
-
+# The reconstruction PSNR line (images.mean_psnr, the figure generate.py --reconstruct reports as psnr).
 def _psnr_line(values):
     values = torch.cat(values)
-    finite = values[torch.isfinite(values)]
-    mean = float(finite.mean()) if finite.numel() else float('inf')
-    return f'psnr={mean:.2f} dB (mean over {values.numel()} images, {values.numel() - finite.numel()} exact)'
+    mean, exact = mean_psnr(values)
+    return f'psnr={mean:g} dB (mean over {values.numel()} images, {exact} exact)'
 
 # ----------------------------------------------------------------------------
 
@@ -123,9 +101,10 @@ def encode(network, data, max_images, out, batch, device, trust_pickle):
     """Encode dataset images to packed latents; report bits/image and PSNR."""
     if os.path.isdir(out):
         raise click.BadParameter(f'{out} is a folder; give a file name', param_hint='--out')
+    cli.check_writable(out, '--out')
     device = dist.pick_device(device)
-    path, net = _load(network, device, trust_pickle)
-    dataset = _open_dataset(data, net)
+    path, net = cli.load_network(network, device, trust_pickle)
+    dataset = cli.open_dataset_for(data, net)
     num = len(dataset) if max_images is None else min(max_images, len(dataset))
     all_codes, values = [], []
     for b in tqdm.tqdm(generate_batches(net, range(num), batch, dataset=dataset), total=num_batches(num, batch), desc='encode', leave=False):
@@ -147,7 +126,7 @@ def encode(network, data, max_images, out, batch, device, trust_pickle):
 def decode(network, codes, outdir, data, batch, device, trust_pickle):
     """Decode a codes file to images {index:06d}.png."""
     device = dist.pick_device(device)
-    path, net = _load(network, device, trust_pickle)
+    path, net = cli.load_network(network, device, trust_pickle)
     all_codes, ks, made_by = read_codes_file(codes, with_network=True)
     if list(ks) != list(net.ks):
         raise click.ClickException(f'{codes} was written for K per layer {_describe_ks(ks)}, but {path} has {_describe_ks(net.ks)}')
@@ -155,7 +134,7 @@ def decode(network, codes, outdir, data, batch, device, trust_pickle):
         click.echo(f'WARNING: {codes} was written by another network (fingerprint {made_by}, {path} is {fingerprint(net)}); '
                    'the same codes decode to different images', err=True)
     num = all_codes.shape[0]
-    dataset = _open_dataset(data, net) if data is not None else None
+    dataset = cli.open_dataset_for(data, net) if data is not None else None
     if dataset is not None and len(dataset) < num:
         raise click.ClickException(f'{codes} holds {num} images but the dataset only {len(dataset)}')
     os.makedirs(outdir, exist_ok=True)

@@ -13,6 +13,7 @@ import os
 
 import click
 
+import cli
 from training import snapshot
 
 OUT_EXTS = (snapshot.SAFE_EXT, snapshot.PICKLE_EXT)
@@ -32,13 +33,8 @@ def main(network, out, trust_pickle, force):
         raise click.BadParameter(f'{out} is a folder; give a file name', param_hint='--out')
     if os.path.exists(out) and not force:
         raise click.BadParameter(f'{out} exists; add --force to replace it', param_hint='--out')
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise click.BadParameter(f'folder {parent} does not exist', param_hint='--out')
-    try:
-        path, net = snapshot.load_network(network, 'cpu', trust_pickle=trust_pickle)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    cli.check_writable(out, '--out')
+    path, net = cli.load_network(network, 'cpu', trust_pickle=trust_pickle)
     if os.path.abspath(path) == os.path.abspath(out):
         raise click.BadParameter(f'{out} is the input file', param_hint='--out')
     try:

@@ -39,8 +39,9 @@ import numpy as np
 import PIL.Image
 import tqdm
 
+import cli
 from torch_utils.checkpoint import remove_stale_temps
-from training.dataset import to_uint8_array
+from training.dataset import is_hidden, to_uint8_array
 
 # ----------------------------------------------------------------------------
 # One source image: pixels as uint8 HW (grayscale) or HWC (RGB), its class or None, a name for errors.
@@ -131,12 +132,6 @@ def open_mnist(images_gz, max_images=None):
                          for idx, img in enumerate(images))
 
 # ----------------------------------------------------------------------------
-# Whether a path inside a folder / zip is hidden or macOS metadata (never part of a dataset).
-
-def _is_hidden(fname):
-    return any(part.startswith('.') or part == '__MACOSX' for part in fname.split('/'))
-
-# ----------------------------------------------------------------------------
 # Decode an image file to uint8 HW (grayscale modes) or HWC RGB (everything else; alpha dropped).
 
 def _decode_image(f, name):
@@ -166,7 +161,7 @@ def open_image_files(source, max_images=None):
     def open_file(fname):
         return archive.open(fname, 'r') if archive is not None else open(os.path.join(source, fname), 'rb')
 
-    fnames = sorted(fname for fname in all_fnames if os.path.splitext(fname)[1].lower() in extensions and not _is_hidden(fname))
+    fnames = sorted(fname for fname in all_fnames if os.path.splitext(fname)[1].lower() in extensions and not is_hidden(fname))
     fnames = fnames[:max_images]
     labels = None
     if 'dataset.json' in all_fnames:
@@ -298,6 +293,7 @@ class DatasetWriter:
             raise click.ClickException(f'--dest {dest} exists and is not a folder')
         if self.is_zip and os.path.isdir(dest):
             raise click.ClickException(f'--dest {dest} is a folder, not a .zip file')
+        cli.check_writable(dest, '--dest')
         parent = os.path.dirname(os.path.abspath(dest))
         os.makedirs(parent, exist_ok=True)
         remove_stale_temps(parent)      # Left by a killed conversion.

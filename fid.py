@@ -20,6 +20,7 @@ Inception); any other pickle needs --trust-pickle, since unpickling it runs code
 
 import click
 
+from cli import click_error
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from evaluation import detectors, image_sources
@@ -85,7 +86,7 @@ def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector
             results = metric_lib.calc_metrics(images_path, ref_path, metrics=metrics, num=num, seed=seed, batch=batch,
                 detector_url=detector_url, workers=workers, splits=splits, trust_pickle=trust_pickle, progress=True)
         except (ValueError, OSError, ImportError) as e:
-            raise click.ClickException(str(e)) from e
+            raise click_error(e) from e
         if dist.get_rank() == 0 and out:
             checkpoint.write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=detectors.detector_name(detector_url)))
         metric_lib.print_metrics(results)
@@ -104,7 +105,7 @@ def ref(data_path, dest_path, features, batch, detector_url, workers, trust_pick
             batches = image_sources.image_batches(data_path, batch=batch, workers=workers)
             stats = metric_lib.reference_stats(batches, detector, dist.device(), features=features)
         except (ValueError, OSError, ImportError) as e:
-            raise click.ClickException(str(e)) from e
+            raise click_error(e) from e
         if dist.get_rank() == 0:
             metric_lib.save_ref(dest_path, stats['mu'], stats['sigma'], features=stats.get('features'), num=stats['num'],
                 detector=detectors.detector_name(detector_url), mu_s=stats.get('mu_s'), sigma_s=stats.get('sigma_s'))

@@ -34,19 +34,18 @@ import click
 import tqdm
 
 import dnnlib
-from dnnlib.util import format_int_list, parse_int_list
+from dnnlib.util import format_int_list
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from evaluation import metrics as metric_lib
 from training import snapshot
 from training.conditions import condition_kind, load_condition_image, make_condition_fn, stored_condition_fn
-from training.dataset import open_dataset
 from evaluation.detectors import DETECTOR_URL, load_detector
 from evaluation.feature_metrics import IS_SPLITS
 from sampling.generation import GRID_IMAGES, Recorder, clear_outdir, generate_batches, num_batches, rank_share, save_run
 import cli
 from cli import GUIDE_OPTIONS, build_guide, check_guide_options
-from sampling.guide_spec import GUIDE_TYPES, make_chooser, parse_spec
+from sampling.guide_spec import GUIDE_TYPES, parse_spec
 from training.latent import latents_network, read_latents
 
 # Most seeds one --seeds list may hold (a typo such as 0-99999999999 would otherwise fill the memory).
@@ -61,15 +60,6 @@ _FILE = click.Path(exists=True, dir_okay=False)
 
 # ----------------------------------------------------------------------------
 # Options and the output folder.
-
-# click callback: '1,5,9-12' -> [1, 5, 9, 10, 11, 12].
-def _seeds_option(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return parse_int_list(value, max_values=MAX_SEEDS)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
 
 # Which mode the options ask for; conflicting options are errors rather than silently ignored.
 def _check_mode(opts):
@@ -96,11 +86,7 @@ def check_outdir(outdir, force):
     if os.path.isdir(outdir) and os.listdir(outdir) and not force:
         raise click.UsageError(f'--outdir {outdir} is not empty; choose a new folder, or add --force to replace '
                                'the images, latents and grid of an earlier run there')
-    parent = os.path.dirname(os.path.abspath(outdir))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(outdir if os.path.isdir(outdir) else parent, os.W_OK):
-        raise click.UsageError(f'--outdir {outdir}: no permission to write there')
+    cli.check_writable(outdir, '--outdir')
 
 # Usage errors of --class / --condition-image for this network; the shared condition of --condition-image or None.
 def _shared_condition(opts, net, mode, guide_types, device):
@@ -169,14 +155,8 @@ def _decode_work(opts, net, device, shared, net_id):
 def _reconstruct_work(opts, net, device):
     kind = condition_kind(net)
     use_labels = kind == 'class' and opts.class_idx is None
-    try:
-        dataset = open_dataset(opts.data, resolution=net.img_resolution, use_labels=use_labels)
-    except (OSError, ValueError, ImportError) as e:
-        hint = ' (or give --class for every image)' if use_labels else ''
-        raise ValueError(f'Cannot read dataset {opts.data}: {e}{hint}') from e
-    shape = [net.img_channels, net.img_resolution, net.img_resolution]
-    if dataset.image_shape != shape:
-        raise ValueError(f'Dataset {opts.data} has images of shape {dataset.image_shape}, but the network makes {shape}')
+    hint = ' (or give --class for every image)' if use_labels else ''
+    dataset = cli.open_dataset_for(opts.data, net, option='--reconstruct', hint=hint, use_labels=use_labels)
     names = list(range(len(dataset) if opts.max_images is None else min(opts.max_images, len(dataset))))
     # Each image's own condition, as in training: its label (or --class), or computed from it.
     condition_fn = make_condition_fn(net, device, class_idx=opts.class_idx, dataset=dataset)
@@ -228,7 +208,7 @@ def _load_metrics(opts, num, device):
         ref = metric_lib.load_ref(opts.fid_ref)
         detector = load_detector(opts.detector_url, device, trust_pickle=opts.trust_pickle)
     except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f'--fid-ref: {e}') from e
+        raise cli.click_error(e, '--fid-ref') from e
     return dnnlib.EasyDict(ref=ref, detector=detector, names=['fid'] + (['is'] if num >= IS_SPLITS else []))
 
 # ----------------------------------------------------------------------------
@@ -237,7 +217,7 @@ def _load_metrics(opts, num, device):
 @click.command(context_settings=dict(show_default=True))
 @click.option('--network', 'network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (its latest snapshot)', metavar='FILE|URL|DIR', required=True)
 @click.option('--outdir', help='Where to save the images, latents and metrics', metavar='DIR', type=str, required=True)
-@click.option('--seeds', help='Random seeds, e.g. 0-49999 or 1,5,9-12  [default: 0-63]', metavar='LIST', callback=_seeds_option, default=None)
+@click.option('--seeds', help='Random seeds, e.g. 0-49999 or 1,5,9-12  [default: 0-63]', metavar='LIST', callback=cli.int_list(MAX_SEEDS), default=None)
 @click.option('--subdirs', help='Create a subfolder for every 1000 seeds', is_flag=True)
 @click.option('--force', help='Write into a non-empty --outdir, replacing an earlier run\'s images, latents and grid', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label of class-conditional networks (and target of --guide classifier)  [default: random per seed]', metavar='INT', type=click.IntRange(min=0), default=None)
@@ -290,21 +270,18 @@ def main(**kwargs):
         try:
             _main(dnnlib.EasyDict(kwargs))
         except (OSError, ValueError) as e:
-            raise click.ClickException(str(e)) from e
+            raise cli.click_error(e) from e
 
 def _main(opts):
     mode = _check_mode(opts)
     guide_types = [name for name, _ in parse_spec(opts.guide)] if opts.guide is not None else []
     check_guide_options(opts, guide_types)
-    try:
-        chooser, chooser_info = make_chooser(opts.guide_temp, opts.guide_topk)
-    except ValueError as e:
-        raise click.UsageError(f'--guide-temp/--guide-topk: {e}') from e
+    chooser, chooser_info = cli.chooser(opts.guide_temp, opts.guide_topk)
     device = dist.pick_device(opts.device)
     check_outdir(opts.outdir, opts.force)
 
     dist.print0(f'Loading network from "{opts.network}"...')
-    net_path, net = snapshot.load_network(opts.network, device, trust_pickle=opts.trust_pickle)
+    net_path, net = cli.load_network(opts.network, device, trust_pickle=opts.trust_pickle)
     net_id = snapshot.fingerprint(net)
     dist.print0(f'Network: {net_path} ({net.img_channels}x{net.img_resolution}x{net.img_resolution}, '
                 f'L={net.num_layers}, {net.bits_per_image:.0f} bits per image, fingerprint {net_id})')

@@ -314,7 +314,7 @@ def metrics_config(opts, condition):
             try:
                 detectors.load_detector(opts.detector, 'cpu', trust_pickle=opts.trust_pickle)
             except (OSError, ValueError, TypeError) as err:
-                raise click.ClickException(f'--detector: {err}') from None
+                raise cli.click_error(err, '--detector') from None
         c.metrics = opts.metrics
         c.metric_kwargs = dnnlib.EasyDict(class_name='evaluation.snapshot_metrics.SnapshotMetrics', detector_url=opts.detector, trust_pickle=opts.trust_pickle)
     elif opts.detector is not None:
@@ -331,7 +331,7 @@ def transfer_resume_config(opts, network_kwargs, dataset_info):
         try:
             run_files.load_transfer_network(opts.transfer, opts.trust_pickle)
         except (OSError, ValueError, RuntimeError) as err:
-            raise click.ClickException(f'--transfer: {err}') from None
+            raise cli.click_error(err, '--transfer') from None
         c.transfer_pkl = opts.transfer
         if opts.trust_pickle:
             c.trust_pickle = True
@@ -340,7 +340,7 @@ def transfer_resume_config(opts, network_kwargs, dataset_info):
         try:
             state = run_files.load_training_state(c.resume_state, network_kwargs, dataset_info)
         except (OSError, ValueError, RuntimeError) as err:
-            raise click.ClickException(f'--resume: {err}') from None
+            raise cli.click_error(err, '--resume') from None
         resumed_seed = int(state.get('seed', 0))
         if int(state.get('batch_size', opts.batch)) != opts.batch:
             raise click.UsageError(f'--batch={opts.batch}, but the training state {c.resume_state} was trained with '

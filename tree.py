@@ -27,8 +27,7 @@ from torch.nn import functional as F
 import cli
 from torch_utils import distributed as dist
 from training.images import check_png_out, save_png, to_pil, to_uint8
-from training.networks import batch_invariant
-from training.snapshot import load_network
+from training.determinism import batch_invariant
 
 # Level colours: the root's children's grid border, then one per level.
 LEVEL_COLOURS = [(230, 25, 75), (245, 130, 48), (60, 180, 75), (0, 130, 200), (145, 30, 180), (240, 50, 230), (128, 128, 0)]
@@ -149,10 +148,7 @@ def main(network, levels, out, cell, device, trust_pickle):
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--out') from e
     device = dist.pick_device(device)
-    try:
-        path, net = load_network(network, device, trust_pickle)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    path, net = cli.load_network(network, device, trust_pickle)
     if levels > net.num_layers:
         raise click.ClickException(f'--levels {levels}: the network has only L={net.num_layers} layers')
     ks = net.ks[:levels]

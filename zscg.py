@@ -26,20 +26,21 @@ import numpy as np
 import torch
 import tqdm
 
-import dnnlib
+import cli
 from cli import device_option
 from torch_utils.distributed import pick_device
 from sampling import guidance
-from training import snapshot
-from training.dataset import open_dataset
 from training.ddl import resize_area
-from sampling.guide_spec import make_chooser, parse_guides
+from sampling.guide_spec import parse_guides
 from training.image_ops import edge_map, grayscale, quantize
 from training.images import check_png_out, make_grid, save_png, to_float, to_uint8
-from training.networks import batch_invariant
+from training.determinism import batch_invariant
 
 # Tasks: the condition is computed from the ground truth.
 TASKS = ('superres', 'inpaint', 'color', 'lowbit', 'edge', 'l2')
+
+# Temperature of the guided choice when neither --temperature nor --topk is given (a figure shows variety).
+DEFAULT_TEMPERATURE = 0.2
 
 # Regions an inpainting row must fill.
 HOLES = ('bottom', 'top', 'left', 'right', 'center')
@@ -47,20 +48,10 @@ HOLES = ('bottom', 'top', 'left', 'right', 'center')
 # ----------------------------------------------------------------------------
 # Command-line helpers.
 
-# '0-3,7' -> [0, 1, 2, 3, 7]; a click error on bad input.
-def parse_int_list(text):
-    try:
-        return dnnlib.util.parse_int_list(text)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
-
 # The EMA network of a snapshot pickle, URL or run folder (training/snapshot.py), in eval mode. ZSCG
 # guides an unconditional network: a conditional one would need its condition at every call.
 def load_network(network, device, trust_pickle=False):
-    try:
-        _, net = snapshot.load_network(network, device, trust_pickle=trust_pickle)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    _, net = cli.load_network(network, device, trust_pickle=trust_pickle)
     if getattr(net, 'condition', None) is not None:
         raise click.ClickException(f'{network}: this network is conditioned on {net.condition!r}; zscg.py guides '
                                    'unconditional networks (generate.py --guide combines guidance with a condition)')
@@ -125,37 +116,35 @@ def layout(rows, cell_min):
 @click.option('--network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (its latest snapshot)', metavar='FILE|URL|DIR', required=True)
 @click.option('--data', help='Dataset of the ground-truth images: folder, zip, or "digits"', metavar='PATH|digits', default='digits', show_default=True)
 @click.option('--task', help='Task: how the condition is made from each image', type=click.Choice(TASKS), default='superres', show_default=True)
-@click.option('--images', help='Indices of the dataset images, one row each', metavar='LIST', default='0-3', show_default=True)
-@click.option('--seeds', help='Seeds, one column each', metavar='LIST', default='0-5', show_default=True)
+@click.option('--images', 'indices', help='Indices of the dataset images, one row each', metavar='LIST', default='0-3', show_default=True, callback=cli.int_list())
+@click.option('--seeds', help='Seeds, one column each', metavar='LIST', default='0-5', show_default=True, callback=cli.int_list())
 @click.option('--out', help='Output PNG', metavar='PNG', default='zscg.png', show_default=True)
 @click.option('--sr-size', help='superres: resolution of the condition  [default: resolution / 4]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--bits', help='lowbit: bits per channel of the condition', metavar='INT', type=click.IntRange(min=1, max=8), default=1, show_default=True)
 @click.option('--hole', help='inpaint: the region to fill', type=click.Choice(HOLES), default='bottom', show_default=True)
-@click.option('--temperature', help='Softmax temperature of the choice (0 = argmin: every seed gives the same image)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.2, show_default=True)
-@click.option('--topk', help='Choose uniformly among the N best instead (overrides --temperature)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--temperature', help='Softmax temperature of the choice (0 = argmin: every seed gives the same image)  [default: 0.2 without --topk]', metavar='FLOAT', type=click.FloatRange(min=0), default=None)
+@click.option('--topk', help='Choose uniformly among the N best instead of --temperature', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--cell', help='Smallest cell side in pixels (nearest upscaling)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @device_option()
 @click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
-def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperature, topk, cell, device, trust_pickle):
+def main(network, data, task, indices, seeds, out, sr_size, bits, hole, temperature, topk, cell, device, trust_pickle):
     """Zero-shot conditional generation figure: condition | guided results per seed | ground truth."""
     try:
         check_png_out(out)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--out') from e
+    if temperature is None and topk is None:
+        temperature = DEFAULT_TEMPERATURE
+    chooser, _ = cli.chooser(temperature, topk, options=('--temperature', '--topk'))
     device = pick_device(device)
-    indices, seeds = parse_int_list(images), parse_int_list(seeds)
     net = load_network(network, device, trust_pickle)
     res, C = net.img_resolution, net.img_channels
-    dataset = open_dataset(data, resolution=res)
-    if dataset.num_channels != C or dataset.resolution != res:
-        raise click.ClickException(f'Dataset {data} has {dataset.num_channels}x{dataset.resolution}x{dataset.resolution} images, '
-                                   f'the network makes {C}x{res}x{res}')
+    dataset = cli.open_dataset_for(data, net)
     if max(indices) >= len(dataset):
         raise click.ClickException(f'--images: index {max(indices)} out of range; the dataset has {len(dataset)} images')
     sr_size = sr_size or max(1, res // 4)
     if task == 'superres' and (sr_size > res or res % sr_size):
         raise click.ClickException(f'--sr-size {sr_size} must divide the resolution {res}')
-    chooser, _ = make_chooser(temperature=None if topk else temperature or None, topk=topk)
 
     rows, guided_d, unguided_d = [], [], []
     with torch.no_grad(), batch_invariant():

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli
 from torch_utils import distributed as dist
 from training.ddl import reference_heads
-from training.networks import DDNGenerator, batch_invariant
+from training.determinism import batch_invariant
+from training.networks import DDNGenerator
 
 # ----------------------------------------------------------------------------
 # Seconds per batch of one generation path: `warmup` untimed steps, then the mean of `steps`.

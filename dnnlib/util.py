@@ -42,6 +42,8 @@ def parse_int_list(text, max_values=10_000_000):
                 raise ValueError(f'{text!r} holds more than {max_values} values; split the work into several runs')
             items = range(lo, hi + 1)
         elif re.fullmatch(r'\d+', part):
+            if len(values) + 1 > max_values:
+                raise ValueError(f'{text!r} holds more than {max_values} values; split the work into several runs')
             items = [int(part)]
         else:
             raise ValueError(f'Cannot parse {part!r} in {text!r}: expected e.g. "1,5,9-12" (non-negative integers)')

@@ -49,6 +49,9 @@ CLIP_WEIGHTS_URL = 'https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0
 NAMED = {'inception': 2048, 'dinov2': 1024, 'clip': 768}
 
 # Raised for a detector file that would run code when loaded, unless the user trusts it.
+class DetectorDownloadError(OSError):
+    """The detector could not be downloaded (nor found in the cache)."""
+
 class UntrustedDetectorError(ValueError):
     pass
 
@@ -72,7 +75,7 @@ def _load_from_bytes(data):
 DETECTOR_PICKLE_GLOBALS = {('torch.storage', '_load_from_bytes'): _load_from_bytes}
 
 def _trust_hint(source):
-    return f'load it only if you trust {source}: pass --trust-pickle (trust_pickle=True)'
+    return f'load it with trust_pickle=True only if you trust {source}'
 
 # A detector module from the bytes of a file; `trust_pickle` allows full unpickling.
 def deserialize(data, source, trust_pickle=False):
@@ -111,7 +114,7 @@ def _download(url, cache_dir=None):
     if leader:
         dist.barrier()
     if error is not None:
-        raise OSError(f'{error}\nOr pass --detector PATH (detector_url=PATH in Python) naming a local copy of the detector.') from error
+        raise DetectorDownloadError(f'{error}\nOr give detector_url=PATH naming a local copy of the detector.') from error
     return data
 
 # ----------------------------------------------------------------------------
@@ -188,7 +191,7 @@ def load_clip():
     try:
         import open_clip
     except ImportError as e:
-        raise ImportError('--detector clip needs open_clip: pip install open_clip_torch') from e
+        raise ImportError('the clip detector needs open_clip: pip install open_clip_torch') from e
     path = clip_path()
     try:
         if not os.path.isfile(path):

@@ -27,9 +27,9 @@ from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from training.conditions import condition_kind
 from sampling.guidance import final_distance
-from training.images import image_path, make_grid, save_png, side_by_side, to_float, to_pil, to_uint8
+from training.images import image_path, make_grid, mean_psnr, psnr, save_png, side_by_side, to_float, to_pil, to_uint8
 from training.latent import save_latents
-from training.networks import batch_invariant
+from training.determinism import batch_invariant
 
 # Images in the preview grid (the first names of a run).
 GRID_IMAGES = 100
@@ -112,6 +112,7 @@ class Recorder:
         self.names, self.codes, self.conditions = [], [], []
         self.grid = {}                                              # name -> (image, original or None)
         self.sq_err = torch.zeros([2], dtype=torch.float64)         # Sum of squared errors, number of values.
+        self.psnrs = []                                             # Reconstruction PSNR of each image (images.psnr).
         self.guide_dist = torch.zeros([2], dtype=torch.float64)     # Sum of guide distances, number of images.
 
     # Save each batch's PNGs and record it; yields its uint8 images (for the FID detector). The PNGs
@@ -134,6 +135,7 @@ class Recorder:
             if originals is not None:
                 diff = images.to(torch.float64) - originals.to(torch.float64)
                 self.sq_err += torch.tensor([diff.square().sum().item(), diff.numel()], dtype=torch.float64)
+                self.psnrs.append(psnr(images, originals))
             if self.scorer is not None:
                 # Measured on the images as saved (uint8), like every other metric here.
                 d = final_distance(self.scorer, to_float(b.images))
@@ -145,7 +147,8 @@ class Recorder:
     def gather(self, L):
         codes = torch.cat(self.codes).numpy() if self.codes else np.zeros((0, L), np.int64)
         conditions = torch.cat(self.conditions).numpy() if self.conditions else None
-        mine = dict(names=np.asarray(self.names, np.int64), codes=codes, conditions=conditions, grid=self.grid)
+        psnrs = torch.cat(self.psnrs).numpy() if self.psnrs else np.zeros(0, np.float64)
+        mine = dict(names=np.asarray(self.names, np.int64), codes=codes, conditions=conditions, grid=self.grid, psnrs=psnrs)
         dist.all_reduce_([self.sq_err, self.guide_dist])
         parts = dist.gather_object(mine)
         if parts is None:
@@ -156,15 +159,17 @@ class Recorder:
         conds = [p['conditions'] for p in parts if p['conditions'] is not None]
         conditions = np.concatenate(conds)[order] if conds else None
         grid = {k: v for p in parts for k, v in p['grid'].items()}
-        return dnnlib.EasyDict(names=names[order], codes=codes[order], conditions=conditions, grid=grid, metrics=self._metrics())
+        psnrs = np.concatenate([p['psnrs'] for p in parts])
+        return dnnlib.EasyDict(names=names[order], codes=codes[order], conditions=conditions, grid=grid, metrics=self._metrics(psnrs))
 
-    # Reconstruction MSE / PSNR on the uint8 images (range [0, 255]) and the mean guide distance, where they apply.
-    def _metrics(self):
+    # Reconstruction MSE (pooled over all values) and PSNR (the mean of the per-image PSNRs, images.mean_psnr)
+    # on the uint8 images (range [0, 255]), and the mean guide distance, where they apply.
+    def _metrics(self, psnrs):
         results = {}
         sse, count = self.sq_err.tolist()
         if count:
             results['mse'] = sse / count
-            results['psnr'] = 10 * math.log10(255 ** 2 / results['mse']) if results['mse'] > 0 else float('inf')
+            results['psnr'], results['psnr_exact_images'] = mean_psnr(psnrs)
         total, count = self.guide_dist.tolist()
         if self.scorer is not None and count:
             results['guide_distance'] = total / count

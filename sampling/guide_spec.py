@@ -1,20 +1,18 @@
-"""Guides as the scripts name them: the spec grammar 'inpaint:1,color:0.5', guide files, and the CLI options.
+"""Guides by name: the spec grammar 'inpaint:1,color:0.5', guide files, and the scorer of a spec.
 
-`sampling/guidance.py`, `network_scorers.py` and `choosers.py` hold the scorers and choosers as library
-code; this file is what speaks the command line of `generate.py` (`--guide SPEC`, `--guide-image`,
-`--guide-mask`, ..., `--guide-temp`, `--guide-topk`) and of the pages and scripts built on it
-(`demo.py`, `zscg.py`):
+`sampling/guidance.py`, `network_scorers.py` and `choosers.py` hold the scorers and choosers; this file
+builds them from names and files, for `generate.py` (whose options cli.py maps onto `parse_guides`'
+keyword arguments), `demo.py` and `zscg.py`:
 
-- `parse_spec(spec)`: 'inpaint:1,color:0.5' -> [('inpaint', 1.0), ('color', 0.5)]; `GUIDE_TYPES` lists the types.
+- `parse_spec(spec)`: 'inpaint:1,color:0.5' -> [('inpaint', 1.0), ('color', 0.5)]; `GUIDE_TYPES` lists the
+  types and the `parse_guides` arguments each needs.
 - `parse_guides(spec, ...)`: the CombinedScorer of a spec, its inputs (files or tensors) checked
-  against the network; errors name the CLI option that is missing or wrong.
+  against the network; errors name the argument that is missing (`MissingGuideInput`) or wrong.
 - `load_guide_image` / `guide_from_pil` / `load_mask` / `load_module`: guide inputs from files.
-- `GUIDE_OPTIONS`, `check_guide_options`, `build_guide`, `make_chooser`: generate.py's guide options
-  (which guide reads which option), the scorer of its options and its choice rule.
+- `make_chooser`: the choice rule of guided layers (argmin, temperature or top-k).
 
 Classifier and feature networks load as TorchScript (no Python code runs from the file); pickles,
-which execute code when loaded, only with `trust_pickle=True` (`--trust-pickle`).
-"""
+which execute code when loaded, only with `trust_pickle=True`."""
 
 import math
 import os
@@ -29,7 +27,7 @@ from torch import nn
 
 from sampling import choosers, guidance, network_scorers
 from training.ddl import argmin
-from training.images import pil_to_float, square_pil
+from training.images import channels_of, pil_to_float, square_pil
 from training.snapshot import UnsafeFileError
 
 # ----------------------------------------------------------------------------
@@ -50,7 +48,7 @@ def guide_from_pil(image, channels=None, resolution=None, allow_resize=False, so
     """`load_guide_image` of an open PIL image (an upload, a drawing): the same conversion, so a
     picture gives the same guide whether it arrives as a file or from a page. `source` names it in errors."""
     if channels is None:
-        channels = 1 if image.mode in ('1', 'L', 'LA', 'I', 'I;16', 'F') else 3
+        channels = channels_of(image.mode)
     image = square_pil(image, channels, source)
     w, h = image.size
     if resolution is not None and w != resolution:
@@ -86,7 +84,7 @@ def load_module(path, device='cpu', trust_pickle=False):
                              f'(save one with torch.jit.script(module).save(path)): {str(e).splitlines()[0]}') from None
     if not trust_pickle:
         raise UnsafeFileError(f'{path} is not a TorchScript archive: a pickled module runs code from the file when loaded. '
-                              'Save it as TorchScript (torch.jit.script(module).save(path)), or pass --trust-pickle if you trust it')
+                              'Save it as TorchScript (torch.jit.script(module).save(path)), or load it with trust_pickle=True if you trust it')
     with open(path, 'rb') as f:
         obj = pickle.load(f)
     if isinstance(obj, dict):
@@ -98,18 +96,24 @@ def load_module(path, device='cpu', trust_pickle=False):
 # ----------------------------------------------------------------------------
 # The spec grammar.
 
-# Guide type -> (what it is, the inputs it needs as (parse_guides argument, CLI option)).
+# Guide type -> (what it is, the parse_guides arguments it needs).
 GUIDE_TYPES = {
-    'l2':           ('L2 to --guide-image',                                     [('image', '--guide-image')]),
-    'superres':     ('L2 after downsampling to a low-resolution --guide-image', [('image', '--guide-image')]),
-    'inpaint':      ('L2 on the known pixels of --guide-image (--guide-mask)',  [('image', '--guide-image'), ('mask', '--guide-mask')]),
-    'color':        ('L2 of the luminance to a grayscale --guide-image',        [('image', '--guide-image')]),
-    'lowbit':       ('L2 to --guide-image quantised to --guide-bits',           [('image', '--guide-image'), ('bits', '--guide-bits')]),
-    'edge':         ('Sobel edges vs an edge map --guide-image (white = edge)', [('image', '--guide-image')]),
-    'classifier':   ('-log p(--class) of --guide-classifier',                   [('classifier', '--guide-classifier'), ('class_idx', '--class')]),
-    'clip':         ('CLIP similarity to --guide-text',                         [('text', '--guide-text')]),
-    'style':        ('feature statistics of a style image',                     [('style', '--guide-style (or --guide-image)')]),
+    'l2':           ('L2 to the guide image',                                   ('image',)),
+    'superres':     ('L2 after downsampling to a low-resolution guide image',   ('image',)),
+    'inpaint':      ('L2 on the known pixels (mask) of the guide image',        ('image', 'mask')),
+    'color':        ('L2 of the luminance to a grayscale guide image',          ('image',)),
+    'lowbit':       ('L2 to the guide image quantised to some bits',            ('image', 'bits')),
+    'edge':         ('Sobel edges vs an edge map guide image (white = edge)',   ('image',)),
+    'classifier':   ('-log p(class_idx) of a classifier',                       ('classifier', 'class_idx')),
+    'clip':         ('CLIP similarity to a text',                               ('text',)),
+    'style':        ('feature statistics of a style image',                     ('style',)),
 }
+
+class MissingGuideInput(ValueError):
+    """A guide of the spec lacks an input: `guide` (its type) and `inputs` (the parse_guides arguments missing)."""
+    def __init__(self, guide, inputs):
+        self.guide, self.inputs = guide, tuple(inputs)
+        super().__init__(f'Guide {guide!r} ({GUIDE_TYPES[guide][0]}) needs {" and ".join(self.inputs)}')
 
 def parse_spec(spec):
     """'inpaint:1,color:0.5' -> [('inpaint', 1.0), ('color', 0.5)]; TYPE alone has weight 1."""
@@ -204,15 +208,15 @@ def parse_guides(
 ) -> guidance.CombinedScorer:
     """Build the scorer of a guide spec, checking every input it needs and its shape against the
     network. Paths are loaded with `load_guide_image` / `load_mask` / `load_module`. Raises ValueError
-    (unknown type, missing input named by its CLI option, shape mismatch) or ImportError (clip
+    (unknown type, MissingGuideInput naming the missing argument, shape mismatch) or ImportError (clip
     without a CLIP package)."""
     items = parse_spec(spec)
     given = dict(image=image, mask=mask, bits=bits, classifier=classifier, class_idx=class_idx, text=text,
                  style=style if style is not None else image, features=features)
     for name, _ in items:
-        missing = [opt for arg, opt in GUIDE_TYPES[name][1] if given[arg] is None]
+        missing = [arg for arg in GUIDE_TYPES[name][1] if given[arg] is None]
         if missing:
-            raise ValueError(f'Guide {name!r} ({GUIDE_TYPES[name][0]}) needs {" and ".join(missing)}')
+            raise MissingGuideInput(name, missing)
     scorers = [(_scorer(name, given, img_channels, img_resolution, device, trust_pickle, classifier_resolution), weight)
                for name, weight in items]
     return guidance.CombinedScorer(scorers)

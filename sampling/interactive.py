@@ -17,7 +17,6 @@ the image `generate.py` writes for the same seed, guide and choice rule.
 """
 
 import io
-import re
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -28,7 +27,8 @@ from dnnlib.util import parse_int_list
 from sampling import guidance
 from training.ddl import argmin, resize_area
 from sampling.guide_spec import guide_from_pil, make_chooser, parse_guides
-from training.networks import batch_invariant
+from training.images import to_uint8
+from training.determinism import batch_invariant
 
 # At most this many seeds per request, so a typo such as 0-99999 cannot stall the page.
 MAX_SEEDS = 64
@@ -109,21 +109,15 @@ def upload_to_guide(picture, channels: int, resolution: int, low_res: bool = Fal
                                    allow_resize=True, source='The upload')
 
 # ----------------------------------------------------------------------------
-# One request of the page -> library calls. Every failure of the user's input is a ValueError (or,
-# for two choice rules at once, a click.UsageError) with a message for the page.
+# One request of the page -> library calls. Every failure of the user's input is a ValueError with a
+# message for the page.
 
 def parse_seeds(text):
     """'0-7' -> [0, ..., 7], at most MAX_SEEDS seeds (checked before a range is expanded)."""
     text = str(text or '').strip()
     if not text:
         raise ValueError('No seeds given: write e.g. 0-7 or 1,5,9')
-    for lo, hi in re.findall(r'(\d+)\s*-\s*(\d+)', text):
-        if int(hi) - int(lo) + 1 > MAX_SEEDS:
-            raise ValueError(f'Seed range {lo}-{hi} has more than {MAX_SEEDS} seeds')
-    seeds = parse_int_list(text)
-    if len(seeds) > MAX_SEEDS:
-        raise ValueError(f'{len(seeds)} seeds given; the demo takes at most {MAX_SEEDS} per request')
-    return seeds
+    return parse_int_list(text, max_values=MAX_SEEDS)
 
 def _editor_layers(editor):
     """The stroke layers of an ImageEditor value (a dict with 'layers'), or [] if nothing is drawn."""
@@ -209,7 +203,7 @@ def coarse_to_fine(path: Sequence[torch.Tensor], size: int) -> list:
     frames = []
     for x in path:
         x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode='nearest')
-        u8 = (x[0] * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        u8 = to_uint8(x[0]).permute(1, 2, 0).numpy()
         frames.append(np.repeat(u8, 3, axis=2) if u8.shape[2] == 1 else u8)
     return frames
 

@@ -96,6 +96,41 @@ def digit_classifier(digits):
     return clf
 
 # ----------------------------------------------------------------------------
+# The tiny trained DDN that the generation, guidance and demo tests sample (test_generate.py,
+# test_generate_guided.py, test_guidance.py, test_demo.py): 8x8 digits, K=16, max_blockn 2, 32 channels,
+# trained 150 Adam steps (lr 3e-3, batch 64 drawn with a seeded generator) with Split-and-Prune after each
+# step, on the first 1000 built-in digits; digits 1000.. stay unseen (the guidance tests take their
+# conditions there). Trained once per session, in eval mode without gradients: tests must not modify it.
+
+TINY_NET_TRAIN_IMAGES = 1000
+
+@pytest.fixture(scope='session')
+def tiny_net(digits):
+    from training.split_prune import split_and_prune
+    images = digits[0][:TINY_NET_TRAIN_IMAGES]
+    torch.manual_seed(0)
+    net = DDNGenerator(8, 1, max_outputk=16, max_blockn=2, max_channels=32)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    net.train()
+    for _ in range(150):
+        loss = net(target=images[torch.randint(0, len(images), (64,), generator=gen)]).losses.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        split_and_prune(net, opt)
+    return net.eval().requires_grad_(False)
+
+# `tiny_net` as the training loop's snapshot pickle, dict(ema=...), alone in a run folder.
+@pytest.fixture(scope='session')
+def tiny_snapshot(tiny_net, tmp_path_factory):
+    import pickle
+    path = tmp_path_factory.mktemp('tiny-net') / 'network-snapshot-000001.pkl'
+    with open(path, 'wb') as f:
+        pickle.dump(dict(ema=tiny_net), f)
+    return str(path)
+
+# ----------------------------------------------------------------------------
 # Overfitting a few images (test_networks.py, test_balance.py, test_recurrent.py). Each training
 # run is made once per session and shared by the tests that look at it: they only read the result.
 

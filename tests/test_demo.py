@@ -28,8 +28,6 @@ from training.snapshot import load_network
 from sampling import interactive
 from training.ddl import resize_area
 from training.image_ops import edge_map
-from training.networks import DDNGenerator
-from training.split_prune import split_and_prune
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = '0-5'
@@ -38,24 +36,10 @@ NUM = 6
 # ----------------------------------------------------------------------------
 # Fixtures: a briefly trained net, its snapshot, and the demo server.
 
+# The shared tiny trained net of conftest.py, as a snapshot pickle.
 @pytest.fixture(scope='module')
-def snapshot(digits, tmp_path_factory):
-    torch.manual_seed(0)
-    net = DDNGenerator(8, 1, max_outputk=16, max_blockn=2, max_channels=32)
-    images = digits[0][:1000]
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        loss = net(target=images[torch.randint(0, len(images), (64,), generator=gen)]).losses.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        split_and_prune(net, opt)
-    path = tmp_path_factory.mktemp('net') / 'network-snapshot-000001.pkl'
-    import pickle
-    with open(path, 'wb') as f:
-        pickle.dump(dict(ema=net.eval().requires_grad_(False)), f)
-    return str(path)
+def snapshot(tiny_snapshot):
+    return tiny_snapshot
 
 @pytest.fixture(scope='module')
 def server(snapshot, tmp_path_factory):
@@ -162,7 +146,7 @@ def test_bad_input_gets_a_message_and_the_server_keeps_running(server, digits, t
         (dict(strokes=_editor(str(tmp_path / 'empty.png'), 64), w_inpaint=1), 'Nothing is drawn'),
         (dict(upload=gradio_client.handle_file(big), w_l2=1), 'needs 8x8'),
         (dict(w_superres=1), 'needs an uploaded image'),
-        (dict(seeds='0-99999'), 'more than 64 seeds'),
+        (dict(seeds='0-99999'), 'more than 64 values'),
         (dict(seeds='a,b'), 'Cannot parse'),
         (dict(temperature=0.5, topk=2), 'two choice rules'),
         (dict(w_clip=1, text=''), 'text prompt'),

@@ -185,7 +185,7 @@ def test_load_detector_formats_give_the_same_features(tmp_path, kind):
     # Pickles of Python modules run code when loaded: only when trusted.
     trust = kind in ('python_pickle', 'torch_save')
     if trust:
-        with pytest.raises(detectors.UntrustedDetectorError, match='--trust-pickle'):
+        with pytest.raises(detectors.UntrustedDetectorError, match='trust_pickle=True'):
             detectors.load_detector(path, 'cpu')
     detector = detectors.load_detector(path, 'cpu', trust_pickle=trust)
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -227,7 +227,7 @@ def test_offline_detector_url_names_the_cache_file(tmp_path):
     with pytest.raises(OSError) as info:
         detectors.load_detector(url, 'cpu', cache_dir=str(tmp_path / 'cache'))
     message = str(info.value)
-    assert url in message and str(tmp_path / 'cache') in message and '--detector PATH' in message
+    assert url in message and str(tmp_path / 'cache') in message and 'detector_url=PATH' in message
 
 # ----------------------------------------------------------------------------
 # Command line: ref -> calc on PNG folders.

@@ -27,7 +27,6 @@ import generate
 from dnnlib.util import format_int_list, parse_int_list
 from training.dataset import DigitsDataset
 from training.networks import DDNGenerator
-from training.split_prune import split_and_prune
 
 # The stand-in detector is TorchScript on purpose (the Inception pickle is one); PyTorch warns that TorchScript is deprecated.
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*` is deprecated:DeprecationWarning')
@@ -35,22 +34,10 @@ pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.*` is deprecated:Depr
 # ----------------------------------------------------------------------------
 # Fixtures: a tiny trained network in a run folder, and one reference generation from it.
 
-# A tiny DDN trained briefly on 16 digits (nearest-candidate loss + Split-and-Prune after each step).
-def _train_tiny_net(steps, seed=0):
+# A tiny untrained DDN (an older snapshot beside the trained one in the run folder).
+def _untrained_net(seed):
     torch.manual_seed(seed)
-    net = DDNGenerator(8, 1, max_outputk=8, max_blockn=2, max_channels=32)
-    if steps:
-        images = np.stack([DigitsDataset(resolution=8)[i][0] for i in range(16)])
-        x = torch.from_numpy(images).float() / 127.5 - 1
-        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-        net.train()
-        for _ in range(steps):
-            loss = net(target=x).losses.mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            split_and_prune(net, opt)
-    return net.eval().cpu()
+    return DDNGenerator(8, 1, max_outputk=8, max_blockn=2, max_channels=32).eval()
 
 # Write a snapshot the way the training loop does: a pickle of dict(ema=...).
 def _save_snapshot(net, path):
@@ -68,10 +55,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 @pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
+def run_dir(tiny_net, tmp_path_factory):
     folder = tmp_path_factory.mktemp('run')
-    _save_snapshot(_train_tiny_net(0, seed=1), folder / 'network-snapshot-000000.pkl')    # Older, untrained.
-    _save_snapshot(_train_tiny_net(30), folder / 'network-snapshot-000010.pkl')           # Latest.
+    _save_snapshot(_untrained_net(seed=1), folder / 'network-snapshot-000000.pkl')       # Older, untrained.
+    _save_snapshot(tiny_net, folder / 'network-snapshot-000010.pkl')                     # Latest: conftest's tiny net.
     (folder / 'network-snapshot-000020.pkl.tmp-123').write_bytes(b'interrupted save')     # Never picked.
     return folder
 
@@ -196,7 +183,10 @@ def test_reconstruct(reference, snapshot, tmp_path):
     data = np.stack([DigitsDataset(resolution=8)[i][0] for i in range(num)]).astype(np.float64)
     recon = np.stack([_read_png(tmp_path / 'rec' / f'{i:06d}.png') for i in range(num)]).astype(np.float64)
     assert metrics['mse'] == pytest.approx(np.mean((recon - data) ** 2), rel=1e-9)
-    assert metrics['psnr'] == pytest.approx(10 * np.log10(255 ** 2 / metrics['mse']))
+    # The reported PSNR is the mean of the per-image PSNRs (compress.py prints the same figure).
+    per_image = 10 * np.log10(255 ** 2 / np.mean((recon - data) ** 2, axis=(1, 2, 3)))
+    assert metrics['psnr'] == pytest.approx(np.mean(per_image[np.isfinite(per_image)]), rel=1e-9)
+    assert metrics['psnr_exact_images'] == int(np.sum(~np.isfinite(per_image)))
     # Random samples (seed i against image i) are much farther from the data.
     samples = np.stack([_read_png(reference / f'{i:06d}.png') for i in range(num)]).astype(np.float64)
     sample_mse = np.mean((samples - data) ** 2)
@@ -279,9 +269,9 @@ def test_errors(run_dir, snapshot, reference, tmp_path):
     (tmp_path / 'junk.pkl').write_bytes(b'not a pickle')
     fails(['--network', tmp_path / 'junk.pkl', *out], 'is not a network file')
     fails(['--network', snapshot, '--class', '3', *out], 'unconditional')
-    fails(['--network', snapshot, '--reconstruct', tmp_path / 'nowhere', *out], 'Cannot read dataset')
+    fails(['--network', snapshot, '--reconstruct', tmp_path / 'nowhere', *out], 'cannot open the dataset')
     (tmp_path / 'empty').mkdir()
-    fails(['--network', snapshot, '--reconstruct', tmp_path / 'empty', *out], 'Cannot read dataset')
+    fails(['--network', snapshot, '--reconstruct', tmp_path / 'empty', *out], 'cannot open the dataset')
     fails(['--network', snapshot, '--codes', tmp_path / 'none.npz', *out], 'Codes file not found')
     fails(['--network', snapshot, '--codes', reference / 'latents.npz', '--seeds', '1', *out], '--seeds')
     fails(['--network', snapshot, '--seeds', '0-3', '--fid-ref', tmp_path / 'none.npz', *out], 'not found')
@@ -293,11 +283,12 @@ def test_errors(run_dir, snapshot, reference, tmp_path):
     np.savez(bad, seeds=latents['seeds'], codes=latents['codes'][:, :L - 1], ks=latents['ks'][:L - 1])
     fails(['--network', snapshot, '--codes', bad, *out], f'L={L - 1} layers, but the network has L={L}')
     np.savez(bad, seeds=latents['seeds'], codes=latents['codes'], ks=latents['ks'] * 2)
-    fails(['--network', snapshot, '--codes', bad, *out], 'at layer 0, but the network has K=8')
+    ks = latents['ks'].tolist()
+    fails(['--network', snapshot, '--codes', bad, *out], f'at layer 0, but the network has K={ks[0]}')
     codes = latents['codes'].copy()
-    codes[4, 2] = 8
+    codes[4, 2] = ks[2]
     np.savez(bad, seeds=latents['seeds'], codes=codes, ks=latents['ks'])
-    fails(['--network', snapshot, '--codes', bad, *out], 'row 4 has code 8 at layer 2')
+    fails(['--network', snapshot, '--codes', bad, *out], f'row 4 has code {ks[2]} at layer 2')
     (tmp_path / 'text.npz').write_text('hello')
     fails(['--network', snapshot, '--codes', tmp_path / 'text.npz', *out], 'Cannot read codes file')
 

@@ -108,11 +108,10 @@ def _snapshot(net, path):
         pickle.dump(dict(ema=net), f)
     return str(path)
 
+# The shared tiny trained net of conftest.py (trained on digits [:1000]), as a snapshot pickle.
 @pytest.fixture(scope='module')
-def snapshot(digits, tmp_path_factory):
-    torch.manual_seed(0)
-    net = _train(DDNGenerator(8, 1, max_outputk=16, max_blockn=2, max_channels=32), digits[0][:1000], 50)
-    return _snapshot(net, tmp_path_factory.mktemp('net') / 'network-snapshot-000003.pkl')
+def snapshot(tiny_snapshot):
+    return tiny_snapshot
 
 # Unguided samples of the seeds every guided run uses.
 @pytest.fixture(scope='module')

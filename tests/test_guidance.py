@@ -26,10 +26,9 @@ from sampling import choosers
 from sampling import network_scorers
 from sampling import guidance as G
 from training.ddl import LayerInfo, argmin, resize_area
-from sampling.guide_spec import load_guide_image, load_mask, load_module, parse_guides
+from sampling.guide_spec import MissingGuideInput, load_guide_image, load_mask, load_module, parse_guides
 from training.image_ops import LUMA_WEIGHTS, edge_map
-from training.networks import DDNGenerator, batch_invariant
-from training.split_prune import split_and_prune
+from training.determinism import batch_invariant
 
 # Seeds of the guided/unguided comparisons, and the dataset images used as conditions (one per seed).
 SEEDS = list(range(16))
@@ -38,29 +37,14 @@ COND = slice(1000, 1016)
 # ----------------------------------------------------------------------------
 # Fixtures: the digits in [-1, 1], a tiny trained DDN, its snapshot, a tiny digit classifier.
 
+# The shared tiny trained net of conftest.py (trained on digits [:1000]; COND lies beyond).
 @pytest.fixture(scope='module')
-def net(digits):
-    torch.manual_seed(0)
-    images = digits[0]
-    net = DDNGenerator(8, 1, max_outputk=16, max_blockn=2, max_channels=32)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    net.train()
-    for _ in range(150):
-        x = images[torch.randint(0, len(images), (64,), generator=gen)]
-        loss = net(target=x).losses.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        split_and_prune(net, opt)
-    return net.eval().requires_grad_(False)
+def net(tiny_net):
+    return tiny_net
 
 @pytest.fixture(scope='module')
-def snapshot(net, tmp_path_factory):
-    path = tmp_path_factory.mktemp('run') / 'network-snapshot-000013.pkl'
-    with open(path, 'wb') as f:
-        pickle.dump(dict(ema=net), f)
-    return str(path)
+def snapshot(tiny_snapshot):
+    return tiny_snapshot
 
 # The digit classifier of conftest.py.
 @pytest.fixture(scope='module')
@@ -261,16 +245,25 @@ def test_parse_guides_builds_weighted_scorers(digits):
     ('', {}, 'Empty guide spec'),
     ('l2:heavy', dict(image='x'), "Bad weight 'heavy'"),
     ('l2:-1', dict(image='x'), 'must be finite and >= 0'),
-    ('l2', {}, '--guide-image'),
-    ('inpaint', dict(image='x'), '--guide-mask'),
-    ('lowbit', dict(image='x'), '--guide-bits'),
-    ('classifier', dict(class_idx=3), '--guide-classifier'),
-    ('classifier', dict(classifier='c.pkl'), '--class'),
-    ('clip', {}, '--guide-text'),
 ])
-def test_parse_guides_missing_inputs(spec, inputs, message):
+def test_parse_guides_bad_spec(spec, inputs, message):
     with pytest.raises(ValueError, match=message):
         parse_guides(spec, img_channels=1, img_resolution=8, **inputs)
+
+# A missing input is named by its keyword argument (generate.py names the option that gives it).
+@pytest.mark.parametrize('spec, inputs, missing', [
+    ('l2', {}, ('image',)),
+    ('inpaint', dict(image='x'), ('mask',)),
+    ('lowbit', dict(image='x'), ('bits',)),
+    ('classifier', dict(class_idx=3), ('classifier',)),
+    ('classifier', dict(classifier='c.pkl'), ('class_idx',)),
+    ('classifier', {}, ('classifier', 'class_idx')),
+    ('clip', {}, ('text',)),
+])
+def test_parse_guides_missing_inputs(spec, inputs, missing):
+    with pytest.raises(MissingGuideInput, match=f'needs {" and ".join(missing)}$') as info:
+        parse_guides(spec, img_channels=1, img_resolution=8, **inputs)
+    assert isinstance(info.value, ValueError) and info.value.guide == spec and info.value.inputs == missing
 
 @pytest.mark.parametrize('spec, inputs, message', [
     ('l2', dict(image=torch.zeros(3, 8, 8)), r'3 channel\(s\)'),

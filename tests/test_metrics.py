@@ -89,14 +89,15 @@ def cache_dir(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------
 # KID and combined statistics.
 
-def test_kid_block_estimate_matches_a_direct_double_sum():
+# With every real feature a and every generated one b, each block's unbiased MMD^2 is exactly
+# k(a, a) + k(b, b) - 2 k(a, b) with KID's kernel k(x, y) = (x.y / D + 1)^3, whatever the blocks.
+def test_kid_kernel_on_constant_features():
     rng = np.random.RandomState(0)
-    x, y = rng.standard_normal((12, 5)), rng.standard_normal((12, 5)) + 0.3
-    k = lambda a, b: (a @ b / 5 + 1) ** 3
-    m = len(x)
-    direct = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1)) \
-        - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2
-    assert feature_metrics._mmd2_unbiased(x, y) == pytest.approx(direct, rel=1e-10)
+    a, b = rng.standard_normal(5), rng.standard_normal(5) + 0.3
+    k = lambda x, y: (x @ y / 5 + 1) ** 3
+    kid, se, blocks, size = feature_metrics.kernel_inception_distance(np.tile(a, (24, 1)), np.tile(b, (24, 1)), subset_size=12)
+    assert (blocks, size) == (2, 12)
+    assert kid == pytest.approx(k(a, a) + k(b, b) - 2 * k(a, b), rel=1e-10) and se == pytest.approx(0, abs=1e-9)
 
 def test_kid_is_unbiased_and_has_a_standard_error():
     rng = np.random.RandomState(1)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from training.ddl import reference_heads
-from training.networks import DDNGenerator, batch_invariant, blocks_at, channels_at, outputk_at
+from training.determinism import batch_invariant
+from training.networks import DDNGenerator, DDNRecurrent, blocks_at, channels_at, outputk_at
 
 def tiny_net(**kwargs):
     torch.manual_seed(0)
@@ -185,15 +186,23 @@ def test_scorer_guides_every_layer_and_chooser_gets_seed_uniforms():
     # Guided output of a seed does not depend on its batch.
     assert torch.equal(net(scorer=scorer, seeds=[2]).images[0], net(scorer=scorer, seeds=[1, 2, 3]).images[1])
 
-# A generator subclass must define the whole _DDNBase contract; a missing piece fails at class definition.
-def test_ddn_base_contract_is_checked():
-    from training.networks import _DDNBase
-    with pytest.raises(TypeError, match='must define layer_sizes, _run, _add_condition'):
-        class Partial(_DDNBase):
-            @property
-            def ks(self):
-                return [2]
-    assert issubclass(DDNGenerator, _DDNBase)
+# Every network class a snapshot may hold offers the same interface: L layers with K_l choices each,
+# sampling by seed, encoding to codes and decoding them back to the same images.
+@pytest.mark.parametrize('make', [tiny_net, lambda: DDNRecurrent(img_resolution=8, img_channels=1, num_iters=4, outputk=8, channels=16, levels=2)],
+                         ids=['DDNGenerator', 'DDNRecurrent'])
+def test_network_classes_share_the_interface(make):
+    torch.manual_seed(0)
+    net = make().eval()
+    L = net.num_layers
+    assert len(net.ks) == L and all(k >= 2 for k in net.ks) and net.bits_per_image > 0
+    with torch.no_grad(), batch_invariant():
+        out = net(seeds=[0, 1, 2])
+        assert out.images.shape == (3, 1, 8, 8) and out.codes.shape == (3, L)
+        assert (out.codes < torch.tensor(net.ks)).all()
+        codes, images = net.encode(out.images)
+        assert codes.shape == (3, L) and images.shape == (3, 1, 8, 8)
+        assert torch.equal(net.decode(codes), images)
+        assert torch.equal(net(codes=out.codes).images, out.images)
 
 # reference_heads switches every DDL of a module to the all-K path, and back on exit (even on error).
 def test_reference_heads_restores_the_layers():

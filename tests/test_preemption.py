@@ -98,10 +98,15 @@ def test_run_ids_unique_under_concurrency(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------
 # Preemption: a signal to one rank of a 2-process run stops both after the same step, with a state;
-# the resumed run ends with the parameters of an uninterrupted one.
+# the resumed run ends with the parameters of an uninterrupted one. Nothing depends on timing: the run
+# to be stopped is given a duration it cannot reach (1 Mimg, hours here), it is signalled once its log
+# shows the first tick, and the uninterrupted run and the resumed one then both go to the stop plus
+# RESUME_IMAGES images.
 
 COMMON = ['--batch=16', '--chain-dropout=0', '--tick=0.08', '--snap=100', '--dump=100', '--lr-rampup=0',
-          '--max-channels=8', '--max-blockn=1', '--max-outputk=8', '--seed=5', '--workers=0', '--ema=0.0005', '--duration=0.0012']
+          '--max-channels=8', '--max-blockn=1', '--max-outputk=8', '--seed=5', '--workers=0', '--ema=0.0005']
+UNREACHED = '--duration=1'
+RESUME_IMAGES = 240
 
 def _torchrun(args):
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', train.__file__, *args]
@@ -114,16 +119,13 @@ def _run_dirs(outdir):
     return sorted(outdir / name for name in os.listdir(outdir) if os.path.isdir(outdir / name)) if outdir.exists() else []
 
 def test_signal_saves_state_and_resume_matches(tmp_path, env):
-    # The uninterrupted run, and beside it the same run sent SIGUSR1 (to rank 1 only) after its first tick.
-    full = subprocess.Popen(_torchrun([f'--outdir={tmp_path / "full"}', *COMMON]), env=env, cwd=str(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A run that only a signal ends, sent SIGUSR1 (to rank 1 only) once its first tick is logged.
     outdir = tmp_path / 'stopped'
-    proc = subprocess.Popen(_torchrun([f'--outdir={outdir}', *COMMON]), env=env, cwd=str(tmp_path),
+    proc = subprocess.Popen(_torchrun([f'--outdir={outdir}', *COMMON, UNREACHED]), env=env, cwd=str(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 240
         while True:
-            assert proc.poll() is None and time.time() < deadline, 'the run ended before it could be signalled'
+            assert proc.poll() is None, 'the run ended before it was signalled: ' + proc.stdout.read()
             logs = [d / 'log.txt' for d in _run_dirs(outdir)]
             if logs and logs[0].exists() and logs[0].read_text().count('\ntick ') >= 1:
                 break
@@ -131,33 +133,39 @@ def test_signal_saves_state_and_resume_matches(tmp_path, env):
         workers = psutil.Process(proc.pid).children()
         assert len(workers) == 2
         workers[-1].send_signal(signal.SIGUSR1)
-        output, _ = proc.communicate(timeout=120)
-        full_output, _ = full.communicate(timeout=300)
+        output, _ = proc.communicate(timeout=300)
     finally:
-        for p in (proc, full):
-            if p.poll() is None:
-                p.kill()
-    assert full.returncode == 0, full_output
-    full_dir = _run_dirs(tmp_path / 'full')[0]
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 0, output
     assert 'Stopped by SIGUSR1 at kimg' in output and '--resume=' in output, output
     run_dir = _run_dirs(outdir)[0]
     state = checkpoint.load(checkpoint.latest(str(run_dir), snapshot_io.STATE_PATTERN))
-    assert 0 < state['cur_nimg'] < 1200
+    stop = state['cur_nimg']
+    assert stop > 0 and stop % 16 == 0                         # After a whole step.
 
-    # Resume from the run folder to the same duration: the same parameters as the uninterrupted run.
-    proc = subprocess.run(_torchrun([f'--outdir={outdir}', f'--resume={run_dir}', *COMMON]), env=env, cwd=str(tmp_path),
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    resumed_dir = _run_dirs(outdir)[-1]
+    # The uninterrupted run and the resumed one (from the run folder) to the same end: the same parameters.
+    duration = f'--duration={(stop + RESUME_IMAGES) / 1e6}'
+    full = subprocess.Popen(_torchrun([f'--outdir={tmp_path / "full"}', *COMMON, duration]), env=env, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        resumed = subprocess.run(_torchrun([f'--outdir={outdir}', f'--resume={run_dir}', *COMMON, duration]), env=env,
+                                 cwd=str(tmp_path), capture_output=True, text=True, timeout=300, check=False)
+        full_output, _ = full.communicate(timeout=300)
+    finally:
+        if full.poll() is None:
+            full.kill()
+    assert full.returncode == 0, full_output
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    full_dir, resumed_dir = _run_dirs(tmp_path / 'full')[0], _run_dirs(outdir)[-1]
     a = checkpoint.load(checkpoint.latest(str(full_dir), snapshot_io.STATE_PATTERN))
     b = checkpoint.load(checkpoint.latest(str(resumed_dir), snapshot_io.STATE_PATTERN))
-    assert a['cur_nimg'] == b['cur_nimg'] == 1200
+    assert a['cur_nimg'] == b['cur_nimg'] == stop + RESUME_IMAGES
     for key in ('net', 'ema'):
         for name, value in (a[key] or {}).items():
             torch.testing.assert_close(b[key][name], value, rtol=0, atol=0, msg=f'{key}.{name}')
     # And the same ticks: those before the stop, then the rest.
-    assert [t for t in _ticks(full_dir) if t[1] > state['cur_nimg']] == _ticks(resumed_dir)
+    assert [t for t in _ticks(full_dir) if t[1] > stop] == _ticks(resumed_dir)
 
 # One process, in-process, SIGTERM: the loop finishes the step, writes a state with the tick in
 # progress, prints how to resume and returns; resuming gives the uninterrupted run exactly.

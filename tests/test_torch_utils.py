@@ -615,3 +615,18 @@ def test_write_atomic_keeps_the_old_file_on_error(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ['out.json']  # No temporary left behind.
     with pytest.raises(ValueError, match="mode must be"):
         write_atomic(path, lambda f: None, mode='a')
+
+# ----------------------------------------------------------------------------
+# checkpoint.check_writable: the one writable-place check of the scripts' outputs (cli.check_writable).
+
+def test_check_writable(tmp_path, monkeypatch):
+    from torch_utils.checkpoint import check_writable
+    check_writable(tmp_path / 'new' / 'deeper' / 'out.png')            # Missing folders can be made.
+    check_writable(tmp_path)                                          # An existing folder.
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(ValueError, match='is a file, not a folder'):
+        check_writable(tmp_path / 'file' / 'out.png')
+    # Without write permission (simulated: root may write anywhere), the nearest existing folder is named.
+    monkeypatch.setattr(os, 'access', lambda path, mode: os.fspath(path) != str(tmp_path))
+    with pytest.raises(ValueError, match=f'no permission to write in {tmp_path}$'):
+        check_writable(tmp_path / 'a' / 'b.png')

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import pickle
-import random
 import signal
 import subprocess
 import sys
@@ -187,8 +186,14 @@ def test_two_process_gloo(tmp_path, env, free_port):
         torch.testing.assert_close(states[1]['net'][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 # ----------------------------------------------------------------------------
-# SIGKILL at a random moment after the first snapshot: every file under a final name is complete,
-# and the run continues in place from its latest state.
+# SIGKILL after the first snapshot, while the run works on (once its log shows a tick after the first
+# training state): every file under a final name is complete, and the run continues in place from its
+# latest state.
+
+# Number of tick lines in a run folder's log.txt.
+def _log_ticks(run_dir):
+    log = run_dir / 'log.txt'
+    return log.read_text().count('\ntick ') if log.exists() else 0
 
 def test_killed_run_leaves_complete_files_and_resumes(tmp_path, env):
     run_dir = tmp_path / 'run'
@@ -200,7 +205,10 @@ def test_killed_run_leaves_complete_files_and_resumes(tmp_path, env):
         while checkpoint.latest(str(run_dir), snapshot_io.STATE_PATTERN) is None:
             assert proc.poll() is None and time.time() < deadline, 'no training state appeared'
             time.sleep(0.05)
-        time.sleep(random.uniform(0.0, 1.0))
+        ticks = _log_ticks(run_dir)
+        while _log_ticks(run_dir) <= ticks:
+            assert proc.poll() is None and time.time() < deadline, 'no tick after the first training state'
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -45,6 +45,18 @@ def write_atomic(path, write, mode='wb'):
             os.remove(tmp_path)
     _fsync_dir(folder)
 
+def check_writable(path):
+    """Raise ValueError unless `path` (a file or folder, new or existing) may be written: an existing
+    folder must be writable, else the nearest existing folder above it (the missing ones can be made)."""
+    path = os.path.abspath(os.fspath(path))
+    where = path if os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise ValueError(f'{path}: {where} is a file, not a folder')
+    if not os.access(where, os.W_OK):
+        raise ValueError(f'{path}: no permission to write in {where}')
+
 def save_atomic(obj, path, mode='torch'):
     """Save `obj` with `torch.save` (mode='torch'), `pickle.dump` (mode='pickle'), or as raw
     bytes (mode='bytes', e.g. an encoded PNG or JSON) to `path`, through `write_atomic`."""

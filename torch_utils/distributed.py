@@ -30,7 +30,7 @@ def init():
     missing = [name for name in ('RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT') if name not in os.environ]
     if missing:
         raise RuntimeError(f'WORLD_SIZE={world_size} but {", ".join(missing)} not set: launch with '
-                           '`torchrun --standalone --nproc_per_node=N ...`, or unset WORLD_SIZE for one process')
+                           'torchrun (which sets them), or unset WORLD_SIZE for one process')
     if not torch.distributed.is_available():
         raise RuntimeError('WORLD_SIZE > 1 but this PyTorch build has no torch.distributed support')
     kwargs = {}

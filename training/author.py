@@ -194,9 +194,9 @@ def _parse_network(data, source):
             '(the released single-shot network) is mapped')
     st = model.state
     _expect(not st.get('refiner_repeatn') and 'refiner' not in _modules(model), 'ema.model.refiner',
-            'the refiner (--refinern) has no equivalent here')
+            'the refiner (the author\'s refinern option) has no equivalent here')
     repeats = {int(k): int(v) for k, v in (st.get('scale_to_repeatn') or {}).items()}
-    _expect(all(v == 1 for v in repeats.values()), 'ema.model.scale_to_repeatn', f'--repeatn {repeats} (repeated blocks)')
+    _expect(all(v == 1 for v in repeats.values()), 'ema.model.scale_to_repeatn', f'repeated blocks (the author\'s repeatn) {repeats}')
     names = list(st.get('module_names') or [])
     _expect(names, 'ema.model', 'no module_names')
     resolution = int(ema.state.get('img_resolution'))
@@ -289,7 +289,7 @@ def _network_kwargs(net, learn_residual):
             f'channels per scale {channels} (not the schedule clip(2^(13-s), 4, {max_channels}))')
     max_blockn = max(blocks)
     _expect(blocks == [min(2 ** s, max_blockn) for s in range(s1 + 1)], 'ema.model',
-            f'blocks per scale {blocks} (not min(2^s, max_blockn); --blockn-times?)')
+            f'blocks per scale {blocks} (not min(2^s, max_blockn); the author\'s blockn_times?)')
     max_outputk = max(ks)
     _expect(ks == [outputk_at(s, C, max_outputk, max_channels, 4) for s in range(s1 + 1)], 'ema.model',
             f'K per scale {ks} (not the schedule of K with max_outputk={max_outputk})')

@@ -66,7 +66,7 @@ def condition_tensor(
     kind, size = parse_condition(spec)
     if kind == 'class':
         if labels is None or labels.ndim != 2 or labels.shape[1] == 0:
-            raise ValueError('condition "class" needs one-hot labels (use a dataset with dataset.json labels and --cond)')
+            raise ValueError('condition "class" needs one-hot labels (labels=: a dataset with dataset.json labels, loaded with use_labels=True)')
         return labels.float()
     if images is None:
         raise ValueError(f'condition {spec!r} is computed from images, but none were given')

@@ -21,6 +21,7 @@ import PIL.Image
 import torch
 
 import dnnlib
+from training.images import GRAYSCALE_MODES, channels_of
 
 # File extensions read as images (lower case).
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -30,8 +31,6 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 GENERATED_IMAGE_PATTERN = r'(\d{6}/)?\d{6}\.png'
 GENERATED_MARKER = 'generation_options.json'
 
-# PIL modes stored as one channel; every other mode is converted to RGB (alpha is dropped).
-_GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
 
 # PIL modes of integer grayscale with more than 8 bits (16-bit PNGs open as 'I;16' or 'I').
 _WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L')
@@ -47,7 +46,7 @@ def to_uint8_array(image, what='image'):
         return ((array * 255 + 32767) // 65535).astype(np.uint8)
     if image.mode == 'F':
         raise ValueError(f'{what} is a floating-point image (mode F); convert it to an 8- or 16-bit PNG')
-    if image.mode in _GRAYSCALE_MODES:
+    if image.mode in GRAYSCALE_MODES:
         image = image.convert('L') if image.mode != 'L' else image
     elif image.mode != 'RGB':
         image = image.convert('RGB')
@@ -185,7 +184,7 @@ class Dataset(torch.utils.data.Dataset):
 def _check_square_power_of_two(width, height, what):
     if width != height or width < 1 or width & (width - 1):
         raise ValueError(f'{what} is {width}x{height}; images must be square with a power-of-two side '
-                         '(use dataset_tool.py --resolution to convert)')
+                         '(dataset_tool.py converts images to such a resolution)')
 
 # ----------------------------------------------------------------------------
 # A folder (recursive) or .zip of PNG/JPG images with optional dataset.json labels.
@@ -211,7 +210,7 @@ class ImageFolderDataset(Dataset):
         else:
             raise FileNotFoundError(f'Dataset not found: {self._path}')
         self._image_fnames = sorted(fname for fname in all_fnames
-                                    if os.path.splitext(fname)[1].lower() in IMAGE_EXTENSIONS and not _is_hidden(fname)
+                                    if os.path.splitext(fname)[1].lower() in IMAGE_EXTENSIONS and not is_hidden(fname)
                                     and (name_pattern is None or re.fullmatch(name_pattern, fname)))
         if not self._image_fnames:
             raise ValueError(f'No PNG/JPG images found in {self._path}')
@@ -222,7 +221,7 @@ class ImageFolderDataset(Dataset):
         for fname in self._image_fnames:
             with self._open_file(fname) as f, PIL.Image.open(f) as image:
                 width, height = image.size
-                channels = 1 if image.mode in _GRAYSCALE_MODES else 3
+                channels = channels_of(image.mode)
             if shape is None:
                 _check_square_power_of_two(width, height, f'Image {fname} in {self._path}')
                 if resolution is not None and width != resolution:
@@ -295,9 +294,9 @@ class ImageFolderDataset(Dataset):
         return np.array(result, dtype=np.int64)
 
 # ----------------------------------------------------------------------------
-# True for files inside hidden folders or macOS zip metadata, which are not part of the dataset.
+# True for files inside hidden folders or macOS zip metadata, which are not part of a dataset (dataset_tool.py skips them too).
 
-def _is_hidden(fname):
+def is_hidden(fname):
     return any(part.startswith('.') or part == '__MACOSX' for part in fname.split('/'))
 
 # ----------------------------------------------------------------------------

@@ -4,6 +4,9 @@ Pixel convention (EDM): the network works in [-1, 1]; an image is saved as uint8
 truncated and clipped to [0, 255] (so 0 -> 128, and the boundaries -1 / 1 -> 0 / 255), and read back
 as `u / 127.5 - 1`. Every script and the training loop use these functions, so a sample grid written
 during training, `generate.py`'s PNGs and the demo show the same pixel values for the same image.
+
+Also here: which PIL modes are grayscale (`GRAYSCALE_MODES`, for datasets and guide files alike), and the
+reconstruction PSNR of uint8 images (`psnr` per image, `mean_psnr` the figure every report prints).
 """
 
 import math
@@ -13,7 +16,14 @@ import numpy as np
 import PIL.Image
 import torch
 
-from torch_utils.checkpoint import write_atomic
+from torch_utils.checkpoint import check_writable, write_atomic
+
+# PIL modes that hold one channel (grayscale); every other mode is RGB (alpha dropped) for our images.
+GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
+
+# Channels (1 or 3) of our image made from a PIL image of mode `mode`.
+def channels_of(mode):
+    return 1 if mode in GRAYSCALE_MODES else 3
 
 # Grids upscale their cells (nearest) to at least this many pixels, so 16 px digits stay legible.
 GRID_MIN_CELL = 32
@@ -26,6 +36,19 @@ def to_uint8(images):
 
 def to_float(images):
     return images.to(torch.float32) / 127.5 - 1
+
+# Reconstruction PSNR: the PSNR (dB) of each uint8 image pair (N, C, H, W), 10 log10(255^2 / MSE of
+# that image), in float64; inf for identical images. Reports give the mean over the images with finite
+# PSNR (`mean_psnr`), the usual figure of codecs and reconstruction papers.
+def psnr(images, originals):
+    mse = (images.to(torch.float64) - originals.to(torch.float64)).square().flatten(1).mean(1)
+    return 10 * torch.log10(255.0 ** 2 / mse)
+
+# (mean over the images with finite PSNR or inf if none, number of exact images) of per-image PSNRs.
+def mean_psnr(values):
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    finite = values[torch.isfinite(values)]
+    return (float(finite.mean()) if finite.numel() else float('inf')), int(values.numel() - finite.numel())
 
 # ----------------------------------------------------------------------------
 # uint8 CHW arrays <-> PIL images and PNG files.
@@ -104,8 +127,4 @@ def check_png_out(out):
         raise ValueError(f'{out} is a folder; give a file name ending in .png')
     if os.path.splitext(out)[1].lower() != '.png':
         raise ValueError(f'{out}: the output is a PNG; give a name ending in .png')
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f'{out}: no permission to write in {parent}')
+    check_writable(out)

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from torch_utils import persistence
 from training.conditions import condition_channels, condition_tensor, parse_condition
+from training.determinism import batch_invariant     # Also importable from here, as before the move.
 from training.ddl import Chooser, DiscreteDistributionLayer, Scorer, resize_area, uniform_to_codes
 from training.latent import latent_bits
 
@@ -45,26 +46,6 @@ def outputk_at(s, img_channels, max_outputk=64, max_channels=256, min_channels=4
 # Number of blocks (and DDLs) at scale s: 2^s, capped.
 def blocks_at(s, max_blockn=32):
     return int(min(2 ** s, max_blockn))
-
-# ----------------------------------------------------------------------------
-# Generation context: convolutions whose result for one image does not depend on the rest of the
-# batch. oneDNN (CPU) and cuDNN's autotuner pick kernels by batch size, which changes the last bits
-# of the output, so per-seed generation is bit-identical whatever the batch only inside
-# `with batch_invariant():`. Every generation entry point enters it explicitly: `encode`/`decode`
-# below, generate.py, the demo, zscg.py, tree.py, compress.py and the training loop's sample grid.
-# A plain `net(...)` outside it uses the fastest kernels (training always does). On CPU the native
-# kernels it selects are also faster for this network.
-
-# TF32 is off here as in training (training_loop turns cuDNN and matmul TF32 off): the selection
-# of a candidate is an argmin over distances that can differ in the last bits, so evaluation
-# (reconstruction, encoding, guided choice) must see the same fp32 precision as training did.
-# `cudnn.flags()` would otherwise switch cuDNN TF32 *on* (its default argument) inside the block.
-
-@contextlib.contextmanager
-def batch_invariant():
-    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None), \
-         torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
-        yield
 
 # ----------------------------------------------------------------------------
 # The fixed input of the network: a 2D sinusoidal embedding of the positions; at 1x1, where

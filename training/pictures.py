@@ -10,7 +10,7 @@ import PIL.ImageDraw
 import torch
 
 from training.images import make_grid, to_pil, to_uint8
-from training.networks import batch_invariant
+from training.determinism import batch_invariant
 from training.split_prune import find_node_sets
 
 # Seeds of the images in every sample grid (a fixed 8x8 grid, so grids of a run are comparable).

@@ -55,11 +55,14 @@ def run_file(pattern, tag):
 _ZIP_MAGIC = b'PK\x03\x04'
 
 # Hint appended to every refusal of a pickle.
-TRUST_HINT = ('Convert a file you trust once with `python convert.py --network FILE --out net.safetensors --trust-pickle`, '
-              'or load it with --trust-pickle (the file then runs as code)')
+TRUST_HINT = ('Load a file you trust with trust_pickle=True (the file then runs as code), '
+              'or convert it once to the safe format (save_network_safe, convert.py)')
 
 class UnsafeFileError(ValueError):
     """A file would need to run code to load, and the caller did not allow it."""
+
+class NotANetworkError(ValueError):
+    """A torch.save / TorchScript archive (a training state, say) where a network file was expected."""
 
 # ----------------------------------------------------------------------------
 # The allowlisted network classes, imported on first use.
@@ -223,8 +226,8 @@ def network_from_bytes(data, source, trust_pickle=False):
     if fmt == 'safetensors':
         return load_safe(data, source)
     if fmt == 'zip':
-        raise ValueError(f'{source} is a torch.save/TorchScript archive, not a network snapshot '
-                         '(a training-state-*.pt is resumed with train.py --resume; give generate.py the run folder '
+        raise NotANetworkError(f'{source} is a torch.save/TorchScript archive, not a network snapshot '
+                         '(a training-state-*.pt resumes a run; a network is a run folder '
                          'or a network-snapshot-*.safetensors/.pkl)')
     if fmt == 'unknown':
         raise ValueError(f'{source} is not a network file (expected a .safetensors written by train.py/convert.py, '
@@ -320,7 +323,7 @@ def load_state(path):
         data = f.read()
     if not data.startswith(_ZIP_MAGIC):
         raise ValueError(f'{path} is not a ddn training state (training-state-*.pt, a torch.save archive); '
-                         'to start from a network snapshot use --transfer')
+                         'a network snapshot is not a training state (a run starts from one by transfer)')
     try:
         return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
