@@ -24,7 +24,7 @@ gathers latents, grid images and statistics and writes the shared files.
 
 SECURITY: `--network` reads the safe format (.safetensors) or our snapshot pickles through a restricted
 unpickler that runs nothing from the file; guide classifiers and feature networks are TorchScript.
-Other pickles load only with `--trust-pickle` (they run code). See training/snapshot.py.
+Other pickles, and TorchScript guide networks, load only with `--trust-code` (alias `--trust-pickle`): they run code. See training/snapshot.py.
 """
 
 import os
@@ -261,7 +261,7 @@ def _load_metrics(opts, num, device):
 # Metrics.
 @click.option('--fid-ref', 'fid_ref', help='Reference statistics: compute FID (and IS) of the generated images', metavar='NPZ|URL', type=str, default=None)
 @click.option('--detector', 'detector_url', help='Detector pickle/TorchScript path or URL  [default: Inception-v3]', metavar='PATH|URL', type=str, default=None)
-@click.option('--trust-pickle', help='Load pickles that are not plain ddn snapshots (--network, --guide-classifier, --guide-features, --detector): they run code', is_flag=True)
+@click.option('--trust-code', '--trust-pickle', 'trust_pickle', help='Run code from files: --network pickles that are not plain ddn snapshots, --guide-classifier / --guide-features (TorchScript or pickles), a --detector other than the known ones', is_flag=True)
 def main(**kwargs):
     """Generate images with a trained DDN, reconstruct a dataset, or decode latents; optionally compute FID.
 

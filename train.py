@@ -168,7 +168,7 @@ def resolve_resume(path):
 @option(IO, '--resume',          help='Resume from a training state, or a run folder\'s latest', metavar='PT|DIR', type=str)
 @option(IO, '--metrics',         help='Metrics of every snapshot, e.g. fid50k,fid10k,kid10k,pr10k', metavar='LIST', type=str)
 @option(IO, '--detector',        help='Detector of --metrics: inception, dinov2, clip, or a file or URL  [default: inception]', metavar='NAME|PATH', type=str)
-@option(IO, '--trust-pickle',    help='Let --transfer and --detector load a pickle that runs code (trusted files only)', is_flag=True)
+@option(IO, '--trust-code', '--trust-pickle', 'trust_pickle', help='Let --transfer and --detector load a file that runs code (a pickle, a TorchScript detector other than the Inception); trusted files only', is_flag=True)
 @option(IO, '-n', '--dry-run',   help='Print training options and exit', is_flag=True)
 
 def main(**kwargs):
@@ -318,7 +318,7 @@ def metrics_config(opts, condition):
     elif opts.detector is not None:
         raise click.UsageError('--detector is only used with --metrics')
     if opts.trust_pickle and opts.metrics is None and opts.transfer is None:
-        raise click.UsageError('--trust-pickle is only used with --transfer or --metrics')
+        raise click.UsageError('--trust-code is only used with --transfer or --metrics')
     return c
 
 # Transfer learning and resume: check the files now, before a run folder exists -> (config, resumed seed).
