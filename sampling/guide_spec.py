@@ -31,6 +31,7 @@ from sampling import guidance
 from training.ddl import argmin
 from training.images import pil_to_float, square_pil
 from training.snapshot import UnsafeFileError
+from torch_utils.script_archive import is_script_archive
 
 # ----------------------------------------------------------------------------
 # Guide inputs from files.
@@ -79,6 +80,10 @@ def load_module(path, device='cpu', trust_pickle=False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Module file not found: {path}')
     if zipfile.is_zipfile(path):  # TorchScript archives are zip files; pickles are not.
+        with open(path, 'rb') as f:
+            if not is_script_archive(f.read()):
+                raise ValueError(f'{path} is a zip archive but not a TorchScript module '
+                                 '(save one with torch.jit.script(module).save(path))')
         if not trust_pickle:
             raise UnsafeFileError(f'{path} is a TorchScript archive: loading and calling it runs the code it carries '
                                   '(it may read or write any file). Pass --trust-code if you trust it')
