@@ -93,7 +93,7 @@ def load_module(path, device='cpu', trust_pickle=False):
             raise ValueError(f'{path} is a zip archive but not a TorchScript module '
                              f'(save one with torch.jit.script(module).save(path)): {str(e).splitlines()[0]}') from None
     if not trust_pickle:
-        raise UnsafeFileError(f'{path} is a pickled module: it runs code from the file when loaded. '
+        raise UnsafeFileError(f'{path} is a pickled module: loading it would run code from the file. '
                               'Pass --trust-code if you trust it')
     with open(path, 'rb') as f:
         obj = pickle.load(f)
