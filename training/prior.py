@@ -418,6 +418,80 @@ def sample(prior, uniforms, temperature=1.0, top_k=0, top_p=1.0):
         prior.train(was_training)
 
 # ----------------------------------------------------------------------------
+# Fitting a prior to a network: its codes of a dataset, a held-out split, the figures to report.
+
+# The codes (N, L) int64 on the CPU of dataset images `indices` (uint8 CHW), encoded by `net` (L2-guided,
+# `net.encode`, in eval mode under batch_invariant()). Unconditional networks only.
+@torch.no_grad()
+def dataset_codes(net, dataset, indices, batch=256):
+    import numpy as np
+    from training.images import to_float
+    if getattr(net, 'condition', None) is not None:
+        raise ValueError(f'a prior over the codes of a conditional network ({net.condition!r}) is not supported')
+    device = net.init_feature.device
+    indices, out = list(indices), []
+    for start in range(0, len(indices), batch):
+        x = torch.from_numpy(np.stack([dataset[int(i)][0] for i in indices[start:start + batch]])).to(device)
+        codes, _ = net.encode(to_float(x))
+        out.append(codes.cpu())
+    return torch.cat(out) if out else torch.zeros(0, net.num_layers, dtype=torch.long)
+
+# (train, held-out) index lists of n images: the last max(1, round(n * fraction)) are held out (0: none).
+def split_indices(n, held_out=0.1):
+    if not 0 <= held_out < 1:
+        raise ValueError(f'held_out must be a fraction in [0, 1), got {held_out}')
+    num_held = 0 if held_out == 0 else max(1, round(n * held_out))
+    if n - num_held < 1:
+        raise ValueError(f'{n} images leave nothing to train the prior on after holding out {num_held}')
+    return list(range(n - num_held)), list(range(n - num_held, n))
+
+# Per-seed uniforms (B, L) float64, exactly those of `net.seed_uniforms(seeds)` for a network of L layers.
+def seed_uniforms(seeds, num_layers):
+    rows = [torch.rand(num_layers, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
+    return torch.stack(rows) if rows else torch.zeros(0, num_layers, dtype=torch.float64)
+
+# The share of rows of `sampled` (N, L) equal to some row of `reference` (M, L): a prior that replays the
+# training codes is not a generator.
+def replay_share(sampled, reference):
+    known = {bytes(row) for row in torch.as_tensor(reference).long().cpu().numpy()}
+    rows = torch.as_tensor(sampled).long().cpu().numpy()
+    return sum(bytes(row) in known for row in rows) / max(len(rows), 1)
+
+# Make and train a prior of `kind` ('frequency' or 'transformer') on `train` codes (N, L), early-stopped
+# on `held` (None: no early stopping). Returns (prior in eval mode, training history).
+def fit_prior(kind, ks, train, held=None, steps=2000, batch=256, lr=1e-3, weight_decay=0.1, eval_every=100, seed=0,
+              device='cpu', log=None, **prior_kwargs):
+    if kind not in PRIOR_KINDS:
+        raise ValueError(f'prior kind must be one of {", ".join(PRIOR_KINDS)}, got {kind!r}')
+    if kind == 'frequency':
+        if prior_kwargs:
+            raise ValueError(f'the frequency prior takes no options, got {sorted(prior_kwargs)}')
+        return fit_frequency_prior(train, ks).to(device).eval(), []
+    torch.manual_seed(seed)
+    prior = PRIOR_KINDS[kind](ks, **prior_kwargs).to(device)
+    history = train_prior(prior, train, steps, batch=batch, lr=lr, weight_decay=weight_decay, held_out=held,
+                          eval_every=eval_every, seed=seed, log=log)
+    return prior.eval(), history
+
+# The figures of a prior: held-out bits per image of uniform codes (sum log2 K), of the frequency baseline
+# fitted to `train`, and of the prior; the share of sampled code sequences (from `uniforms`, (N, L)) equal
+# to a training image's codes, for the prior, the frequency baseline and uniform codes.
+@torch.no_grad()
+def prior_report(prior, train, held, uniforms):
+    freq = fit_frequency_prior(train, prior.ks).to(prior.valid.device)
+    uniform = FrequencyPrior(prior.ks).to(prior.valid.device)
+    report = dict(num_train=int(train.shape[0]), num_held_out=int(held.shape[0]),
+                  uniform_bits=sum(math.log2(k) for k in prior.ks))
+    if held.shape[0]:
+        report.update(frequency_bits=bits_per_image(freq, held), prior_bits=bits_per_image(prior, held))
+    if uniforms.shape[0]:
+        uniforms = uniforms.to(prior.valid.device)
+        report.update(num_samples=int(uniforms.shape[0]), prior_replay=replay_share(sample(prior, uniforms), train),
+                      frequency_replay=replay_share(sample(freq, uniforms), train),
+                      uniform_replay=replay_share(sample(uniform, uniforms), train))
+    return report
+
+# ----------------------------------------------------------------------------
 # Files: safetensors + the constructor call as JSON metadata.
 
 def prior_class(class_name, source='<prior>'):
