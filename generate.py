@@ -43,7 +43,6 @@ from dnnlib.util import format_int_list, parse_int_list
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from evaluation import metrics as metric_lib
-from training import prior as prior_lib
 from training import snapshot
 from training.conditions import condition_kind, load_condition_image, make_condition_fn, stored_condition_fn
 from training.dataset import open_dataset
@@ -141,30 +140,12 @@ class Work(NamedTuple):
 # The prior of --prior (training/prior.py) as a PriorRule, or None: 'off' (uniform codes), 'auto' (the
 # network file's own X.prior.safetensors when it has one) or a prior file. Only sampling uses it.
 def _load_prior(opts, mode, net, net_path, device):
-    explicit = opts.prior not in ('auto', 'off')
-    for option, default in (('prior_temp', 1.0), ('prior_topk', 0), ('prior_topp', 1.0)):
-        if opts[option] != default and opts.prior == 'off':
-            raise click.UsageError(f'--{option.replace("_", "-")} needs a prior (--prior is off)')
     if mode != 'sample':
-        if explicit:
+        if opts.prior not in ('auto', 'off'):
             raise click.UsageError(f'--prior draws the codes of samples; it does not apply with '
                                    f'{"--codes" if mode == "decode" else "--reconstruct"}')
-        return None
-    path = opts.prior if explicit else None
-    if opts.prior == 'auto' and not dnnlib.util.is_url(net_path):
-        path = prior_lib.find_prior(net_path)
-    if path is None:
-        if opts.prior == 'auto' and (opts.prior_temp, opts.prior_topk, opts.prior_topp) != (1.0, 0, 1.0):
-            raise click.UsageError(f'--prior-temp/--prior-topk/--prior-topp: {net_path} has no prior '
-                                   f'({prior_lib.prior_path(net_path)}); fit one with train_prior.py or give --prior PATH')
-        return None
-    if condition_kind(net) is not None:
-        raise click.UsageError(f'--prior: {net_path} is a conditional network; a prior applies to unconditional networks')
-    try:
-        prior = prior_lib.check_prior_fits(prior_lib.load_prior(path, device), net.ks, path)
-    except (OSError, ValueError) as e:
-        raise click.BadParameter(str(e), param_hint='--prior') from e
-    return prior_lib.PriorRule(prior, opts.prior_temp, opts.prior_topk, opts.prior_topp), path
+        return None, None
+    return cli.load_prior(opts.prior, net, net_path, device, opts.prior_temp, opts.prior_topk, opts.prior_topp)
 
 # Sampling (optionally guided): --seeds, default 0-63.
 def _sample_work(opts, net, device, shared, chooser, prior=None):
@@ -283,10 +264,7 @@ def _load_metrics(opts, num, device):
 @click.option('--max-images', help='Use only the first N images of --reconstruct / rows of --codes', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--condition-image', help='Condition image of a color/edge/resizeN-conditional network (square, any size)', metavar='PNG', type=_FILE, default=None)
 # The prior over the codes (sampling only).
-@click.option('--prior', help='Prior over the codes: auto (the network file\'s X.prior.safetensors if any), off (uniform codes), or a prior file', metavar='auto|off|PATH', type=str, default='auto')
-@click.option('--prior-temp', help='Prior temperature: sample p^(1/T); 0 = the most probable code', metavar='T', type=click.FloatRange(min=0), default=1.0)
-@click.option('--prior-topk', help='Draw only among the N most probable codes of each layer (0 = all)', metavar='N', type=click.IntRange(min=0), default=0)
-@click.option('--prior-topp', help='Draw only among the most probable codes holding this probability (1 = all)', metavar='P', type=click.FloatRange(min=0, max=1, min_open=True), default=1.0)
+@cli.prior_options
 # Guided sampling (zero-shot conditional generation).
 @click.option('--guide', help='Guide the sampling: TYPE[:WEIGHT],... with TYPE in ' + ', '.join(GUIDE_TYPES), metavar='SPEC', type=str, default=None)
 @click.option('--guide-image', help='Guide image, shared by all seeds: target of l2/inpaint/lowbit, low-res image of superres, grayscale of color, edge map of edge (white = edge)', metavar='PNG', type=_FILE, default=None)
@@ -348,7 +326,7 @@ def _main(opts):
     dist.print0(f'Network: {net_path} ({net.img_channels}x{net.img_resolution}x{net.img_resolution}, '
                 f'L={net.num_layers}, {net.bits_per_image:.0f} bits per image, fingerprint {net_id})')
     shared = _shared_condition(opts, net, mode, guide_types, device)
-    prior, prior_info = _load_prior(opts, mode, net, net_path, device) or (None, None)
+    prior, prior_info = _load_prior(opts, mode, net, net_path, device)
     if prior is not None:
         prior_info = dict(path=prior_info, kind=type(prior.prior).__name__, temperature=prior.temperature,
                           top_k=prior.top_k, top_p=prior.top_p)
