@@ -98,14 +98,14 @@ def test_load_refuses_other_files(tmp_path):
 def test_prior_path():
     assert prior_lib.prior_path('run/network-snapshot-000480.safetensors') == 'run/network-snapshot-000480.prior.safetensors'
     assert prior_lib.prior_path('run/network-snapshot-000480.pkl') == 'run/network-snapshot-000480.prior.safetensors'
-    from torch_utils import checkpoint
-    from training.snapshot import latest_snapshot
-    import tempfile, os
+    # A run folder's prior files are never taken for its newest snapshot.
+    import os
+    import tempfile
+    from training.snapshot import resolve_network
     with tempfile.TemporaryDirectory() as d:
         for name in ('network-snapshot-000004.safetensors', 'network-snapshot-000008.prior.safetensors'):
             open(os.path.join(d, name), 'wb').close()
-        assert latest_snapshot(d).endswith('network-snapshot-000004.safetensors')
-        assert checkpoint.latest(d, 'network-snapshot-*.safetensors').endswith('000004.safetensors')
+        assert resolve_network(d).endswith('network-snapshot-000004.safetensors')
 
 def test_uniform_prior_gives_uniform_codes():
     # Equal counts everywhere: exactly floor(u * K), the codes of sampling without a prior.
