@@ -28,7 +28,9 @@ from training.conditions import parse_condition
 from torch_utils import checkpoint, distributed
 from training import dataset as dataset_module
 from evaluation import metrics as metric_lib
-from training import training_loop
+from training import run_files, training_loop
+from training import snapshot as snapshot_io
+from training.training_step import ADAM_IMPLEMENTATIONS
 from training.split_prune import BALANCE_METHODS
 
 # ----------------------------------------------------------------------------
@@ -92,20 +94,19 @@ def make_run_dir(outdir, desc):
 # True if `path` already holds the files of a training run.
 def holds_run(path):
     return os.path.isfile(os.path.join(path, 'training_options.json')) or \
-        checkpoint.latest(path, training_loop.STATE_PATTERN) is not None or \
-        checkpoint.latest(path, training_loop.SNAPSHOT_PATTERN) is not None
+        holds_saved_work(path)
 
 # True if a run folder holds a snapshot or a training state.
 def holds_saved_work(path):
-    return checkpoint.latest(path, training_loop.STATE_PATTERN) is not None or \
-        checkpoint.latest(path, training_loop.SNAPSHOT_PATTERN) is not None
+    patterns = (snapshot_io.STATE_PATTERN, snapshot_io.SNAPSHOT_PATTERN, snapshot_io.SAFE_SNAPSHOT_PATTERN)
+    return checkpoint.latest(path, patterns) is not None
 
 # --resume FILE or RUNDIR -> the training state file (a folder gives its newest state).
 def resolve_resume(path):
     if os.path.isdir(path):
-        latest = checkpoint.latest(path, training_loop.STATE_PATTERN)
+        latest = checkpoint.latest(path, snapshot_io.STATE_PATTERN)
         if latest is None:
-            raise click.ClickException(f'--resume: no {training_loop.STATE_PATTERN} in folder {path}')
+            raise click.ClickException(f'--resume: no {snapshot_io.STATE_PATTERN} in folder {path}')
         return latest
     if not os.path.isfile(path):
         raise click.ClickException(f'--resume: no such file or folder: {path}')
@@ -145,6 +146,9 @@ def resolve_resume(path):
 @option(DDN, '--loss',           help='Loss and selection distance', type=click.Choice(['l2', 'l1']), default='l2')
 @option(DDN, '--balance',        help='Node balancing after every step: Split-and-Prune with the total-variation test (tv) or the paper\'s thresholds (paper), a per-node selection bias (bias, nothing split), or none (the ablation)', type=click.Choice(list(BALANCE_METHODS)), default='tv')
 @option(DDN, '--bias-rate',      help='--balance=bias: step of the log-distance bias per training step', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2)
+@option(DDN, '--prior',          help='Prior over the codes, refreshed on the EMA network\'s codes of a fixed subset of training images before each snapshot and saved beside it (network-snapshot-*.prior.safetensors)', type=click.Choice(['none', 'frequency', 'transformer']), default='none')
+@option(DDN, '--prior-images',   help='--prior: size of the fixed subset (the first images; the last 10% held out)', metavar='INT', type=click.IntRange(min=2), default=2000)
+@option(DDN, '--prior-steps',    help='--prior=transformer: training steps per refresh (warm start)', metavar='INT', type=click.IntRange(min=0), default=300)
 @option(DDN, '--condition',      help='Conditional training: the condition is fed into the network', metavar='class|color|edge|resizeN', type=str)
 
 # Performance.
@@ -202,6 +206,7 @@ def launch(opts):
     c.update(optimizer_config(opts))
     c.update(training_config(opts, world_size))
     c.update(metrics_config(opts, condition))
+    c.update(prior_config(opts, condition))
     start_kwargs, resumed_seed = transfer_resume_config(opts, c.network_kwargs, dataset_info)
     c.update(start_kwargs)
     c.seed = choose_seed(opts.seed, resumed_seed)
@@ -241,7 +246,7 @@ def dataset_config(opts, condition):
         except ValueError as err:
             raise click.ClickException(f'--cond/--condition=class needs labels: {err}') from None
     dataset_kwargs.resolution = dataset_obj.resolution         # Be explicit about what the run used.
-    return dataset_kwargs, training_loop.dataset_meta(dataset_obj), dataset_obj.name
+    return dataset_kwargs, run_files.dataset_meta(dataset_obj), dataset_obj.name
 
 # Network config of --arch, validated on the meta device (nothing allocated).
 def network_config(opts, condition, dataset_info):
@@ -274,7 +279,7 @@ def optimizer_config(opts):
     c = dnnlib.EasyDict()
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DDNLoss')
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
-    c.optimizer_kwargs.update(training_loop.ADAM_IMPLEMENTATIONS[opts.adam])
+    c.optimizer_kwargs.update(ADAM_IMPLEMENTATIONS[opts.adam])
     c.balance_kwargs = dnnlib.EasyDict(method=opts.balance)
     if opts.balance == 'bias':
         c.balance_kwargs.bias_rate = opts.bias_rate
@@ -321,13 +326,33 @@ def metrics_config(opts, condition):
         raise click.UsageError('--trust-code is only used with --transfer or --metrics')
     return c
 
+# The prior over the codes (training/prior_training.py), refreshed before each snapshot; none by default.
+def prior_config(opts, condition):
+    c = dnnlib.EasyDict()
+    if opts.prior == 'none':
+        for name in ('prior_images', 'prior_steps'):
+            if opts[name] != PRIOR_DEFAULTS[name]:
+                raise click.UsageError(f'--{name.replace("_", "-")} is only used with --prior')
+        return c
+    if condition is not None:
+        raise click.UsageError(f'--prior: a prior over the codes applies to unconditional networks, not --condition={condition}')
+    c.prior_kwargs = dnnlib.EasyDict(class_name='training.prior_training.PriorRefresh', kind=opts.prior, num_images=opts.prior_images)
+    if opts.prior == 'transformer':
+        c.prior_kwargs.steps = opts.prior_steps
+    elif opts.prior_steps != PRIOR_DEFAULTS['prior_steps']:
+        raise click.UsageError('--prior-steps is only used with --prior=transformer')
+    return c
+
+# Defaults of the --prior options (a changed one without --prior is an error).
+PRIOR_DEFAULTS = dict(prior_images=2000, prior_steps=300)
+
 # Transfer learning and resume: check the files now, before a run folder exists -> (config, resumed seed).
 def transfer_resume_config(opts, network_kwargs, dataset_info):
     c = dnnlib.EasyDict()
     resumed_seed = None
     if opts.transfer is not None:
         try:
-            training_loop.load_transfer_network(opts.transfer, opts.trust_pickle)
+            run_files.load_transfer_network(opts.transfer, opts.trust_pickle)
         except (OSError, ValueError, RuntimeError) as err:
             raise click.ClickException(f'--transfer: {err}') from None
         c.transfer_pkl = opts.transfer
@@ -336,7 +361,7 @@ def transfer_resume_config(opts, network_kwargs, dataset_info):
     if opts.resume is not None:
         c.resume_state = resolve_resume(opts.resume)
         try:
-            state = training_loop.load_training_state(c.resume_state, network_kwargs, dataset_info)
+            state = run_files.load_training_state(c.resume_state, network_kwargs, dataset_info)
         except (OSError, ValueError, RuntimeError) as err:
             raise click.ClickException(f'--resume: {err}') from None
         resumed_seed = int(state.get('seed', 0))
