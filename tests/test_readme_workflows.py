@@ -282,12 +282,21 @@ def test_experiments(work):
     zscg, _, proc = run_all(work, [
         (readme('python zscg.py'), dict(set_={'--seeds': '0-2', '--images': '0-1'}, placeholders={'RUN': 'training-runs/00001-digits-tree'})),
         (readme('python tree.py'), {}),
-        (readme('compress.py encode'), dict(set_={'--max-images': '8'}))])
+        (readme('--out codes.bin --prior off'), dict(set_={'--max-images': '8'}))])
     assert os.path.exists(work / 'zscg.png') and 'guided vs' in zscg.stdout
     assert PIL.Image.open(work / 'tree.png').size[0] > 0
-    assert 'bits_per_image=' in proc.stdout
-    run(work, readme('compress.py decode'))
+    assert 'bits_per_image=' in proc.stdout and '(fixed-length' in proc.stdout
+    run(work, readme('--codes codes.bin --outdir decoded'))
     assert len(_images(work / 'decoded')) == 8
+    # The same images entropy-coded with a prior fitted to the network's codes decode to the same PNGs.
+    run(work, readme('train_prior.py --network training-runs/00002-digits-taiji'), add=['--max-images=200'])
+    proc = run(work, readme('--out codes-prior.bin'), set_={'--max-images': '8'})
+    assert 'entropy-coded with the prior' in proc.stdout and 'fixed_bits_per_image=' in proc.stdout
+    run(work, readme('--codes codes-prior.bin'))
+    decoded, prior_decoded = _images(work / 'decoded'), _images(work / 'decoded-prior')
+    assert decoded.keys() == prior_decoded.keys()
+    for name, image in decoded.items():
+        assert np.array_equal(image, prior_decoded[name]), name
 
 # Resume from a run folder (the CIFAR-10 recipe's resume line): a new run continues the state.
 def test_resume_from_run_folder(work):
