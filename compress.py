@@ -113,6 +113,8 @@ def _entropy_decode(path, data, start, ks, num, prior):
                                    f'{entropy_coding.prior_fingerprint(prior).hex()}); it decodes only with the same prior')
     if len(payload) != size or chunk < 1:
         raise click.ClickException(f'{path}: {len(payload)} bytes of codes, the header says {size} (chunk {chunk})')
+    if num * entropy_coding.min_bits_per_image(ks) > 8 * len(payload) + 64:
+        raise click.ClickException(f'{path}: {len(payload)} bytes cannot hold the codes of {num} images (corrupted header)')
     codes = entropy_coding.decode_codes(prior, payload, ks, num, chunk=chunk)
     if entropy_coding.codes_checksum(codes) != checksum:
         raise click.ClickException(f'{path}: the decoded codes fail their checksum: the prior computed other probabilities '

@@ -203,3 +203,10 @@ def test_prior_coded_files_need_their_prior(net_files, tmp_path):
     result = CliRunner().invoke(compress.main, ['decode', *map(str, common), '--codes', str(tmp_path / 'bad.bin'),
                                                 '--outdir', str(tmp_path / 'o3')])
     assert result.exit_code != 0 and 'checksum' in result.output
+    # A header claiming far more images than the payload can hold is refused before decoding.
+    data = bytearray((tmp_path / 'p.bin').read_bytes())
+    data[5:9] = (1 << 31).to_bytes(4, 'little')
+    (tmp_path / 'huge.bin').write_bytes(bytes(data))
+    result = CliRunner().invoke(compress.main, ['decode', *map(str, common), '--codes', str(tmp_path / 'huge.bin'),
+                                                '--outdir', str(tmp_path / 'o4')])
+    assert result.exit_code != 0 and 'cannot hold' in result.output

@@ -223,6 +223,11 @@ def decode_codes(prior, data, ks, num, chunk=256):
 def codes_checksum(codes):
     return zlib.crc32(np.ascontiguousarray(np.asarray(codes, dtype='<i8')).tobytes())
 
+# The fewest bits any prior can spend on one image: each code costs at least -log2 of the largest
+# frequency a table can give (every other code keeps 1); lets a reader bound the images a payload holds.
+def min_bits_per_image(ks):
+    return sum(-math.log2(1 - (k - 1) / TOTAL) for k in ks)
+
 # Fixed-length bits of one image (the packed format): sum log2 K_l, for comparison.
 def fixed_bits(ks):
     return sum(math.log2(k) for k in ks)
