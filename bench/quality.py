@@ -408,7 +408,7 @@ def print_table(rows):
 @click.option('--peer-dim',      help='Width (dim) of the peer DDN', metavar='INT', type=click.IntRange(min=4), default=64, show_default=True)
 @click.option('--prior-steps',   help='Also sample ours through priors over its codes (uniform / frequency / transformer rows, '
                                   'with held-out bits per image and the replayed share); training steps of the transformer, 0 = no prior rows',
-                                  metavar='INT', type=click.IntRange(min=0), default=2000, show_default=True)
+                                  metavar='INT', type=click.IntRange(min=0), default=300, show_default=True)
 @click.option('--json', 'json_path', help='Also write the figures to this JSON file', metavar='PATH', type=str)
 # Our recipe: train.py's option names and units.
 @click.option('--batch',         help='Batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)

@@ -1,10 +1,12 @@
 """Sampling through a prior (sampling/prior_sampling.py, generate.py --prior, train_prior.py)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from sampling.generation import generate_batches
 from sampling.guidance import TemperatureChooser, TopKChooser
@@ -177,3 +179,30 @@ def test_zscg_with_prior(snapshot_with_prior, tmp_path):
     assert 'Prior: ' in outputs[str(prior_file)] and 'Prior: ' not in outputs['off']
     # The unguided distance is that of other samples (the prior's).
     assert outputs[str(prior_file)].split('guided vs')[1] != outputs['off'].split('guided vs')[1]
+
+def test_readme_prior_commands(tmp_path, monkeypatch):
+    # The README's commands of "A prior over the codes", as written, at tiny scale, in this process.
+    import importlib
+    from PIL import Image
+    from test_readme_workflows import adapt, readme
+    from training.snapshot import save_network_safe
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / 'run'
+    save_network_safe(_net(), run / 'network-snapshot-000000.safetensors')
+    Image.new('L', (4, 4), 128).save(tmp_path / 'low8x8.png')
+    tiny = dict(RUN=str(run))
+    def invoke(fragment, set_=None, add=()):
+        argv, _ = adapt(readme(fragment), set_=set_, add=add, placeholders=tiny)
+        module = importlib.import_module(os.path.basename(argv[1])[:-3])
+        result = CliRunner().invoke(module.main, argv[2:])
+        assert result.exit_code == 0, f'{argv}\n{result.output}\n{result.exception!r}'
+        return result.output
+    out = invoke('train_prior.py --network RUN', set_={'--steps': '10'}, add=['--max-images=200', '--samples=20'])
+    assert 'prior_bits=' in out and (run / 'network-snapshot-000000.prior.safetensors').is_file()
+    assert 'Prior: ' in invoke('--outdir out/prior --seeds 0-63 --prior auto', set_={'--seeds': '0-3'})
+    assert 'Prior: ' not in invoke('--outdir out/uniform --seeds 0-63 --prior off', set_={'--seeds': '0-3'})
+    assert 'Prior: ' in invoke('--outdir out/prior-sr', set_={'--seeds': '0-1'})
+    out = invoke('train.py --outdir=training-runs --prior=transformer', set_={'--prior-images': '100', '--prior-steps': '5'},
+                 add=['--duration=0.0005', '--batch=50', '--max-channels=8', '--max-blockn=1', '--max-outputk=8', '--tick=0.5',
+                      '--snap=1', '--workers=0', '--seed=0'])
+    assert 'held-out bits/image' in out

@@ -197,11 +197,11 @@ class _Block(nn.Module):
 class TransformerPrior(CodePrior):
     def __init__(self,
         ks,                         # K of each layer.
-        dim         = 128,          # Width of the tokens.
-        depth       = 3,            # Number of transformer blocks.
+        dim         = 64,           # Width of the tokens.
+        depth       = 2,            # Number of transformer blocks.
         heads       = 4,            # Attention heads.
         mlp_ratio   = 4,            # Hidden width of the MLPs, in multiples of dim.
-        dropout     = 0.1,          # Dropout (embeddings, attention, residual branches) in training.
+        dropout     = 0.3,          # Dropout (embeddings, attention, residual branches) in training.
     ):
         super().__init__(ks)
         L, kmax = self.num_layers, self.kmax
@@ -302,7 +302,7 @@ def bits_per_image(prior, codes, batch=1024):
 # steps and the state with the fewest held-out bits is kept (early stopping; a small code set overfits
 # quickly).
 # Returns a list of dicts (step, train_bits, held_out_bits) of the evaluations.
-def train_prior(prior, codes, steps, batch=256, lr=1e-3, weight_decay=0.1, held_out=None, eval_every=100, seed=0,
+def train_prior(prior, codes, steps, batch=128, lr=1e-3, weight_decay=0.1, held_out=None, eval_every=25, seed=0,
                 log=None):
     codes = check_codes(codes, prior.ks)
     held = check_codes(held_out, prior.ks, 'held_out') if held_out is not None else None
@@ -476,7 +476,7 @@ def replay_share(sampled, reference):
 # Make and train a prior of `kind` ('frequency' or 'transformer') on `train` codes (N, L), early-stopped
 # on `held` (None: no early stopping); the transformer starts from the frequencies of `train`
 # (`from_frequencies`). Returns (prior in eval mode, training history).
-def fit_prior(kind, ks, train, held=None, steps=2000, batch=256, lr=1e-3, weight_decay=0.1, eval_every=100, seed=0,
+def fit_prior(kind, ks, train, held=None, steps=300, batch=128, lr=1e-3, weight_decay=0.1, eval_every=25, seed=0,
               device='cpu', log=None, from_frequencies=True, **prior_kwargs):
     if kind not in PRIOR_KINDS:
         raise ValueError(f'prior kind must be one of {", ".join(PRIOR_KINDS)}, got {kind!r}')
