@@ -163,8 +163,25 @@ def test_generate_prior_usage_errors(snapshot_with_prior, tmp_path):
     code, output = _run('generate', [f'--network={net_path}', f'--outdir={tmp_path / "c"}', f'--prior={other}'])
     assert code != 0 and 'the prior is for 4 layers' in output
     code, output = _run('generate', [f'--network={net_path}', f'--outdir={tmp_path / "d"}', '--reconstruct=digits',
+                                     '--prior-temp=0.5'])
+    assert code != 0 and 'do not apply with --reconstruct' in output
+    code, output = _run('generate', [f'--network={net_path}', f'--outdir={tmp_path / "e"}', f'--codes={tmp_path / "x.npz"}',
                                      f'--prior={other}'])
-    assert code != 0 and 'does not apply with --reconstruct' in output
+    assert code != 0 and 'does not apply with --codes' in output
+
+def test_reconstruct_reports_prior_bits(snapshot_with_prior, tmp_path):
+    root, net_path = snapshot_with_prior
+    prior_file = tmp_path / 'p.prior.safetensors'
+    prior = _prior([8] * 5)
+    prior_lib.save_prior(prior, prior_file)
+    out = tmp_path / 'rec'
+    code, output = _run('generate', [f'--network={net_path}', f'--outdir={out}', '--reconstruct=digits', '--max-images=20',
+                                     f'--prior={prior_file}'])
+    assert code == 0, output
+    metrics = json.loads((out / 'metrics.json').read_text())
+    codes = np.load(out / 'latents.npz')['codes']
+    assert metrics['prior_bits'] == pytest.approx(prior_lib.bits_per_image(prior, torch.from_numpy(codes)))
+    assert metrics['uniform_bits'] == pytest.approx(15.0) and f'prior_bits={metrics["prior_bits"]:g}' in output
 
 def test_zscg_with_prior(snapshot_with_prior, tmp_path):
     root, net_path = snapshot_with_prior
