@@ -223,3 +223,17 @@ def test_readme_prior_commands(tmp_path, monkeypatch):
                  add=['--duration=0.0005', '--batch=50', '--max-channels=8', '--max-blockn=1', '--max-outputk=8', '--tick=0.5',
                       '--snap=1', '--workers=0', '--seed=0'])
     assert 'held-out bits/image' in out
+
+def test_demo_logic_with_prior():
+    from sampling import interactive
+    net = _net()
+    rule = PriorRule(_prior(net.ks), temperature=0.8)
+    seeds = [3, 1, 4]
+    result = interactive.run_guided(net, _l2_scorer, seeds, prior=rule)
+    with batch_invariant():
+        expected_plain = sample_with_prior(net, seeds, rule)
+        expected_guided = sample_with_prior(net, seeds, rule, scorer=_l2_scorer)
+    assert torch.equal(result.unguided, expected_plain.images) and torch.equal(result.guided, expected_guided.images)
+    assert torch.equal(result.codes, expected_guided.codes) and len(result.path) == net.num_layers
+    unguided_only = interactive.run_guided(net, None, seeds, prior=rule)
+    assert torch.equal(unguided_only.guided, expected_plain.images)
