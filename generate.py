@@ -19,7 +19,9 @@ A prior over the codes (`--prior`, training/prior.py, fitted by train_prior.py o
 draws each layer's code from p(k_l | k_<l) instead of uniformly, from the same per-seed uniforms
 (inverse CDF; `--prior-temp`, `--prior-topk`, `--prior-topp`); `auto` (the default) uses the network
 file's own `X.prior.safetensors` when there is one, `off` gives uniform codes. With `--guide` the scorer
-ranks the candidates and the prior weighs them (the rule: sampling/prior_sampling.py).
+ranks the candidates and the prior weighs them (the rule: sampling/prior_sampling.py). With
+`--reconstruct`, metrics.json and the last lines give the bits per image of the images' codes under the
+prior (`prior_bits`, against `uniform_bits` = sum log2 K): its likelihood on those images.
 Conditional networks (DDN.md §6) take `--class` (else a class drawn from each seed) or
 `--condition-image` (the condition computed from it as in training, training/conditions.py);
 reconstruction derives each image's condition from the image (and its label).
@@ -43,6 +45,7 @@ from dnnlib.util import format_int_list, parse_int_list
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from evaluation import metrics as metric_lib
+from training import prior as prior_lib
 from training import snapshot
 from training.conditions import condition_kind, load_condition_image, make_condition_fn, stored_condition_fn
 from training.dataset import open_dataset
@@ -139,12 +142,14 @@ class Work(NamedTuple):
 
 # The prior of --prior (training/prior.py) as a PriorRule, or None: 'off' (uniform codes), 'auto' (the
 # network file's own X.prior.safetensors when it has one) or a prior file. Only sampling uses it.
+# With --reconstruct the prior only scores the codes: metrics.json gets their bits per image under it.
 def _load_prior(opts, mode, net, net_path, device):
-    if mode != 'sample':
+    if mode == 'decode':
         if opts.prior not in ('auto', 'off'):
-            raise click.UsageError(f'--prior draws the codes of samples; it does not apply with '
-                                   f'{"--codes" if mode == "decode" else "--reconstruct"}')
+            raise click.UsageError('--prior draws the codes of samples (and scores those of --reconstruct); it does not apply with --codes')
         return None, None
+    if mode == 'reconstruct' and (opts.prior_temp, opts.prior_topk, opts.prior_topp) != (1.0, 0, 1.0):
+        raise click.UsageError('--prior-temp/--prior-topk/--prior-topp shape sampling; they do not apply with --reconstruct')
     return cli.load_prior(opts.prior, net, net_path, device, opts.prior_temp, opts.prior_topk, opts.prior_topp)
 
 # Sampling (optionally guided): --seeds, default 0-63.
@@ -366,9 +371,11 @@ def _main(opts):
     rec = recorder.gather(net.num_layers)
     if rec is not None:
         results.update(rec.metrics)
+        if mode == 'reconstruct' and prior is not None:   # The likelihood of the data's codes under the prior.
+            results.update(prior_bits=prior_lib.bits_per_image(prior.prior, rec.codes), uniform_bits=net.bits_per_image)
         _write_outputs(opts, mode, net, net_id, net_path, work, rec, results, guide_info)
     dist.barrier()
-    metric_lib.print_metrics(results, ('guide_distance', 'mse', 'psnr', 'is', 'is_std', 'precision', 'recall', 'fid'))  # fid last.
+    metric_lib.print_metrics(results, ('guide_distance', 'mse', 'psnr', 'uniform_bits', 'prior_bits', 'is', 'is_std', 'precision', 'recall', 'fid'))  # fid last.
 
 # ----------------------------------------------------------------------------
 

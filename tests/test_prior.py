@@ -201,3 +201,16 @@ def test_bad_codes_are_refused():
 def test_bits_per_image_of_a_uniform_prior():
     p = FrequencyPrior(KS)
     assert prior_lib.bits_per_image(p, _random_codes(10)) == pytest.approx(sum(math.log2(k) for k in KS))
+
+def test_transformer_starts_as_the_frequency_prior():
+    codes = _random_codes(300, seed=11)
+    codes[:, 2] = torch.where(codes[:, 2] < 5, 1, codes[:, 2])
+    freq = prior_lib.fit_frequency_prior(codes, KS)
+    p = TransformerPrior(KS, dim=16, depth=1, heads=2).init_from_frequencies(codes).eval()
+    torch.testing.assert_close(p.log_probs(codes[:7]), freq.log_probs(codes[:7]))
+    # fit_prior starts there, and with early stopping never ends worse on its held-out codes.
+    p, history = prior_lib.fit_prior('transformer', KS, codes[:200], codes[200:], steps=30, eval_every=10, lr=3e-2,
+                                     dim=16, depth=1, heads=2)
+    assert history[0]['step'] == 0
+    assert history[0]['held_out_bits'] == pytest.approx(prior_lib.bits_per_image(prior_lib.fit_frequency_prior(codes[:200], KS), codes[200:]))
+    assert prior_lib.bits_per_image(p, codes[200:]) <= history[0]['held_out_bits'] + 1e-9

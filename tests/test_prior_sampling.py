@@ -1,10 +1,12 @@
 """Sampling through a prior (sampling/prior_sampling.py, generate.py --prior, train_prior.py)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from sampling.generation import generate_batches
 from sampling.guidance import TemperatureChooser, TopKChooser
@@ -161,8 +163,25 @@ def test_generate_prior_usage_errors(snapshot_with_prior, tmp_path):
     code, output = _run('generate', [f'--network={net_path}', f'--outdir={tmp_path / "c"}', f'--prior={other}'])
     assert code != 0 and 'the prior is for 4 layers' in output
     code, output = _run('generate', [f'--network={net_path}', f'--outdir={tmp_path / "d"}', '--reconstruct=digits',
+                                     '--prior-temp=0.5'])
+    assert code != 0 and 'do not apply with --reconstruct' in output
+    code, output = _run('generate', [f'--network={net_path}', f'--outdir={tmp_path / "e"}', f'--codes={tmp_path / "x.npz"}',
                                      f'--prior={other}'])
-    assert code != 0 and 'does not apply with --reconstruct' in output
+    assert code != 0 and 'does not apply with --codes' in output
+
+def test_reconstruct_reports_prior_bits(snapshot_with_prior, tmp_path):
+    root, net_path = snapshot_with_prior
+    prior_file = tmp_path / 'p.prior.safetensors'
+    prior = _prior([8] * 5)
+    prior_lib.save_prior(prior, prior_file)
+    out = tmp_path / 'rec'
+    code, output = _run('generate', [f'--network={net_path}', f'--outdir={out}', '--reconstruct=digits', '--max-images=20',
+                                     f'--prior={prior_file}'])
+    assert code == 0, output
+    metrics = json.loads((out / 'metrics.json').read_text())
+    codes = np.load(out / 'latents.npz')['codes']
+    assert metrics['prior_bits'] == pytest.approx(prior_lib.bits_per_image(prior, torch.from_numpy(codes)))
+    assert metrics['uniform_bits'] == pytest.approx(15.0) and f'prior_bits={metrics["prior_bits"]:g}' in output
 
 def test_zscg_with_prior(snapshot_with_prior, tmp_path):
     root, net_path = snapshot_with_prior
@@ -177,3 +196,44 @@ def test_zscg_with_prior(snapshot_with_prior, tmp_path):
     assert 'Prior: ' in outputs[str(prior_file)] and 'Prior: ' not in outputs['off']
     # The unguided distance is that of other samples (the prior's).
     assert outputs[str(prior_file)].split('guided vs')[1] != outputs['off'].split('guided vs')[1]
+
+def test_readme_prior_commands(tmp_path, monkeypatch):
+    # The README's commands of "A prior over the codes", as written, at tiny scale, in this process.
+    import importlib
+    from PIL import Image
+    from test_readme_workflows import adapt, readme
+    from training.snapshot import save_network_safe
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / 'run'
+    save_network_safe(_net(), run / 'network-snapshot-000000.safetensors')
+    Image.new('L', (4, 4), 128).save(tmp_path / 'low8x8.png')
+    tiny = dict(RUN=str(run))
+    def invoke(fragment, set_=None, add=()):
+        argv, _ = adapt(readme(fragment), set_=set_, add=add, placeholders=tiny)
+        module = importlib.import_module(os.path.basename(argv[1])[:-3])
+        result = CliRunner().invoke(module.main, argv[2:])
+        assert result.exit_code == 0, f'{argv}\n{result.output}\n{result.exception!r}'
+        return result.output
+    out = invoke('train_prior.py --network RUN', set_={'--steps': '10'}, add=['--max-images=200', '--samples=20'])
+    assert 'prior_bits=' in out and (run / 'network-snapshot-000000.prior.safetensors').is_file()
+    assert 'Prior: ' in invoke('--outdir out/prior --seeds 0-63 --prior auto', set_={'--seeds': '0-3'})
+    assert 'Prior: ' not in invoke('--outdir out/uniform --seeds 0-63 --prior off', set_={'--seeds': '0-3'})
+    assert 'Prior: ' in invoke('--outdir out/prior-sr', set_={'--seeds': '0-1'})
+    out = invoke('train.py --outdir=training-runs --prior=transformer', set_={'--prior-images': '100', '--prior-steps': '5'},
+                 add=['--duration=0.0005', '--batch=50', '--max-channels=8', '--max-blockn=1', '--max-outputk=8', '--tick=0.5',
+                      '--snap=1', '--workers=0', '--seed=0'])
+    assert 'held-out bits/image' in out
+
+def test_demo_logic_with_prior():
+    from sampling import interactive
+    net = _net()
+    rule = PriorRule(_prior(net.ks), temperature=0.8)
+    seeds = [3, 1, 4]
+    result = interactive.run_guided(net, _l2_scorer, seeds, prior=rule)
+    with batch_invariant():
+        expected_plain = sample_with_prior(net, seeds, rule)
+        expected_guided = sample_with_prior(net, seeds, rule, scorer=_l2_scorer)
+    assert torch.equal(result.unguided, expected_plain.images) and torch.equal(result.guided, expected_guided.images)
+    assert torch.equal(result.codes, expected_guided.codes) and len(result.path) == net.num_layers
+    unguided_only = interactive.run_guided(net, None, seeds, prior=rule)
+    assert torch.equal(unguided_only.guided, expected_plain.images)

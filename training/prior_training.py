@@ -31,7 +31,7 @@ class PriorRefresh:
         num_images  = 2000,         # Size of the fixed subset of training images (the first ones).
         held_out    = 0.1,          # Share of the subset held out (its last images).
         steps       = 300,          # Training steps per refresh (transformer).
-        batch       = 256,          # Codes per step.
+        batch       = 128,          # Codes per step.
         lr          = 1e-3,         # AdamW learning rate.
         weight_decay= 0.1,          # AdamW weight decay.
         seed        = 0,            # Seed of the initial weights and of each refresh's batches.
@@ -77,7 +77,7 @@ class PriorRefresh:
             self.prior = prior_lib.fit_frequency_prior(train, self.ks).to(self.device)
         else:
             prior_lib.train_prior(self.prior, train, self.steps, batch=self.batch, lr=self.lr, weight_decay=self.weight_decay,
-                                  held_out=held if len(held) else None, eval_every=max(1, self.steps // 5),
+                                  held_out=held if len(held) else None, eval_every=max(1, min(25, self.steps // 4)),
                                   seed=self.seed * 1_000_003 + cur_nimg)
         self.prior.eval()
         report = prior_lib.prior_report(self.prior, train, held, prior_lib.seed_uniforms(range(self.replay_samples), len(self.ks)))
