@@ -20,13 +20,14 @@ from sampling.guide_spec import GUIDE_TYPES, MissingGuideInput, make_chooser, pa
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from training import dataset as dataset_lib
+from training import prior as prior_lib
 from training import snapshot
 
 # ----------------------------------------------------------------------------
 # Library errors as click errors.
 
 # Said after a refusal to run code from a file (the library says trust_pickle=True).
-TRUST_PICKLE_HINT = ('If you trust the file, pass --trust-pickle (the file then runs as code), or convert a network '
+TRUST_PICKLE_HINT = ('If you trust the file, pass --trust-code (alias --trust-pickle; the file then runs as code), or convert a network '
                      'once: python convert.py --network FILE --out net.safetensors --trust-pickle')
 
 # Said after a training state was given where a network belongs.
@@ -165,3 +166,41 @@ def device_option(default='auto', **kwargs):
             raise click.BadParameter(str(e)) from None
         return value
     return click.option('--device', help=DEVICE_HELP, metavar='STR', type=str, default=default, show_default=True, callback=check, **kwargs)
+
+# ----------------------------------------------------------------------------
+# The `--prior auto|off|PATH` option of the sampling scripts (generate.py, zscg.py) and its rule options
+# `--prior-temp`, `--prior-topk`, `--prior-topp`.
+
+def prior_options(fn):
+    fn = click.option('--prior-topp', help='Draw only among the most probable codes holding this probability (1 = all)', metavar='P',
+                      type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)(fn)
+    fn = click.option('--prior-topk', help='Draw only among the N most probable codes of each layer (0 = all)', metavar='N',
+                      type=click.IntRange(min=0), default=0, show_default=True)(fn)
+    fn = click.option('--prior-temp', help='Prior temperature: draw from p^(1/T); 0 = the most probable code', metavar='T',
+                      type=click.FloatRange(min=0), default=1.0, show_default=True)(fn)
+    return click.option('--prior', help="Prior over the codes: auto (the network file's X.prior.safetensors if any), off (uniform codes), "
+                        'or a prior file', metavar='auto|off|PATH', type=str, default='auto', show_default=True)(fn)
+
+def load_prior(prior, net, net_path, device, temperature=1.0, top_k=0, top_p=1.0):
+    """(PriorRule, path) of `--prior` for a loaded network, or (None, None) for uniform codes: 'off', or
+    'auto' when the network file has no prior. Usage errors name the options."""
+    rule_given = (temperature, top_k, top_p) != (1.0, 0, 1.0)
+    if prior == 'off':
+        if rule_given:
+            raise click.UsageError('--prior-temp/--prior-topk/--prior-topp need a prior (--prior is off)')
+        return None, None
+    path = prior
+    if prior == 'auto':
+        path = None if dnnlib.util.is_url(net_path) else prior_lib.find_prior(net_path)
+        if path is None:
+            if rule_given:
+                raise click.UsageError(f'--prior-temp/--prior-topk/--prior-topp: {net_path} has no prior '
+                                       f'({prior_lib.prior_path(net_path)}); fit one with train_prior.py or give --prior PATH')
+            return None, None
+    if getattr(net, 'condition', None) is not None:
+        raise click.UsageError(f'--prior: {net_path} is a conditional network; a prior applies to unconditional networks')
+    try:
+        loaded = prior_lib.check_prior_fits(prior_lib.load_prior(path, device), net.ks, path)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint='--prior') from e
+    return prior_lib.PriorRule(loaded, temperature, top_k, top_p), path

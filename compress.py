@@ -1,20 +1,28 @@
-"""Latent compression with a trained DDN: images -> packed bit strings -> images.
+"""Latent compression with a trained DDN: images -> bit strings -> images.
 
 `python compress.py encode` encodes dataset images to their DDN latents (L2-guided selection,
-`net.encode`) and writes them packed with `training.latent.pack_codes` (mixed-radix, exactly
-ceil(sum log2 K_l) bits per image; see that module) into a small file; it reports bits per image and
-the PSNR of the reconstructions. `python compress.py decode` reads such a file and writes the decoded
-images, which are bit-identical to the reconstructions `encode` measured. With a K=2 network
-("Taiji-DDN") every image becomes a plain binary string of L bits, one per layer.
+`net.encode`) and writes them into a small file, either entropy-coded with a prior over the codes
+(training/entropy_coding.py: an arithmetic coder driven by p(k_l | k_<l), about -log2 p bits per
+layer; `--prior auto` uses the network file's `X.prior.safetensors` when there is one, `--prior PATH`
+another prior file) or, with `--prior off` or no prior, fixed-length: packed with
+`training.latent.pack_codes` (mixed-radix, exactly ceil(sum log2 K_l) bits per image). It reports bits
+per image next to the fixed-length size, and the PSNR of the reconstructions. `python compress.py
+decode` reads such a file and writes the decoded images, which are bit-identical to the
+reconstructions `encode` measured, whichever format (entropy coding is lossless on the codes). With a
+K=2 network ("Taiji-DDN") a fixed-length image is a plain binary string of L bits, one per layer.
 
 File format (little endian): b'DDNZ', version (uint8), number of images N (uint32), L (uint32), the L
-values K_l (uint32 each), then the packed codes of the N images (`packed_size(ks, N)` bytes). The K_l
-must match the decoding network.
+values K_l (uint32 each); from version 2 the 8-byte fingerprint of the network. Versions 1 and 2: the
+packed codes of the N images (`packed_size(ks, N)` bytes). Version 3 (entropy-coded): the chunk size
+(uint32; images coded together, see training/entropy_coding.py), the 8-byte fingerprint of the prior
+(`entropy_coding.prior_fingerprint`: decoding needs that prior), the CRC-32 of the codes (uint32),
+the payload size (uint64), then the arithmetic-coded payload. The K_l must match the decoding network.
 
 Pixels follow training/images.py: the net works in [-1, 1], images are uint8 (x * 127.5 + 128, clipped);
 PSNR = 10 log10(255^2 / MSE) on the uint8 images, averaged over images.
 
-SECURITY: --network loads without running code from the file (training/snapshot.py) unless --trust-pickle.
+SECURITY: --network and --prior load without running code from the file (training/snapshot.py,
+training/prior.py) unless --trust-code (alias --trust-pickle).
 """
 
 import os
@@ -30,42 +38,92 @@ from torch_utils import distributed as dist
 from torch_utils.checkpoint import write_atomic
 from sampling.generation import generate_batches, num_batches
 from training.images import image_path, mean_psnr, psnr, to_pil
+from training import entropy_coding
 from training.latent import latent_bits, pack_codes, packed_size, stored_bits, unpack_codes
 from training.snapshot import fingerprint
 
 MAGIC = b'DDNZ'
-VERSION = 2     # 2 adds the 8-byte fingerprint of the network (training.snapshot.fingerprint); 1 is still read.
+VERSION = 2             # Fixed-length codes; 2 adds the 8-byte fingerprint of the network (training.snapshot.fingerprint); 1 is still read.
+ENTROPY_VERSION = 3     # Codes entropy-coded with a prior (training.entropy_coding).
 
 # ----------------------------------------------------------------------------
 # The codes file.
 
-def write_codes_file(path, codes, ks, network=None):
+def write_codes_file(path, codes, ks, network=None, prior=None, chunk=256):
+    """Write codes (N, L): fixed-length (version 1/2), or entropy-coded with `prior` (version 3).
+    Returns (header bytes, payload bytes)."""
     codes = np.asarray(codes, dtype=np.int64)
-    payload = pack_codes(codes, ks)
-    version = 1 if network is None else VERSION
+    if prior is None:
+        payload = pack_codes(codes, ks).tobytes()
+        version = 1 if network is None else VERSION
+    else:
+        payload, _ = entropy_coding.encode_codes(prior, codes, ks, chunk=chunk)
+        version = ENTROPY_VERSION
     header = MAGIC + struct.pack('<BII', version, codes.shape[0], len(ks)) + struct.pack(f'<{len(ks)}I', *ks)
-    if network is not None:
-        header += bytes.fromhex(network)[:8].ljust(8, b'\0')
-    write_atomic(path, lambda f: f.write(header + payload.tobytes()))
-    return len(header), payload.size
+    if version >= 2:
+        header += bytes.fromhex(network or '')[:8].ljust(8, b'\0')
+    if version == ENTROPY_VERSION:
+        header += struct.pack('<I', chunk) + entropy_coding.prior_fingerprint(prior)
+        header += struct.pack('<IQ', entropy_coding.codes_checksum(codes), len(payload))
+    write_atomic(path, lambda f: f.write(header + payload))
+    return len(header), len(payload)
+
+# Whether a codes file needs a prior to decode (version 3).
+def file_needs_prior(path):
+    with open(path, 'rb') as f:
+        head = f.read(5)
+    return head[:4] == MAGIC and len(head) == 5 and head[4] == ENTROPY_VERSION
 
 # (codes (N, L), ks) of a codes file; with `with_network` also the fingerprint of the network that
-# wrote it (None for version 1 files).
-def read_codes_file(path, with_network=False):
+# wrote it (None for version 1 files). A version 3 file is decoded with `prior` (the one that wrote it).
+def read_codes_file(path, with_network=False, prior=None):
     with open(path, 'rb') as f:
         data = f.read()
     if data[:4] != MAGIC or len(data) < 13:
         raise click.ClickException(f'{path} is not a DDN codes file (written by `compress.py encode`)')
     version, num, L = struct.unpack_from('<BII', data, 4)
-    if version not in (1, VERSION):
-        raise click.ClickException(f'{path}: codes file version {version}, this script reads versions 1 and {VERSION}')
+    if version not in (1, VERSION, ENTROPY_VERSION):
+        raise click.ClickException(f'{path}: codes file version {version}, this script reads versions 1 to {ENTROPY_VERSION}')
+    if len(data) < 13 + 4 * L + (8 if version >= 2 else 0) + (24 if version == ENTROPY_VERSION else 0):
+        raise click.ClickException(f'{path}: truncated header')
     start = 13 + 4 * L + (8 if version >= 2 else 0)
     ks = list(struct.unpack_from(f'<{L}I', data, 13))
     network = data[13 + 4 * L:start].hex() if version >= 2 else None
-    if len(data) - start != packed_size(ks, num):
-        raise click.ClickException(f'{path}: {len(data) - start} bytes of codes, expected {packed_size(ks, num)} for {num} images')
-    codes = unpack_codes(data[start:], ks, num)
+    if version == ENTROPY_VERSION:
+        codes = _entropy_decode(path, data, start, ks, num, prior)
+    else:
+        if len(data) - start != packed_size(ks, num):
+            raise click.ClickException(f'{path}: {len(data) - start} bytes of codes, expected {packed_size(ks, num)} for {num} images')
+        codes = unpack_codes(data[start:], ks, num)
     return (codes, ks, network) if with_network else (codes, ks)
+
+def _entropy_decode(path, data, start, ks, num, prior):
+    chunk, = struct.unpack_from('<I', data, start)
+    made_by = data[start + 4:start + 12]
+    checksum, size = struct.unpack_from('<IQ', data, start + 12)
+    payload = data[start + 24:]
+    if prior is None:
+        raise click.ClickException(f'{path} is entropy-coded with a prior: decode it with the prior that wrote it (--prior PATH, '
+                                   'or --prior auto with the network file\'s prior beside it)')
+    if list(prior.ks) != list(ks):
+        raise click.ClickException(f'{path} was written for K per layer {_describe_ks(ks)}, the prior has {_describe_ks(prior.ks)}')
+    if entropy_coding.prior_fingerprint(prior) != made_by:
+        raise click.ClickException(f'{path} was entropy-coded with another prior (fingerprint {made_by.hex()}, this one is '
+                                   f'{entropy_coding.prior_fingerprint(prior).hex()}); it decodes only with the same prior')
+    if len(payload) != size or chunk < 1:
+        raise click.ClickException(f'{path}: {len(payload)} bytes of codes, the header says {size} (chunk {chunk})')
+    if num * entropy_coding.min_bits_per_image(ks) > 8 * len(payload) + 64:
+        raise click.ClickException(f'{path}: {len(payload)} bytes cannot hold the codes of {num} images (corrupted header)')
+    codes = entropy_coding.decode_codes(prior, payload, ks, num, chunk=chunk)
+    if entropy_coding.codes_checksum(codes) != checksum:
+        raise click.ClickException(f'{path}: the decoded codes fail their checksum: the prior computed other probabilities '
+                                   'than when encoding (another device or torch version?) or the file is corrupted')
+    return codes
+
+# The prior module of --prior (None for off, or auto without a prior file beside the network) and its path.
+def _load_prior(prior, net, net_path, device):
+    rule, path = cli.load_prior(prior, net, net_path, device)
+    return (None, None) if rule is None else (rule.prior, path)
 
 
 # The reconstruction PSNR line (images.mean_psnr, the figure generate.py --reconstruct reports as psnr).
@@ -78,8 +136,10 @@ def _psnr_line(values):
 
 # The options both commands share: which network, on which device, how many images at once.
 def _network_options(fn):
-    fn = click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)(fn)
+    fn = click.option('--trust-code', '--trust-pickle', 'trust_pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)(fn)
     fn = cli.device_option()(fn)
+    fn = click.option('--prior', help="Prior over the codes for entropy coding: auto (the network file's X.prior.safetensors if any), "
+                      'off (fixed-length codes), or a prior file', metavar='auto|off|PATH', type=str, default='auto', show_default=True)(fn)
     fn = click.option('--batch', help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)(fn)
     return click.option('--network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (latest snapshot)', metavar='FILE|URL|DIR', required=True)(fn)
 
@@ -97,13 +157,14 @@ def main():
 @click.option('--data',         help='Dataset folder or zip, or "digits"', metavar='ZIP|DIR', default='digits', show_default=True)
 @click.option('--max-images',   help='Encode the first N images', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--out',          help='Output codes file', metavar='BIN', required=True)
-def encode(network, data, max_images, out, batch, device, trust_pickle):
-    """Encode dataset images to packed latents; report bits/image and PSNR."""
+def encode(network, data, max_images, out, batch, prior, device, trust_pickle):
+    """Encode dataset images to latents (entropy-coded with a prior, or fixed-length); report bits/image and PSNR."""
     if os.path.isdir(out):
         raise click.BadParameter(f'{out} is a folder; give a file name', param_hint='--out')
     cli.check_writable(out, '--out')
     device = dist.pick_device(device)
     path, net = cli.load_network(network, device, trust_pickle)
+    prior_module, prior_path = _load_prior(prior, net, path, device)
     dataset = cli.open_dataset_for(data, net)
     num = len(dataset) if max_images is None else min(max_images, len(dataset))
     all_codes, values = [], []
@@ -111,11 +172,17 @@ def encode(network, data, max_images, out, batch, device, trust_pickle):
         all_codes.append(b.codes.cpu())
         values.append(psnr(b.images.cpu(), b.originals.cpu()))
     codes = torch.cat(all_codes).numpy()
-    header, payload = write_codes_file(out, codes, net.ks, network=fingerprint(net))
+    header, payload = write_codes_file(out, codes, net.ks, network=fingerprint(net), prior=prior_module, chunk=batch)
     click.echo(f'Network: {path} (L={net.num_layers}, K per layer {_describe_ks(net.ks)})')
     click.echo(f'Encoded {num} images to {out}: {payload} bytes of codes + {header} bytes of header')
-    click.echo(f'bits_per_image={stored_bits(net.ks)} (information {latent_bits(net.ks):.2f}; '
-               f'raw {net.img_channels * net.img_resolution ** 2 * 8} bits)')
+    fixed, raw = stored_bits(net.ks), net.img_channels * net.img_resolution ** 2 * 8
+    if prior_module is None:
+        click.echo(f'bits_per_image={fixed} (fixed-length; information L*log2 K = {latent_bits(net.ks):.2f}; raw {raw} bits)')
+    else:
+        bits = payload * 8 / num
+        click.echo(f'bits_per_image={bits:.2f} (entropy-coded with the prior {prior_path}; fixed-length {fixed} bits, '
+                   f'{100 * (1 - bits / max(fixed, 1)):.1f}% fewer; L*log2 K = {latent_bits(net.ks):.2f}; raw {raw} bits)')
+    click.echo(f'fixed_bits_per_image={fixed}')
     click.echo(_psnr_line(values))
 
 @main.command()
@@ -123,11 +190,13 @@ def encode(network, data, max_images, out, batch, device, trust_pickle):
 @click.option('--codes',        help='Codes file written by `encode`', metavar='BIN', type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option('--outdir',       help='Where to write the decoded images', metavar='DIR', required=True)
 @click.option('--data',         help='Also report the PSNR against these originals (the encoded dataset)', metavar='ZIP|DIR', default=None)
-def decode(network, codes, outdir, data, batch, device, trust_pickle):
+def decode(network, codes, outdir, data, batch, prior, device, trust_pickle):
     """Decode a codes file to images {index:06d}.png."""
     device = dist.pick_device(device)
     path, net = cli.load_network(network, device, trust_pickle)
-    all_codes, ks, made_by = read_codes_file(codes, with_network=True)
+    coded = file_needs_prior(codes)
+    prior_module = _load_prior(prior, net, path, device)[0] if coded else None
+    all_codes, ks, made_by = read_codes_file(codes, with_network=True, prior=prior_module)
     if list(ks) != list(net.ks):
         raise click.ClickException(f'{codes} was written for K per layer {_describe_ks(ks)}, but {path} has {_describe_ks(net.ks)}')
     if made_by is not None and made_by != fingerprint(net):
@@ -145,7 +214,8 @@ def decode(network, codes, outdir, data, batch, device, trust_pickle):
             to_pil(image).save(image_path(outdir, name))
         if dataset is not None:
             values.append(psnr(images, torch.from_numpy(np.stack([dataset[i][0] for i in b.names]))))
-    click.echo(f'Decoded {num} images ({stored_bits(ks)} bits each) to {outdir}')
+    size = 'entropy-coded' if coded else f'{stored_bits(ks)} bits each'
+    click.echo(f'Decoded {num} images ({size}) to {outdir}')
     if values:
         click.echo(_psnr_line(values))
 

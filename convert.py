@@ -21,7 +21,7 @@ OUT_EXTS = (snapshot.SAFE_EXT, snapshot.PICKLE_EXT)
 @click.command()
 @click.option('--network', help='Network file, URL or run folder (its newest snapshot)', metavar='PATH|URL|DIR', required=True)
 @click.option('--out', help='Output file: .safetensors (safe) or .pkl (pickle: dict(ema=...))', metavar='FILE', required=True)
-@click.option('--trust-pickle', help='Load a pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
+@click.option('--trust-code', '--trust-pickle', 'trust_pickle', help='Load a pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
 @click.option('--force', help='Replace an existing --out file', is_flag=True)
 def main(network, out, trust_pickle, force):
     """Convert a network file to the safe format or to a snapshot pickle."""

@@ -8,7 +8,8 @@ choose seeds and the choice rule, and add a CLIP prompt when `open_clip_torch` i
 shows guided samples beside the unguided samples of the same seeds, the coarse-to-fine path of one
 sample (the chosen image of every layer) and a GIF of it. Guidance is the library's
 (`sampling/interactive.py`, `sampling/guide_spec.py`, `sampling/guidance.py`): a demo image is the
-image `generate.py` writes for the same network, seed, guide and rule.
+image `generate.py` writes for the same network, seed, guide and rule. When the network file has a
+prior over its codes (`X.prior.safetensors`), samples are drawn through it, as `generate.py --prior=auto`.
 
 Needs gradio (`pip install gradio`), which ddn does not install by default. The app listens on
 127.0.0.1 only unless `--host` says otherwise; it loads networks named in the page as `--network` does.
@@ -26,8 +27,10 @@ import urllib.request
 import click
 import numpy as np
 
+import dnnlib
 from cli import device_option
 from torch_utils.distributed import pick_device
+from training import prior as prior_lib
 from sampling import interactive
 from training.images import to_uint8
 from sampling.interactive import CANVAS_SIZE, MAX_SEEDS, UPLOAD_GUIDES
@@ -59,6 +62,7 @@ class _Session:
         self.device = device
         self.net = None
         self.path = None
+        self.prior = None
 
     def load(self, name):
         name = (name or '').strip()
@@ -71,6 +75,13 @@ class _Session:
         if net.condition is not None:
             raise self.gr.Error(f'{path} is conditioned on {net.condition!r}; the demo guides unconditional networks')
         self.net, self.path = net, path
+        # The network file's own prior (X.prior.safetensors), as generate.py --prior=auto.
+        found = None if dnnlib.util.is_url(path) else prior_lib.find_prior(path)
+        try:
+            self.prior = None if found is None else prior_lib.PriorRule(
+                prior_lib.check_prior_fits(prior_lib.load_prior(found, self.device), net.ks, found))
+        except (OSError, ValueError) as e:
+            raise self.gr.Error(f'Could not load the prior of the network: {e}') from None
         return self.describe()
 
     def describe(self):
@@ -80,7 +91,8 @@ class _Session:
         kind = 'grayscale' if net.img_channels == 1 else 'RGB'
         return (f'**{self.path}** — {net.img_resolution}x{net.img_resolution} {kind}, '
                 f'{net.num_layers} layers, K up to {max(net.ks)}. Upload guides must be '
-                f'{net.img_resolution}x{net.img_resolution} (super-resolution: a size that divides it).')
+                f'{net.img_resolution}x{net.img_resolution} (super-resolution: a size that divides it).'
+                + ('' if self.prior is None else ' Samples are drawn through its prior over the codes.'))
 
     def generate(self, strokes, upload, w_inpaint, w_superres, w_color, w_lowbit, w_edge, w_l2, w_clip, bits, text,
                  seeds, temperature, topk, path_seed, resize):
@@ -90,7 +102,7 @@ class _Session:
         try:
             result, guided = interactive.run_request(self.net, weights, seeds, temperature=temperature, topk=topk,
                                                      path_seed=path_seed, strokes=strokes, upload=upload, bits=bits,
-                                                     text=text, resize=resize, device=self.device)
+                                                     text=text, resize=resize, device=self.device, prior=self.prior)
         except (ValueError, OSError, click.UsageError, ImportError) as e:  # ImportError: clip without a CLIP package.
             raise self.gr.Error(str(e)) from None
         frames = interactive.coarse_to_fine(result.path, VIEW_SIZE)

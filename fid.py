@@ -15,7 +15,7 @@ Under `torchrun` each rank takes a strided share of the images; per-rank sums ar
 the rows that precision/recall, KID and IS need are all-gathered once at the end; rank 0 prints and writes.
 
 Detector files load without running code (TorchScript, or pickles of TorchScript like StyleGAN3's
-Inception); any other pickle needs --trust-pickle, since unpickling it runs code named by the file.
+Inception); any other pickle or TorchScript archive needs --trust-code (alias --trust-pickle), since it runs code.
 """
 
 import click
@@ -63,7 +63,7 @@ def cli():
 
 # Options both subcommands share.
 def _common_options(fn):
-    fn = click.option('--trust-pickle', help='Allow a detector pickle that runs code when loaded (trusted files only)', is_flag=True)(fn)
+    fn = click.option('--trust-code', '--trust-pickle', 'trust_pickle', help='Allow a --detector file that runs code (a TorchScript archive other than the Inception, a pickle); trusted files only', is_flag=True)(fn)
     fn = click.option('--workers', help='Data loader worker processes', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)(fn)
     fn = click.option('--detector', 'detector_url', help='Detector: inception, dinov2, clip, or a TorchScript/pickle path or URL  [default: inception]', metavar='NAME|PATH|URL', type=str, default=None)(fn)
     fn = click.option('--batch', help='Maximum batch size per rank', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)(fn)

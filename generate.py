@@ -15,6 +15,13 @@ Guided sampling (zero-shot conditional generation, DDN.md §5, sampling/guidance
 TYPE[:WEIGHT],...` makes every layer keep its candidate nearest a condition (argmin, ties broken by
 the seed), or sample (`--guide-temp`, `--guide-topk`) from the seed's own uniforms, so a guided image is
 as deterministic as a plain sample. The guide inputs (`--guide-image`, ...) are shared by every seed.
+A prior over the codes (`--prior`, training/prior.py, fitted by train_prior.py or train.py `--prior`)
+draws each layer's code from p(k_l | k_<l) instead of uniformly, from the same per-seed uniforms
+(inverse CDF; `--prior-temp`, `--prior-topk`, `--prior-topp`); `auto` (the default) uses the network
+file's own `X.prior.safetensors` when there is one, `off` gives uniform codes. With `--guide` the scorer
+ranks the candidates and the prior weighs them (the rule: sampling/prior_sampling.py). With
+`--reconstruct`, metrics.json and the last lines give the bits per image of the images' codes under the
+prior (`prior_bits`, against `uniform_bits` = sum log2 K): its likelihood on those images.
 Conditional networks (DDN.md §6) take `--class` (else a class drawn from each seed) or
 `--condition-image` (the condition computed from it as in training, training/conditions.py);
 reconstruction derives each image's condition from the image (and its label).
@@ -24,7 +31,7 @@ gathers latents, grid images and statistics and writes the shared files.
 
 SECURITY: `--network` reads the safe format (.safetensors) or our snapshot pickles through a restricted
 unpickler that runs nothing from the file; guide classifiers and feature networks are TorchScript.
-Other pickles load only with `--trust-pickle` (they run code). See training/snapshot.py.
+Other pickles, and TorchScript guide networks, load only with `--trust-code` (alias `--trust-pickle`): they run code. See training/snapshot.py.
 """
 
 import os
@@ -38,6 +45,7 @@ from dnnlib.util import format_int_list
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from evaluation import metrics as metric_lib
+from training import prior as prior_lib
 from training import snapshot
 from training.conditions import condition_kind, load_condition_image, make_condition_fn, stored_condition_fn
 from evaluation.detectors import DETECTOR_URL, load_detector
@@ -119,15 +127,28 @@ class Work(NamedTuple):
     stored:     object = None       # The one condition latents.npz keeps for all images, else None (each image's).
     scorer:     object = None       # Guide scorer of guided sampling, or None.
 
+# The prior of --prior (training/prior.py) as a PriorRule, or None: 'off' (uniform codes), 'auto' (the
+# network file's own X.prior.safetensors when it has one) or a prior file. Only sampling uses it.
+# With --reconstruct the prior only scores the codes: metrics.json gets their bits per image under it.
+def _load_prior(opts, mode, net, net_path, device):
+    if mode == 'decode':
+        if opts.prior not in ('auto', 'off'):
+            raise click.UsageError('--prior draws the codes of samples (and scores those of --reconstruct); it does not apply with --codes')
+        return None, None
+    if mode == 'reconstruct' and (opts.prior_temp, opts.prior_topk, opts.prior_topp) != (1.0, 0, 1.0):
+        raise click.UsageError('--prior-temp/--prior-topk/--prior-topp shape sampling; they do not apply with --reconstruct')
+    return cli.load_prior(opts.prior, net, net_path, device, opts.prior_temp, opts.prior_topk, opts.prior_topp)
+
 # Sampling (optionally guided): --seeds, default 0-63.
-def _sample_work(opts, net, device, shared, chooser):
+def _sample_work(opts, net, device, shared, chooser, prior=None):
     kind = condition_kind(net)
     if kind not in (None, 'class') and shared is None:
         raise click.UsageError(NEED_IMAGE.format(net.condition))
     names = opts.seeds if opts.seeds is not None else list(range(64))
     scorer = build_guide(opts, net, device)
     condition_fn = make_condition_fn(net, device, class_idx=opts.class_idx, shared=shared)
-    batches = generate_batches(net, rank_share(names), opts.batch, condition_fn=condition_fn, scorer=scorer, chooser=chooser)
+    batches = generate_batches(net, rank_share(names), opts.batch, condition_fn=condition_fn, scorer=scorer, chooser=chooser,
+                               prior=prior)
     return Work(names, 'seeds', batches, None if shared is None else shared.cpu().numpy(), scorer)
 
 # Decoding the rows of --codes, with their stored conditions unless --class / --condition-image replace them.
@@ -175,8 +196,8 @@ def _guide_info(opts, guide_types, chooser_info):
         info['class'] = opts.class_idx
     return info
 
-def _run_options(opts, mode, net, net_path, names, guide_info):
-    return dict(mode=mode, network=net_path, outdir=opts.outdir, num=len(names),
+def _run_options(opts, mode, net, net_path, names, guide_info, prior_info=None):
+    return dict(mode=mode, network=net_path, prior=prior_info, outdir=opts.outdir, num=len(names),
                 seeds=format_int_list(names) if mode == 'sample' else None, codes=opts.codes_path,
                 reconstruct=opts.data, max_images=opts.max_images, batch=opts.batch, subdirs=opts.subdirs,
                 world_size=dist.get_world_size(), condition=getattr(net, 'condition', None),
@@ -228,6 +249,8 @@ def _load_metrics(opts, num, device):
 @click.option('--reconstruct', 'data', help='Encode and reconstruct images of a dataset (folder, zip, or "digits")', metavar='PATH|digits', type=str, default=None)
 @click.option('--max-images', help='Use only the first N images of --reconstruct / rows of --codes', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--condition-image', help='Condition image of a color/edge/resizeN-conditional network (square, any size)', metavar='PNG', type=_FILE, default=None)
+# The prior over the codes (sampling only).
+@cli.prior_options
 # Guided sampling (zero-shot conditional generation).
 @click.option('--guide', help='Guide the sampling: TYPE[:WEIGHT],... with TYPE in ' + ', '.join(GUIDE_TYPES), metavar='SPEC', type=str, default=None)
 @click.option('--guide-image', help='Guide image, shared by all seeds: target of l2/inpaint/lowbit, low-res image of superres, grayscale of color, edge map of edge (white = edge)', metavar='PNG', type=_FILE, default=None)
@@ -242,7 +265,7 @@ def _load_metrics(opts, num, device):
 # Metrics.
 @click.option('--fid-ref', 'fid_ref', help='Reference statistics: compute FID (and IS) of the generated images', metavar='NPZ|URL', type=str, default=None)
 @click.option('--detector', 'detector_url', help='Detector pickle/TorchScript path or URL  [default: Inception-v3]', metavar='PATH|URL', type=str, default=None)
-@click.option('--trust-pickle', help='Load pickles that are not plain ddn snapshots (--network, --guide-classifier, --guide-features, --detector): they run code', is_flag=True)
+@click.option('--trust-code', '--trust-pickle', 'trust_pickle', help='Run code from files: --network pickles that are not plain ddn snapshots, --guide-classifier / --guide-features (TorchScript or pickles), a --detector other than the known ones', is_flag=True)
 def main(**kwargs):
     """Generate images with a trained DDN, reconstruct a dataset, or decode latents; optionally compute FID.
 
@@ -286,8 +309,14 @@ def _main(opts):
     dist.print0(f'Network: {net_path} ({net.img_channels}x{net.img_resolution}x{net.img_resolution}, '
                 f'L={net.num_layers}, {net.bits_per_image:.0f} bits per image, fingerprint {net_id})')
     shared = _shared_condition(opts, net, mode, guide_types, device)
+    prior, prior_info = _load_prior(opts, mode, net, net_path, device)
+    if prior is not None:
+        prior_info = dict(path=prior_info, kind=type(prior.prior).__name__, temperature=prior.temperature,
+                          top_k=prior.top_k, top_p=prior.top_p)
+        dist.print0(f'Prior: {prior_info["path"]} ({prior_info["kind"]}, temperature {prior.temperature}, '
+                    f'top-k {prior.top_k or "all"}, top-p {prior.top_p})')
     if mode == 'sample':
-        work = _sample_work(opts, net, device, shared, chooser)
+        work = _sample_work(opts, net, device, shared, chooser, prior)
     elif mode == 'decode':
         work = _decode_work(opts, net, device, shared, net_id)
     else:
@@ -303,7 +332,7 @@ def _main(opts):
         dist.print0(f'Guide: {opts.guide} ({", ".join(f"{k}={v}" for k, v in chooser_info.items())})')
     if dist.get_rank() == 0:
         clear_outdir(opts.outdir)
-        checkpoint.write_json(os.path.join(opts.outdir, 'generation_options.json'), _run_options(opts, mode, net, net_path, work.names, guide_info))
+        checkpoint.write_json(os.path.join(opts.outdir, 'generation_options.json'), _run_options(opts, mode, net, net_path, work.names, guide_info, prior_info))
     dist.barrier()
 
     # Generate, writing PNGs as batches come; the detector reads the same uint8 batches.
@@ -320,9 +349,11 @@ def _main(opts):
     rec = recorder.gather(net.num_layers)
     if rec is not None:
         results.update(rec.metrics)
+        if mode == 'reconstruct' and prior is not None:   # The likelihood of the data's codes under the prior.
+            results.update(prior_bits=prior_lib.bits_per_image(prior.prior, rec.codes), uniform_bits=net.bits_per_image)
         _write_outputs(opts, mode, net, net_id, net_path, work, rec, results, guide_info)
     dist.barrier()
-    metric_lib.print_metrics(results, ('guide_distance', 'mse', 'psnr', 'is', 'is_std', 'precision', 'recall', 'fid'))  # fid last.
+    metric_lib.print_metrics(results, ('guide_distance', 'mse', 'psnr', 'uniform_bits', 'prior_bits', 'is', 'is_std', 'precision', 'recall', 'fid'))  # fid last.
 
 # ----------------------------------------------------------------------------
 

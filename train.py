@@ -147,6 +147,9 @@ def resolve_resume(path):
 @option(DDN, '--loss',           help='Loss and selection distance', type=click.Choice(['l2', 'l1']), default='l2')
 @option(DDN, '--balance',        help='Node balancing after every step: Split-and-Prune with the total-variation test (tv) or the paper\'s thresholds (paper), a per-node selection bias (bias, nothing split), or none (the ablation)', type=click.Choice(list(BALANCE_METHODS)), default='tv')
 @option(DDN, '--bias-rate',      help='--balance=bias: step of the log-distance bias per training step', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2)
+@option(DDN, '--prior',          help='Prior over the codes, refreshed on the EMA network\'s codes of a fixed subset of training images before each snapshot and saved beside it (network-snapshot-*.prior.safetensors)', type=click.Choice(['none', 'frequency', 'transformer']), default='none')
+@option(DDN, '--prior-images',   help='--prior: size of the fixed subset (the first images; the last 10% held out)', metavar='INT', type=click.IntRange(min=2), default=2000)
+@option(DDN, '--prior-steps',    help='--prior=transformer: training steps per refresh (warm start)', metavar='INT', type=click.IntRange(min=0), default=300)
 @option(DDN, '--condition',      help='Conditional training: the condition is fed into the network', metavar='class|color|edge|resizeN', type=str)
 
 # Performance.
@@ -170,7 +173,7 @@ def resolve_resume(path):
 @option(IO, '--resume',          help='Resume from a training state, or a run folder\'s latest', metavar='PT|DIR', type=str)
 @option(IO, '--metrics',         help='Metrics of every snapshot, e.g. fid50k,fid10k,kid10k,pr10k', metavar='LIST', type=str)
 @option(IO, '--detector',        help='Detector of --metrics: inception, dinov2, clip, or a file or URL  [default: inception]', metavar='NAME|PATH', type=str)
-@option(IO, '--trust-pickle',    help='Let --transfer and --detector load a pickle that runs code (trusted files only)', is_flag=True)
+@option(IO, '--trust-code', '--trust-pickle', 'trust_pickle', help='Let --transfer and --detector load a file that runs code (a pickle, a TorchScript detector other than the Inception); trusted files only', is_flag=True)
 @option(IO, '-n', '--dry-run',   help='Print training options and exit', is_flag=True)
 
 def main(**kwargs):
@@ -204,6 +207,7 @@ def launch(opts):
     c.update(optimizer_config(opts))
     c.update(training_config(opts, world_size))
     c.update(metrics_config(opts, condition))
+    c.update(prior_config(opts, condition))
     start_kwargs, resumed_seed = transfer_resume_config(opts, c.network_kwargs, dataset_info)
     c.update(start_kwargs)
     c.seed = choose_seed(opts.seed, resumed_seed)
@@ -320,8 +324,28 @@ def metrics_config(opts, condition):
     elif opts.detector is not None:
         raise click.UsageError('--detector is only used with --metrics')
     if opts.trust_pickle and opts.metrics is None and opts.transfer is None:
-        raise click.UsageError('--trust-pickle is only used with --transfer or --metrics')
+        raise click.UsageError('--trust-code is only used with --transfer or --metrics')
     return c
+
+# The prior over the codes (training/prior_training.py), refreshed before each snapshot; none by default.
+def prior_config(opts, condition):
+    c = dnnlib.EasyDict()
+    if opts.prior == 'none':
+        for name in ('prior_images', 'prior_steps'):
+            if opts[name] != PRIOR_DEFAULTS[name]:
+                raise click.UsageError(f'--{name.replace("_", "-")} is only used with --prior')
+        return c
+    if condition is not None:
+        raise click.UsageError(f'--prior: a prior over the codes applies to unconditional networks, not --condition={condition}')
+    c.prior_kwargs = dnnlib.EasyDict(class_name='training.prior_training.PriorRefresh', kind=opts.prior, num_images=opts.prior_images)
+    if opts.prior == 'transformer':
+        c.prior_kwargs.steps = opts.prior_steps
+    elif opts.prior_steps != PRIOR_DEFAULTS['prior_steps']:
+        raise click.UsageError('--prior-steps is only used with --prior=transformer')
+    return c
+
+# Defaults of the --prior options (a changed one without --prior is an error).
+PRIOR_DEFAULTS = dict(prior_images=2000, prior_steps=300)
 
 # Transfer learning and resume: check the files now, before a run folder exists -> (config, resumed seed).
 def transfer_resume_config(opts, network_kwargs, dataset_info):

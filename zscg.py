@@ -13,6 +13,10 @@ max(1, cell // 32) pixels, so the image is  (S + 2) * cell + (S + 3) * sep  wide
 N * cell + (N + 1) * sep  high, for S seeds and N images. The run also prints the mean guide
 distance of the guided results and of unguided samples of the same seeds.
 
+With a prior over the codes (`--prior`, default auto: the network file's own X.prior.safetensors) the
+unguided samples come from the prior and the guide's choice is weighed by it (the rule:
+sampling/prior_sampling.py); `--prior=off` gives the uniform codes.
+
 Example:
     python zscg.py --network=training-runs/00000-digits --task=superres --images=0-3 --seeds=0-5
 
@@ -32,6 +36,7 @@ from torch_utils.distributed import pick_device
 from sampling import guidance
 from training.ddl import resize_area
 from sampling.guide_spec import parse_guides
+from sampling.prior_sampling import sample_with_prior
 from training.image_ops import edge_map, grayscale, quantize
 from training.images import check_png_out, make_grid, save_png, to_float, to_uint8
 from training.determinism import batch_invariant
@@ -50,12 +55,12 @@ HOLES = ('bottom', 'top', 'left', 'right', 'center')
 
 # The EMA network of a snapshot pickle, URL or run folder (training/snapshot.py), in eval mode. ZSCG
 # guides an unconditional network: a conditional one would need its condition at every call.
-def load_network(network, device, trust_pickle=False):
-    _, net = cli.load_network(network, device, trust_pickle=trust_pickle)
+def load_network(network, device, trust_pickle=False, with_path=False):
+    path, net = cli.load_network(network, device, trust_pickle=trust_pickle)
     if getattr(net, 'condition', None) is not None:
         raise click.ClickException(f'{network}: this network is conditioned on {net.condition!r}; zscg.py guides '
                                    'unconditional networks (generate.py --guide combines guidance with a condition)')
-    return net
+    return (path, net) if with_path else net
 
 # ----------------------------------------------------------------------------
 # Conditions: the degraded observation of the ground truth that a task starts from.
@@ -125,9 +130,11 @@ def layout(rows, cell_min):
 @click.option('--temperature', help='Softmax temperature of the choice (0 = argmin: every seed gives the same image)  [default: 0.2 without --topk]', metavar='FLOAT', type=click.FloatRange(min=0), default=None)
 @click.option('--topk', help='Choose uniformly among the N best instead of --temperature', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--cell', help='Smallest cell side in pixels (nearest upscaling)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@cli.prior_options
 @device_option()
-@click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
-def main(network, data, task, indices, seeds, out, sr_size, bits, hole, temperature, topk, cell, device, trust_pickle):
+@click.option('--trust-code', '--trust-pickle', 'trust_pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
+def main(network, data, task, indices, seeds, out, sr_size, bits, hole, temperature, topk, cell, prior, prior_temp, prior_topk,
+         prior_topp, device, trust_pickle):
     """Zero-shot conditional generation figure: condition | guided results per seed | ground truth."""
     try:
         check_png_out(out)
@@ -137,7 +144,12 @@ def main(network, data, task, indices, seeds, out, sr_size, bits, hole, temperat
         temperature = DEFAULT_TEMPERATURE
     chooser, _ = cli.chooser(temperature, topk, options=('--temperature', '--topk'))
     device = pick_device(device)
-    net = load_network(network, device, trust_pickle)
+    net_path, net = load_network(network, device, trust_pickle, with_path=True)
+    rule, prior_path = cli.load_prior(prior, net, net_path, device, prior_temp, prior_topk, prior_topp)
+    if rule is not None:
+        print(f'Prior: {prior_path} (temperature {prior_temp}, top-k {prior_topk or "all"}, top-p {prior_topp})')
+    # Samples, guided or not: through the prior when there is one (sampling/prior_sampling.py).
+    run = (lambda **kw: net(seeds=seeds, **kw)) if rule is None else (lambda **kw: sample_with_prior(net, seeds, rule, **kw))
     res, C = net.img_resolution, net.img_channels
     dataset = cli.open_dataset_for(data, net)
     if max(indices) >= len(dataset):
@@ -148,13 +160,13 @@ def main(network, data, task, indices, seeds, out, sr_size, bits, hole, temperat
 
     rows, guided_d, unguided_d = [], [], []
     with torch.no_grad(), batch_invariant():
-        unguided = net(seeds=seeds).images
+        unguided = run().images
         for idx in tqdm.tqdm(indices, desc=f'zscg {task}', unit='image'):
             x = to_float(torch.from_numpy(dataset[idx][0]).to(device))[None]
             inputs, condition = degraded_observation(task, x, sr_size, bits, hole)
             scorer = parse_guides(task, img_channels=C, img_resolution=res, device=device,
                                   **{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
-            results = net(scorer=scorer, chooser=chooser, seeds=seeds).images
+            results = run(scorer=scorer, chooser=chooser).images
             guided_d.append(guidance.final_distance(scorer, results).mean().item())
             unguided_d.append(guidance.final_distance(scorer, unguided).mean().item())
             cells = torch.cat([condition, results, x])                    # condition | seeds | ground truth.

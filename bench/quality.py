@@ -9,6 +9,13 @@ see the same machine. Then, for each:
 - **precision / recall** (Kynkaanniemi et al. 2019, k=3) in the same feature space.
 - **recon MSE**: the mean squared error of the reconstruction (L2-guided encoding) of the held-out
   digits, in [0, 1] pixels.
+Then rows of the same network of ours (`--prior-steps`, 0 = none): its held-out reconstructions scored
+as samples (the FD a perfect prior over its codes could approach), and its samples from the same
+per-seed uniforms through priors over its codes (training/prior.py), fitted to the codes of the
+training split: uniform codes (the plain samples again, through the prior's code path), the per-layer
+node-frequency prior, and the causal transformer prior (early-stopped on the last 10% of the training
+codes; its training seconds in "wall s"). "bits" is the held-out digits' code length under the prior
+(-sum log2 p per image); "replay" the share of sampled code sequences equal to a training image's codes.
 `--clock=cpu` counts the CPU seconds the process was given instead (threads summed), which depends
 much less on what else runs on the machine: the recipe search in the README uses it. img/s in the
 table is per second of the budget's clock; "wall s" is the wall-clock time of the training.
@@ -72,6 +79,7 @@ from torch_utils import checkpoint, misc
 from evaluation import feature_metrics
 from training.dataset import DigitsDataset
 from training.loss import DDNLoss
+from training import prior as prior_lib
 from training.networks import DDNGenerator
 from training.training_step import TrainingStep, ema_beta, learning_rate
 
@@ -240,6 +248,31 @@ def evaluate_ours(net, held_out, num, batch=250):
     recon = torch.cat([net.encode(part)[1] for part in targets.split(batch)])
     return quantize((samples + 1) / 2), quantize((recon + 1) / 2)
 
+# The same network sampled through priors over its codes (training/prior.py), fitted to the codes of
+# the training split (the transformer early-stopped on its last 10%): for each of uniform codes, the
+# per-layer frequency prior and the transformer prior, `num` samples in [0, 1] (seeds 0..num-1, the same
+# per-seed uniforms), the held-out digits' bits per image, and the share of sampled code sequences
+# equal to a training image's codes. Returns [(name, samples, info)], and the transformer's training seconds.
+@torch.no_grad()
+def evaluate_priors(net, train, held_out, num, steps, seed=0, batch=250):
+    encode = lambda images: torch.cat([net.encode(part.float() / 127.5 - 1)[0] for part in images.split(batch)])
+    train_codes, held_codes = encode(train), encode(held_out)
+    num_val = max(1, train_codes.shape[0] // 10)
+    t0 = time.monotonic()
+    with torch.enable_grad():
+        transformer, _ = prior_lib.fit_prior('transformer', net.ks, train_codes[:-num_val], train_codes[-num_val:], steps=steps, seed=seed)
+    prior_sec = time.monotonic() - t0
+    uniforms = net.seed_uniforms(range(num))
+    results = []
+    for name, prior in (('uniform codes', prior_lib.FrequencyPrior(net.ks)),
+                        ('frequency prior', prior_lib.fit_frequency_prior(train_codes, net.ks)),
+                        ('transformer prior', transformer)):
+        codes = prior_lib.sample(prior, uniforms)
+        images = torch.cat([net(codes=part).images for part in codes.split(batch)])
+        info = dict(bits=prior_lib.bits_per_image(prior, held_codes), replay=prior_lib.replay_share(codes, train_codes))
+        results.append((name, quantize((images + 1) / 2), info))
+    return results, prior_sec
+
 # ----------------------------------------------------------------------------
 # The peer: lucidrains' discrete-distribution-network, trained by its own Trainer.
 
@@ -352,7 +385,8 @@ def _fmt(x, spec):
     return '-' if x is None else format(x, spec)
 
 def print_table(rows):
-    head = f'{"model":<34s} {"FD":>8s} {"prec.":>6s} {"recall":>6s} {"recon MSE":>10s} {"params":>8s} {"L":>3s} {"K":>6s} {"steps":>6s} {"kimg":>7s} {"img/s":>7s} {"wall s":>7s}'
+    head = (f'{"model":<34s} {"FD":>8s} {"prec.":>6s} {"recall":>6s} {"recon MSE":>10s} {"params":>8s} {"L":>3s} {"K":>6s} {"steps":>6s} '
+            f'{"kimg":>7s} {"img/s":>7s} {"wall s":>7s} {"bits":>6s} {"replay":>6s}')
     print(head)
     print('-' * len(head))
     for r in rows:
@@ -360,7 +394,8 @@ def print_table(rows):
         ks = '/'.join(map(str, r['ks'])) if r.get('ks') else None
         print(f'{r["name"]:<34s} {_fmt(r["fd"], "8.3f")} {_fmt(r["precision"], "6.3f")} {_fmt(r["recall"], "6.3f")} '
               f'{_fmt(r["recon_mse"], "10.5f")} {_fmt(r.get("params"), "8d")} {_fmt(r.get("layers"), "3d")} '
-              f'{ks or "-":>6s} {_fmt(r.get("steps"), "6d")} {_fmt(r.get("kimg"), "7.2f")} {_fmt(rate, "7.1f")} {_fmt(r.get("wall"), "7.1f")}')
+              f'{ks or "-":>6s} {_fmt(r.get("steps"), "6d")} {_fmt(r.get("kimg"), "7.2f")} {_fmt(rate, "7.1f")} {_fmt(r.get("wall"), "7.1f")} '
+              f'{_fmt(r.get("bits"), "6.2f")} {_fmt(r.get("replay"), "6.3f")}')
 
 @click.command(context_settings=dict(max_content_width=120))
 @click.option('--size',          help='Image size', type=click.Choice(['16', '32']), default='16', show_default=True)
@@ -371,6 +406,9 @@ def print_table(rows):
 @click.option('--threads',       help='CPU threads (torch.set_num_threads)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--peer/--no-peer', help='Train and score the peer (and print the ratio lines)', default=True, show_default=True)
 @click.option('--peer-dim',      help='Width (dim) of the peer DDN', metavar='INT', type=click.IntRange(min=4), default=64, show_default=True)
+@click.option('--prior-steps',   help='Also sample ours through priors over its codes (uniform / frequency / transformer rows, '
+                                  'with held-out bits per image and the replayed share); training steps of the transformer, 0 = no prior rows',
+                                  metavar='INT', type=click.IntRange(min=0), default=300, show_default=True)
 @click.option('--json', 'json_path', help='Also write the figures to this JSON file', metavar='PATH', type=str)
 # Our recipe: train.py's option names and units.
 @click.option('--batch',         help='Batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
@@ -387,7 +425,7 @@ def print_table(rows):
 @click.option('--split-prune/--no-split-prune', help='Split-and-Prune after every step', default=True, show_default=True)
 @click.option('--split-rule',    help='Node balancing rule', type=click.Choice(['tv', 'paper', 'bias']), default='tv', show_default=True)
 @click.option('--bias-rate',     help='--split-rule=bias: step of the bias', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
-def main(size, budget, clock, seed, samples, threads, peer, peer_dim, json_path, **recipe):
+def main(size, budget, clock, seed, samples, threads, peer, peer_dim, prior_steps, json_path, **recipe):
     """Sample quality (classifier-feature FD, precision/recall) and held-out reconstruction MSE of our DDN
     and of lucidrains' DDN, each trained for the same wall-clock budget on the built-in digits."""
     size = int(size)
@@ -428,6 +466,12 @@ def main(size, budget, clock, seed, samples, threads, peer, peer_dim, json_path,
     net, info = train_ours(train, budget, recipe, seed=seed, clock=clock)
     gen, recon = evaluate_ours(net, held_out, samples)
     ours = add_row('ours (DDNGenerator)', gen, float(F.mse_loss(recon, held01)), **info)
+    add_row('ours: held-out reconstructions', recon, float(F.mse_loss(recon, held01)))
+    if prior_steps:
+        print(f'Fitting priors to the codes of ours ({prior_steps} transformer steps)...', flush=True)
+        results, prior_sec = evaluate_priors(net, train, held_out, samples, prior_steps, seed=seed)
+        for name, gen, extra in results:
+            add_row(f'ours + {name}', gen, None, **extra, **(dict(wall=prior_sec) if name == 'transformer prior' else {}))
     del net
     if peer:
         print(f'Training the peer for {budget:g} {unit} at {size}x{size}...', flush=True)

@@ -8,4 +8,5 @@
   calling them (features, spatial features, class probabilities).
 - `snapshot_metrics.py`: the training loop's per-snapshot evaluator (SnapshotMetrics, named in its
   options, so `training/` never imports it) and the cached reference statistics of the training data.
+- `inception.py`: our FID Inception-v3, filled from the official TorchScript files without running them.
 """

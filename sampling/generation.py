@@ -2,7 +2,8 @@
 
 `generate_batches` yields the images of a list of names in batches, in one of three modes chosen by
 its arguments: nothing -> sampling (names are seeds: per-seed codes, so a seed gives the same image
-whatever the batch or the number of processes); `codes` -> decoding those latents; `dataset` ->
+whatever the batch or the number of processes; with a `prior`, the codes are drawn from it, see
+sampling/prior_sampling.py); `codes` -> decoding those latents; `dataset` ->
 reconstruction (L2-guided encoding of dataset images, names are their indices). A `scorer` (and
 `chooser`) guides sampling (zero-shot conditional generation, sampling/guidance.py); a
 `condition_fn` gives the condition of a conditional network (training/conditions.py). Every network
@@ -27,6 +28,7 @@ from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from training.conditions import condition_kind
 from sampling.guidance import final_distance
+from sampling.prior_sampling import sample_with_prior
 from training.images import image_path, make_grid, mean_psnr, psnr, save_png, side_by_side, to_float, to_pil, to_uint8
 from training.latent import save_latents
 from training.determinism import batch_invariant
@@ -67,11 +69,12 @@ def generate_batches(
     condition_fn    = None,     # (names, images or None) -> condition of a conditional net (conditions.make_condition_fn).
     scorer          = None,     # Sampling: guide scorer (guided layers keep the best candidate).
     chooser         = None,     # Sampling: choice rule of guided layers (default: the seed-aware argmin).
+    prior           = None,     # Sampling: a training.prior.PriorRule drawing the codes (sampling/prior_sampling.py).
 ) -> Iterator[Batch]:
     if codes is not None and dataset is not None:
         raise ValueError('generate_batches: give codes (decoding) or a dataset (reconstruction), not both')
-    if (codes is not None or dataset is not None) and scorer is not None:
-        raise ValueError('generate_batches: a scorer guides sampling only')
+    if (codes is not None or dataset is not None) and (scorer is not None or prior is not None):
+        raise ValueError('generate_batches: a scorer or a prior guides sampling only')
     names = list(names)
     device = net.init_feature.device
     for start in range(0, len(names), batch):
@@ -86,6 +89,9 @@ def generate_batches(
                 chosen, images = net.encode(x, condition=condition)
             elif codes is not None:
                 out = net(codes=torch.as_tensor(codes[start:start + batch], device=device), condition=condition)
+                chosen, images = out.codes, out.images
+            elif prior is not None:
+                out = sample_with_prior(net, chunk, prior, scorer=scorer, chooser=chooser, condition=condition)
                 chosen, images = out.codes, out.images
             else:
                 out = net(seeds=chunk, condition=condition, scorer=scorer, chooser=chooser)

@@ -11,8 +11,9 @@ keyword arguments), `demo.py` and `zscg.py`:
 - `load_guide_image` / `guide_from_pil` / `load_mask` / `load_module`: guide inputs from files.
 - `make_chooser`: the choice rule of guided layers (argmin, temperature or top-k).
 
-Classifier and feature networks load as TorchScript (no Python code runs from the file); pickles,
-which execute code when loaded, only with `trust_pickle=True`."""
+Classifier and feature networks are code: a TorchScript archive runs the code it carries (its
+`__setstate__` methods inside `torch.jit.load`, `forward` at every call) and a pickle runs code named
+by the file, so both load only with `trust_pickle=True`."""
 
 import math
 import os
@@ -29,6 +30,7 @@ from sampling import choosers, guidance, network_scorers
 from training.ddl import argmin
 from training.images import channels_of, pil_to_float, square_pil
 from training.snapshot import UnsafeFileError
+from torch_utils.script_archive import is_script_archive
 
 # ----------------------------------------------------------------------------
 # Guide inputs from files.
@@ -70,21 +72,28 @@ def load_mask(path, resolution=None):
     return torch.from_numpy(array)[None, None]
 
 def load_module(path, device='cpu', trust_pickle=False):
-    """A classifier or feature network from a TorchScript file (safe: TorchScript runs no Python
-    from the file), or, only with `trust_pickle`, a pickle (of the module, or of a dict holding it
-    under 'classifier' / 'features' / 'net'): unpickling runs code from the file."""
+    """A classifier or feature network from a TorchScript file, or a pickle (of the module, or of a
+    dict holding it under 'classifier' / 'features' / 'net'). Both run code from the file, so both
+    need `trust_pickle`; without it UnsafeFileError is raised before the file is opened as code."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Module file not found: {path}')
     if zipfile.is_zipfile(path):  # TorchScript archives are zip files; pickles are not.
+        with open(path, 'rb') as f:
+            if not is_script_archive(f.read()):
+                raise ValueError(f'{path} is a zip archive but not a TorchScript module '
+                                 '(save one with torch.jit.script(module).save(path))')
+        if not trust_pickle:
+            raise UnsafeFileError(f'{path} is a TorchScript archive: loading and calling it runs the code it carries '
+                                  '(it may read or write any file). Pass --trust-code if you trust it')
         try:
             return torch.jit.load(path, map_location=device).eval()
         except RuntimeError as e:
             raise ValueError(f'{path} is a zip archive but not a TorchScript module '
                              f'(save one with torch.jit.script(module).save(path)): {str(e).splitlines()[0]}') from None
     if not trust_pickle:
-        raise UnsafeFileError(f'{path} is not a TorchScript archive: a pickled module runs code from the file when loaded. '
-                              'Save it as TorchScript (torch.jit.script(module).save(path)), or load it with trust_pickle=True if you trust it')
+        raise UnsafeFileError(f'{path} is a pickled module: loading it would run code from the file; '
+                              'load it with trust_pickle=True only if you trust it')
     with open(path, 'rb') as f:
         obj = pickle.load(f)
     if isinstance(obj, dict):

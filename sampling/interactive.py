@@ -27,6 +27,7 @@ from dnnlib.util import parse_int_list
 from sampling import guidance
 from training.ddl import argmin, resize_area
 from sampling.guide_spec import guide_from_pil, make_chooser, parse_guides
+from sampling.prior_sampling import PriorChooser, sample_with_prior
 from training.images import to_uint8
 from training.determinism import batch_invariant
 
@@ -156,14 +157,14 @@ def build_scorer(net, weights, strokes=None, upload=None, bits=None, text=None, 
     return guidance.CombinedScorer(parts) if parts else None
 
 def run_request(net, weights, seeds_text, temperature=0.0, topk=0, path_seed=None, strokes=None, upload=None,
-                bits=None, text=None, resize=False, device='cpu'):
+                bits=None, text=None, resize=False, device='cpu', prior=None):
     """Everything one click of "Generate" computes: (GuidedResult, whether any guide was on)."""
     seeds = parse_seeds(seeds_text)
     chooser, _ = make_chooser(temperature=temperature or None, topk=int(topk) if topk else None)
     scorer = build_scorer(net, weights, strokes=strokes, upload=upload, bits=bits, text=text, resize=resize, device=device)
     if path_seed in (None, ''):
         path_seed = seeds[0]
-    result = run_guided(net, scorer, seeds, chooser=chooser, path_seed=int(path_seed))
+    result = run_guided(net, scorer, seeds, chooser=chooser, path_seed=int(path_seed), prior=prior)
     return result, scorer is not None
 
 # ----------------------------------------------------------------------------
@@ -179,10 +180,11 @@ class GuidedResult(NamedTuple):
 
 @torch.no_grad()
 def run_guided(net, scorer, seeds: Sequence[int], chooser=argmin, path_seed: Optional[int] = None,
-               condition_fn=None) -> GuidedResult:
+               condition_fn=None, prior=None) -> GuidedResult:
     """Sample `seeds` with `scorer` (a guidance scorer, e.g. from `guide_spec.parse_guides`; None for
-    unguided only) and without it. Images depend only on the seed, not on the batch, so each one is
-    the image generate.py writes for that seed with the same guide and chooser."""
+    unguided only) and without it, through `prior` (a training.prior.PriorRule) when given. Images
+    depend only on the seed, not on the batch, so each one is the image generate.py writes for that
+    seed with the same guide, chooser and prior."""
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError('No seeds given')
@@ -191,8 +193,13 @@ def run_guided(net, scorer, seeds: Sequence[int], chooser=argmin, path_seed: Opt
         raise ValueError(f'The seed to trace ({path_seed}) is not among the seeds {seeds}')
     condition = None if condition_fn is None else condition_fn(seeds)
     with batch_invariant():
-        plain = net(seeds=seeds, condition=condition)
-        out = net(seeds=seeds, condition=condition, scorer=scorer, chooser=chooser, return_layers=True)
+        if prior is None:
+            plain = net(seeds=seeds, condition=condition)
+            out = net(seeds=seeds, condition=condition, scorer=scorer, chooser=chooser, return_layers=True)
+        else:
+            plain = sample_with_prior(net, seeds, prior, condition=condition)
+            out = net(codes=plain.codes, condition=condition, return_layers=True) if scorer is None else \
+                net(seeds=seeds, condition=condition, scorer=scorer, chooser=PriorChooser(prior, chooser), return_layers=True)
     i = seeds.index(path_seed)
     path = [layer[i:i + 1].float().cpu() for layer in out.layer_images]
     return GuidedResult(seeds, out.images.float().cpu(), plain.images.float().cpu(), out.codes.cpu(), path, path_seed)

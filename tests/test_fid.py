@@ -182,12 +182,10 @@ def test_precision_recall_of_half_covered_set():
 @pytest.mark.parametrize('kind', ['script', 'pickle', 'python_pickle', 'torch_save'])
 def test_load_detector_formats_give_the_same_features(tmp_path, kind):
     path = _save_detector(TinyDetector(), tmp_path / f'detector-{kind}.pkl', kind)
-    # Pickles of Python modules run code when loaded: only when trusted.
-    trust = kind in ('python_pickle', 'torch_save')
-    if trust:
-        with pytest.raises(detectors.UntrustedDetectorError, match='trust_pickle=True'):
-            detectors.load_detector(path, 'cpu')
-    detector = detectors.load_detector(path, 'cpu', trust_pickle=trust)
+    # Every format of a detector that is not the Inception runs code (TorchScript too): only when trusted.
+    with pytest.raises(detectors.UntrustedDetectorError, match='trust_pickle=True'):
+        detectors.load_detector(path, 'cpu')
+    detector = detectors.load_detector(path, 'cpu', trust_pickle=True)
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     features = detectors.detector_features(detector, images, 'cpu')
     torch.testing.assert_close(features, TinyDetector()(images))
@@ -247,7 +245,7 @@ def test_cli_ref_then_calc(tmp_path, image_sets, cache_dir, kind):
     runner = CliRunner()
     ref_path = str(tmp_path / 'refs' / 'a.npz')
     result = runner.invoke(fid.cli, ['ref', '--data', image_sets['a'], '--dest', ref_path, '--batch', '16',
-        '--detector', detector, '--workers', '0'])
+        '--detector', detector, '--trust-code', '--workers', '0'])
     assert result.exit_code == 0, result.output
     with np.load(ref_path) as ref:
         assert ref['mu'].shape == (16,) and ref['mu'].dtype == np.float64
@@ -257,7 +255,7 @@ def test_cli_ref_then_calc(tmp_path, image_sets, cache_dir, kind):
     # calc prints its metrics last, one name=value per line.
     def calc(images, *extra):
         result = runner.invoke(fid.cli, ['calc', '--images', images, '--ref', ref_path, '--num', '40', '--batch', '16',
-            '--detector', detector, '--workers', '0', *extra])
+            '--detector', detector, '--trust-code', '--workers', '0', *extra])
         assert result.exit_code == 0, result.output
         return result
 
@@ -282,13 +280,13 @@ def test_cli_random_subset_and_grayscale(tmp_path, image_sets, cache_dir):
     detector = _save_detector(TinyDetector(), tmp_path / 'detector.pt', 'script')
     ref_path = str(tmp_path / 'gray.npz')
     runner = CliRunner()
-    assert runner.invoke(fid.cli, ['ref', '--data', image_sets['gray'], '--dest', ref_path, '--detector', detector,
+    assert runner.invoke(fid.cli, ['ref', '--data', image_sets['gray'], '--dest', ref_path, '--detector', detector, '--trust-code',
         '--workers', '0']).exit_code == 0
     # A 30-image subset chosen by seed: the same seed gives the same FID, another seed another one.
     fids = []
     for seed in ('0', '0', '1'):
         result = runner.invoke(fid.cli, ['calc', '--images', image_sets['gray'], '--ref', ref_path, '--num', '30',
-            '--seed', seed, '--detector', detector, '--workers', '2'])
+            '--seed', seed, '--detector', detector, '--trust-code', '--workers', '2'])
         assert result.exit_code == 0, result.output
         fids.append(_metric_lines(result.stdout)['fid'])
     assert fids[0] == fids[1] != fids[2] and fids[0] > 0
@@ -297,7 +295,7 @@ def test_cli_is_unavailable_without_probabilities(tmp_path, image_sets, cache_di
     detector = _save_detector(FeaturesOnlyDetector(), tmp_path / 'features-only.pt', 'script')
     out = str(tmp_path / 'metrics.json')
     result = CliRunner().invoke(fid.cli, ['calc', '--images', image_sets['a'], '--num', '40', '--metrics', 'is',
-        '--detector', detector, '--workers', '0', '--out', out])
+        '--detector', detector, '--trust-code', '--workers', '0', '--out', out])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[-1] == 'is=unavailable'
     assert 'not a probability distribution' in result.stdout
@@ -321,14 +319,14 @@ def test_cli_error_dimension_mismatch(tmp_path, image_sets, cache_dir):
     ref_path = str(tmp_path / 'edm-like.npz')
     np.savez(ref_path, mu=np.zeros(7), sigma=np.eye(7))
     result = CliRunner().invoke(fid.cli, ['calc', '--images', image_sets['a'], '--ref', ref_path, '--num', '40',
-        '--detector', detector, '--workers', '0'])
+        '--detector', detector, '--trust-code', '--workers', '0'])
     assert result.exit_code != 0
     assert ref_path in result.output and 'dimension 7' in result.output and '16-dimensional' in result.output
 
 def test_cli_error_num_too_large(tmp_path, image_sets, cache_dir):
     detector = _save_detector(TinyDetector(), tmp_path / 'detector.pt', 'script')
     result = CliRunner().invoke(fid.cli, ['calc', '--images', image_sets['a'], '--metrics', 'is', '--num', '1000',
-        '--detector', detector, '--workers', '0'])
+        '--detector', detector, '--trust-code', '--workers', '0'])
     assert result.exit_code != 0
     assert 'Asked for 1000 images' in result.output and 'only 40' in result.output
 
@@ -336,9 +334,9 @@ def test_cli_error_pr_needs_reference_features(tmp_path, image_sets, cache_dir):
     detector = _save_detector(TinyDetector(), tmp_path / 'detector.pt', 'script')
     ref_path = str(tmp_path / 'no-features.npz')
     assert CliRunner().invoke(fid.cli, ['ref', '--data', image_sets['a'], '--dest', ref_path, '--features', '0',
-        '--detector', detector, '--workers', '0']).exit_code == 0
+        '--detector', detector, '--trust-code', '--workers', '0']).exit_code == 0
     result = CliRunner().invoke(fid.cli, ['calc', '--images', image_sets['a'], '--ref', ref_path, '--num', '40',
-        '--metrics', 'fid,pr', '--detector', detector, '--workers', '0'])
+        '--metrics', 'fid,pr', '--detector', detector, '--trust-code', '--workers', '0'])
     assert result.exit_code != 0 and 'holds no features' in result.output
 
 # ----------------------------------------------------------------------------
@@ -360,7 +358,7 @@ def test_two_processes_match_one_process(tmp_path, cache_dir):
     detector = _save_detector(TinyDetector(), tmp_path / 'detector.pt', 'script')
     single, double = str(tmp_path / 'single.npz'), str(tmp_path / 'double.npz')
     # An odd image count and batch size give the two ranks unequal shares and ragged last batches.
-    common = ['--batch', '7', '--detector', detector, '--workers', '0']
+    common = ['--batch', '7', '--detector', detector, '--trust-code', '--workers', '0']
     result = CliRunner().invoke(fid.cli, ['ref', '--data', images, '--dest', single, *common])
     assert result.exit_code == 0, result.output
     _torchrun(['ref', '--data', images, '--dest', double, *common])

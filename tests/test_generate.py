@@ -227,12 +227,12 @@ def test_fid_ref(snapshot, reference, tmp_path):
         PIL.Image.fromarray(digits[i][0][0], 'L').save(data / f'{i:06d}.png')
     ref = str(tmp_path / 'ref.npz')
     result = CliRunner().invoke(fid.cli, ['ref', '--data', str(data), '--dest', ref, '--features', '0',
-        '--detector', detector, '--workers', '0'])
+        '--detector', detector, '--trust-code', '--workers', '0'])
     assert result.exit_code == 0, result.output
 
     outdir = tmp_path / 'out'
     stdout = _generate_subprocess(['--network', snapshot, '--outdir', outdir, '--seeds', '0-11', '--batch', '5',
-        '--fid-ref', ref, '--detector', detector])
+        '--fid-ref', ref, '--detector', detector, '--trust-code'])
     assert stdout.strip().splitlines()[-1].startswith('fid=')
     with open(outdir / 'metrics.json') as f:
         metrics = json.load(f)
@@ -244,7 +244,7 @@ def test_fid_ref(snapshot, reference, tmp_path):
 
     # The same numbers as measuring the written PNGs afterwards.
     images = torch.from_numpy(np.stack([_read_png(outdir / f'{i:06d}.png') for i in range(12)]))
-    expected = metrics_lib.calc_metrics([images], ref, metrics=('fid', 'is'), detector=detectors.load_detector(detector, 'cpu'),
+    expected = metrics_lib.calc_metrics([images], ref, metrics=('fid', 'is'), detector=detectors.load_detector(detector, 'cpu', trust_pickle=True),
         device='cpu')
     assert metrics['fid'] == pytest.approx(expected['fid'], rel=1e-6)
     assert metrics['is'] == pytest.approx(expected['is'], rel=1e-6)

@@ -141,7 +141,7 @@ def guide_files(digits, tmp_path_factory):
     files['e'] = load_guide_image(files['edges'])
     return files
 
-# The digit classifier of conftest.py as TorchScript (what --guide-classifier loads without --trust-pickle).
+# The digit classifier of conftest.py as TorchScript (what --guide-classifier loads with --trust-code).
 @pytest.fixture(scope='module')
 def classifier(digit_classifier, tmp_path_factory):
     clf = digit_classifier
@@ -195,7 +195,7 @@ def test_style_guide_follows_its_image_and_features(snapshot, unguided, guide_fi
     out = dict(unguided=_images(unguided))
     for name, (style, feats) in runs.items():
         _generate(['--network', snapshot, '--outdir', tmp_path / name, '--seeds', SEEDS, '--guide', 'style',
-                   '--guide-style', style] + (['--guide-features', feats] if feats else []))
+                   '--guide-style', style] + (['--guide-features', feats, '--trust-code'] if feats else []))
         out[name] = _images(tmp_path / name)
     assert _json(tmp_path / 'digit' / 'generation_options.json')['guide']['features'] == features
     to_digit = network_scorers.StyleScorer(guide_files['x'], feature_net)
@@ -220,7 +220,7 @@ def test_weighted_combination_follows_the_heavier_guide(snapshot, digits, classi
     dist_l2, p7 = {}, {}
     for name, spec in [('l2', 'l2:4,classifier:1'), ('clf', 'l2:1,classifier:4')]:
         _generate(['--network', snapshot, '--outdir', tmp_path / name, '--seeds', SEEDS, '--guide', spec,
-                   '--guide-image', target, '--guide-classifier', clf_path, '--class', 7])
+                   '--guide-image', target, '--guide-classifier', clf_path, '--class', 7, '--trust-code'])
         out = _images(tmp_path / name)
         dist_l2[name] = G.final_distance(G.L2Scorer(x), out).mean().item()
         p7[name] = clf(out).softmax(1)[:, 7].mean().item()

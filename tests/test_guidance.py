@@ -29,6 +29,7 @@ from training.ddl import LayerInfo, argmin, resize_area
 from sampling.guide_spec import MissingGuideInput, load_guide_image, load_mask, load_module, parse_guides
 from training.image_ops import LUMA_WEIGHTS, edge_map
 from training.determinism import batch_invariant
+from training.snapshot import UnsafeFileError
 
 # Seeds of the guided/unguided comparisons, and the dataset images used as conditions (one per seed).
 SEEDS = list(range(16))
@@ -116,7 +117,10 @@ def test_classifier_guide_raises_class_probability(net, classifier, tmp_path):
 def test_classifier_from_torchscript(classifier, tmp_path):
     path = tmp_path / 'classifier.pt'
     torch.jit.trace(classifier, torch.zeros(1, 1, 8, 8)).save(str(path))
-    module = load_module(path)
+    # TorchScript runs the code it carries: refused unless trusted.
+    with pytest.raises(UnsafeFileError, match='TorchScript archive.*--trust-code'):
+        load_module(path)
+    module = load_module(path, trust_pickle=True)
     x = torch.zeros(2, 1, 8, 8)
     assert torch.allclose(module(x), classifier(x), atol=1e-6)
 

@@ -6,6 +6,7 @@ equal to `fid.py calc` on generate.py's PNGs of the same seeds; two gloo process
 Tiny detectors defined here stand in for Inception, DINOv2 and CLIP; nothing touches the network.
 """
 
+import hashlib
 import io
 import json
 import os
@@ -125,12 +126,15 @@ def test_combined_split_statistics_equal_those_of_all_images():
 # ----------------------------------------------------------------------------
 # Safe detector loading.
 
-def test_stylegan3_style_pickle_needs_exactly_one_global_and_loads_without_trust(tmp_path):
+def test_stylegan3_style_pickle_needs_exactly_one_global_and_its_torchscript_needs_trust(tmp_path):
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(TinyDetector()), buffer)
     data = pickle.dumps(_TorchScriptInPickle(buffer.getvalue()))
     assert safe_pickle.globals_of(data) == [('torch.storage', '_load_from_bytes')]
-    detector = detectors.deserialize(data, 'inception-like.pkl')
+    # A TorchScript archive that is not the Inception would run its code: refused unless trusted.
+    with pytest.raises(detectors.UntrustedDetectorError, match='not the FID Inception-v3.*--trust-code'):
+        detectors.deserialize(data, 'inception-like.pkl')
+    detector = detectors.deserialize(data, 'inception-like.pkl', trust_pickle=True)
     images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
     torch.testing.assert_close(detector(images), TinyDetector()(images))
     # The same global carrying a torch.save'd Python module is held to weights_only: refused.
@@ -145,10 +149,10 @@ def test_payload_detector_is_refused_unrun_by_fid_py_and_train_py(tmp_path, cach
     payload.write_bytes(pickle.dumps(_Payload(str(marker))))
     images = _write_pngs(tmp_path / 'images', 4, 0, 255, seed=0)
     result = CliRunner().invoke(fid.cli, ['calc', '--images', images, '--metrics', 'is', '-n', '4', '--detector', str(payload), '--workers', '0'])
-    assert result.exit_code != 0 and 'io.open' in result.output and '--trust-pickle' in result.output
+    assert result.exit_code != 0 and 'io.open' in result.output and '--trust-code' in result.output
     assert not marker.exists()
     result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'runs'), '--metrics', 'fid10', '--detector', str(payload)])
-    assert result.exit_code != 0 and 'io.open' in result.output and '--trust-pickle' in result.output
+    assert result.exit_code != 0 and 'io.open' in result.output and '--trust-code' in result.output
     assert not marker.exists() and not (tmp_path / 'runs').exists()
 
 # ----------------------------------------------------------------------------
@@ -161,13 +165,13 @@ def test_calc_kid_sfid_and_splits(tmp_path, cache_dir):
     fake = _write_pngs(tmp_path / 'fake', 40, 40, 255, seed=1)
     runner = CliRunner()
     ref = str(tmp_path / 'ref.npz')
-    assert runner.invoke(fid.cli, ['ref', '--data', real, '--dest', ref, '--detector', detector, '--workers', '0']).exit_code == 0
+    assert runner.invoke(fid.cli, ['ref', '--data', real, '--dest', ref, '--detector', detector, '--trust-code', '--workers', '0']).exit_code == 0
     with np.load(ref) as npz:
         assert npz['mu_s'].shape == (12,) and npz['sigma_s'].shape == (12, 12)
 
     out = str(tmp_path / 'out.json')
     result = runner.invoke(fid.cli, ['calc', '--images', fake, '--ref', ref, '-n', '40', '--metrics', 'fid,kid,sfid',
-        '--splits', '4', '--detector', detector, '--workers', '0', '--out', out])
+        '--splits', '4', '--detector', detector, '--trust-code', '--workers', '0', '--out', out])
     assert result.exit_code == 0, result.output
     printed = _metric_lines(result.stdout)
     assert set(printed) == {'fid', 'fid_mean', 'fid_std', 'kid', 'kid_se', 'sfid'}
@@ -175,7 +179,7 @@ def test_calc_kid_sfid_and_splits(tmp_path, cache_dir):
         saved = json.load(f)
 
     # The splits are the files in order, 10 each (seed ranges 0-9, 10-19, ...); each one's FID as computed directly.
-    loaded = detectors.load_detector(detector, 'cpu')
+    loaded = detectors.load_detector(detector, 'cpu', trust_pickle=True)
     ref_stats = metrics.load_ref(ref)
     pngs = sorted(os.listdir(fake))
     images = torch.from_numpy(np.stack([np.asarray(Image.open(os.path.join(fake, n))).transpose(2, 0, 1) for n in pngs]))
@@ -189,13 +193,13 @@ def test_calc_kid_sfid_and_splits(tmp_path, cache_dir):
 
     # A detector without spatial features, or a reference without them: sFID is unavailable, with the reason.
     result = runner.invoke(fid.cli, ['calc', '--images', fake, '--ref', ref, '-n', '40', '--metrics', 'fid,sfid',
-        '--detector', plain, '--workers', '0'])
+        '--detector', plain, '--trust-code', '--workers', '0'])
     assert result.exit_code == 0 and result.stdout.splitlines()[-1] == 'sfid=unavailable'
     assert 'no spatial features' in result.stdout
     ref_plain = str(tmp_path / 'ref-plain.npz')
-    assert runner.invoke(fid.cli, ['ref', '--data', real, '--dest', ref_plain, '--detector', plain, '--workers', '0']).exit_code == 0
+    assert runner.invoke(fid.cli, ['ref', '--data', real, '--dest', ref_plain, '--detector', plain, '--trust-code', '--workers', '0']).exit_code == 0
     result = runner.invoke(fid.cli, ['calc', '--images', fake, '--ref', ref_plain, '-n', '40', '--metrics', 'sfid',
-        '--detector', detector, '--workers', '0'])
+        '--detector', detector, '--trust-code', '--workers', '0'])
     assert result.exit_code == 0 and 'hold no spatial statistics' in result.stdout
 
 # ----------------------------------------------------------------------------
@@ -245,8 +249,13 @@ def test_clip_needs_open_clip_and_names_the_file_offline(tmp_path, monkeypatch, 
     torch.save({'weights': torch.zeros(1)}, path)
     with pytest.raises(ValueError, match='not OpenAI'):
         detectors.load_detector('clip', 'cpu')
-    # With the file in place, open_clip builds the model from it.
+    # Any other TorchScript file is refused too (open_clip would run its code): the file is pinned by SHA-256.
     _script(_Embed(), path)
+    with pytest.raises(ValueError, match='SHA-256'):
+        metrics.load_detector('clip', 'cpu')
+    # With the official file in place (here: the pin moved to this file), open_clip builds the model from it.
+    with open(path, 'rb') as f:
+        monkeypatch.setattr(detectors, 'CLIP_SHA256', hashlib.sha256(f.read()).hexdigest())
     calls = []
     sys.modules['open_clip'].load_openai_model = lambda name, precision, device: calls.append((name, precision)) or _Embed()
     detector = detectors.load_detector('clip', 'cpu')
@@ -288,7 +297,7 @@ def test_train_metrics_equal_fid_py_on_generated_pngs(tmp_path):
     env = _env(tmp_path)
     detector = _script(TinyDetector(), tmp_path / 'detector.pt')
     stdout = _run([os.path.join(REPO, 'train.py'), '--outdir', tmp_path / 'runs', '--desc', 'm', '--metrics', 'fid24,kid24',
-                   '--detector', detector, *TINY], env)
+                   '--detector', detector, '--trust-code', *TINY], env)
     run_dir = tmp_path / 'runs' / '00000-digits-m'
     snapshots = sorted(name for name in os.listdir(run_dir) if name.startswith('network-snapshot-') and name.endswith('.pkl'))
     lines = _jsonl(run_dir / 'metric-fid24.jsonl')
@@ -310,7 +319,7 @@ def test_train_metrics_equal_fid_py_on_generated_pngs(tmp_path):
     assert result.exit_code == 0, result.output
     os.remove(outdir / 'grid.png')      # Only the samples (generate.py's outdir also holds its grid).
     result = CliRunner().invoke(fid.cli, ['calc', '--images', str(outdir), '--ref', ref, '-n', '24', '--metrics', 'fid,kid',
-                                          '--detector', detector, '--workers', '0'])
+                                          '--detector', detector, '--trust-code', '--workers', '0'])
     assert result.exit_code == 0, result.output
     printed = _metric_lines(result.stdout)
     assert float(printed['fid']) == pytest.approx(lines[-1]['value'], rel=1e-5)
@@ -320,7 +329,7 @@ def test_train_metrics_equal_fid_py_on_generated_pngs(tmp_path):
     with open(run_dir / 'training_options.json') as f:
         dataset_kwargs = json.load(f)['dataset_kwargs']
     written = os.stat(ref).st_mtime_ns
-    path, cached = snapshot_metrics.training_reference(dataset_kwargs, detectors.load_detector(detector, 'cpu'), detector, 'cpu',
+    path, cached = snapshot_metrics.training_reference(dataset_kwargs, detectors.load_detector(detector, 'cpu', trust_pickle=True), detector, 'cpu',
                                               cache_dir=str(tmp_path / 'cache' / 'fid-refs'))
     assert path == ref and cached['mu'].shape == (16,) and os.stat(ref).st_mtime_ns == written
 
@@ -328,7 +337,7 @@ def test_train_metrics_two_processes_match_one(tmp_path):
     env = _env(tmp_path)
     detector = _script(TinyDetector(), tmp_path / 'detector.pt')
     _run([os.path.join(REPO, 'train.py'), '--outdir', tmp_path / 'runs', '--desc', 'ddp', '--metrics', 'fid25',
-          '--detector', detector, *TINY, '--duration=0.001'], env, nproc=2)
+          '--detector', detector, '--trust-code', *TINY, '--duration=0.001'], env, nproc=2)
     run_dir = tmp_path / 'runs' / '00000-digits-ddp'
     lines = _jsonl(run_dir / 'metric-fid25.jsonl')
     assert len(lines) == 2
@@ -336,5 +345,5 @@ def test_train_metrics_two_processes_match_one(tmp_path):
     with open(run_dir / lines[-1]['snapshot'], 'rb') as f:
         net = pickle.load(f)['ema']
     expected = metrics.calc_metrics(image_sources.generator_batches(net, range(25), batch=7), lines[-1]['ref'], ['fid'],
-                                    detector=detectors.load_detector(detector, 'cpu'), device='cpu')
+                                    detector=detectors.load_detector(detector, 'cpu', trust_pickle=True), device='cpu')
     assert lines[-1]['value'] == pytest.approx(expected['fid'], rel=1e-6)

