@@ -2,10 +2,12 @@
 that knows option names. The packages below take keyword arguments and raise ValueError; these
 helpers turn options into those arguments and errors into click usage errors."""
 
+import os
 import pickle
 
 import click
 
+from sampling.generation import existing_files, recorded_outputs
 from sampling.guide_spec import GUIDE_TYPES, parse_guides
 from torch_utils import distributed as dist
 
@@ -64,3 +66,57 @@ def device_option(default='auto', **kwargs):
             raise click.BadParameter(str(e)) from None
         return value
     return click.option('--device', help=DEVICE_HELP, metavar='STR', type=str, default=default, show_default=True, callback=check, **kwargs)
+
+# ----------------------------------------------------------------------------
+# Outputs: a script replaces only what an earlier run of the same script wrote, and only with
+# --force; an output's folder must be writable before the work starts.
+
+# The nearest existing folder at or above `path` (what must be writable to create `path`).
+def _existing_parent(path):
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+def check_outdir(outdir, force, marker, script, option='--outdir'):
+    """Usage errors for an output folder, before any work: it must be new or empty; with --force it
+    may hold an earlier run of `script`, whose `marker` file lists what that run wrote, and nothing
+    else. Returns the relative paths to delete before writing (those of the earlier run)."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.UsageError(f'{option} {outdir} exists and is not a folder')
+    existing = existing_files(outdir)
+    remove = set()
+    if existing and not force:
+        raise click.UsageError(f'{option} {outdir} is not empty; choose a new folder, or add --force to replace '
+                               f'the files of an earlier {script} run there')
+    if existing:
+        if marker not in existing:
+            raise click.UsageError(f'{option} {outdir} is not the folder of an earlier {script} run (it has no {marker}); '
+                                   '--force replaces only what such a run wrote: choose a new or empty folder')
+        try:
+            remove = recorded_outputs(outdir, marker)
+        except ValueError as e:
+            raise click.UsageError(f'{option}: {e}') from None
+        foreign = sorted(existing - remove)
+        if foreign:
+            raise click.UsageError(f'{option} {outdir} holds {len(foreign)} file(s) that the earlier {script} run did not write '
+                                   f'(e.g. {foreign[0]}); --force replaces only what it wrote: move them, or choose another folder')
+    target = outdir if os.path.isdir(outdir) else _existing_parent(outdir)
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise click.UsageError(f'{option} {outdir}: no permission to write in {target}')
+    return remove
+
+def check_output_file(path, force, is_ours, what, option='--out'):
+    """Usage errors for an output file, before any work: not a folder; an existing file is replaced
+    only with --force and only when `is_ours(path)` (it is `what`, a file this script writes); its
+    folder must be writable."""
+    if os.path.isdir(path):
+        raise click.UsageError(f'{option} {path} is a folder; give a file name')
+    if os.path.lexists(path):
+        if not force:
+            raise click.UsageError(f'{option} {path} exists; choose a new name, or add --force to replace it')
+        if not os.path.isfile(path) or not is_ours(path):
+            raise click.UsageError(f'{option} {path} exists and is not {what}; --force replaces only such a file: choose a new name')
+    folder = _existing_parent(path)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.UsageError(f'{option} {path}: no permission to write there')

@@ -18,8 +18,12 @@ Detector files load without running code (TorchScript, or pickles of TorchScript
 Inception); any other pickle needs --trust-pickle, since unpickling it runs code named by the file.
 """
 
+import json
+import zipfile
+
 import click
 
+import cli as cli_helpers
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from evaluation import metrics as metric_lib
@@ -59,6 +63,23 @@ def cli():
     own argument parser reads `--num` as an abbreviation of its `--numa-binding` and stops.
     """
 
+# Whether `path` is a file this script writes, which --force may replace: reference statistics
+# (an .npz holding mu and sigma), and the results JSON of calc --out.
+def is_reference_file(path):
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {'mu.npy', 'sigma.npy'} <= set(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+def is_results_file(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            results = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(results, dict) and {'images', 'ref', 'detector'} <= set(results)
+
 # Options both subcommands share.
 def _common_options(fn):
     fn = click.option('--trust-pickle', help='Allow a detector pickle that runs code when loaded (trusted files only)', is_flag=True)(fn)
@@ -75,9 +96,12 @@ def _common_options(fn):
 @click.option('--metrics', help='Comma-separated metrics: fid, kid, sfid, is, pr', metavar='LIST', type=str, default='fid', show_default=True)
 @click.option('--splits', help='Also FID of this many disjoint parts of the images (mean +- std)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--out', help='Also write the results to this JSON file', metavar='JSON', type=str)
+@click.option('--force', help='Replace an existing --out (only a results file of fid.py calc)', is_flag=True)
 @_common_options
-def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector_url, workers, trust_pickle):
+def calc(images_path, ref_path, num, seed, metrics, splits, out, force, batch, detector_url, workers, trust_pickle):
     """Calculate metrics for a folder or zip of images."""
+    if out:
+        cli_helpers.check_output_file(out, force, is_results_file, 'a results file of fid.py calc')
     with dist.session():
         try:
             dist.print0(f'Evaluating {metrics} on {num} images from "{images_path}"...')
@@ -93,9 +117,11 @@ def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector
 @click.option('--data', 'data_path', help='Dataset folder or zip', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--dest', 'dest_path', help='Destination .npz file', metavar='NPZ', type=str, required=True)
 @click.option('--features', help='Real features stored for precision/recall and KID (0: none)', metavar='INT', type=click.IntRange(min=0), default=REF_FEATURES, show_default=True)
+@click.option('--force', help='Replace an existing --dest (only reference statistics: an .npz with mu and sigma)', is_flag=True)
 @_common_options
-def ref(data_path, dest_path, features, batch, detector_url, workers, trust_pickle):
+def ref(data_path, dest_path, features, force, batch, detector_url, workers, trust_pickle):
     """Calculate reference statistics of a dataset."""
+    cli_helpers.check_output_file(dest_path, force, is_reference_file, 'reference statistics (an .npz with mu and sigma)', option='--dest')
     with dist.session():
         try:
             dist.print0(f'Calculating reference statistics of "{data_path}"...')
