@@ -100,6 +100,31 @@ def holds_saved_work(path):
     return checkpoint.latest(path, training_loop.STATE_PATTERN) is not None or \
         checkpoint.latest(path, training_loop.SNAPSHOT_PATTERN) is not None
 
+# Rank 0 locks a run folder (checkpoint.RunLock: held while the process lives) -> [lock], [] on other
+# ranks, for a dry run (only checked) and for a folder that `held` already holds. A folder in use by a
+# live process is an error on every rank.
+def lock_folder(folder, option, dry_run, held=()):
+    locks, error = [], None
+    if distributed.get_rank() == 0 and option == '--outdir' and not dry_run:
+        os.makedirs(folder, exist_ok=True)      # --nosubdir: the folder may not exist yet.
+    if distributed.get_rank() == 0 and os.path.isdir(folder) and \
+            not any(os.path.samefile(lock.folder, folder) for lock in held):
+        try:
+            locks.append(checkpoint.RunLock(folder).acquire())
+        except checkpoint.FolderInUseError as err:
+            error = f'{option}: {err}'
+        except OSError as err:
+            if option != '--resume':    # A read-only folder to resume from cannot be in use by a run.
+                error = f'{option}: cannot lock {folder}: {err}'
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise click.ClickException(error)
+    if dry_run:
+        for lock in locks:
+            lock.release()
+        return []
+    return locks
+
 # --resume FILE or RUNDIR -> the training state file (a folder gives its newest state).
 def resolve_resume(path):
     if os.path.isdir(path):
@@ -202,16 +227,24 @@ def launch(opts):
     c.update(optimizer_config(opts))
     c.update(training_config(opts, world_size))
     c.update(metrics_config(opts, condition))
-    start_kwargs, resumed_seed = transfer_resume_config(opts, c.network_kwargs, dataset_info)
+    start_kwargs, resumed_seed = transfer_resume_config(opts, c.network_kwargs, dataset_info, world_size)
     c.update(start_kwargs)
     c.seed = choose_seed(opts.seed, resumed_seed)
-    c.run_dir = choose_run_dir(opts, c.get('resume_state'), dataset_name, world_size)
-    print_summary(c, dataset_info, world_size)
-    if opts.dry_run:
-        distributed.print0('Dry run; exiting.')
-        return
-    logger = open_run_dir(c)
-    run_training(c, opts.nosubdir, logger)
+    locks = []      # One live run per folder: the folder resumed from, and the run folder.
+    try:
+        if c.get('resume_state') is not None:
+            locks += lock_folder(os.path.dirname(os.path.abspath(c.resume_state)), '--resume', opts.dry_run)
+        c.run_dir = choose_run_dir(opts, c.get('resume_state'), dataset_name, world_size)
+        locks += lock_folder(c.run_dir, '--outdir', opts.dry_run, held=locks)
+        print_summary(c, dataset_info, world_size)
+        if opts.dry_run:
+            distributed.print0('Dry run; exiting.')
+            return
+        logger = open_run_dir(c)
+        run_training(c, opts.nosubdir, logger)
+    finally:
+        for lock in locks:
+            lock.release()
 
 # The option clashes checked first: --cond=True (= --condition=class), --transfer with --resume -> the condition.
 def check_condition(opts):
@@ -322,7 +355,9 @@ def metrics_config(opts, condition):
     return c
 
 # Transfer learning and resume: check the files now, before a run folder exists -> (config, resumed seed).
-def transfer_resume_config(opts, network_kwargs, dataset_info):
+# A state of another number of processes is refused: every process draws its own random numbers, so
+# the run would not repeat.
+def transfer_resume_config(opts, network_kwargs, dataset_info, world_size):
     c = dnnlib.EasyDict()
     resumed_seed = None
     if opts.transfer is not None:
@@ -343,6 +378,10 @@ def transfer_resume_config(opts, network_kwargs, dataset_info):
         if int(state.get('batch_size', opts.batch)) != opts.batch:
             raise click.UsageError(f'--batch={opts.batch}, but the training state {c.resume_state} was trained with '
                                    f'--batch={state["batch_size"]}; resume with that batch so the run repeats exactly')
+        try:
+            training_loop.check_world_size(state, c.resume_state, world_size)
+        except ValueError as err:
+            raise click.ClickException(f'--resume: {err}') from None
     return c, resumed_seed
 
 # Seed: given, else the resumed run's (so the continuation is exact), else random (same on all ranks).
