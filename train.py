@@ -104,9 +104,9 @@ def holds_saved_work(path):
 # Rank 0 locks a run folder (checkpoint.RunLock: held while the process lives) -> [lock], [] on other
 # ranks, for a dry run (only checked) and for a folder that `held` already holds. A folder in use by a
 # live process is an error on every rank.
-def lock_folder(folder, option, dry_run, held=()):
+def lock_folder(folder, option, dry_run, held=(), create=True):
     locks, error = [], None
-    if distributed.get_rank() == 0 and option == '--outdir' and not dry_run:
+    if distributed.get_rank() == 0 and option == '--outdir' and create and not dry_run:
         os.makedirs(folder, exist_ok=True)      # --nosubdir: the folder may not exist yet.
     if distributed.get_rank() == 0 and os.path.isdir(folder) and \
             not any(os.path.samefile(lock.folder, folder) for lock in held):
@@ -124,6 +124,17 @@ def lock_folder(folder, option, dry_run, held=()):
         for lock in locks:
             lock.release()
         return []
+    return locks
+
+# The folders of a run that exist already, locked for the run's life: the folder resumed from (a second
+# resume of it while this run lives would run twice) and --nosubdir's folder.
+def lock_existing_folders(opts):
+    locks = []
+    if opts.resume is not None and os.path.exists(opts.resume):
+        folder = opts.resume if os.path.isdir(opts.resume) else os.path.dirname(os.path.abspath(opts.resume))
+        locks += lock_folder(folder, '--resume', opts.dry_run)
+    if opts.nosubdir and os.path.isdir(opts.outdir):
+        locks += lock_folder(opts.outdir, '--outdir', opts.dry_run, held=locks, create=False)
     return locks
 
 # --resume FILE or RUNDIR -> the training state file (a folder gives its newest state).
@@ -221,6 +232,15 @@ def main(**kwargs):
 def launch(opts):
     world_size = distributed.get_world_size()
     condition = check_condition(opts)
+    locks = lock_existing_folders(opts)     # One live run per folder: refused here, before any work.
+    try:
+        train_in_locked_folders(opts, condition, world_size, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+# The rest of launch(), the run's folders locked (`locks` gets the lock of a new run folder too).
+def train_in_locked_folders(opts, condition, world_size, locks):
     c = dnnlib.EasyDict()
     c.dataset_kwargs, dataset_info, dataset_name = dataset_config(opts, condition)
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers, prefetch_factor=2)
@@ -231,21 +251,14 @@ def launch(opts):
     start_kwargs, resumed_seed = transfer_resume_config(opts, c.network_kwargs, dataset_info, world_size)
     c.update(start_kwargs)
     c.seed = choose_seed(opts.seed, resumed_seed)
-    locks = []      # One live run per folder: the folder resumed from, and the run folder.
-    try:
-        if c.get('resume_state') is not None:
-            locks += lock_folder(os.path.dirname(os.path.abspath(c.resume_state)), '--resume', opts.dry_run)
-        c.run_dir = choose_run_dir(opts, c.get('resume_state'), dataset_name, world_size)
-        locks += lock_folder(c.run_dir, '--outdir', opts.dry_run, held=locks)
-        print_summary(c, dataset_info, world_size)
-        if opts.dry_run:
-            distributed.print0('Dry run; exiting.')
-            return
-        logger = open_run_dir(c)
-        run_training(c, opts.nosubdir, logger)
-    finally:
-        for lock in locks:
-            lock.release()
+    c.run_dir = choose_run_dir(opts, c.get('resume_state'), dataset_name, world_size)
+    locks += lock_folder(c.run_dir, '--outdir', opts.dry_run, held=locks)     # A new run folder.
+    print_summary(c, dataset_info, world_size)
+    if opts.dry_run:
+        distributed.print0('Dry run; exiting.')
+        return
+    logger = open_run_dir(c)
+    run_training(c, opts.nosubdir, logger)
 
 # The option clashes checked first: --cond=True (= --condition=class), --transfer with --resume -> the condition.
 def check_condition(opts):
@@ -380,7 +393,7 @@ def transfer_resume_config(opts, network_kwargs, dataset_info, world_size):
             raise click.UsageError(f'--batch={opts.batch}, but the training state {c.resume_state} was trained with '
                                    f'--batch={state["batch_size"]}; resume with that batch so the run repeats exactly')
         try:
-            training_loop.check_world_size(state, c.resume_state, world_size)
+            run_files.check_world_size(state, c.resume_state, world_size)
         except ValueError as err:
             raise click.ClickException(f'--resume: {err}') from None
     return c, resumed_seed
