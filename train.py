@@ -6,7 +6,8 @@ Runs as one process, or one process per GPU under `torchrun --standalone --nproc
 load with `pickle.load(f)['ema']`), training states (`training-state-<kimg>.pt`, for --resume),
 sample grids and node-usage plots. Every snapshot is also written in the safe format
 (`network-snapshot-<kimg>.safetensors`); --transfer and --resume load without running code from the
-file (training/snapshot.py). SIGTERM or SIGUSR1 stops a run after the current step with a training state.
+file (training/snapshot.py). SIGTERM, SIGUSR1 or a first Ctrl+C stops a run after the current step with a
+training state (a second Ctrl+C aborts); a run folder in use by a live process is refused (its run.lock).
 """
 
 import json

@@ -188,6 +188,7 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
     assert (tmp_path / checkpoint.RUN_LOCK_NAME).read_text().strip() == str(child.pid)    # Stale.
     with checkpoint.RunLock(tmp_path):
         assert (tmp_path / checkpoint.RUN_LOCK_NAME).read_text().strip() == str(os.getpid())
+    assert not (tmp_path / checkpoint.RUN_LOCK_NAME).exists()
 
 # train.py --resume of a folder whose run is alive is refused, in place (--nosubdir) or into a new
 # folder; once that run is dead (SIGKILL: its lock file stays), the resume goes ahead. (The later
@@ -209,4 +210,4 @@ def test_resume_of_a_folder_in_use_is_refused(tmp_path, env):
                                              '--duration=0.00001'])
     assert result.exit_code == 0, result.output
     assert 'nothing to do' in result.output
-    assert (run_dir / checkpoint.RUN_LOCK_NAME).read_text() == ''        # Released at the end.
+    assert not (run_dir / checkpoint.RUN_LOCK_NAME).exists()        # Released and removed at the end.

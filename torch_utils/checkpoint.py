@@ -73,8 +73,8 @@ def append_line(path, line):
 
 # ----------------------------------------------------------------------------
 # One live process per run folder: a run holds `<folder>/run.lock` (its pid inside, and an exclusive
-# flock on it) for as long as it runs. The kernel drops the flock when the process ends, however it
-# ends, so the lock file of a dead process is stale and simply taken over.
+# flock on it) for as long as it runs, and removes it when it ends. The kernel drops the flock when the
+# process ends, however it ends, so the lock file a killed process leaves is stale and taken over.
 
 RUN_LOCK_NAME = 'run.lock'
 
@@ -90,39 +90,47 @@ class RunLock:
     # Take the lock, or raise FolderInUseError naming the process that holds it (OSError if the
     # folder is not writable). Returns self.
     def acquire(self):
-        f = open(self.path, 'a+', encoding='utf-8')
-        try:
-            f.seek(0)
-            holder = f.read().strip()
-            if fcntl is not None:
+        while True:
+            f = open(self.path, 'a+', encoding='utf-8')
+            try:
+                f.seek(0)
+                holder = f.read().strip()
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        raise FolderInUseError(self._in_use(holder)) from None
+                elif holder.isdigit() and int(holder) != os.getpid() and _pid_alive(int(holder)):
+                    raise FolderInUseError(self._in_use(holder))
+                # The holder may have removed the file (it ended) between our open and our flock:
+                # then the lock taken is that of a deleted file; start over with the path's file.
                 try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise FolderInUseError(self._in_use(holder)) from None
-            elif holder.isdigit() and int(holder) != os.getpid() and _pid_alive(int(holder)):
-                raise FolderInUseError(self._in_use(holder))
-            f.seek(0)
-            f.truncate()
-            f.write(f'{os.getpid()}\n')
-            f.flush()
-        except BaseException:
-            f.close()
-            raise
-        self.file = f
-        return self
+                    same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    f.close()
+                    continue
+                f.seek(0)
+                f.truncate()
+                f.write(f'{os.getpid()}\n')
+                f.flush()
+            except BaseException:
+                f.close()
+                raise
+            self.file = f
+            return self
 
     def _in_use(self, holder):
         return (f'{self.folder} is in use by a running process (pid {holder or "unknown"}, which holds {self.path}); '
                 'stop it first, or wait until it ends')
 
-    # Give the lock up (the process's end does it too); the file stays, naming no process.
+    # Give the lock up and remove the file (the process's end drops the lock too, but leaves the file).
     def release(self):
         if self.file is None:
             return
         try:
-            self.file.seek(0)
-            self.file.truncate()
-            self.file.flush()
+            os.remove(self.path)        # Still locked: a process waiting on this file sees it is gone.
         except OSError:
             pass
         if fcntl is not None:
