@@ -106,6 +106,15 @@ def check_outdir(outdir, force, marker, script, option='--outdir'):
         raise click.UsageError(f'{option} {outdir}: no permission to write in {target}')
     return remove
 
+# Whether a file starts with `magic` (e.g. b'\x89PNG'): the kind of file a figure script writes.
+def starts_with(magic):
+    def check(path):
+        with open(path, 'rb') as f:
+            return f.read(len(magic)) == magic
+    return check
+
+PNG_MAGIC, NPY_MAGIC, GIF_MAGIC = b'\x89PNG\r\n\x1a\n', b'\x93NUMPY', b'GIF8'
+
 def check_output_file(path, force, is_ours, what, option='--out'):
     """Usage errors for an output file, before any work: not a folder; an existing file is replaced
     only with --force and only when `is_ours(path)` (it is `what`, a file this script writes); its

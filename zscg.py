@@ -27,6 +27,7 @@ import torch
 import tqdm
 
 import dnnlib
+import cli
 from cli import device_option
 from torch_utils.distributed import pick_device
 from sampling import guidance
@@ -136,12 +137,14 @@ def layout(rows, cell_min):
 @click.option('--cell', help='Smallest cell side in pixels (nearest upscaling)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @device_option()
 @click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
-def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperature, topk, cell, device, trust_pickle):
+@click.option('--force', help='Replace an existing --out PNG', is_flag=True)
+def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperature, topk, cell, device, trust_pickle, force):
     """Zero-shot conditional generation figure: condition | guided results per seed | ground truth."""
     try:
         check_png_out(out)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--out') from e
+    cli.check_output_file(out, force, cli.starts_with(cli.PNG_MAGIC), 'a PNG image')
     device = pick_device(device)
     indices, seeds = parse_int_list(images), parse_int_list(seeds)
     net = load_network(network, device, trust_pickle)

@@ -128,3 +128,27 @@ def test_fid_outputs_are_replaced_only_when_ours(tmp_path):
     _refused(fid.cli, [*calc, '--out', notes], 'add --force')
     _refused(fid.cli, [*calc, '--out', notes, '--force'], 'is not a results file of fid.py calc')
     assert notes.read_text() == '{"mine": 1}'
+
+# The figure scripts: an existing --out is refused without --force; --force replaces only a file of the
+# kind they write (PNG, .npy, GIF), never, say, a text file named like one.
+@pytest.mark.parametrize('script,args,name,magic', [
+    ('tree', ['--network', 'missing.safetensors'], 'fig.png', b'\x89PNG\r\n\x1a\n'),
+    ('zscg', ['--network', 'missing.safetensors'], 'fig.png', b'\x89PNG\r\n\x1a\n'),
+    ('toy_2d', ['--density', 'no-such-density', '--steps', '1'], 'points.npy', b'\x93NUMPY'),
+    ('toy_2d', ['--density', 'no-such-density', '--steps', '1', '--gif'], 'anim.gif', b'GIF89a'),
+])
+def test_figure_outputs_are_replaced_only_when_of_their_kind(tmp_path, script, args, name, magic):
+    import toy_2d
+    import tree
+    import zscg
+    main = dict(tree=tree.main, zscg=zscg.main, toy_2d=toy_2d.main)[script]
+    path = tmp_path / name
+    args = [*args, path] if args[-1] == '--gif' else [*args, '--out', path]
+    path.write_text('my notes')
+    _refused(main, args, 'exists; choose a new name, or add --force')
+    _refused(main, [*args, '--force'], 'exists and is not a')
+    assert path.read_text() == 'my notes'
+    path.write_bytes(magic + b'...')
+    result = _invoke(main, [*args, '--force'])           # Passes the check; then fails on the missing input.
+    assert result.exit_code != 0 and 'exists' not in result.output, result.output
+    assert path.read_bytes() == magic + b'...'
