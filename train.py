@@ -103,16 +103,16 @@ def holds_saved_work(path):
     return checkpoint.latest(path, patterns) is not None
 
 # Rank 0 locks a run folder (checkpoint.RunLock: held while the process lives) -> [lock], [] on other
-# ranks, for a dry run (only checked) and for a folder that `held` already holds. A folder in use by a
-# live process is an error on every rank.
+# ranks, for a dry run (only checked), for no folder (None) and for a folder that `held` already holds.
+# A folder in use by a live process is an error on every rank.
 def lock_folder(folder, option, dry_run, held=(), create=True):
     locks, error = [], None
-    if distributed.get_rank() == 0 and option == '--outdir' and create and not dry_run:
-        os.makedirs(folder, exist_ok=True)      # --nosubdir: the folder may not exist yet.
-    if distributed.get_rank() == 0 and os.path.isdir(folder) and \
-            not any(os.path.samefile(lock.folder, folder) for lock in held):
+    if distributed.get_rank() == 0 and folder is not None:
         try:
-            locks.append(checkpoint.RunLock(folder).acquire())
+            if option == '--outdir' and create and not dry_run:
+                os.makedirs(folder, exist_ok=True)      # --nosubdir: the folder may not exist yet.
+            if os.path.isdir(folder) and not any(os.path.samefile(lock.folder, folder) for lock in held):
+                locks.append(checkpoint.RunLock(folder).acquire())
         except checkpoint.FolderInUseError as err:
             error = f'{option}: {err}'
         except OSError as err:
@@ -129,13 +129,18 @@ def lock_folder(folder, option, dry_run, held=(), create=True):
 
 # The folders of a run that exist already, locked for the run's life: the folder resumed from (a second
 # resume of it while this run lives would run twice) and --nosubdir's folder.
+# Every rank makes the same calls (each one a collective); only rank 0 looks at the file system.
 def lock_existing_folders(opts):
-    locks = []
-    if opts.resume is not None and os.path.exists(opts.resume):
-        folder = opts.resume if os.path.isdir(opts.resume) else os.path.dirname(os.path.abspath(opts.resume))
-        locks += lock_folder(folder, '--resume', opts.dry_run)
-    if opts.nosubdir and os.path.isdir(opts.outdir):
-        locks += lock_folder(opts.outdir, '--outdir', opts.dry_run, held=locks, create=False)
+    resumed = None
+    if opts.resume is not None:
+        resumed = opts.resume if os.path.isdir(opts.resume) else os.path.dirname(os.path.abspath(opts.resume))
+    locks = lock_folder(resumed, '--resume', opts.dry_run)
+    try:
+        locks += lock_folder(opts.outdir if opts.nosubdir else None, '--outdir', opts.dry_run, held=locks, create=False)
+    except click.ClickException:
+        for lock in locks:
+            lock.release()
+        raise
     return locks
 
 # --resume FILE or RUNDIR -> the training state file (a folder gives its newest state).

@@ -57,9 +57,13 @@ MAX_NETWORK_BYTES = 1 << 30
 # A network named in the page.
 
 # The bytes of an http(s) URL, at most `max_bytes` (refused from its Content-Length when it says more,
-# else when the body passes the cap). Nothing is written to disk. Raises ValueError / OSError.
-def _download_capped(url, max_bytes, timeout=(10, 60)):
+# else when the body passes the cap), within `deadline` seconds. Nothing is written to disk. Raises
+# ValueError / OSError.
+def _download_capped(url, max_bytes, timeout=(10, 60), deadline=600):
+    import time
+
     import requests
+    start = time.monotonic()
     try:
         with requests.get(url, stream=True, timeout=timeout) as res:
             if res.status_code != 200:
@@ -72,6 +76,8 @@ def _download_capped(url, max_bytes, timeout=(10, 60)):
                 buf.write(chunk)
                 if buf.tell() > max_bytes:
                     raise ValueError(f'{url} is more than the {max_bytes} bytes a network may have here')
+                if time.monotonic() - start > deadline:
+                    raise OSError(f'Could not download {url}: not complete after {deadline} s')
             return buf.getvalue()
     except requests.RequestException as e:
         raise OSError(f'Could not download {url}: {e}') from None
