@@ -117,6 +117,25 @@ def _transfer(transfer_pkl, trust_pickle, net, ema):
     if ema is not net:
         misc.copy_params_and_buffers(net, ema, require_all=True)
 
+# DataLoader iterators of the training_loop calls in progress. Their workers ignore SIGTERM (stopping.py),
+# so a worker ends only by the loader's orderly shutdown (or when this process dies): training_loop shuts
+# its loaders down when it ends, however it ends. Otherwise an error whose traceback keeps the iterator
+# alive would leave the workers running, and the interpreter's exit would wait for them forever.
+_open_loaders = []
+
+def _shuts_down_loaders(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = len(_open_loaders)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            while len(_open_loaders) > first:
+                shutdown = getattr(_open_loaders.pop(), '_shutdown_workers', None)     # What the iterator's __del__ calls.
+                if shutdown is not None:
+                    shutdown()
+    return wrapper
+
 # Data: this rank's share of the global stream of images, from image `start_idx` on (where the
 # training state left it), in batches of batch_gpu.
 def _data_stream(dataset_obj, data_loader_kwargs, device, seed, start_idx, batch_gpu):
@@ -128,12 +147,15 @@ def _data_stream(dataset_obj, data_loader_kwargs, device, seed, start_idx, batch
         loader_kwargs.setdefault('worker_init_fn', misc.ignore_stop_signals_in_worker)
     sampler = misc.InfiniteSampler(dataset_obj, rank=distributed.get_rank(), num_replicas=distributed.get_world_size(),
                                    seed=seed, start_idx=start_idx)
-    return iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
+    batches = iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
+    _open_loaders.append(batches)
+    return batches
 
 # ----------------------------------------------------------------------------
 # The training loop: setup, resume, then steps with a report per tick; only rank 0 writes.
 
 @stopping.restores_stop_handlers
+@_shuts_down_loaders
 def training_loop(
     run_dir             = '.',      # Output directory (used by rank 0 only).
     dataset_kwargs      = {},       # Options of the training set (class_name, ...).
