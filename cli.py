@@ -10,6 +10,7 @@ helpers turn options into those arguments and errors into click usage errors.
   guide options (zscg.py uses `chooser` for its own two), mapped onto `sampling.guide_spec.parse_guides`.
 """
 
+import os
 import pickle
 
 import click
@@ -18,6 +19,7 @@ import dnnlib
 from evaluation.detectors import DetectorDownloadError, UntrustedDetectorError
 from sampling.guide_spec import GUIDE_TYPES, MissingGuideInput, make_chooser, parse_guides
 from torch_utils import checkpoint
+from sampling.generation import existing_files, recorded_outputs
 from torch_utils import distributed as dist
 from training import dataset as dataset_lib
 from training import prior as prior_lib
@@ -204,3 +206,66 @@ def load_prior(prior, net, net_path, device, temperature=1.0, top_k=0, top_p=1.0
     except (OSError, ValueError) as e:
         raise click.BadParameter(str(e), param_hint='--prior') from e
     return prior_lib.PriorRule(loaded, temperature, top_k, top_p), path
+
+# ----------------------------------------------------------------------------
+# Outputs: a script replaces only what an earlier run of the same script wrote, and only with
+# --force; an output's folder must be writable before the work starts.
+
+# The nearest existing folder at or above `path` (what must be writable to create `path`).
+def _existing_parent(path):
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+def check_outdir(outdir, force, marker, script, option='--outdir'):
+    """Usage errors for an output folder, before any work: it must be new or empty; with --force it
+    may hold an earlier run of `script`, whose `marker` file lists what that run wrote, and nothing
+    else. Returns the relative paths to delete before writing (those of the earlier run)."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.UsageError(f'{option} {outdir} exists and is not a folder')
+    existing = existing_files(outdir)
+    remove = set()
+    if existing and not force:
+        raise click.UsageError(f'{option} {outdir} is not empty; choose a new folder, or add --force to replace '
+                               f'the files of an earlier {script} run there')
+    if existing:
+        if marker not in existing:
+            raise click.UsageError(f'{option} {outdir} is not the folder of an earlier {script} run (it has no {marker}); '
+                                   '--force replaces only what such a run wrote: choose a new or empty folder')
+        try:
+            remove = recorded_outputs(outdir, marker)
+        except ValueError as e:
+            raise click.UsageError(f'{option}: {e}') from None
+        foreign = sorted(existing - remove)
+        if foreign:
+            raise click.UsageError(f'{option} {outdir} holds {len(foreign)} file(s) that the earlier {script} run did not write '
+                                   f'(e.g. {foreign[0]}); --force replaces only what it wrote: move them, or choose another folder')
+    target = outdir if os.path.isdir(outdir) else _existing_parent(outdir)
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise click.UsageError(f'{option} {outdir}: no permission to write in {target}')
+    return remove
+
+# Whether a file starts with `magic` (e.g. b'\x89PNG'): the kind of file a figure script writes.
+def starts_with(magic):
+    def check(path):
+        with open(path, 'rb') as f:
+            return f.read(len(magic)) == magic
+    return check
+
+PNG_MAGIC, NPY_MAGIC, GIF_MAGIC = b'\x89PNG\r\n\x1a\n', b'\x93NUMPY', b'GIF8'
+
+def check_output_file(path, force, is_ours, what, option='--out'):
+    """Usage errors for an output file, before any work: not a folder; an existing file is replaced
+    only with --force and only when `is_ours(path)` (it is `what`, a file this script writes); its
+    folder must be writable."""
+    if os.path.isdir(path):
+        raise click.UsageError(f'{option} {path} is a folder; give a file name')
+    if os.path.lexists(path):
+        if not force:
+            raise click.UsageError(f'{option} {path} exists; choose a new name, or add --force to replace it')
+        if not os.path.isfile(path) or not is_ours(path):
+            raise click.UsageError(f'{option} {path} exists and is not {what}; --force replaces only such a file: choose a new name')
+    folder = _existing_parent(path)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.UsageError(f'{option} {path}: no permission to write there')

@@ -35,14 +35,18 @@ import tqdm
 
 import cli
 from torch_utils import distributed as dist
-from torch_utils.checkpoint import write_atomic
-from sampling.generation import generate_batches, num_batches
+from dnnlib.util import format_int_list
+from torch_utils.checkpoint import write_atomic, write_json
+from sampling.generation import clear_outdir, generate_batches, num_batches
 from training.images import image_path, mean_psnr, psnr, to_pil
 from training import entropy_coding
 from training.latent import latent_bits, pack_codes, packed_size, stored_bits, unpack_codes
 from training.snapshot import fingerprint
 
 MAGIC = b'DDNZ'
+
+# The options of a `decode` run, written into --outdir before any image: they list the images it writes.
+DECODE_OPTIONS = 'decode_options.json'
 VERSION = 2             # Fixed-length codes; 2 adds the 8-byte fingerprint of the network (training.snapshot.fingerprint); 1 is still read.
 ENTROPY_VERSION = 3     # Codes entropy-coded with a prior (training.entropy_coding).
 
@@ -73,6 +77,11 @@ def file_needs_prior(path):
     with open(path, 'rb') as f:
         head = f.read(5)
     return head[:4] == MAGIC and len(head) == 5 and head[4] == ENTROPY_VERSION
+
+# Whether `path` starts as a codes file does (what `encode --force` may replace).
+def is_codes_file(path):
+    with open(path, 'rb') as f:
+        return f.read(len(MAGIC)) == MAGIC
 
 # (codes (N, L), ks) of a codes file; with `with_network` also the fingerprint of the network that
 # wrote it (None for version 1 files). A version 3 file is decoded with `prior` (the one that wrote it).
@@ -157,11 +166,10 @@ def main():
 @click.option('--data',         help='Dataset folder or zip, or "digits"', metavar='ZIP|DIR', default='digits', show_default=True)
 @click.option('--max-images',   help='Encode the first N images', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--out',          help='Output codes file', metavar='BIN', required=True)
-def encode(network, data, max_images, out, batch, prior, device, trust_pickle):
+@click.option('--force',        help='Replace an existing --out codes file (only a file written by `encode`)', is_flag=True)
+def encode(network, data, max_images, out, batch, prior, device, trust_pickle, force):
     """Encode dataset images to latents (entropy-coded with a prior, or fixed-length); report bits/image and PSNR."""
-    if os.path.isdir(out):
-        raise click.BadParameter(f'{out} is a folder; give a file name', param_hint='--out')
-    cli.check_writable(out, '--out')
+    cli.check_output_file(out, force, is_codes_file, 'a DDN codes file (written by `compress.py encode`)')
     device = dist.pick_device(device)
     path, net = cli.load_network(network, device, trust_pickle)
     prior_module, prior_path = _load_prior(prior, net, path, device)
@@ -190,8 +198,10 @@ def encode(network, data, max_images, out, batch, prior, device, trust_pickle):
 @click.option('--codes',        help='Codes file written by `encode`', metavar='BIN', type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option('--outdir',       help='Where to write the decoded images', metavar='DIR', required=True)
 @click.option('--data',         help='Also report the PSNR against these originals (the encoded dataset)', metavar='ZIP|DIR', default=None)
-def decode(network, codes, outdir, data, batch, prior, device, trust_pickle):
+@click.option('--force',        help='Write into the --outdir of an earlier `decode`, replacing the images it wrote (listed in its decode_options.json)', is_flag=True)
+def decode(network, codes, outdir, data, batch, prior, device, trust_pickle, force):
     """Decode a codes file to images {index:06d}.png."""
+    earlier_files = cli.check_outdir(outdir, force, DECODE_OPTIONS, 'compress.py decode')
     device = dist.pick_device(device)
     path, net = cli.load_network(network, device, trust_pickle)
     coded = file_needs_prior(codes)
@@ -206,7 +216,10 @@ def decode(network, codes, outdir, data, batch, prior, device, trust_pickle):
     dataset = cli.open_dataset_for(data, net) if data is not None else None
     if dataset is not None and len(dataset) < num:
         raise click.ClickException(f'{codes} holds {num} images but the dataset only {len(dataset)}')
-    os.makedirs(outdir, exist_ok=True)
+    # What this run writes, recorded before the first image (a later --force removes exactly these).
+    clear_outdir(outdir, earlier_files)
+    write_json(os.path.join(outdir, DECODE_OPTIONS), dict(command='decode', codes=codes, network=path, num=num,
+                                                          images=format_int_list(range(num)), subdirs=False, files=[]))
     values = []
     for b in tqdm.tqdm(generate_batches(net, range(num), batch, codes=all_codes), total=num_batches(num, batch), desc='decode', leave=False):
         images = b.images.cpu()

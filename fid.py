@@ -18,9 +18,12 @@ Detector files load without running code (TorchScript, or pickles of TorchScript
 Inception); any other pickle or TorchScript archive needs --trust-code (alias --trust-pickle), since it runs code.
 """
 
+import json
+import zipfile
+
 import click
 
-from cli import click_error
+import cli as cli_helpers
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from evaluation import detectors, image_sources
@@ -61,6 +64,23 @@ def cli():
     own argument parser reads `--num` as an abbreviation of its `--numa-binding` and stops.
     """
 
+# Whether `path` is a file this script writes, which --force may replace: reference statistics
+# (an .npz holding mu and sigma), and the results JSON of calc --out.
+def is_reference_file(path):
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {'mu.npy', 'sigma.npy'} <= set(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+def is_results_file(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            results = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(results, dict) and {'images', 'ref', 'detector'} <= set(results)
+
 # Options both subcommands share.
 def _common_options(fn):
     fn = click.option('--trust-code', '--trust-pickle', 'trust_pickle', help='Allow a --detector file that runs code (a TorchScript archive other than the Inception, a pickle); trusted files only', is_flag=True)(fn)
@@ -77,16 +97,19 @@ def _common_options(fn):
 @click.option('--metrics', help='Comma-separated metrics: fid, kid, sfid, is, pr', metavar='LIST', type=str, default='fid', show_default=True)
 @click.option('--splits', help='Also FID of this many disjoint parts of the images (mean +- std)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--out', help='Also write the results to this JSON file', metavar='JSON', type=str)
+@click.option('--force', help='Replace an existing --out (only a results file of fid.py calc)', is_flag=True)
 @_common_options
-def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector_url, workers, trust_pickle):
+def calc(images_path, ref_path, num, seed, metrics, splits, out, force, batch, detector_url, workers, trust_pickle):
     """Calculate metrics for a folder or zip of images."""
+    if out:
+        cli_helpers.check_output_file(out, force, is_results_file, 'a results file of fid.py calc')
     with dist.session():
         try:
             dist.print0(f'Evaluating {metrics} on {num} images from "{images_path}"...')
             results = metric_lib.calc_metrics(images_path, ref_path, metrics=metrics, num=num, seed=seed, batch=batch,
                 detector_url=detector_url, workers=workers, splits=splits, trust_pickle=trust_pickle, progress=True)
         except (ValueError, OSError, ImportError) as e:
-            raise click_error(e) from e
+            raise cli_helpers.click_error(e) from e
         if dist.get_rank() == 0 and out:
             checkpoint.write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=detectors.detector_name(detector_url)))
         metric_lib.print_metrics(results)
@@ -95,9 +118,11 @@ def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector
 @click.option('--data', 'data_path', help='Dataset folder or zip', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--dest', 'dest_path', help='Destination .npz file', metavar='NPZ', type=str, required=True)
 @click.option('--features', help='Real features stored for precision/recall and KID (0: none)', metavar='INT', type=click.IntRange(min=0), default=REF_FEATURES, show_default=True)
+@click.option('--force', help='Replace an existing --dest (only reference statistics: an .npz with mu and sigma)', is_flag=True)
 @_common_options
-def ref(data_path, dest_path, features, batch, detector_url, workers, trust_pickle):
+def ref(data_path, dest_path, features, force, batch, detector_url, workers, trust_pickle):
     """Calculate reference statistics of a dataset."""
+    cli_helpers.check_output_file(dest_path, force, is_reference_file, 'reference statistics (an .npz with mu and sigma)', option='--dest')
     with dist.session():
         try:
             dist.print0(f'Calculating reference statistics of "{data_path}"...')
@@ -105,7 +130,7 @@ def ref(data_path, dest_path, features, batch, detector_url, workers, trust_pick
             batches = image_sources.image_batches(data_path, batch=batch, workers=workers)
             stats = metric_lib.reference_stats(batches, detector, dist.device(), features=features)
         except (ValueError, OSError, ImportError) as e:
-            raise click_error(e) from e
+            raise cli_helpers.click_error(e) from e
         if dist.get_rank() == 0:
             metric_lib.save_ref(dest_path, stats['mu'], stats['sigma'], features=stats.get('features'), num=stats['num'],
                 detector=detectors.detector_name(detector_url), mu_s=stats.get('mu_s'), sigma_s=stats.get('sigma_s'))

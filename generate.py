@@ -63,6 +63,9 @@ MAX_SEEDS = 10_000_000
 NEED_IMAGE = ('This network is conditioned on {!r}: give --condition-image PATH '
               '(the condition is computed from that image as in training)')
 
+# The options of a run, written into --outdir before any image: they list the files the run writes.
+OPTIONS_FILE = 'generation_options.json'
+
 # An existing file (click checks it and names the option in its error).
 _FILE = click.Path(exists=True, dir_okay=False)
 
@@ -86,15 +89,11 @@ def _check_mode(opts):
         raise click.UsageError(f'--guide steers sampling (--seeds); it does not apply with {other} ({why})')
     return mode
 
-# An --outdir must be new or empty, unless --force (then an earlier run's files are removed first,
-# so no image is left that the new latents.npz does not describe, and fid.py would not count one).
+# An --outdir must be new or empty, or with --force the folder of an earlier generate.py run (its
+# generation_options.json lists the files it wrote: only those are removed, so no image is left that the
+# new latents.npz does not describe, and no file of anyone else is touched). Returns the files to remove.
 def check_outdir(outdir, force):
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise click.UsageError(f'--outdir {outdir} exists and is not a folder')
-    if os.path.isdir(outdir) and os.listdir(outdir) and not force:
-        raise click.UsageError(f'--outdir {outdir} is not empty; choose a new folder, or add --force to replace '
-                               'the images, latents and grid of an earlier run there')
-    cli.check_writable(outdir, '--outdir')
+    return cli.check_outdir(outdir, force, OPTIONS_FILE, 'generate.py')
 
 # Usage errors of --class / --condition-image for this network; the shared condition of --condition-image or None.
 def _shared_condition(opts, net, mode, guide_types, device):
@@ -197,7 +196,7 @@ def _guide_info(opts, guide_types, chooser_info):
     return info
 
 def _run_options(opts, mode, net, net_path, names, guide_info, prior_info=None):
-    return dict(mode=mode, network=net_path, prior=prior_info, outdir=opts.outdir, num=len(names),
+    return dict(mode=mode, network=net_path, prior=prior_info, outdir=opts.outdir, num=len(names), images=format_int_list(names),
                 seeds=format_int_list(names) if mode == 'sample' else None, codes=opts.codes_path,
                 reconstruct=opts.data, max_images=opts.max_images, batch=opts.batch, subdirs=opts.subdirs,
                 world_size=dist.get_world_size(), condition=getattr(net, 'condition', None),
@@ -240,7 +239,7 @@ def _load_metrics(opts, num, device):
 @click.option('--outdir', help='Where to save the images, latents and metrics', metavar='DIR', type=str, required=True)
 @click.option('--seeds', help='Random seeds, e.g. 0-49999 or 1,5,9-12  [default: 0-63]', metavar='LIST', callback=cli.int_list(MAX_SEEDS), default=None)
 @click.option('--subdirs', help='Create a subfolder for every 1000 seeds', is_flag=True)
-@click.option('--force', help='Write into a non-empty --outdir, replacing an earlier run\'s images, latents and grid', is_flag=True)
+@click.option('--force', help='Write into the --outdir of an earlier generate.py run, replacing the files it wrote (listed in its generation_options.json)', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label of class-conditional networks (and target of --guide classifier)  [default: random per seed]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64)
 @cli.device_option()
@@ -301,7 +300,7 @@ def _main(opts):
     check_guide_options(opts, guide_types)
     chooser, chooser_info = cli.chooser(opts.guide_temp, opts.guide_topk)
     device = dist.pick_device(opts.device)
-    check_outdir(opts.outdir, opts.force)
+    earlier_files = check_outdir(opts.outdir, opts.force)
 
     dist.print0(f'Loading network from "{opts.network}"...')
     net_path, net = cli.load_network(opts.network, device, trust_pickle=opts.trust_pickle)
@@ -331,8 +330,8 @@ def _main(opts):
         guide_info = _guide_info(opts, guide_types, chooser_info)
         dist.print0(f'Guide: {opts.guide} ({", ".join(f"{k}={v}" for k, v in chooser_info.items())})')
     if dist.get_rank() == 0:
-        clear_outdir(opts.outdir)
-        checkpoint.write_json(os.path.join(opts.outdir, 'generation_options.json'), _run_options(opts, mode, net, net_path, work.names, guide_info, prior_info))
+        clear_outdir(opts.outdir, earlier_files)
+        checkpoint.write_json(os.path.join(opts.outdir, OPTIONS_FILE), _run_options(opts, mode, net, net_path, work.names, guide_info, prior_info))
     dist.barrier()
 
     # Generate, writing PNGs as batches come; the detector reads the same uint8 batches.

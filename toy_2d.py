@@ -39,6 +39,7 @@ import torch
 import tqdm
 from torch import nn
 
+import cli
 from training.split_prune import BALANCE_METHODS, SplittableNodes, balance
 
 # ----------------------------------------------------------------------------
@@ -311,7 +312,8 @@ def save_gif(frames, path, duration_ms=80):
 @click.option('--gif',              help='Render the optimisation to this GIF', metavar='GIF', type=str, default=None)
 @click.option('--frames',           help='GIF frames per density', metavar='INT', type=click.IntRange(min=1), default=24, show_default=True)
 @click.option('--size',             help='GIF panel size in pixels', metavar='INT', type=click.IntRange(min=16), default=256, show_default=True)
-def main(density, k, steps, batch, lr, opt, method, bias_rate, bins, seed, carry_over, out, gif, frames, size):
+@click.option('--force',            help='Replace an existing --out .npy / --gif GIF', is_flag=True)
+def main(density, k, steps, batch, lr, opt, method, bias_rate, bins, seed, carry_over, out, gif, frames, size, force):
     """Fit K free points to 2D densities with gradient descent and Split-and-Prune; print KL divergences.
 
     Prints, for each density, the KL divergence of the fitted points to the ground truth, that of K
@@ -324,6 +326,9 @@ def main(density, k, steps, batch, lr, opt, method, bias_rate, bins, seed, carry
     for path, ext, option in ((out, '.npy', '--out'), (gif, '.gif', '--gif')):   # Checked before the work.
         if path is not None and (os.path.isdir(path) or not path.lower().endswith(ext)):
             raise click.BadParameter(f'{path}: give a file name ending in {ext}', param_hint=option)
+        if path is not None:
+            magic, what = (cli.NPY_MAGIC, 'a .npy array') if ext == '.npy' else (cli.GIF_MAGIC, 'a GIF image')
+            cli.check_output_file(path, force, cli.starts_with(magic), what, option=option)
     maps = [load_density(name, bins) for name in names]
     if lr is None:
         # Adam moves a point by about lr per hit, whatever the distance: keep that a fraction of the

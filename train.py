@@ -6,7 +6,8 @@ Runs as one process, or one process per GPU under `torchrun --standalone --nproc
 load with `pickle.load(f)['ema']`), training states (`training-state-<kimg>.pt`, for --resume),
 sample grids and node-usage plots. Every snapshot is also written in the safe format
 (`network-snapshot-<kimg>.safetensors`); --transfer and --resume load without running code from the
-file (training/snapshot.py). SIGTERM or SIGUSR1 stops a run after the current step with a training state.
+file (training/snapshot.py). SIGTERM, SIGUSR1 or a first Ctrl+C stops a run after the current step with a
+training state (a second Ctrl+C aborts); a run folder in use by a live process is refused (its run.lock).
 """
 
 import json
@@ -101,6 +102,47 @@ def holds_run(path):
 def holds_saved_work(path):
     patterns = (snapshot_io.STATE_PATTERN, snapshot_io.SNAPSHOT_PATTERN, snapshot_io.SAFE_SNAPSHOT_PATTERN)
     return checkpoint.latest(path, patterns) is not None
+
+# Rank 0 locks a run folder (checkpoint.RunLock: held while the process lives) -> [lock], [] on other
+# ranks, for a dry run (only checked), for no folder (None) and for a folder that `held` already holds.
+# A folder in use by a live process is an error on every rank.
+def lock_folder(folder, option, dry_run, held=(), create=True):
+    locks, error = [], None
+    if distributed.get_rank() == 0 and folder is not None:
+        try:
+            if option == '--outdir' and create and not dry_run:
+                os.makedirs(folder, exist_ok=True)      # --nosubdir: the folder may not exist yet.
+            if os.path.isdir(folder) and not any(os.path.samefile(lock.folder, folder) for lock in held):
+                locks.append(checkpoint.RunLock(folder).acquire())
+        except checkpoint.FolderInUseError as err:
+            error = f'{option}: {err}'
+        except OSError as err:
+            if option != '--resume':    # A read-only folder to resume from cannot be in use by a run.
+                error = f'{option}: cannot lock {folder}: {err}'
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise click.ClickException(error)
+    if dry_run:
+        for lock in locks:
+            lock.release()
+        return []
+    return locks
+
+# The folders of a run that exist already, locked for the run's life: the folder resumed from (a second
+# resume of it while this run lives would run twice) and --nosubdir's folder.
+# Every rank makes the same calls (each one a collective); only rank 0 looks at the file system.
+def lock_existing_folders(opts):
+    resumed = None
+    if opts.resume is not None:
+        resumed = opts.resume if os.path.isdir(opts.resume) else os.path.dirname(os.path.abspath(opts.resume))
+    locks = lock_folder(resumed, '--resume', opts.dry_run)
+    try:
+        locks += lock_folder(opts.outdir if opts.nosubdir else None, '--outdir', opts.dry_run, held=locks, create=False)
+    except click.ClickException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
 
 # --resume FILE or RUNDIR -> the training state file (a folder gives its newest state).
 def resolve_resume(path):
@@ -200,6 +242,15 @@ def main(**kwargs):
 def launch(opts):
     world_size = distributed.get_world_size()
     condition = check_condition(opts)
+    locks = lock_existing_folders(opts)     # One live run per folder: refused here, before any work.
+    try:
+        train_in_locked_folders(opts, condition, world_size, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+# The rest of launch(), the run's folders locked (`locks` gets the lock of a new run folder too).
+def train_in_locked_folders(opts, condition, world_size, locks):
     c = dnnlib.EasyDict()
     c.dataset_kwargs, dataset_info, dataset_name = dataset_config(opts, condition)
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers, prefetch_factor=2)
@@ -208,10 +259,11 @@ def launch(opts):
     c.update(training_config(opts, world_size))
     c.update(metrics_config(opts, condition))
     c.update(prior_config(opts, condition))
-    start_kwargs, resumed_seed = transfer_resume_config(opts, c.network_kwargs, dataset_info)
+    start_kwargs, resumed_seed = transfer_resume_config(opts, c.network_kwargs, dataset_info, world_size)
     c.update(start_kwargs)
     c.seed = choose_seed(opts.seed, resumed_seed)
     c.run_dir = choose_run_dir(opts, c.get('resume_state'), dataset_name, world_size)
+    locks += lock_folder(c.run_dir, '--outdir', opts.dry_run, held=locks)     # A new run folder.
     print_summary(c, dataset_info, world_size)
     if opts.dry_run:
         distributed.print0('Dry run; exiting.')
@@ -348,7 +400,9 @@ def prior_config(opts, condition):
 PRIOR_DEFAULTS = dict(prior_images=2000, prior_steps=300)
 
 # Transfer learning and resume: check the files now, before a run folder exists -> (config, resumed seed).
-def transfer_resume_config(opts, network_kwargs, dataset_info):
+# A state of another number of processes is refused: every process draws its own random numbers, so
+# the run would not repeat.
+def transfer_resume_config(opts, network_kwargs, dataset_info, world_size):
     c = dnnlib.EasyDict()
     resumed_seed = None
     if opts.transfer is not None:
@@ -369,6 +423,10 @@ def transfer_resume_config(opts, network_kwargs, dataset_info):
         if int(state.get('batch_size', opts.batch)) != opts.batch:
             raise click.UsageError(f'--batch={opts.batch}, but the training state {c.resume_state} was trained with '
                                    f'--batch={state["batch_size"]}; resume with that batch so the run repeats exactly')
+        try:
+            run_files.check_world_size(state, c.resume_state, world_size)
+        except ValueError as err:
+            raise click.ClickException(f'--resume: {err}') from None
     return c, resumed_seed
 
 # Seed: given, else the resumed run's (so the continuation is exact), else random (same on all ranks).

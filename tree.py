@@ -137,7 +137,8 @@ def render_tree(images, mean, ks, cell):
 @click.option('--cell',     help='Side of a leaf cell in pixels  [default: output resolution + padding, >= 24]', metavar='INT', type=click.IntRange(min=4), default=None)
 @cli.device_option()
 @click.option('--trust-code', '--trust-pickle', 'trust_pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
-def main(network, levels, out, cell, device, trust_pickle):
+@click.option('--force',    help='Replace an existing --out PNG', is_flag=True)
+def main(network, levels, out, cell, device, trust_pickle, force):
     """Draw the first levels of a trained DDN's latent tree as recursive grids.
 
     \b
@@ -147,6 +148,7 @@ def main(network, levels, out, cell, device, trust_pickle):
         check_png_out(out)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--out') from e
+    cli.check_output_file(out, force, cli.starts_with(cli.PNG_MAGIC), 'a PNG image')
     device = dist.pick_device(device)
     path, net = cli.load_network(network, device, trust_pickle)
     if levels > net.num_layers:

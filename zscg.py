@@ -133,13 +133,15 @@ def layout(rows, cell_min):
 @cli.prior_options
 @device_option()
 @click.option('--trust-code', '--trust-pickle', 'trust_pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
+@click.option('--force', help='Replace an existing --out PNG', is_flag=True)
 def main(network, data, task, indices, seeds, out, sr_size, bits, hole, temperature, topk, cell, prior, prior_temp, prior_topk,
-         prior_topp, device, trust_pickle):
+         prior_topp, device, trust_pickle, force):
     """Zero-shot conditional generation figure: condition | guided results per seed | ground truth."""
     try:
         check_png_out(out)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--out') from e
+    cli.check_output_file(out, force, cli.starts_with(cli.PNG_MAGIC), 'a PNG image')
     if temperature is None and topk is None:
         temperature = DEFAULT_TEMPERATURE
     chooser, _ = cli.chooser(temperature, topk, options=('--temperature', '--topk'))

@@ -15,6 +15,7 @@ latents.npz, grid.png and metrics.json from them). Callers split the work across
 `rank_share`; the uint8 images can stream on into evaluation/metrics.py (FID) unchanged.
 """
 
+import json
 import math
 import os
 import re
@@ -36,7 +37,7 @@ from training.determinism import batch_invariant
 # Images in the preview grid (the first names of a run).
 GRID_IMAGES = 100
 
-# Files of an earlier run in an output folder, removed by clear_outdir (besides the {name:06d}.png images).
+# Files of a generate.py run in its output folder besides the {name:06d}.png images (see recorded_outputs).
 OUTPUT_FILES = ('latents.npz', 'grid.png', 'generation_options.json', 'metrics.json')
 
 # ----------------------------------------------------------------------------
@@ -198,19 +199,60 @@ def save_run(outdir, rec, net, name_key, grid_names, stored=None, network=None):
         grid = side_by_side(make_grid([rec.grid[n][1] for n in grid_names]), grid)
     save_png(grid, os.path.join(outdir, 'grid.png'))
 
-# Make the folder and remove the outputs of an earlier run in it (our file names only).
-def clear_outdir(outdir):
+# ----------------------------------------------------------------------------
+# Output folders hold only what we wrote: a run records its options (and so its files) in a marker
+# file before it writes anything, and a later run with --force deletes exactly those files.
+
+# The relative paths of the files an earlier run wrote into `outdir`, from its marker file (generate.py's
+# generation_options.json, compress.py's decode_options.json): the marker, its `files` (default: generate.py's
+# OUTPUT_FILES) and the images of its `images` list (an int-list string; older generate.py files: `seeds`,
+# else indices 0..num-1).
+# Raises ValueError when the marker is missing or unreadable.
+def recorded_outputs(outdir, marker='generation_options.json'):
+    path = os.path.join(outdir, marker)
+    try:
+        with open(path, encoding='utf-8') as f:
+            options = json.load(f)
+        names = options.get('images', options.get('seeds'))
+        if names is None and not 0 <= int(options['num']) <= MAX_RECORDED_IMAGES:
+            raise ValueError(f'num {options["num"]} is not a number of images')
+        names = dnnlib.util.parse_int_list(names, MAX_RECORDED_IMAGES) if names is not None else range(int(options['num']))
+        subdirs = bool(options.get('subdirs', False))
+        files = {marker, *(str(name) for name in options.get('files', OUTPUT_FILES))}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise ValueError(f'{path}: cannot tell which files an earlier run wrote ({type(e).__name__}: {e})') from None
+    files.update(os.path.relpath(image_path(outdir, name, subdirs), outdir).replace(os.sep, '/') for name in names)
+    return files
+
+# The relative paths of every file under `outdir` (none if it does not exist), temporary files
+# of a killed run (`*.tmp-<pid>`) left out.
+def existing_files(outdir):
+    found = set()
+    if not os.path.isdir(outdir):
+        return found
+    for root, _dirs, files in os.walk(outdir):
+        for name in files:
+            if not re.search(r'\.tmp-\d+', name):
+                found.add(os.path.relpath(os.path.join(root, name), outdir).replace(os.sep, '/'))
+    return found
+
+# Most images a marker file may list (generate.py's --seeds cap).
+MAX_RECORDED_IMAGES = 10_000_000
+
+# Make the folder and remove the files `remove` (relative paths: what an earlier run recorded), and
+# the {thousands:06d} subfolders they leave empty; nothing else is touched.
+def clear_outdir(outdir, remove=()):
     os.makedirs(outdir, exist_ok=True)
     checkpoint.remove_stale_temps(outdir)
-    for name in os.listdir(outdir):
-        path = os.path.join(outdir, name)
-        if name in OUTPUT_FILES or (re.fullmatch(r'\d{6}\.png', name) and os.path.isfile(path)):
+    folders = set()
+    for rel in sorted(remove):
+        path = os.path.join(outdir, *rel.split('/'))
+        if os.path.isfile(path):
             os.remove(path)
-        elif re.fullmatch(r'\d{6}', name) and os.path.isdir(path):
-            for sub in os.listdir(path):
-                if re.fullmatch(r'\d{6}\.png', sub):
-                    os.remove(os.path.join(path, sub))
-            if not os.listdir(path):
-                os.rmdir(path)
+            if '/' in rel:
+                folders.add(os.path.dirname(path))
+    for folder in folders:
+        if re.fullmatch(r'\d{6}', os.path.basename(folder)) and not os.listdir(folder):
+            os.rmdir(folder)
 
 # ----------------------------------------------------------------------------

@@ -14,9 +14,13 @@ the image `generate.py` writes for the same seed, guide and choice rule.
 - `run_guided()`: guided samples for a list of seeds, the unguided samples of the same seeds, and the
   chosen image of every layer of one of them.
 - `coarse_to_fine()` / `write_gif()`: that path as frames of one size, and as an animated GIF.
+- `load_page_network()`: a network named in the page (a file, run folder or URL): a URL is downloaded
+  into memory with a size cap, never into the download cache, and only a network file is accepted.
 """
 
 import io
+import os
+import urllib.parse
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -25,6 +29,7 @@ import torch
 
 from dnnlib.util import parse_int_list
 from sampling import guidance
+from training import snapshot
 from training.ddl import argmin, resize_area
 from sampling.guide_spec import guide_from_pil, make_chooser, parse_guides
 from sampling.prior_sampling import PriorChooser, sample_with_prior
@@ -45,6 +50,62 @@ UPLOAD_GUIDES = {
     'edge':     'edges (upload: an edge map, white = edge)',
     'l2':       'L2 to the upload',
 }
+
+# Largest network file the page loads, by default (a URL typed by a visitor is downloaded into memory).
+MAX_NETWORK_BYTES = 1 << 30
+
+# ----------------------------------------------------------------------------
+# A network named in the page.
+
+# The bytes of an http(s) URL, at most `max_bytes` (refused from its Content-Length when it says more,
+# else when the body passes the cap), within `deadline` seconds. Nothing is written to disk. Raises
+# ValueError / OSError.
+def _download_capped(url, max_bytes, timeout=(10, 60), deadline=600):
+    import time
+
+    import requests
+    start = time.monotonic()
+    try:
+        with requests.get(url, stream=True, timeout=timeout) as res:
+            if res.status_code != 200:
+                raise OSError(f'Could not download {url}: HTTP {res.status_code} {res.reason}')
+            length = res.headers.get('Content-Length')
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise ValueError(f'{url} is {int(length)} bytes, more than the {max_bytes} bytes a network may have here')
+            buf = io.BytesIO()
+            for chunk in res.iter_content(chunk_size=1 << 20):
+                buf.write(chunk)
+                if buf.tell() > max_bytes:
+                    raise ValueError(f'{url} is more than the {max_bytes} bytes a network may have here')
+                if time.monotonic() - start > deadline:
+                    raise OSError(f'Could not download {url}: not complete after {deadline} s')
+            return buf.getvalue()
+    except requests.RequestException as e:
+        raise OSError(f'Could not download {url}: {e}') from None
+
+def load_page_network(name, device='cpu', max_bytes=MAX_NETWORK_BYTES):
+    """(path, network) of a network named in the page, like `--network` (a file, a run folder or a
+    URL) but bounded: at most `max_bytes`, an http(s) URL downloaded into memory only (not into the
+    download cache, so a file that is no network leaves nothing behind), and only network files: the
+    safe format or our snapshot pickle, loaded without running code. Raises OSError / ValueError."""
+    name = (name or '').strip()
+    scheme = urllib.parse.urlparse(name).scheme if '://' in name else ''
+    if scheme in ('http', 'https'):
+        path, data = name, _download_capped(name, max_bytes)
+    elif scheme:
+        raise ValueError(f'{name}: only http(s) URLs, files and run folders name a network here')
+    else:
+        path = snapshot.resolve_network(name)
+        if os.path.getsize(path) > max_bytes:
+            raise ValueError(f'{path} is {os.path.getsize(path)} bytes, more than the {max_bytes} bytes a network may have here')
+        with open(path, 'rb') as f:
+            data = f.read()
+    fmt = snapshot.file_format(data)
+    if fmt in ('zip', 'pickle', 'unknown'):
+        raise ValueError(f'{path} is not a network file (a network-snapshot-*.safetensors, or a network-snapshot-*.pkl '
+                         'written by train.py)')
+    net = snapshot.network_from_bytes(data, path, trust_pickle=False)
+    return path, net.eval().requires_grad_(False).to(device)
 
 # ----------------------------------------------------------------------------
 # Widgets -> guide tensors.

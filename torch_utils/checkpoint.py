@@ -15,6 +15,11 @@ import os
 import pickle
 import re
 
+try:
+    import fcntl
+except ImportError:     # Windows: no advisory locks; RunLock then trusts the pid in the file.
+    fcntl = None
+
 import torch
 
 # First bytes of a zip archive, the container of torch.save's default format.
@@ -77,6 +82,83 @@ def append_line(path, line):
         os.write(fd, (line.rstrip('\n') + '\n').encode('utf-8'))
     finally:
         os.close(fd)
+
+# ----------------------------------------------------------------------------
+# One live process per run folder: a run holds `<folder>/run.lock` (its pid inside, and an exclusive
+# flock on it) for as long as it runs, and removes it when it ends. The kernel drops the flock when the
+# process ends, however it ends, so the lock file a killed process leaves is stale and taken over.
+
+RUN_LOCK_NAME = 'run.lock'
+
+class FolderInUseError(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+class RunLock:
+    def __init__(self, folder):
+        self.folder = os.fspath(folder)
+        self.path = os.path.join(self.folder, RUN_LOCK_NAME)
+        self.file = None
+
+    # Take the lock, or raise FolderInUseError naming the process that holds it (OSError if the
+    # folder is not writable). Returns self.
+    def acquire(self):
+        while True:
+            f = open(self.path, 'a+', encoding='utf-8')
+            try:
+                f.seek(0)
+                holder = f.read().strip()
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        raise FolderInUseError(self._in_use(holder)) from None
+                elif holder.isdigit() and int(holder) != os.getpid() and _pid_alive(int(holder)):
+                    raise FolderInUseError(self._in_use(holder))
+                # The holder may have removed the file (it ended) between our open and our flock:
+                # then the lock taken is that of a deleted file; start over with the path's file.
+                try:
+                    same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    f.close()
+                    continue
+                f.seek(0)
+                f.truncate()
+                f.write(f'{os.getpid()}\n')
+                f.flush()
+            except BaseException:
+                f.close()
+                raise
+            self.file = f
+            return self
+
+    def _in_use(self, holder):
+        return (f'{self.folder} is in use by a running process (pid {holder or "unknown"}, which holds {self.path}); '
+                'stop it first, or wait until it ends')
+
+    # Give the lock up and remove the file (the process's end drops the lock too, but leaves the file).
+    def release(self):
+        if self.file is None:
+            return
+        try:
+            os.remove(self.path)        # Still locked: a process waiting on this file sees it is gone.
+        except OSError:
+            pass
+        if fcntl is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+        self.file = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+def _pid_alive(pid):
+    import psutil
+    return psutil.pid_exists(pid)
 
 # ----------------------------------------------------------------------------
 # Remove the temporary files (`*.tmp-<pid>`) that a killed process left in `folder`. A file whose

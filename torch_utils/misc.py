@@ -8,6 +8,7 @@ data order and random numbers of an uninterrupted run.
 """
 
 import re
+import signal
 
 import numpy as np
 import torch
@@ -87,6 +88,20 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 epoch, order = position_epoch, self.epoch_order(position_epoch)
             yield order[offset]
             position += self.num_replicas
+
+# ----------------------------------------------------------------------------
+# DataLoader workers leave stopping to the main process. A scheduler (SLURM, Kubernetes) and a
+# terminal's Ctrl+C signal every process of the job or process group, workers included; a worker
+# killed by the signal makes the DataLoader raise in the main process (from its SIGCHLD handler, at
+# any point, even inside a dump) before the main process could save. Workers started with this
+# `worker_init_fn` ignore the stop signals; they still end when the main process closes the loader
+# or dies (torch's workers watch their parent).
+
+WORKER_IGNORED_SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR1', 'SIGINT') if hasattr(signal, name))
+
+def ignore_stop_signals_in_worker(_worker_id=None):
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 # ----------------------------------------------------------------------------
 # Seed everything for one training step from (seed, rank, step); returns a private generator too.

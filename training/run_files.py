@@ -83,15 +83,29 @@ def transfer_weights(src, net):
     for ns in find_node_sets(net):
         ns.node_stats.reset()
 
-# The training state to resume from (None: a new run), checked against this configuration and
-# batch size.
-def read_resume_state(resume_state, network_kwargs, dataset_info, batch_size):
+# A state written by another number of processes cannot be resumed exactly: every rank draws its own
+# random numbers (seeded from seed, rank, step), so the same step of N and of M processes differs.
+# States older than this check record no world size and are accepted with a warning.
+def check_world_size(state, path, world_size):
+    saved = state.get('world_size')
+    if saved is None:
+        distributed.print0(f'WARNING: {path} does not record how many processes wrote it; the resumed run repeats '
+                           'the interrupted one only with the same number of processes')
+    elif int(saved) != world_size:
+        raise ValueError(f'Training state {path} was written by {saved} process(es), this run has {world_size}: '
+                         'each process draws its own random numbers, so the resumed run would not repeat the interrupted one; '
+                         f'resume it with {saved} process(es) (torchrun --nproc_per_node={saved}, or plain python for 1)')
+
+# The training state to resume from (None: a new run), checked against this configuration, batch
+# size and number of processes.
+def read_resume_state(resume_state, network_kwargs, dataset_info, batch_size, world_size=1):
     if resume_state is None:
         return None
     state = load_training_state(resume_state, network_kwargs, dataset_info)
     if int(state.get('batch_size', batch_size)) != batch_size:
         raise ValueError(f'Training state {resume_state} was trained with batch_size {state["batch_size"]}, not {batch_size}: '
                          'the resumed run would not repeat the interrupted one')
+    check_world_size(state, resume_state, world_size)
     return state
 
 # ----------------------------------------------------------------------------
@@ -147,9 +161,9 @@ def save_snapshot(run_dir, tag, snapshot, grid_cond, training_options, **content
 
 # A training state for exact resume: the state dicts of `step_fn` (net, EMA, optimizer, loss scaler),
 # the next tick and where it starts. No RNG state: every step seeds itself from (seed, rank, step).
-# Resume reads `seed` (train.py's default --seed) and checks `batch_size` and `config` (network_kwargs
-# and dataset_meta). Returns the path.
-def save_state(run_dir, tag, step_fn, progress, next_tick, tick_start_nimg, seed, batch_size, config):
+# Resume reads `seed` (train.py's default --seed) and checks `batch_size`, `world_size` (the number of
+# processes) and `config` (network_kwargs and dataset_meta). Returns the path.
+def save_state(run_dir, tag, step_fn, progress, next_tick, tick_start_nimg, seed, batch_size, config, world_size=1):
     net, ema = step_fn.net, step_fn.ema
     state = dict(
         net=net.state_dict(),
@@ -158,7 +172,7 @@ def save_state(run_dir, tag, step_fn, progress, next_tick, tick_start_nimg, seed
         scaler=step_fn.scaler.state_dict() if step_fn.scaler.is_enabled() else None,
         cur_nimg=progress.cur_nimg, cur_tick=next_tick - 1, next_tick=next_tick, tick_start_nimg=tick_start_nimg,
         last_tag_kimg=progress.last_tag_kimg,
-        seed=seed, batch_size=batch_size,
+        seed=seed, batch_size=batch_size, world_size=world_size,
         config=config,
     )
     path = os.path.join(run_dir, snapshot_io.run_file(snapshot_io.STATE_PATTERN, tag))

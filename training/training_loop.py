@@ -28,51 +28,15 @@ import torch
 
 import dnnlib
 from torch_utils import distributed, misc, training_stats
-from training import prior_training, run_files
+from training import prior_training, run_files, stopping
 from training import snapshot as snapshot_io
 from training.images import to_float
 from training.pictures import SAMPLE_GRID_SEEDS
 from training.tick_report import TickProgress, TickReport
 from training.training_step import TrainingStep, autocast_dtype, ema_beta, learning_rate
 
-# Signals that stop a run cleanly: finish the step, write a training state, exit 0 (SLURM sends
-# SIGUSR1 ahead of the end of a job with --signal=USR1@SECONDS; schedulers send SIGTERM).
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR1') if hasattr(signal, name))
-
-# SIGTERM / SIGUSR1 -> a flag read after every step; all ranks stop after the same step.
-class _StopRequest:
-    def __init__(self):
-        self.signum = None
-        self.group = distributed.new_host_group()   # A CPU collective: no device sync per step, even with NCCL.
-        for sig in STOP_SIGNALS:
-            try:
-                signal.signal(sig, self._handle)
-            except ValueError:                  # Not the main thread: no handlers, never stops early.
-                pass
-
-    def _handle(self, signum, _frame):
-        self.signum = signum
-
-    # True on every rank once any rank got a stop signal (the signal number in self.signum).
-    def requested(self):
-        flag = distributed.host_max(self.signum or 0, self.group)
-        self.signum = flag or None
-        return bool(flag)
-
-# training_loop leaves the handlers of STOP_SIGNALS as it found them, also when it raises.
-def _restores_stop_handlers(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            for sig, handler in saved.items():
-                try:
-                    signal.signal(sig, handler)
-                except (ValueError, TypeError):     # Not the main thread, or a handler set from C.
-                    pass
-    return wrapper
+# Signals that stop a run cleanly: finish the step, write a training state, exit 0 (training/stopping.py).
+STOP_SIGNALS = stopping.STOP_SIGNALS
 
 # ----------------------------------------------------------------------------
 # Setup, in the order training_loop runs it: device, batch split, dataset, network, optimizer,
@@ -152,6 +116,25 @@ def _transfer(transfer_pkl, trust_pickle, net, ema):
     if ema is not net:
         misc.copy_params_and_buffers(net, ema, require_all=True)
 
+# DataLoader iterators of the training_loop calls in progress. Their workers ignore SIGTERM (stopping.py),
+# so a worker ends only by the loader's orderly shutdown (or when this process dies): training_loop shuts
+# its loaders down when it ends, however it ends. Otherwise an error whose traceback keeps the iterator
+# alive would leave the workers running, and the interpreter's exit would wait for them forever.
+_open_loaders = []
+
+def _shuts_down_loaders(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = len(_open_loaders)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            while len(_open_loaders) > first:
+                shutdown = getattr(_open_loaders.pop(), '_shutdown_workers', None)     # What the iterator's __del__ calls.
+                if shutdown is not None:
+                    shutdown()
+    return wrapper
+
 # Data: this rank's share of the global stream of images, from image `start_idx` on (where the
 # training state left it), in batches of batch_gpu.
 def _data_stream(dataset_obj, data_loader_kwargs, device, seed, start_idx, batch_gpu):
@@ -159,14 +142,19 @@ def _data_stream(dataset_obj, data_loader_kwargs, device, seed, start_idx, batch
     loader_kwargs['pin_memory'] = bool(loader_kwargs.get('pin_memory', False)) and device.type == 'cuda'
     if not loader_kwargs.get('num_workers'):
         loader_kwargs.pop('prefetch_factor', None)
+    else:       # Workers ignore stop signals sent to the whole job: the main process stops them (stopping.py).
+        loader_kwargs.setdefault('worker_init_fn', misc.ignore_stop_signals_in_worker)
     sampler = misc.InfiniteSampler(dataset_obj, rank=distributed.get_rank(), num_replicas=distributed.get_world_size(),
                                    seed=seed, start_idx=start_idx)
-    return iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
+    batches = iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
+    _open_loaders.append(batches)
+    return batches
 
 # ----------------------------------------------------------------------------
 # The training loop: setup, resume, then steps with a report per tick; only rank 0 writes.
 
-@_restores_stop_handlers
+@stopping.restores_stop_handlers
+@_shuts_down_loaders
 def training_loop(
     run_dir             = '.',      # Output directory (used by rank 0 only).
     dataset_kwargs      = {},       # Options of the training set (class_name, ...).
@@ -206,7 +194,7 @@ def training_loop(
     device = _set_up_device(device, cudnn_benchmark, precision)
     batch_gpu, num_rounds = _split_batch(batch_size, batch_gpu, world_size)
     dataset_obj, dataset_info, network_kwargs, grid_cond = _load_dataset(dataset_kwargs, network_kwargs)
-    state = run_files.read_resume_state(resume_state, network_kwargs, dataset_info, batch_size)
+    state = run_files.read_resume_state(resume_state, network_kwargs, dataset_info, batch_size, world_size)
     net = _construct_network(network_kwargs, dataset_obj.image_shape, seed, device)
     step_fn = _set_up_step(net, loss_kwargs, optimizer_kwargs, ema_halflife_kimg, batch_size, precision, balance_kwargs,
                            compile=compile, channels_last=channels_last)
@@ -223,7 +211,7 @@ def training_loop(
             prior_refresh.load_latest(run_dir)
     config = dict(network_kwargs=dict(network_kwargs), dataset=dataset_info)    # What a resumed state must match.
     save_state = functools.partial(run_files.save_state, run_dir, step_fn=step_fn, progress=progress, seed=seed,
-                                   batch_size=batch_size, config=config)
+                                   batch_size=batch_size, world_size=world_size, config=config)
 
     # Metrics of the snapshots: detector and reference statistics are ready before the first step.
     snapshot_metrics = None
@@ -245,7 +233,7 @@ def training_loop(
     report = TickReport(net, device, start_time)
     bar = TickProgress(enabled=(rank == 0))
     bar.start(round(kimg_per_tick * 1000) if progress.cur_tick else batch_size)
-    stop = _StopRequest()
+    stop = stopping.StopRequest()
     while True:
         # One step: the same random numbers whenever step `cur_nimg // batch_size` is run. No host sync.
         misc.set_seed_for_step(seed, rank, progress.cur_nimg // batch_size)
