@@ -39,6 +39,7 @@ import torch
 import tqdm
 from torch import nn
 
+from torch_utils import limits
 from training.split_prune import BALANCE_METHODS, SplittableNodes, balance
 
 # ----------------------------------------------------------------------------
@@ -113,8 +114,10 @@ def density_names():
 # A grayscale image as a density: brighter = more likely; area-resized to (n, n).
 def image_density(path, n):
     try:
-        with PIL.Image.open(path) as image:
+        with limits.open_image(path, f'--density {path}') as image:
             img = image.convert('RGB')
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     except OSError as err:
         raise click.ClickException(f'--density {path}: cannot read the image: {err}') from None
     if img.size != (n, n):

@@ -1,2 +1,3 @@
 """torch_utils: PyTorch infrastructure shared by ddn's scripts (distributed setup, persistence of
-networks in pickles, training statistics, checkpoints, samplers and small helpers)."""
+networks in pickles, training statistics, checkpoints, samplers and small helpers; `limits`: bounded
+reading of received images, JSON and zip members)."""
