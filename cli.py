@@ -2,6 +2,7 @@
 that knows option names. The packages below take keyword arguments and raise ValueError; these
 helpers turn options into those arguments and errors into click usage errors."""
 
+import math
 import pickle
 
 import click
@@ -64,3 +65,59 @@ def device_option(default='auto', **kwargs):
             raise click.BadParameter(str(e)) from None
         return value
     return click.option('--device', help=DEVICE_HELP, metavar='STR', type=str, default=default, show_default=True, callback=check, **kwargs)
+
+# ----------------------------------------------------------------------------
+# Numbers: click.FloatRange lets nan and inf through (every comparison with nan is False).
+
+# Largest seed: torch and numpy generators take int64 seeds.
+MAX_SEED = 2**63 - 1
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that refuses nan and +-inf."""
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f'{value!r} is not a finite number', param, ctx)
+        return rv
+
+def seed_range():
+    """The click type of a --seed option: 0 .. MAX_SEED."""
+    return click.IntRange(min=0, max=MAX_SEED)
+
+# ----------------------------------------------------------------------------
+# Outputs: checked writable before the work starts, so a read-only or missing folder fails at once,
+# not after an hour of computing.
+
+def check_writable_dir(folder, option):
+    """Usage error naming `option` unless `folder` exists, is a folder, and a file can be created in it
+    (tried for real: permissions alone do not tell a read-only mount, and root passes every permission)."""
+    import os
+    import tempfile
+    folder = folder or '.'
+    if not os.path.isdir(folder):
+        raise click.UsageError(f'{option}: folder {folder} does not exist' if not os.path.exists(folder) else
+                               f'{option}: {folder} is not a folder')
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-test-'):
+            pass
+    except OSError as err:
+        raise click.UsageError(f'{option}: cannot write in {folder}: {err.strerror or err}') from None
+
+def check_output_file(path, option, make_parents=False):
+    """Usage error naming `option` unless `path` can be written as a file (its folder exists and is
+    writable, and `path` is not a folder). With `make_parents`, the folder may be missing: then its
+    nearest existing ancestor must be writable."""
+    import os
+    if os.path.isdir(path):
+        raise click.UsageError(f'{option}: {path} is a folder; give a file name')
+    folder = os.path.dirname(os.path.abspath(path))
+    while make_parents and not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    check_writable_dir(folder, option)
+
+def write_error(err, option, path):
+    """A one-line click error for an OSError met while writing `path` (a full disk named as such)."""
+    import errno
+    if getattr(err, 'errno', None) == errno.ENOSPC:
+        return click.ClickException(f'{option} {path}: the disk is full ({err.strerror}); free some space and run again')
+    return click.ClickException(f'{option} {path}: cannot write: {err}')

@@ -27,6 +27,7 @@ import tqdm
 
 import cli
 from torch_utils import distributed as dist
+from torch_utils import limits
 from torch_utils.checkpoint import write_atomic
 from training.dataset import open_dataset
 from sampling.generation import generate_batches, num_batches
@@ -53,19 +54,31 @@ def write_codes_file(path, codes, ks, network=None):
 # (codes (N, L), ks) of a codes file; with `with_network` also the fingerprint of the network that
 # wrote it (None for version 1 files).
 def read_codes_file(path, with_network=False):
-    with open(path, 'rb') as f:
-        data = f.read()
+    try:
+        limits.require_regular_file(path, f'--codes {path}')
+        with open(path, 'rb') as f:
+            data = f.read()
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
     if data[:4] != MAGIC or len(data) < 13:
         raise click.ClickException(f'{path} is not a DDN codes file (written by `compress.py encode`)')
     version, num, L = struct.unpack_from('<BII', data, 4)
     if version not in (1, VERSION):
         raise click.ClickException(f'{path}: codes file version {version}, this script reads versions 1 and {VERSION}')
     start = 13 + 4 * L + (8 if version >= 2 else 0)
+    if L < 1 or len(data) < start:
+        raise click.ClickException(f'{path}: the header names L={L} layers, but the file is {len(data)} bytes '
+                                   '(a damaged or truncated codes file)')
     ks = list(struct.unpack_from(f'<{L}I', data, 13))
+    if min(ks) < 1:
+        raise click.ClickException(f'{path}: the header has K=0 at layer {ks.index(0)} (a damaged codes file)')
     network = data[13 + 4 * L:start].hex() if version >= 2 else None
     if len(data) - start != packed_size(ks, num):
         raise click.ClickException(f'{path}: {len(data) - start} bytes of codes, expected {packed_size(ks, num)} for {num} images')
-    codes = unpack_codes(data[start:], ks, num)
+    try:
+        codes = unpack_codes(data[start:], ks, num)
+    except ValueError as e:
+        raise click.ClickException(f'{path}: {e}') from None
     return (codes, ks, network) if with_network else (codes, ks)
 
 # PSNR (dB) of each uint8 image pair (B, C, H, W), in float64; inf for identical images.
@@ -123,6 +136,7 @@ def encode(network, data, max_images, out, batch, device, trust_pickle):
     """Encode dataset images to packed latents; report bits/image and PSNR."""
     if os.path.isdir(out):
         raise click.BadParameter(f'{out} is a folder; give a file name', param_hint='--out')
+    cli.check_output_file(out, '--out')
     device = dist.pick_device(device)
     path, net = _load(network, device, trust_pickle)
     dataset = _open_dataset(data, net)
@@ -132,7 +146,10 @@ def encode(network, data, max_images, out, batch, device, trust_pickle):
         all_codes.append(b.codes.cpu())
         values.append(psnr(b.images.cpu(), b.originals.cpu()))
     codes = torch.cat(all_codes).numpy()
-    header, payload = write_codes_file(out, codes, net.ks, network=fingerprint(net))
+    try:
+        header, payload = write_codes_file(out, codes, net.ks, network=fingerprint(net))
+    except OSError as e:
+        raise cli.write_error(e, '--out', out) from None
     click.echo(f'Network: {path} (L={net.num_layers}, K per layer {_describe_ks(net.ks)})')
     click.echo(f'Encoded {num} images to {out}: {payload} bytes of codes + {header} bytes of header')
     click.echo(f'bits_per_image={stored_bits(net.ks)} (information {latent_bits(net.ks):.2f}; '
@@ -146,6 +163,9 @@ def encode(network, data, max_images, out, batch, device, trust_pickle):
 @click.option('--data',         help='Also report the PSNR against these originals (the encoded dataset)', metavar='ZIP|DIR', default=None)
 def decode(network, codes, outdir, data, batch, device, trust_pickle):
     """Decode a codes file to images {index:06d}.png."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.UsageError(f'--outdir: {outdir} exists and is not a folder')
+    cli.check_writable_dir(outdir if os.path.isdir(outdir) else os.path.dirname(os.path.abspath(outdir)), '--outdir')
     device = dist.pick_device(device)
     path, net = _load(network, device, trust_pickle)
     all_codes, ks, made_by = read_codes_file(codes, with_network=True)
@@ -158,12 +178,18 @@ def decode(network, codes, outdir, data, batch, device, trust_pickle):
     dataset = _open_dataset(data, net) if data is not None else None
     if dataset is not None and len(dataset) < num:
         raise click.ClickException(f'{codes} holds {num} images but the dataset only {len(dataset)}')
-    os.makedirs(outdir, exist_ok=True)
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as e:
+        raise cli.write_error(e, '--outdir', outdir) from None
     values = []
     for b in tqdm.tqdm(generate_batches(net, range(num), batch, codes=all_codes), total=num_batches(num, batch), desc='decode', leave=False):
         images = b.images.cpu()
         for name, image in zip(b.names, images.numpy()):
-            to_pil(image).save(image_path(outdir, name))
+            try:
+                to_pil(image).save(image_path(outdir, name))
+            except OSError as e:
+                raise cli.write_error(e, '--outdir', outdir) from None
         if dataset is not None:
             values.append(psnr(images, torch.from_numpy(np.stack([dataset[i][0] for i in b.names]))))
     click.echo(f'Decoded {num} images ({stored_bits(ks)} bits each) to {outdir}')

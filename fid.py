@@ -18,8 +18,12 @@ Detector files load without running code (TorchScript, or pickles of TorchScript
 Inception); any other pickle needs --trust-pickle, since unpickling it runs code named by the file.
 """
 
+import pickle
+import zipfile
+
 import click
 
+from cli import check_output_file, seed_range, write_error
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from evaluation import metrics as metric_lib
@@ -59,6 +63,10 @@ def cli():
     own argument parser reads `--num` as an abbreviation of its `--numa-binding` and stops.
     """
 
+# What loading a detector or reading images may raise for a bad file: a one-line error, not a traceback
+# (a TorchScript archive that fails to load raises RuntimeError; a damaged pickle UnpicklingError or EOFError).
+DETECTOR_ERRORS = (ValueError, OSError, ImportError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
+
 # Options both subcommands share.
 def _common_options(fn):
     fn = click.option('--trust-pickle', help='Allow a detector pickle that runs code when loaded (trusted files only)', is_flag=True)(fn)
@@ -71,22 +79,27 @@ def _common_options(fn):
 @click.option('--images', 'images_path', help='Images to evaluate', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics (needed for fid, kid, sfid, pr)', metavar='NPZ|URL', type=str)
 @click.option('--num', '-n', help='Number of images to use (-n under torchrun)', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
-@click.option('--seed', help='Random seed for choosing the images', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--seed', help='Random seed for choosing the images', metavar='INT', type=seed_range(), default=0, show_default=True)
 @click.option('--metrics', help='Comma-separated metrics: fid, kid, sfid, is, pr', metavar='LIST', type=str, default='fid', show_default=True)
 @click.option('--splits', help='Also FID of this many disjoint parts of the images (mean +- std)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--out', help='Also write the results to this JSON file', metavar='JSON', type=str)
 @_common_options
 def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector_url, workers, trust_pickle):
     """Calculate metrics for a folder or zip of images."""
+    if out:
+        check_output_file(out, '--out')
     with dist.session():
         try:
             dist.print0(f'Evaluating {metrics} on {num} images from "{images_path}"...')
             results = metric_lib.calc_metrics(images_path, ref_path, metrics=metrics, num=num, seed=seed, batch=batch,
                 detector_url=detector_url, workers=workers, splits=splits, trust_pickle=trust_pickle, progress=True)
-        except (ValueError, OSError, ImportError) as e:
-            raise click.ClickException(str(e)) from e
+        except DETECTOR_ERRORS as e:
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
         if dist.get_rank() == 0 and out:
-            checkpoint.write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=metric_lib.detector_name(detector_url)))
+            try:
+                checkpoint.write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=metric_lib.detector_name(detector_url)))
+            except OSError as e:
+                raise write_error(e, '--out', out) from None
         metric_lib.print_metrics(results)
 
 @cli.command()
@@ -96,17 +109,21 @@ def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector
 @_common_options
 def ref(data_path, dest_path, features, batch, detector_url, workers, trust_pickle):
     """Calculate reference statistics of a dataset."""
+    check_output_file(dest_path, '--dest')
     with dist.session():
         try:
             dist.print0(f'Calculating reference statistics of "{data_path}"...')
             detector = metric_lib.load_detector(detector_url, dist.device(), trust_pickle=trust_pickle)
             batches = metric_lib.image_batches(data_path, batch=batch, workers=workers)
             stats = metric_lib.reference_stats(batches, detector, dist.device(), features=features)
-        except (ValueError, OSError, ImportError) as e:
-            raise click.ClickException(str(e)) from e
+        except DETECTOR_ERRORS as e:
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
         if dist.get_rank() == 0:
-            metric_lib.save_ref(dest_path, stats['mu'], stats['sigma'], features=stats.get('features'), num=stats['num'],
-                detector=metric_lib.detector_name(detector_url), mu_s=stats.get('mu_s'), sigma_s=stats.get('sigma_s'))
+            try:
+                metric_lib.save_ref(dest_path, stats['mu'], stats['sigma'], features=stats.get('features'), num=stats['num'],
+                    detector=metric_lib.detector_name(detector_url), mu_s=stats.get('mu_s'), sigma_s=stats.get('sigma_s'))
+            except OSError as e:
+                raise write_error(e, '--dest', dest_path) from None
         dist.barrier()
         dist.print0(f'Saved statistics of {stats["num"]} images to "{dest_path}"')
 

@@ -27,6 +27,7 @@ import torch
 import tqdm
 
 import dnnlib
+import cli
 from cli import device_option
 from torch_utils.distributed import pick_device
 from sampling import guidance
@@ -47,12 +48,15 @@ HOLES = ('bottom', 'top', 'left', 'right', 'center')
 # ----------------------------------------------------------------------------
 # Command-line helpers.
 
-# '0-3,7' -> [0, 1, 2, 3, 7]; a click error on bad input.
-def parse_int_list(text):
+# Most rows (--images) and columns (--seeds) of one figure.
+MAX_CELLS = 256
+
+# '0-3,7' -> [0, 1, 2, 3, 7]; a click error naming `option` on bad input or more than MAX_CELLS values.
+def parse_int_list(text, option):
     try:
-        return dnnlib.util.parse_int_list(text)
+        return dnnlib.util.parse_int_list(text, max_values=MAX_CELLS)
     except ValueError as e:
-        raise click.BadParameter(str(e)) from e
+        raise click.BadParameter(str(e), param_hint=option) from None
 
 # The EMA network of a snapshot pickle, URL or run folder (training/snapshot.py), in eval mode. ZSCG
 # guides an unconditional network: a conditional one would need its condition at every call.
@@ -131,7 +135,7 @@ def layout(rows, cell_min):
 @click.option('--sr-size', help='superres: resolution of the condition  [default: resolution / 4]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--bits', help='lowbit: bits per channel of the condition', metavar='INT', type=click.IntRange(min=1, max=8), default=1, show_default=True)
 @click.option('--hole', help='inpaint: the region to fill', type=click.Choice(HOLES), default='bottom', show_default=True)
-@click.option('--temperature', help='Softmax temperature of the choice (0 = argmin: every seed gives the same image)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.2, show_default=True)
+@click.option('--temperature', help='Softmax temperature of the choice (0 = argmin: every seed gives the same image)', metavar='FLOAT', type=cli.FiniteFloatRange(min=0), default=0.2, show_default=True)
 @click.option('--topk', help='Choose uniformly among the N best instead (overrides --temperature)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--cell', help='Smallest cell side in pixels (nearest upscaling)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @device_option()
@@ -143,10 +147,14 @@ def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperatu
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--out') from e
     device = pick_device(device)
-    indices, seeds = parse_int_list(images), parse_int_list(seeds)
+    indices, seeds = parse_int_list(images, '--images'), parse_int_list(seeds, '--seeds')
+    cli.check_output_file(out, '--out')
     net = load_network(network, device, trust_pickle)
     res, C = net.img_resolution, net.img_channels
-    dataset = open_dataset(data, resolution=res)
+    try:
+        dataset = open_dataset(data, resolution=res)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'--data {data}: {e}') from None
     if dataset.num_channels != C or dataset.resolution != res:
         raise click.ClickException(f'Dataset {data} has {dataset.num_channels}x{dataset.resolution}x{dataset.resolution} images, '
                                    f'the network makes {C}x{res}x{res}')
@@ -161,7 +169,10 @@ def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperatu
     with torch.no_grad(), batch_invariant():
         unguided = net(seeds=seeds).images
         for idx in tqdm.tqdm(indices, desc=f'zscg {task}', unit='image'):
-            x = to_float(torch.from_numpy(dataset[idx][0]).to(device))[None]
+            try:
+                x = to_float(torch.from_numpy(dataset[idx][0]).to(device))[None]
+            except ValueError as e:     # DatasetError: an image that cannot be decoded.
+                raise click.ClickException(f'--data {data}: {e}') from None
             inputs, condition = degraded_observation(task, x, sr_size, bits, hole)
             scorer = parse_guides(task, img_channels=C, img_resolution=res, device=device,
                                   **{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
@@ -170,7 +181,10 @@ def main(network, data, task, images, seeds, out, sr_size, bits, hole, temperatu
             unguided_d.append(guidance.final_distance(scorer, unguided).mean().item())
             cells = torch.cat([condition, results, x])                    # condition | seeds | ground truth.
             rows.append(list(to_uint8(cells).cpu().numpy()))
-    save_png(layout(rows, cell), out)
+    try:
+        save_png(layout(rows, cell), out)
+    except OSError as e:
+        raise cli.write_error(e, '--out', out) from None
     print(f'{task}: mean guide distance {np.mean(guided_d):.4g} guided vs {np.mean(unguided_d):.4g} unguided '
           f'({len(indices)} images x {len(seeds)} seeds) -> {out}')
 
