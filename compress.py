@@ -31,7 +31,7 @@ from torch_utils import limits
 from torch_utils.checkpoint import write_atomic
 from training.dataset import open_dataset
 from sampling.generation import generate_batches, num_batches
-from training.images import image_path, to_pil
+from training.images import image_path, save_png
 from training.latent import latent_bits, pack_codes, packed_size, stored_bits, unpack_codes
 from training.snapshot import fingerprint, load_network
 
@@ -187,7 +187,7 @@ def decode(network, codes, outdir, data, batch, device, trust_pickle):
         images = b.images.cpu()
         for name, image in zip(b.names, images.numpy()):
             try:
-                to_pil(image).save(image_path(outdir, name))
+                save_png(image, image_path(outdir, name))     # Atomic: a full disk leaves no partial PNG.
             except OSError as e:
                 raise cli.write_error(e, '--outdir', outdir) from None
         if dataset is not None:

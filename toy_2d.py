@@ -41,6 +41,7 @@ from torch import nn
 
 import cli
 from torch_utils import limits
+from torch_utils.checkpoint import write_atomic
 from training.split_prune import BALANCE_METHODS, SplittableNodes, balance
 
 # ----------------------------------------------------------------------------
@@ -294,7 +295,7 @@ def render_frame(xy, density, size, caption=''):
 
 def save_gif(frames, path, duration_ms=80):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    write_atomic(path, lambda f: frames[0].save(f, format='gif', save_all=True, append_images=frames[1:], duration=duration_ms, loop=0))
 
 # ----------------------------------------------------------------------------
 # Command line.
@@ -361,7 +362,7 @@ def main(density, k, steps, batch, lr, opt, method, bias_rate, bins, seed, carry
               f'dead={dead} splits={result.splits} steps_per_s={steps / result.seconds:.3g}')
         for i, xy in enumerate(result.frames):
             gif_frames.append(render_frame(xy, gt, size, f'{name}  step {(i + 1) * snapshot_every}'))
-    for path, option, write in ((out, '--out', lambda: np.save(out, model.points.detach().numpy())),
+    for path, option, write in ((out, '--out', lambda: write_atomic(out, lambda f: np.save(f, model.points.detach().numpy()))),
                                 (gif, '--gif', lambda: save_gif(gif_frames, gif))):
         try:
             if path:

@@ -9,6 +9,7 @@ sample grids and node-usage plots. Every snapshot is also written in the safe fo
 file (training/snapshot.py). SIGTERM or SIGUSR1 stops a run after the current step with a training state.
 """
 
+import errno
 import json
 import os
 import re
@@ -210,7 +211,12 @@ def launch(opts):
     if opts.dry_run:
         distributed.print0('Dry run; exiting.')
         return
-    logger = open_run_dir(c)
+    try:
+        logger = open_run_dir(c)
+    except OSError as err:      # A full or read-only disk: say so, and leave no empty run folder.
+        if not opts.nosubdir and os.path.isdir(c.run_dir) and not holds_saved_work(c.run_dir):
+            shutil.rmtree(c.run_dir, ignore_errors=True)
+        raise cli.write_error(err, '--outdir', opts.outdir) from None
     run_training(c, opts.nosubdir, logger)
 
 # The option clashes checked first: --cond=True (= --condition=class), --transfer with --resume -> the condition.
@@ -421,6 +427,10 @@ def run_training(c, nosubdir, logger):
             if not nosubdir and not holds_saved_work(c.run_dir):
                 shutil.rmtree(c.run_dir, ignore_errors=True)    # Nothing worth keeping was written.
         raise click.ClickException(f'--data: {message.removeprefix("training.dataset.DatasetError: ")}') from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            raise
+        raise cli.write_error(err, '--outdir', c.run_dir) from None     # The snapshots written so far stay.
     finally:
         if logger is not None:
             logger.close()

@@ -314,7 +314,9 @@ def network_from_bytes(data, source, trust_pickle=False):
     loading would run code and `trust_pickle` is False, ValueError for anything else wrong."""
     fmt = file_format(data, source)
     if fmt == 'safetensors':
-        return load_safe(data, source)
+        net = load_safe(data, source)
+        check_finite(net, source)
+        return net
     if fmt == 'zip':
         raise ValueError(f'{source} is a torch.save/TorchScript archive, not a network snapshot '
                          '(a training-state-*.pt is resumed with train.py --resume; give generate.py the run folder '
@@ -340,7 +342,18 @@ def network_from_bytes(data, source, trust_pickle=False):
     if not (isinstance(net, torch.nn.Module) and hasattr(net, 'ks') and hasattr(net, 'encode')):
         what = f'a dict with keys {sorted(map(str, obj))}' if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f'{source} holds {what}, not a DDN snapshot (a dict whose "ema" is a DDNGenerator)')
+    check_finite(net, source)
     return net
+
+def check_finite(net, source='<network>'):
+    """Raise ValueError naming `source` if a parameter of `net` holds NaN or infinity (a diverged
+    run's snapshot would otherwise sample black or noise images with no error)."""
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                bad = int((~torch.isfinite(param)).sum())
+                raise ValueError(f'{source}: parameter {name} holds {bad} non-finite values (NaN or infinity) of {param.numel()}; '
+                                 'the training that wrote it diverged: use an earlier snapshot')
 
 # ----------------------------------------------------------------------------
 # --network FILE | URL | RUNDIR.
