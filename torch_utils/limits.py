@@ -46,11 +46,12 @@ def open_image(fp, what=None):
             image = PIL.Image.open(fp)
         except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning):
             image = None
-    if image is None or image.width * image.height > MAX_IMAGE_PIXELS:
-        size = '' if image is None else f' is {image.width}x{image.height},'
-        if image is not None:
-            image.close()
-        raise ValueError(f'{what}{size} more pixels than the limit of {MAX_IMAGE_PIXELS} (a decompression bomb?)')
+    if image is None:
+        raise ValueError(f'{what}: more than {MAX_IMAGE_PIXELS} pixels, the limit (a decompression bomb?)')
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise ValueError(f'{what} is {image.width}x{image.height}, more than {MAX_IMAGE_PIXELS} pixels, the limit '
+                         '(a decompression bomb?)')
     return image
 
 # ----------------------------------------------------------------------------
