@@ -428,6 +428,8 @@ def run_training(c, nosubdir, logger):
             if not nosubdir and not holds_saved_work(c.run_dir):
                 shutil.rmtree(c.run_dir, ignore_errors=True)    # Nothing worth keeping was written.
         raise click.ClickException(f'--data: {message.removeprefix("training.dataset.DatasetError: ")}') from None
+    except training_loop.TrainingDiverged as err:
+        raise click.ClickException(str(err)) from None
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
             raise

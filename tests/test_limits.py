@@ -254,3 +254,15 @@ def test_outputs_checked_before_the_work(tmp_path, monkeypatch):
     _fails(compress.main, ['encode', '--network', 'nowhere', '--out', tmp_path / 'c.bin'], '--out: cannot write')
     import toy_2d
     _fails(toy_2d.main, ['--density=gaussian', '--steps=1', '--out', tmp_path / 'p.npy'], '--out: cannot write')
+
+# 10. A run whose loss turns non-finite stops with an error before writing that tick's files: the
+# snapshot on disk is the last good one (and loads, finite).
+def test_diverging_run_stops_and_keeps_last_good_snapshot(tmp_path):
+    out = _fails(train.main, [f'--outdir={tmp_path}', '--duration=0.002', '--tick=0.1', '--snap=1', '--dump=1', *TRAIN_TINY, '--lr=1e30'],
+                 'Training diverged')
+    assert 'the last good snapshot' in out
+    run = next(p for p in tmp_path.iterdir() if not p.name.startswith('.'))
+    snapshots = sorted(run.glob('network-snapshot-*.safetensors'))
+    assert snapshots, sorted(p.name for p in run.iterdir())
+    net = snapshot.load_network(snapshots[-1])[1]           # Refused if it held NaN.
+    assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
