@@ -648,6 +648,11 @@ def build_cases(w, marker):
     for name, cli, pre, post in loaders('nan')[:5]:
         if name != 'convert':
             add(10, f'{name}: a network with NaN weights', cli, [*pre, P('nan.safetensors'), *post], contains='non-finite')
+    def diverged_run_kept():
+        runs = [n for n in os.listdir(P('r-div')) if not n.startswith('.')] if os.path.isdir(P('r-div')) else []
+        return bool(runs) and any(n.startswith('network-snapshot-') for n in os.listdir(P('r-div', runs[0])))
+    add(10, 'train --lr=1e30: the loss turns NaN', train.main, [f'--outdir={P("r-div")}', '--duration=0.002', '--tick=0.1', '--snap=1',
+        *TRAIN_TINY, '--lr=1e30'], contains='Training diverged', check=diverged_run_kept)
     add(10, 'generate --device=foo', generate.main, ['--network', P('net.safetensors'), '--outdir', P('o-dev'), '--device=foo'])
     add(10, 'toy_2d --density=foo', toy_2d.main, ['--density=foo', '--steps=1'], contains='neither built in')
 
@@ -714,7 +719,8 @@ def finish_background(background, timeout=240):
 # ----------------------------------------------------------------------------
 # Run everything; print and return the rows.
 
-def run(w=None, out=sys.stdout, skip_signals=False):
+def run(w=None, out=None, skip_signals=False):
+    out = out or sys.stdout         # Looked up now: under pytest's capsys.disabled() it is the terminal.
     w = os.path.abspath(w or tempfile.mkdtemp(prefix='bad-input-'))
     os.makedirs(w, exist_ok=True)
     marker = os.path.join(w, 'MARKER')
