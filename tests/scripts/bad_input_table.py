@@ -340,6 +340,7 @@ def build_cases(w, marker):
     _torchscript_payload(marker, P('evil.pt'))
     torch.jit.script(_Detector()).save(P('det.pt'))
     PIL.Image.new('L', (8, 8), 128).save(P('g.png'))
+    np.savez(P('ref4.npz'), mu=np.zeros(4), sigma=np.eye(4))
     CliRunner().invoke(generate.main, ['--network', P('net.safetensors'), '--outdir', P('gen'), '--seeds', '0-11'], catch_exceptions=False)
 
     # Network loaders, named by script: (script, args before the network, args after).
@@ -364,7 +365,7 @@ def build_cases(w, marker):
         add(1, f'fid calc --detector {label} payload', fid.cli, ['calc', '--images', P('gen'), '--detector', det, '--metrics', 'is', '-n', '4'], owner=owner)
         add(1, f'fid ref --detector {label} payload', fid.cli, ['ref', '--data', P('ds'), '--dest', P(f'ref-{label}.npz'), '--detector', det], owner=owner)
         add(1, f'generate --fid-ref --detector {label} payload', generate.main, ['--network', P('net.safetensors'), '--outdir', P(f'o-det-{label}'),
-            '--fid-ref', P('nothing.npz'), '--detector', det], owner=owner)
+            '--fid-ref', P('ref4.npz'), '--detector', det], owner=owner)
         add(1, f'generate --guide-classifier {label} payload', generate.main, ['--network', P('net.safetensors'), '--outdir', P(f'o-cls-{label}'),
             '--guide', 'classifier', '--guide-classifier', det, '--class', '1'], owner=owner)
         add(1, f'generate --guide-features {label} payload', generate.main, ['--network', P('net.safetensors'), '--outdir', P(f'o-feat-{label}'),
