@@ -87,7 +87,7 @@ def _common_options(fn):
 def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector_url, workers, trust_pickle):
     """Calculate metrics for a folder or zip of images."""
     if out:
-        check_output_file(out, '--out')
+        check_output_file(out, '--out', make_parents=True)
     with dist.session():
         try:
             dist.print0(f'Evaluating {metrics} on {num} images from "{images_path}"...')
@@ -109,7 +109,7 @@ def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector
 @_common_options
 def ref(data_path, dest_path, features, batch, detector_url, workers, trust_pickle):
     """Calculate reference statistics of a dataset."""
-    check_output_file(dest_path, '--dest')
+    check_output_file(dest_path, '--dest', make_parents=True)
     with dist.session():
         try:
             dist.print0(f'Calculating reference statistics of "{data_path}"...')

@@ -638,7 +638,10 @@ def build_cases(w, marker):
     for label, det in (('missing', P('nodet.pt')), ('a text file', P('notadet.pt')), ('a truncated TorchScript', P('truncdet.pt'))):
         add(10, f'fid calc --detector {label}', fid.cli, ['calc', '--images', P('gen'), '--detector', det, '--metrics', 'is', '-n', '4'])
         add(10, f'fid ref --detector {label}', fid.cli, ['ref', '--data', P('ds'), '--dest', P('r10.npz'), '--detector', det])
-    add(10, 'fid ref --dest in a missing folder', fid.cli, ['ref', '--data', P('ds'), '--dest', P('no', 'where', 'r.npz'), '--detector', P('det.pt')])
+    add(10, 'fid ref --dest in a missing folder (created)', fid.cli, ['ref', '--data', P('ds'), '--dest', P('no', 'where', 'r.npz'),
+        '--detector', P('det.pt')], expect='ok')
+    open(P('afile'), 'w').write('x')
+    add(10, 'fid ref --dest under a file', fid.cli, ['ref', '--data', P('ds'), '--dest', P('afile', 'r.npz'), '--detector', P('det.pt')])
     add(10, 'fid ref --dest a folder', fid.cli, ['ref', '--data', P('ds'), '--dest', P('ds'), '--detector', P('det.pt')])
     add(10, 'fid calc --out a folder', fid.cli, ['calc', '--images', P('gen'), '--detector', P('det.pt'), '--metrics', 'is', '-n', '4', '--out', P('ds')])
     nan_net = DDNGenerator(**TINY)
