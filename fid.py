@@ -94,7 +94,7 @@ def calc(images_path, ref_path, num, seed, metrics, splits, out, batch, detector
             results = metric_lib.calc_metrics(images_path, ref_path, metrics=metrics, num=num, seed=seed, batch=batch,
                 detector_url=detector_url, workers=workers, splits=splits, trust_pickle=trust_pickle, progress=True)
         except DETECTOR_ERRORS as e:
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+            raise click.ClickException(str(e) or type(e).__name__) from e
         if dist.get_rank() == 0 and out:
             try:
                 checkpoint.write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=metric_lib.detector_name(detector_url)))
@@ -117,7 +117,7 @@ def ref(data_path, dest_path, features, batch, detector_url, workers, trust_pick
             batches = metric_lib.image_batches(data_path, batch=batch, workers=workers)
             stats = metric_lib.reference_stats(batches, detector, dist.device(), features=features)
         except DETECTOR_ERRORS as e:
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+            raise click.ClickException(str(e) or type(e).__name__) from e
         if dist.get_rank() == 0:
             try:
                 metric_lib.save_ref(dest_path, stats['mu'], stats['sigma'], features=stats.get('features'), num=stats['num'],
