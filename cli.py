@@ -10,6 +10,7 @@ helpers turn options into those arguments and errors into click usage errors.
   guide options (zscg.py uses `chooser` for its own two), mapped onto `sampling.guide_spec.parse_guides`.
 """
 
+import math
 import os
 import pickle
 
@@ -241,9 +242,7 @@ def check_outdir(outdir, force, marker, script, option='--outdir'):
         if foreign:
             raise click.UsageError(f'{option} {outdir} holds {len(foreign)} file(s) that the earlier {script} run did not write '
                                    f'(e.g. {foreign[0]}); --force replaces only what it wrote: move them, or choose another folder')
-    target = outdir if os.path.isdir(outdir) else _existing_parent(outdir)
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise click.UsageError(f'{option} {outdir}: no permission to write in {target}')
+    check_writable_dir(outdir if os.path.isdir(outdir) else _existing_parent(outdir), option)
     return remove
 
 # Whether a file starts with `magic` (e.g. b'\x89PNG'): the kind of file a figure script writes.
@@ -266,6 +265,46 @@ def check_output_file(path, force, is_ours, what, option='--out'):
             raise click.UsageError(f'{option} {path} exists; choose a new name, or add --force to replace it')
         if not os.path.isfile(path) or not is_ours(path):
             raise click.UsageError(f'{option} {path} exists and is not {what}; --force replaces only such a file: choose a new name')
-    folder = _existing_parent(path)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise click.UsageError(f'{option} {path}: no permission to write there')
+    check_writable_dir(_existing_parent(path), option)
+
+# Numbers: click.FloatRange lets nan and inf through (every comparison with nan is False).
+
+# Largest seed: torch and numpy generators take int64 seeds.
+MAX_SEED = 2**63 - 1
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that refuses nan and +-inf."""
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f'{value!r} is not a finite number', param, ctx)
+        return rv
+
+def seed_range():
+    """The click type of a --seed option: 0 .. MAX_SEED."""
+    return click.IntRange(min=0, max=MAX_SEED)
+
+# ----------------------------------------------------------------------------
+# Outputs: checked writable before the work starts, so a read-only or missing folder fails at once,
+# not after an hour of computing.
+
+def check_writable_dir(folder, option):
+    """Usage error naming `option` unless `folder` exists, is a folder, and a file can be created in it
+    (tried for real: permissions alone do not tell a read-only mount, and root passes every permission)."""
+    import tempfile
+    folder = folder or '.'
+    if not os.path.isdir(folder):
+        raise click.UsageError(f'{option}: folder {folder} does not exist' if not os.path.exists(folder) else
+                               f'{option}: {folder} is not a folder')
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-test-'):
+            pass
+    except OSError as err:
+        raise click.UsageError(f'{option}: cannot write in {folder}: {err.strerror or err}') from None
+
+def write_error(err, option, path):
+    """A one-line click error for an OSError met while writing `path` (a full disk named as such)."""
+    import errno
+    if getattr(err, 'errno', None) == errno.ENOSPC:
+        return click.ClickException(f'{option} {path}: the disk is full ({err.strerror}); free some space and run again')
+    return click.ClickException(f'{option} {path}: cannot write: {err}')

@@ -36,9 +36,10 @@ import tqdm
 import cli
 from torch_utils import distributed as dist
 from dnnlib.util import format_int_list
+from torch_utils import limits
 from torch_utils.checkpoint import write_atomic, write_json
 from sampling.generation import clear_outdir, generate_batches, num_batches
-from training.images import image_path, mean_psnr, psnr, to_pil
+from training.images import image_path, mean_psnr, psnr, save_png
 from training import entropy_coding
 from training.latent import latent_bits, pack_codes, packed_size, stored_bits, unpack_codes
 from training.snapshot import fingerprint
@@ -86,8 +87,12 @@ def is_codes_file(path):
 # (codes (N, L), ks) of a codes file; with `with_network` also the fingerprint of the network that
 # wrote it (None for version 1 files). A version 3 file is decoded with `prior` (the one that wrote it).
 def read_codes_file(path, with_network=False, prior=None):
-    with open(path, 'rb') as f:
-        data = f.read()
+    try:
+        limits.require_regular_file(path, f'--codes {path}')
+        with open(path, 'rb') as f:
+            data = f.read()
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
     if data[:4] != MAGIC or len(data) < 13:
         raise click.ClickException(f'{path} is not a DDN codes file (written by `compress.py encode`)')
     version, num, L = struct.unpack_from('<BII', data, 4)
@@ -96,14 +101,22 @@ def read_codes_file(path, with_network=False, prior=None):
     if len(data) < 13 + 4 * L + (8 if version >= 2 else 0) + (24 if version == ENTROPY_VERSION else 0):
         raise click.ClickException(f'{path}: truncated header')
     start = 13 + 4 * L + (8 if version >= 2 else 0)
+    if L < 1 or len(data) < start:
+        raise click.ClickException(f'{path}: the header names L={L} layers, but the file is {len(data)} bytes '
+                                   '(a damaged or truncated codes file)')
     ks = list(struct.unpack_from(f'<{L}I', data, 13))
+    if min(ks) < 1:
+        raise click.ClickException(f'{path}: the header has K=0 at layer {ks.index(0)} (a damaged codes file)')
     network = data[13 + 4 * L:start].hex() if version >= 2 else None
     if version == ENTROPY_VERSION:
         codes = _entropy_decode(path, data, start, ks, num, prior)
     else:
         if len(data) - start != packed_size(ks, num):
             raise click.ClickException(f'{path}: {len(data) - start} bytes of codes, expected {packed_size(ks, num)} for {num} images')
-        codes = unpack_codes(data[start:], ks, num)
+        try:
+            codes = unpack_codes(data[start:], ks, num)
+        except ValueError as e:
+            raise click.ClickException(f'{path}: {e}') from None
     return (codes, ks, network) if with_network else (codes, ks)
 
 def _entropy_decode(path, data, start, ks, num, prior):
@@ -180,7 +193,10 @@ def encode(network, data, max_images, out, batch, prior, device, trust_pickle, f
         all_codes.append(b.codes.cpu())
         values.append(psnr(b.images.cpu(), b.originals.cpu()))
     codes = torch.cat(all_codes).numpy()
-    header, payload = write_codes_file(out, codes, net.ks, network=fingerprint(net), prior=prior_module, chunk=batch)
+    try:
+        header, payload = write_codes_file(out, codes, net.ks, network=fingerprint(net), prior=prior_module, chunk=batch)
+    except OSError as e:
+        raise cli.write_error(e, '--out', out) from None
     click.echo(f'Network: {path} (L={net.num_layers}, K per layer {_describe_ks(net.ks)})')
     click.echo(f'Encoded {num} images to {out}: {payload} bytes of codes + {header} bytes of header')
     fixed, raw = stored_bits(net.ks), net.img_channels * net.img_resolution ** 2 * 8
@@ -224,7 +240,10 @@ def decode(network, codes, outdir, data, batch, prior, device, trust_pickle, for
     for b in tqdm.tqdm(generate_batches(net, range(num), batch, codes=all_codes), total=num_batches(num, batch), desc='decode', leave=False):
         images = b.images.cpu()
         for name, image in zip(b.names, images.numpy()):
-            to_pil(image).save(image_path(outdir, name))
+            try:
+                save_png(image, image_path(outdir, name))     # Atomic: a full disk leaves no partial PNG.
+            except OSError as e:
+                raise cli.write_error(e, '--outdir', outdir) from None
         if dataset is not None:
             values.append(psnr(images, torch.from_numpy(np.stack([dataset[i][0] for i in b.names]))))
     size = 'entropy-coded' if coded else f'{stored_bits(ks)} bits each'

@@ -21,6 +21,7 @@ Sources:
   `dataset.json` if it has one.
 """
 
+import errno
 import gzip
 import io
 import json
@@ -40,8 +41,9 @@ import PIL.Image
 import tqdm
 
 import cli
+from torch_utils import limits
 from torch_utils.checkpoint import remove_stale_temps
-from training.dataset import is_hidden, to_uint8_array
+from training.dataset import check_label, is_hidden, max_labels_json_bytes, to_uint8_array
 
 # ----------------------------------------------------------------------------
 # One source image: pixels as uint8 HW (grayscale) or HWC (RGB), its class or None, a name for errors.
@@ -136,7 +138,7 @@ def open_mnist(images_gz, max_images=None):
 
 def _decode_image(f, name):
     try:
-        with PIL.Image.open(f) as image:
+        with limits.open_image(f, name) as image:
             return to_uint8_array(image, name)      # 16-bit grayscale scaled, not clipped to white.
     except (OSError, SyntaxError) as err:
         raise click.ClickException(f'{name}: cannot decode: {err}') from None
@@ -163,13 +165,32 @@ def open_image_files(source, max_images=None):
 
     fnames = sorted(fname for fname in all_fnames if os.path.splitext(fname)[1].lower() in extensions and not is_hidden(fname))
     fnames = fnames[:max_images]
+    if archive is None:       # A FIFO named x.png would block the conversion forever.
+        for fname in fnames + ['dataset.json'] * ('dataset.json' in all_fnames):
+            try:
+                limits.require_regular_file(os.path.join(source, fname), f'{source}/{fname}')
+            except ValueError as err:
+                raise click.ClickException(str(err)) from None
     labels = None
     if 'dataset.json' in all_fnames:
+        what, max_bytes = f'{source}/dataset.json', max_labels_json_bytes(len(fnames))
         try:
-            with open_file('dataset.json') as f:
-                labels = json.load(f)['labels']
+            if archive is not None:
+                text = limits.read_zip_member(archive, 'dataset.json', max_bytes, what)
+            else:
+                if os.path.getsize(os.path.join(source, 'dataset.json')) > max_bytes:
+                    raise click.ClickException(f'{what} is larger than the limit of {max_bytes} bytes for {len(fnames)} images')
+                with open_file('dataset.json') as f:
+                    text = f.read()
+            labels = limits.loads_json(text, what)['labels']
             labels = dict(labels) if labels is not None else None
+            if labels is not None:
+                for fname in fnames:
+                    if fname in labels:
+                        check_label(labels[fname], f'{what}, {fname}')
         except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+            if any(m in str(err) for m in ('a label must be', 'than the limit of', 'nested too deeply')):
+                raise click.ClickException(str(err)) from None
             raise click.ClickException(f'{source}/dataset.json is malformed ({type(err).__name__}: {err}); expected '
                                        '{"labels": [["path.png", class], ...]} or {"labels": null}') from None
 
@@ -325,10 +346,13 @@ class DatasetWriter:
                 os.rmdir(self.dest)  # empty, checked in __init__
             os.replace(self.tmp, self.dest)
 
-    # Failure: remove everything written so far.
+    # Failure: remove everything written so far (even when closing fails on a full disk).
     def abort(self):
         if self.zip is not None:
-            self.zip.close()
+            try:
+                self.zip.close()
+            except (OSError, ValueError):
+                pass
             if os.path.exists(self.tmp):
                 os.remove(self.tmp)
         else:
@@ -384,7 +408,13 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
         has_labels = all(label is not None for _fname, label in labels)
         writer.write('dataset.json', json.dumps({'labels': labels if has_labels else None}).encode('utf-8'))
         writer.commit()
-    except (EOFError, OSError, tarfile.TarError, zlib.error) as err:
+    except OSError as err:
+        writer.abort()
+        if err.errno == errno.ENOSPC:
+            raise click.ClickException(f'--dest {dest}: the disk is full ({err}); nothing was written') from None
+        raise click.ClickException(f'Cannot convert {source} to {dest}: {type(err).__name__}: {err} '
+                                   '(a truncated or corrupt download, or an unwritable --dest?)') from None
+    except (EOFError, tarfile.TarError, zlib.error) as err:
         # A truncated .gz / tarball: click would print only "Aborted!" for an EOFError.
         writer.abort()
         raise click.ClickException(f'Cannot convert {source} to {dest}: {type(err).__name__}: {err} '

@@ -19,11 +19,13 @@ Inception); any other pickle or TorchScript archive needs --trust-code (alias --
 """
 
 import json
+import pickle
 import zipfile
 
 import click
 
 import cli as cli_helpers
+from cli import seed_range
 from torch_utils import checkpoint
 from torch_utils import distributed as dist
 from evaluation import detectors, image_sources
@@ -80,6 +82,9 @@ def is_results_file(path):
     except (OSError, ValueError, RecursionError):
         return False
     return isinstance(results, dict) and {'images', 'ref', 'detector'} <= set(results)
+# What loading a detector or reading images may raise for a bad file: a one-line error, not a traceback
+# (a TorchScript archive that fails to load raises RuntimeError; a damaged pickle UnpicklingError or EOFError).
+DETECTOR_ERRORS = (ValueError, OSError, ImportError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile)
 
 # Options both subcommands share.
 def _common_options(fn):
@@ -93,7 +98,7 @@ def _common_options(fn):
 @click.option('--images', 'images_path', help='Images to evaluate', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics (needed for fid, kid, sfid, pr)', metavar='NPZ|URL', type=str)
 @click.option('--num', '-n', help='Number of images to use (-n under torchrun)', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
-@click.option('--seed', help='Random seed for choosing the images', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--seed', help='Random seed for choosing the images', metavar='INT', type=seed_range(), default=0, show_default=True)
 @click.option('--metrics', help='Comma-separated metrics: fid, kid, sfid, is, pr', metavar='LIST', type=str, default='fid', show_default=True)
 @click.option('--splits', help='Also FID of this many disjoint parts of the images (mean +- std)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--out', help='Also write the results to this JSON file', metavar='JSON', type=str)
@@ -108,10 +113,13 @@ def calc(images_path, ref_path, num, seed, metrics, splits, out, force, batch, d
             dist.print0(f'Evaluating {metrics} on {num} images from "{images_path}"...')
             results = metric_lib.calc_metrics(images_path, ref_path, metrics=metrics, num=num, seed=seed, batch=batch,
                 detector_url=detector_url, workers=workers, splits=splits, trust_pickle=trust_pickle, progress=True)
-        except (ValueError, OSError, ImportError) as e:
+        except DETECTOR_ERRORS as e:
             raise cli_helpers.click_error(e) from e
         if dist.get_rank() == 0 and out:
-            checkpoint.write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=detectors.detector_name(detector_url)))
+            try:
+                checkpoint.write_json(out, dict(results, images=images_path, ref=ref_path, seed=seed, detector=detectors.detector_name(detector_url)))
+            except OSError as e:
+                raise cli_helpers.write_error(e, '--out', out) from None
         metric_lib.print_metrics(results)
 
 @cli.command()
@@ -129,11 +137,14 @@ def ref(data_path, dest_path, features, force, batch, detector_url, workers, tru
             detector = detectors.load_detector(detector_url, dist.device(), trust_pickle=trust_pickle)
             batches = image_sources.image_batches(data_path, batch=batch, workers=workers)
             stats = metric_lib.reference_stats(batches, detector, dist.device(), features=features)
-        except (ValueError, OSError, ImportError) as e:
+        except DETECTOR_ERRORS as e:
             raise cli_helpers.click_error(e) from e
         if dist.get_rank() == 0:
-            metric_lib.save_ref(dest_path, stats['mu'], stats['sigma'], features=stats.get('features'), num=stats['num'],
-                detector=detectors.detector_name(detector_url), mu_s=stats.get('mu_s'), sigma_s=stats.get('sigma_s'))
+            try:
+                metric_lib.save_ref(dest_path, stats['mu'], stats['sigma'], features=stats.get('features'), num=stats['num'],
+                    detector=detectors.detector_name(detector_url), mu_s=stats.get('mu_s'), sigma_s=stats.get('sigma_s'))
+            except OSError as e:
+                raise cli_helpers.write_error(e, '--dest', dest_path) from None
         dist.barrier()
         dist.print0(f'Saved statistics of {stats["num"]} images to "{dest_path}"')
 

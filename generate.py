@@ -259,7 +259,7 @@ def _load_metrics(opts, num, device):
 @click.option('--guide-text', help='clip: text prompt (needs `pip install open_clip_torch`)', metavar='STR', type=str, default=None)
 @click.option('--guide-style', help='style: style image  [default: --guide-image]', metavar='PNG', type=_FILE, default=None)
 @click.option('--guide-features', help='style: feature network, TorchScript or pickle  [default: fixed random convs]', metavar='PT|PKL', type=_FILE, default=None)
-@click.option('--guide-temp', help='Guided choice: sample from softmax(-z/T) of z-scored distances  [default: argmin]', metavar='T', type=click.FloatRange(min=0), default=None)
+@click.option('--guide-temp', help='Guided choice: sample from softmax(-z/T) of z-scored distances  [default: argmin]', metavar='T', type=cli.FiniteFloatRange(min=0), default=None)
 @click.option('--guide-topk', help='Guided choice: uniform among the N best candidates  [default: argmin]', metavar='N', type=click.IntRange(min=1), default=None)
 # Metrics.
 @click.option('--fid-ref', 'fid_ref', help='Reference statistics: compute FID (and IS) of the generated images', metavar='NPZ|URL', type=str, default=None)

@@ -40,6 +40,8 @@ import tqdm
 from torch import nn
 
 import cli
+from torch_utils import limits
+from torch_utils.checkpoint import write_atomic
 from training.split_prune import BALANCE_METHODS, SplittableNodes, balance
 
 # ----------------------------------------------------------------------------
@@ -114,8 +116,10 @@ def density_names():
 # A grayscale image as a density: brighter = more likely; area-resized to (n, n).
 def image_density(path, n):
     try:
-        with PIL.Image.open(path) as image:
+        with limits.open_image(path, f'--density {path}') as image:
             img = image.convert('RGB')
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     except OSError as err:
         raise click.ClickException(f'--density {path}: cannot read the image: {err}') from None
     if img.size != (n, n):
@@ -291,7 +295,7 @@ def render_frame(xy, density, size, caption=''):
 
 def save_gif(frames, path, duration_ms=80):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    write_atomic(path, lambda f: frames[0].save(f, format='gif', save_all=True, append_images=frames[1:], duration=duration_ms, loop=0))
 
 # ----------------------------------------------------------------------------
 # Command line.
@@ -301,12 +305,12 @@ def save_gif(frames, path, duration_ms=80):
 @click.option('--k',                help='Number of points K', metavar='INT', type=click.IntRange(min=2), default=1000, show_default=True)
 @click.option('--steps',            help='Optimisation steps per density', metavar='INT', type=click.IntRange(min=1), default=5000, show_default=True)
 @click.option('--batch',            help='Samples per step', metavar='INT', type=click.IntRange(min=1), default=40, show_default=True)
-@click.option('--lr',               help='Learning rate  [default: adam 0.01 / sqrt(K), sgd 0.05]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--lr',               help='Learning rate  [default: adam 0.01 / sqrt(K), sgd 0.05]', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True), default=None)
 @click.option('--opt',              help='Optimizer', type=click.Choice(['adam', 'sgd']), default='adam', show_default=True)
 @click.option('--balance', 'method', help='Node balancing: Split-and-Prune (tv or paper test), a selection bias (nothing split), or none (the plain gradient-descent ablation)', type=click.Choice(list(BALANCE_METHODS)), default='tv', show_default=True)
-@click.option('--bias-rate',        help='--balance=bias: step of the log-distance bias per step', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
+@click.option('--bias-rate',        help='--balance=bias: step of the log-distance bias per step', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True), default=1e-2, show_default=True)
 @click.option('--bins',             help='Grid size of the densities and of the KL histogram', metavar='INT', type=click.IntRange(min=2), default=100, show_default=True)
-@click.option('--seed',             help='Random seed', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--seed',             help='Random seed', metavar='INT', type=cli.seed_range(), default=0, show_default=True)
 @click.option('--carry-over/--no-carry-over', help='Keep the points (and optimizer) from one density to the next [default: only with --gif]', default=None)
 @click.option('--out',              help='Save the final points (K, 2) to this .npy', metavar='NPY', type=str, default=None)
 @click.option('--gif',              help='Render the optimisation to this GIF', metavar='GIF', type=str, default=None)
@@ -360,11 +364,14 @@ def main(density, k, steps, batch, lr, opt, method, bias_rate, bins, seed, carry
               f'dead={dead} splits={result.splits} steps_per_s={steps / result.seconds:.3g}')
         for i, xy in enumerate(result.frames):
             gif_frames.append(render_frame(xy, gt, size, f'{name}  step {(i + 1) * snapshot_every}'))
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        np.save(out, model.points.detach().numpy())
-    if gif:
-        save_gif(gif_frames, gif)
+    for path, option, write in ((out, '--out', lambda: write_atomic(out, lambda f: np.save(f, model.points.detach().numpy()))),
+                                (gif, '--gif', lambda: save_gif(gif_frames, gif))):
+        try:
+            if path:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                write()
+        except OSError as err:
+            raise cli.write_error(err, option, path) from None
     print(f'kl={kl:.6f}')
 
 # ----------------------------------------------------------------------------

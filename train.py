@@ -10,6 +10,7 @@ file (training/snapshot.py). SIGTERM, SIGUSR1 or a first Ctrl+C stops a run afte
 training state (a second Ctrl+C aborts); a run folder in use by a live process is refused (its run.lock).
 """
 
+import errno
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import torch
 import cli
 import dnnlib
 from training.conditions import parse_condition
-from torch_utils import checkpoint, distributed
+from torch_utils import checkpoint, distributed, misc
 from training import dataset as dataset_module
 from evaluation import detectors
 from evaluation.snapshot_metrics import parse_training_metrics
@@ -165,13 +166,13 @@ def resolve_resume(path):
 @option(MAIN, '--cond',          help='Train a class-conditional model (labels from dataset.json; = --condition=class)', metavar='BOOL', type=bool, default=False)
 
 # Hyperparameters.
-@option(HYPER, '--duration',     help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200)
+@option(HYPER, '--duration',     help='Training duration', metavar='MIMG', type=cli.FiniteFloatRange(min=0, min_open=True), default=200)
 @option(HYPER, '--batch',        help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=2048)
 @option(HYPER, '--batch-gpu',    help='Limit batch size per process and round  [default: batch / processes]', metavar='INT', type=click.IntRange(min=1))
-@option(HYPER, '--lr',           help='Learning rate (Adam)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3)
-@option(HYPER, '--lr-rampup',    help='Learning-rate warm-up', metavar='KIMG', type=click.FloatRange(min=0), default=10000)
-@option(HYPER, '--ema',          help='EMA half-life, 0 = no EMA', metavar='MIMG', type=click.FloatRange(min=0), default=0)
-@option(HYPER, '--dropout',      help='Dropout probability in the blocks', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0)
+@option(HYPER, '--lr',           help='Learning rate (Adam)', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True), default=1e-3)
+@option(HYPER, '--lr-rampup',    help='Learning-rate warm-up', metavar='KIMG', type=cli.FiniteFloatRange(min=0), default=10000)
+@option(HYPER, '--ema',          help='EMA half-life, 0 = no EMA', metavar='MIMG', type=cli.FiniteFloatRange(min=0), default=0)
+@option(HYPER, '--dropout',      help='Dropout probability in the blocks', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, max=1), default=0)
 @option(HYPER, '--xflip',        help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False)
 
 # DDN options.
@@ -183,12 +184,12 @@ def resolve_resume(path):
 @option(DDN, '--max-outputk',    help='Max K (candidates) per DDL (--arch=recurrence: its K)', metavar='INT', type=click.IntRange(min=2), default=64)
 @option(DDN, '--max-channels',   help='Max feature channels per block (--arch=recurrence: the UNet\'s width)', metavar='INT', type=click.IntRange(min=4), default=256)
 @option(DDN, '--start-size',     help='Resolution of the first block (power of two)', metavar='INT', type=click.IntRange(min=1), default=1)
-@option(DDN, '--chain-dropout',  help='Probability that a layer takes random choices in a step', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.05)
+@option(DDN, '--chain-dropout',  help='Probability that a layer takes random choices in a step', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, max=1), default=0.05)
 @option(DDN, '--learn-res',      help='Learning residual: candidates correct the previous choice', metavar='BOOL', type=bool, default=True)
 @option(DDN, '--leak',           help='Leak feature of the chosen head into the next block', metavar='BOOL', type=bool, default=True)
 @option(DDN, '--loss',           help='Loss and selection distance', type=click.Choice(['l2', 'l1']), default='l2')
 @option(DDN, '--balance',        help='Node balancing after every step: Split-and-Prune with the total-variation test (tv) or the paper\'s thresholds (paper), a per-node selection bias (bias, nothing split), or none (the ablation)', type=click.Choice(list(BALANCE_METHODS)), default='tv')
-@option(DDN, '--bias-rate',      help='--balance=bias: step of the log-distance bias per training step', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2)
+@option(DDN, '--bias-rate',      help='--balance=bias: step of the log-distance bias per training step', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True), default=1e-2)
 @option(DDN, '--prior',          help='Prior over the codes, refreshed on the EMA network\'s codes of a fixed subset of training images before each snapshot and saved beside it (network-snapshot-*.prior.safetensors)', type=click.Choice(['none', 'frequency', 'transformer']), default='none')
 @option(DDN, '--prior-images',   help='--prior: size of the fixed subset (the first images; the last 10% held out)', metavar='INT', type=click.IntRange(min=2), default=2000)
 @option(DDN, '--prior-steps',    help='--prior=transformer: training steps per refresh (warm start)', metavar='INT', type=click.IntRange(min=0), default=300)
@@ -207,10 +208,10 @@ def resolve_resume(path):
 # I/O.
 @option(IO, '--desc',            help='String to include in result dir name', metavar='STR', type=str)
 @option(IO, '--nosubdir',        help='Do not create a subdirectory for results', is_flag=True)
-@option(IO, '--tick',            help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50)
+@option(IO, '--tick',            help='How often to print progress', metavar='KIMG', type=cli.FiniteFloatRange(min=0, min_open=True), default=50)
 @option(IO, '--snap',            help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50)
 @option(IO, '--dump',            help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500)
-@option(IO, '--seed',            help='Random seed  [default: random, or the resumed state\'s]', metavar='INT', type=click.IntRange(min=0))
+@option(IO, '--seed',            help='Random seed  [default: random, or the resumed state\'s]', metavar='INT', type=cli.seed_range())
 @option(IO, '--transfer',        help='Initialise the weights from a network snapshot (.safetensors, .pkl or a run folder\'s newest)', metavar='FILE|DIR', type=str)
 @option(IO, '--resume',          help='Resume from a training state, or a run folder\'s latest', metavar='PT|DIR', type=str)
 @option(IO, '--metrics',         help='Metrics of every snapshot, e.g. fid50k,fid10k,kid10k,pr10k', metavar='LIST', type=str)
@@ -268,7 +269,12 @@ def train_in_locked_folders(opts, condition, world_size, locks):
     if opts.dry_run:
         distributed.print0('Dry run; exiting.')
         return
-    logger = open_run_dir(c)
+    try:
+        logger = open_run_dir(c)
+    except OSError as err:      # A full or read-only disk: say so, and leave no empty run folder.
+        if not opts.nosubdir and os.path.isdir(c.run_dir) and not holds_saved_work(c.run_dir):
+            shutil.rmtree(c.run_dir, ignore_errors=True)
+        raise cli.write_error(err, '--outdir', opts.outdir) from None
     run_training(c, opts.nosubdir, logger)
 
 # The option clashes checked first: --cond=True (= --condition=class), --transfer with --resume -> the condition.
@@ -407,7 +413,13 @@ def transfer_resume_config(opts, network_kwargs, dataset_info, world_size):
     resumed_seed = None
     if opts.transfer is not None:
         try:
-            run_files.load_transfer_network(opts.transfer, opts.trust_pickle)
+            src = run_files.load_transfer_network(opts.transfer, opts.trust_pickle)
+            with torch.device('meta'):      # The architecture of these options, compared without memory.
+                target = dnnlib.util.construct_class_by_name(**network_kwargs)
+            misc.copy_params_and_buffers(src.to('meta'), target, require_all=True)
+        except KeyError as err:
+            raise click.ClickException(f'--transfer {opts.transfer}: another architecture than these options build '
+                                       f'({str(err).strip(chr(34) + chr(39))}); give the network options it was trained with') from None
         except (OSError, ValueError, RuntimeError) as err:
             raise cli.click_error(err, '--transfer') from None
         c.transfer_pkl = opts.transfer
@@ -499,6 +511,12 @@ def run_training(c, nosubdir, logger):
             if not nosubdir and not holds_saved_work(c.run_dir):
                 shutil.rmtree(c.run_dir, ignore_errors=True)    # Nothing worth keeping was written.
         raise click.ClickException(f'--data: {message.removeprefix("training.dataset.DatasetError: ")}') from None
+    except training_loop.TrainingDiverged as err:
+        raise click.ClickException(str(err)) from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            raise
+        raise cli.write_error(err, '--outdir', c.run_dir) from None     # The snapshots written so far stay.
     finally:
         if logger is not None:
             logger.close()

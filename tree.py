@@ -160,7 +160,10 @@ def main(network, levels, out, cell, device, trust_pickle, force):
         cell = max(24, net.img_resolution + 2 * max(1, net.img_resolution // 8))
     images, mean = node_images(net, levels)
     picture = render_tree(images, mean, ks, cell)
-    save_png(picture, out)
+    try:
+        save_png(picture, out)
+    except OSError as e:
+        raise cli.write_error(e, '--out', out) from None
     click.echo(f'Network: {path} (L={net.num_layers}, K={ks})')
     click.echo(f'Saved {out}: {picture.width}x{picture.height}, {levels} levels, {math.prod(ks)} leaves')
 

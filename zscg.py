@@ -47,6 +47,9 @@ TASKS = ('superres', 'inpaint', 'color', 'lowbit', 'edge', 'l2')
 # Temperature of the guided choice when neither --temperature nor --topk is given (a figure shows variety).
 DEFAULT_TEMPERATURE = 0.2
 
+# Most rows (--images) and columns (--seeds) of one figure.
+MAX_CELLS = 256
+
 # Regions an inpainting row must fill.
 HOLES = ('bottom', 'top', 'left', 'right', 'center')
 
@@ -121,13 +124,13 @@ def layout(rows, cell_min):
 @click.option('--network', help='Network snapshot (.safetensors or .pkl), URL, or run folder (its latest snapshot)', metavar='FILE|URL|DIR', required=True)
 @click.option('--data', help='Dataset of the ground-truth images: folder, zip, or "digits"', metavar='PATH|digits', default='digits', show_default=True)
 @click.option('--task', help='Task: how the condition is made from each image', type=click.Choice(TASKS), default='superres', show_default=True)
-@click.option('--images', 'indices', help='Indices of the dataset images, one row each', metavar='LIST', default='0-3', show_default=True, callback=cli.int_list())
-@click.option('--seeds', help='Seeds, one column each', metavar='LIST', default='0-5', show_default=True, callback=cli.int_list())
+@click.option('--images', 'indices', help='Indices of the dataset images, one row each', metavar='LIST', default='0-3', show_default=True, callback=cli.int_list(MAX_CELLS))
+@click.option('--seeds', help='Seeds, one column each', metavar='LIST', default='0-5', show_default=True, callback=cli.int_list(MAX_CELLS))
 @click.option('--out', help='Output PNG', metavar='PNG', default='zscg.png', show_default=True)
 @click.option('--sr-size', help='superres: resolution of the condition  [default: resolution / 4]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--bits', help='lowbit: bits per channel of the condition', metavar='INT', type=click.IntRange(min=1, max=8), default=1, show_default=True)
 @click.option('--hole', help='inpaint: the region to fill', type=click.Choice(HOLES), default='bottom', show_default=True)
-@click.option('--temperature', help='Softmax temperature of the choice (0 = argmin: every seed gives the same image)  [default: 0.2 without --topk]', metavar='FLOAT', type=click.FloatRange(min=0), default=None)
+@click.option('--temperature', help='Softmax temperature of the choice (0 = argmin: every seed gives the same image)  [default: 0.2 without --topk]', metavar='FLOAT', type=cli.FiniteFloatRange(min=0), default=None)
 @click.option('--topk', help='Choose uniformly among the N best instead of --temperature', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--cell', help='Smallest cell side in pixels (nearest upscaling)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @cli.prior_options
@@ -164,7 +167,10 @@ def main(network, data, task, indices, seeds, out, sr_size, bits, hole, temperat
     with torch.no_grad(), batch_invariant():
         unguided = run().images
         for idx in tqdm.tqdm(indices, desc=f'zscg {task}', unit='image'):
-            x = to_float(torch.from_numpy(dataset[idx][0]).to(device))[None]
+            try:
+                x = to_float(torch.from_numpy(dataset[idx][0]).to(device))[None]
+            except ValueError as e:     # DatasetError: an image that cannot be decoded.
+                raise click.ClickException(f'--data {data}: {e}') from None
             inputs, condition = degraded_observation(task, x, sr_size, bits, hole)
             scorer = parse_guides(task, img_channels=C, img_resolution=res, device=device,
                                   **{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
@@ -173,7 +179,10 @@ def main(network, data, task, indices, seeds, out, sr_size, bits, hole, temperat
             unguided_d.append(guidance.final_distance(scorer, unguided).mean().item())
             cells = torch.cat([condition, results, x])                    # condition | seeds | ground truth.
             rows.append(list(to_uint8(cells).cpu().numpy()))
-    save_png(layout(rows, cell), out)
+    try:
+        save_png(layout(rows, cell), out)
+    except OSError as e:
+        raise cli.write_error(e, '--out', out) from None
     print(f'{task}: mean guide distance {np.mean(guided_d):.4g} guided vs {np.mean(unguided_d):.4g} unguided '
           f'({len(indices)} images x {len(seeds)} seeds) -> {out}')
 

@@ -24,10 +24,11 @@ import requests
 # ----------------------------------------------------------------------------
 # Integer lists as the scripts write them: '1,5,9-12' <-> [1, 5, 9, 10, 11, 12].
 
-def parse_int_list(text, max_values=10_000_000):
+def parse_int_list(text, max_values=10_000_000, max_value=2**63 - 1):
     """Comma-separated non-negative integers and inclusive ranges `a-b`; duplicates are dropped,
-    the first occurrence keeping its place. Raises ValueError on anything else, or on more than
-    `max_values` values (a typo such as 0-9999999999 fails at once instead of filling memory)."""
+    the first occurrence keeping its place. Raises ValueError on anything else, on a value above
+    `max_value` (seeds must fit int64), or on more than `max_values` values (a typo such as
+    0-9999999999 fails at once instead of filling memory)."""
     if isinstance(text, (list, tuple)):
         return list(text)
     values, seen = [], set()
@@ -47,6 +48,8 @@ def parse_int_list(text, max_values=10_000_000):
             items = [int(part)]
         else:
             raise ValueError(f'Cannot parse {part!r} in {text!r}: expected e.g. "1,5,9-12" (non-negative integers)')
+        if max(items) > max_value:
+            raise ValueError(f'{part!r} in {text!r}: values must be at most {max_value}')
         for v in items:
             if v not in seen:
                 seen.add(v)

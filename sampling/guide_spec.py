@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from sampling import choosers, guidance, network_scorers
+from torch_utils import limits
 from training.ddl import argmin
 from training.images import channels_of, pil_to_float, square_pil
 from training.snapshot import UnsafeFileError
@@ -43,7 +44,7 @@ def load_guide_image(path, channels=None, resolution=None, allow_resize=False):
     file of another size is an error, unless `allow_resize=True` (then it is resized, box filter down,
     bicubic up). Images must be square.
     """
-    with PIL.Image.open(path) as image:
+    with limits.open_image(path, f'Guide image {path}') as image:
         return guide_from_pil(image, channels=channels, resolution=resolution, allow_resize=allow_resize, source=f'Guide image {path}')
 
 def guide_from_pil(image, channels=None, resolution=None, allow_resize=False, source='Guide image'):
@@ -62,7 +63,7 @@ def guide_from_pil(image, channels=None, resolution=None, allow_resize=False, so
 def load_mask(path, resolution=None):
     """An inpainting mask file as a (1, 1, H, W) float32 tensor in [0, 1]: white (255) = known pixel,
     black = to generate, gray = partly known (weighted). Must be `resolution` x `resolution` if given."""
-    with PIL.Image.open(path) as image:
+    with limits.open_image(path, f'Guide mask {path}') as image:
         image = image.convert('L')
         w, h = image.size
         if w != h or (resolution is not None and w != resolution):

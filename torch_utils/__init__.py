@@ -6,5 +6,6 @@
 - `safe_pickle.py`: a restricted unpickler that resolves only allowlisted globals.
 - `training_stats.py`: statistics reported anywhere, synced across ranks once per tick.
 - `misc.py`: samplers, per-step seeding, parameter copies, consistency checks, module summaries.
+- `limits.py`: bounded reading of received images, JSON and zip members (pixel, size and depth caps).
 - `script_archive.py`: the tensors of a TorchScript archive, read without running it.
 """

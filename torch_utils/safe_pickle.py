@@ -30,12 +30,31 @@ class UnsafePickleError(pickle.UnpicklingError):
 def _load_storage_from_bytes(data):
     return torch.load(io.BytesIO(data), weights_only=True)
 
+# Constructors a pickle may call, bounded: each takes only what the file holds (a list, bytes), never
+# a count it could inflate (`bytearray(4_000_000_000)`, `set(range(400_000_000))`: a few bytes of
+# pickle, gigabytes of memory). `range` is not allowed at all.
+def _from_contents(cls):
+    def build(*args):
+        if any(not isinstance(a, (bytes, bytearray, str, list, tuple, set, frozenset, dict)) for a in args[:1]):
+            raise UnsafePickleError(f'refusing {cls.__name__}() of a {type(args[0]).__name__}: a pickle may build it only '
+                                    'from the contents it holds')
+        return cls(*args)
+    build.__name__ = cls.__name__
+    return build
+
+def _bounded_reconstructor(cls, base, state):
+    if base is not object and state is not None and not isinstance(state, (bytes, str, list, tuple, dict)):
+        raise UnsafePickleError(f'refusing copyreg._reconstructor({getattr(cls, "__name__", cls)}, '
+                                f'{getattr(base, "__name__", base)}, {type(state).__name__})')
+    return copyreg._reconstructor(cls, base, state)
+
 def _safe_globals():
-    table = {('builtins', name): getattr(builtins, name) for name in ('set', 'frozenset', 'slice', 'complex', 'bytearray', 'range')}
+    table = {('builtins', name): _from_contents(getattr(builtins, name)) for name in ('set', 'frozenset', 'bytearray')}
+    table.update({('builtins', name): getattr(builtins, name) for name in ('slice', 'complex')})
     table.update({
         ('collections', 'OrderedDict'):             collections.OrderedDict,
         ('_codecs', 'encode'):                      codecs.encode,      # bytes in protocol 2
-        ('copyreg', '_reconstructor'):              copyreg._reconstructor,  # its class arguments are resolved here too
+        ('copyreg', '_reconstructor'):              _bounded_reconstructor,  # its class arguments are resolved here too
         ('torch._utils', '_rebuild_tensor_v2'):     torch._utils._rebuild_tensor_v2,
         ('torch._utils', '_rebuild_parameter'):     torch._utils._rebuild_parameter,
         ('torch.storage', '_load_from_bytes'):      _load_storage_from_bytes,
@@ -110,7 +129,12 @@ def load(file, allowed=None, resolve=None, source=None):
         file = io.BytesIO(file)
     if source is None:
         source = getattr(file, 'name', '<pickle>')
-    return _Unpickler(file, dict(allowed or {}), resolve, source).load()
+    try:
+        return _Unpickler(file, dict(allowed or {}), resolve, source).load()
+    except UnsafePickleError as err:
+        if str(err).startswith(f'{source}:'):
+            raise
+        raise UnsafePickleError(f'{source}: {err}') from None
 
 class _Placeholder:
     """Stands for every global during a dry run: accepts any arguments and state, calls nothing."""

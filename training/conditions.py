@@ -17,10 +17,10 @@ import re
 from typing import NamedTuple, Optional
 
 import numpy as np
-import PIL.Image
 import torch
 from torch.nn import functional as F
 
+from torch_utils import limits
 from training.ddl import resize_area
 from training.image_ops import edge_map, grayscale
 from training.images import pil_to_float, square_pil
@@ -114,7 +114,7 @@ def load_condition_image(net, path, device):
     """
     kind, size = parse_condition(net.condition)
     try:
-        with PIL.Image.open(path) as image:
+        with limits.open_image(path, f'Condition image {path}') as image:
             image = square_pil(image, net.img_channels, f'Condition image {path}')
     except OSError as e:
         raise OSError(f'Condition image {path}: cannot read it: {e}') from e

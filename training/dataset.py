@@ -11,7 +11,6 @@ not used. The network scales images to [-1, 1] itself, so datasets stay raw and 
 - `open_dataset(path)` / `dataset_kwargs_for(path)`: pick the right class from a CLI `--data` value.
 """
 
-import json
 import os
 import re
 import zipfile
@@ -22,6 +21,7 @@ import torch
 
 import dnnlib
 from training.images import GRAYSCALE_MODES, channels_of
+from torch_utils import limits
 
 # File extensions read as images (lower case).
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -30,6 +30,19 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 # with --subdirs), which a folder marks by its generation_options.json; grid.png is not one of them.
 GENERATED_IMAGE_PATTERN = r'(\d{6}/)?\d{6}\.png'
 GENERATED_MARKER = 'generation_options.json'
+
+# Largest class label accepted (a label of 2e9 would make one-hot vectors of gigabytes).
+MAX_LABEL = (1 << 20) - 1
+
+# Largest dataset.json accepted: 1 MiB plus 1 KiB per image (a label entry is a path and a number).
+def max_labels_json_bytes(num_images):
+    return (1 << 20) + 1024 * num_images
+
+# A label of dataset.json as an int, or ValueError naming `what` (bools, floats, negatives, huge values).
+def check_label(label, what):
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= MAX_LABEL:
+        raise ValueError(f'{what}: a label must be an integer in [0, {MAX_LABEL}], got {label!r:.40}')
+    return label
 
 
 # PIL modes of integer grayscale with more than 8 bits (16-bit PNGs open as 'I;16' or 'I').
@@ -202,6 +215,9 @@ class ImageFolderDataset(Dataset):
             self._type = 'dir'
             all_fnames = [os.path.relpath(os.path.join(root, fname), start=self._path).replace(os.sep, '/')
                           for root, _dirs, fnames in os.walk(self._path) for fname in fnames]
+            for fname in all_fnames:      # A FIFO named x.png would block the reader forever.
+                if os.path.splitext(fname)[1].lower() in IMAGE_EXTENSIONS + ('.json',):
+                    limits.require_regular_file(os.path.join(self._path, fname), f'{fname} in {self._path}')
         elif os.path.isfile(self._path) and zipfile.is_zipfile(self._path):
             self._type = 'zip'
             all_fnames = [fname for fname in self._get_zipfile().namelist() if not fname.endswith('/')]
@@ -219,7 +235,7 @@ class ImageFolderDataset(Dataset):
         # image of another size fails now, naming the file, instead of hours into training.
         shape = None
         for fname in self._image_fnames:
-            with self._open_file(fname) as f, PIL.Image.open(f) as image:
+            with self._open_file(fname) as f, limits.open_image(f, f'Image {fname} in {self._path}') as image:
                 width, height = image.size
                 channels = channels_of(image.mode)
             if shape is None:
@@ -261,7 +277,7 @@ class ImageFolderDataset(Dataset):
 
     # Decode one image to uint8 CHW, grayscale staying one channel.
     def _load_raw_image(self, raw_idx):
-        with self._open_file(self._image_fnames[raw_idx]) as f, PIL.Image.open(f) as image:
+        with self._open_file(self._image_fnames[raw_idx]) as f, limits.open_image(f, self._describe_raw_image(raw_idx)) as image:
             array = to_uint8_array(image, self._describe_raw_image(raw_idx))
         return array[np.newaxis] if array.ndim == 2 else array.transpose(2, 0, 1)
 
@@ -273,9 +289,17 @@ class ImageFolderDataset(Dataset):
                 return None
         elif 'dataset.json' not in self._get_zipfile().namelist():
             return None
+        what = f'dataset.json in {self._path}'
+        max_bytes = max_labels_json_bytes(len(self._image_fnames))
+        if self._type == 'dir':
+            if os.path.getsize(os.path.join(self._path, 'dataset.json')) > max_bytes:
+                raise ValueError(f'{what} is larger than the limit of {max_bytes} bytes for {len(self._image_fnames)} images')
+            with open(os.path.join(self._path, 'dataset.json'), 'rb') as f:
+                text = f.read()
+        else:
+            text = limits.read_zip_member(self._get_zipfile(), 'dataset.json', max_bytes, what)
         try:
-            with self._open_file('dataset.json') as f:
-                meta = json.load(f)
+            meta = limits.loads_json(text, what)
             labels = meta.get('labels') if isinstance(meta, dict) else meta['labels']
             if labels is None:
                 return None
@@ -287,10 +311,7 @@ class ImageFolderDataset(Dataset):
         for fname in self._image_fnames:
             if fname not in labels:
                 raise ValueError(f'dataset.json in {self._path} has no label for {fname}')
-            label = labels[fname]
-            if not isinstance(label, int) or isinstance(label, bool) or label < 0:
-                raise ValueError(f'dataset.json in {self._path}: label of {fname} must be a non-negative integer, got {label!r}')
-            result.append(label)
+            result.append(check_label(labels[fname], f'dataset.json in {self._path}, {fname}'))
         return np.array(result, dtype=np.int64)
 
 # ----------------------------------------------------------------------------

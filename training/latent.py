@@ -27,6 +27,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from torch_utils import limits
 from torch_utils.checkpoint import write_atomic
 
 # ----------------------------------------------------------------------------
@@ -120,10 +121,17 @@ def save_latents(path, name_key, names, codes, ks, classes=None, conditions=None
         arrays['conditions'] = np.asarray(conditions, np.float32)
     write_atomic(path, lambda f: np.savez(f, **arrays))
 
+# Refuse a codes file that is not a regular file, or whose arrays inflate far beyond its size (np.savez
+# stores them uncompressed, so only a crafted file does).
+def _check_npz(path):
+    limits.require_regular_file(path, f'Codes file {path}')
+    limits.check_zip_inflation(path, what=f'Codes file {path}')
+
 # The arrays of an .npz file, with errors that name the file and what it should be.
 def _read_npz(path):
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f'Codes file not found: {path}')
+    _check_npz(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
@@ -162,6 +170,7 @@ def load_latents(path, ks):
 
 def latents_network(path):
     """The fingerprint of the network that made a latents file, or None (older files)."""
+    _check_npz(path)
     with np.load(path, allow_pickle=False) as npz:
         return str(npz['network']) if 'network' in npz.files else None
 

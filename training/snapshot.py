@@ -20,6 +20,7 @@ plugs in through `PICKLE_FORMATS`.
 """
 
 import importlib
+import inspect
 import io
 import json
 import os
@@ -31,7 +32,7 @@ from typing import Callable, NamedTuple
 import torch
 
 import dnnlib
-from torch_utils import checkpoint, distributed, persistence, safe_pickle
+from torch_utils import checkpoint, distributed, limits, persistence, safe_pickle
 
 # Name and version of the safe format, stored in its metadata.
 SAFE_FORMAT = 'ddn-network'
@@ -107,28 +108,111 @@ def save_network_pickle(net, path, **extra):
     """Write `net` as our snapshot pickle `dict(ema=net, **extra)` (atomically)."""
     checkpoint.save_atomic(dict(ema=net.cpu(), **extra), path, mode='pickle')
 
-# The metadata of a safetensors file (its JSON header's "__metadata__"), or None if `data` is not one.
-def safetensors_metadata(data):
+# The JSON header of a safetensors file (a dict), or None if `data` is not one. Raises ValueError
+# naming `source` for a header that is one but cannot be parsed (nested too deeply, not UTF-8).
+def _safetensors_header(data, source='<network>'):
     if len(data) < 10:
         return None
     (size,) = struct.unpack('<Q', bytes(data[:8]))
     if size > len(data) - 8 or bytes(data[8:9]) != b'{':
         return None
     try:
-        header = json.loads(bytes(data[8:8 + size]))
-    except (UnicodeDecodeError, ValueError):
+        header = limits.loads_json(bytes(data[8:8 + size]), f'{source}: the safetensors header')
+    except ValueError as err:
+        if 'nested too deeply' in str(err):
+            raise
         return None
-    return header.get('__metadata__') or {} if isinstance(header, dict) else None
+    return header if isinstance(header, dict) else None
+
+# The metadata of a safetensors file (its JSON header's "__metadata__"), or None if `data` is not one.
+def safetensors_metadata(data, source='<network>'):
+    header = _safetensors_header(data, source)
+    if header is None:
+        return None
+    metadata = header.get('__metadata__') or {}
+    return metadata if isinstance(metadata, dict) else {}
+
+# Sane bounds on the constructor arguments a network file names, checked before anything is built:
+# a 200 KB file must not make us build a network of gigabytes, or loop for minutes building modules.
+ARG_LIMITS = dict(
+    img_resolution  = 4096,     # Side of the output images.
+    img_channels    = 4,
+    start_size      = 4096,
+    max_blockn      = 256,      # Blocks per scale (the paper's largest setting is 32).
+    max_outputk     = 65536,    # K per DDL.
+    max_channels    = 16384,
+    min_channels    = 16384,
+    label_dim       = 1 << 20,
+    num_iters       = 65536,    # DDNRecurrent: the shared layer's repeats (no modules per repeat).
+    outputk         = 65536,
+    channels        = 16384,
+    levels          = 16,
+)
+
+def check_network_args(class_name, args, kwargs, source='<network>'):
+    """Raise ValueError unless a network file's constructor call is plain JSON values within ARG_LIMITS
+    (finite numbers, no argument above its bound)."""
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise ValueError(f'{source}: init_args must be a list and init_kwargs an object')
+    def check(key, value, depth=0):
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            return
+        if isinstance(value, (list, tuple, dict)) and depth < 2 and len(value) <= 4096:
+            for item in (value.values() if isinstance(value, dict) else value):
+                check(key, item, depth + 1)
+            return
+        if not isinstance(value, (int, float)):
+            raise ValueError(f'{source}: constructor argument {key}={value!r:.60} is not a number, string, bool or short list')
+        if value != value or value in (float('inf'), float('-inf')):
+            raise ValueError(f'{source}: constructor argument {key}={value} is not finite')
+        if key in ARG_LIMITS and not -ARG_LIMITS[key] <= value <= ARG_LIMITS[key]:
+            raise ValueError(f'{source}: constructor argument {key}={value} is beyond the limit of {ARG_LIMITS[key]}; '
+                             'not a network this code builds')
+    for key, value in [*((f'init_args[{i}]', v) for i, v in enumerate(args)), *kwargs.items()]:
+        check(key, value)
+
+def build_checked(cls, args, kwargs, shapes, source='<network>', materialise=True):
+    """`cls(*args, **kwargs)`, built first on the meta device (no memory) and compared with the file's tensor
+    `shapes` ({name: shape}); only a network whose state dict has exactly those names and shapes is
+    then built for real (with `materialise=False`, only checked; returns None). Raises ValueError naming `source`."""
+    class_name = f'{cls.__module__}.{cls.__qualname__}'
+    try:
+        named = inspect.signature(cls).bind(*args, **kwargs).arguments
+    except TypeError as err:
+        raise ValueError(f'{source}: arguments that {class_name} does not take: {err}') from None
+    check_network_args(class_name, [], dict(named.pop('kwargs', {}), **named), source)
+    try:
+        with torch.device('meta'):
+            probe = cls(*args, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f'{source}: cannot build {class_name}({kwargs}): {err}') from None
+    expected = {name: tuple(value.shape) for name, value in probe.state_dict().items()}
+    del probe
+    found = {name: tuple(shape) for name, shape in shapes.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(name for name in set(expected) & set(found) if expected[name] != found[name])
+        parts = [f'{len(missing)} missing (e.g. {missing[0]})' if missing else '',
+                 f'{len(extra)} unexpected (e.g. {extra[0]})' if extra else '',
+                 f'{len(wrong)} of another shape (e.g. {wrong[0]}: {found[wrong[0]]} in the file, {expected[wrong[0]]} '
+                 'for the arguments)' if wrong else '']
+        raise ValueError(f'{source}: the tensors do not fit {class_name}({kwargs}): ' + ', '.join(p for p in parts if p))
+    return cls(*args, **kwargs) if materialise else None
 
 def load_safe(data, source='<network>'):
     """A network from the bytes of a safe-format file. Raises ValueError naming `source`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load
-    metadata = safetensors_metadata(data)
-    if metadata is None:
+    header = _safetensors_header(data, source)
+    if header is None:
         raise ValueError(f'{source} is not a safetensors file')
+    metadata = header.get('__metadata__') or {}
     try:
-        meta = json.loads(metadata['ddn'])
-    except (KeyError, TypeError, ValueError):
+        meta = limits.loads_json(metadata['ddn'], f'{source}: the "ddn" metadata')
+    except (KeyError, TypeError, ValueError) as err:
+        if 'nested too deeply' in str(err):
+            raise
         raise ValueError(f'{source} is a safetensors file without ddn metadata (a "ddn" JSON with the network\'s '
                          'constructor arguments); write one with convert.py or train.py') from None
     if not isinstance(meta, dict) or meta.get('format') != SAFE_FORMAT:
@@ -137,11 +221,20 @@ def load_safe(data, source='<network>'):
         raise ValueError(f'{source}: {SAFE_FORMAT} version {meta.get("version")!r}; this code reads version {SAFE_VERSION}')
     cls = network_class(meta.get('class_name'), source)
     args, kwargs = meta.get('init_args', []), meta.get('init_kwargs', {})
-    if not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise ValueError(f'{source}: init_args must be a list and init_kwargs an object')
+    check_network_args(meta['class_name'], args, kwargs, source)
+    shapes = {}
+    for name, entry in header.items():
+        if name == '__metadata__':
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get('shape'), list):
+            raise ValueError(f'{source}: malformed safetensors header entry {name!r:.80}')
+        shapes[name] = entry['shape']
     try:
-        net = cls(*args, **kwargs)
         state = load(bytes(data))
+    except SafetensorError as err:
+        raise ValueError(f'{source}: a damaged or truncated safetensors file ({err})') from None
+    net = build_checked(cls, args, kwargs, shapes, source)
+    try:
         net.load_state_dict(state, strict=True)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f'{source}: the weights do not fit {meta["class_name"]}({kwargs}): {err}') from None
@@ -158,7 +251,13 @@ def _checked_reconstruct(source):
         if 'module_src' in meta:    # EDM's persistence carries the class's source code, to be exec'd.
             raise UnsafeFileError(f'{source}: an EDM-style pickle that carries source code to run (class {meta.get("class_name")!r}), '
                                   'not a ddn snapshot')
-        network_class(f'{meta.get("module_name")}.{meta.get("class_name")}', source)  # Refuses anything else.
+        cls = network_class(f'{meta.get("module_name")}.{meta.get("class_name")}', source)  # Refuses anything else.
+        state = meta.get('state_dict')
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f'{source}: malformed persistent object (its state_dict is not a dict of tensors)')
+        args, kwargs = meta.get('init_args'), meta.get('init_kwargs')
+        check_network_args(meta['class_name'], list(args) if isinstance(args, tuple) else args, kwargs, source)
+        build_checked(cls, args, kwargs, {k: v.shape for k, v in state.items()}, source, materialise=False)
         return persistence._reconstruct_persistent_obj(meta)
     return reconstruct
 
@@ -200,11 +299,11 @@ PICKLE_FORMATS = [PickleFormat('ddn snapshot', _is_ddn_pickle, _load_ddn_pickle)
 # ----------------------------------------------------------------------------
 # The one dispatch point: what a network file is, from its bytes.
 
-def file_format(data):
+def file_format(data, source='<network>'):
     """'safetensors', 'zip' (torch.save / TorchScript), a PICKLE_FORMATS entry (a pickle we can
     read safely), 'pickle' (any other pickle) or 'unknown'. Calls nothing from the file."""
     head = bytes(data[:4])
-    if safetensors_metadata(data) is not None:
+    if safetensors_metadata(data, source) is not None:
         return 'safetensors'
     if head == _ZIP_MAGIC:
         return 'zip'
@@ -222,9 +321,11 @@ def file_format(data):
 def network_from_bytes(data, source, trust_pickle=False):
     """The network held by the bytes of a network file (any format). Raises UnsafeFileError if
     loading would run code and `trust_pickle` is False, ValueError for anything else wrong."""
-    fmt = file_format(data)
+    fmt = file_format(data, source)
     if fmt == 'safetensors':
-        return load_safe(data, source)
+        net = load_safe(data, source)
+        check_finite(net, source)
+        return net
     if fmt == 'zip':
         raise NotANetworkError(f'{source} is a torch.save/TorchScript archive, not a network snapshot '
                          '(a training-state-*.pt resumes a run; a network is a run folder '
@@ -250,7 +351,18 @@ def network_from_bytes(data, source, trust_pickle=False):
     if not (isinstance(net, torch.nn.Module) and hasattr(net, 'ks') and hasattr(net, 'encode')):
         what = f'a dict with keys {sorted(map(str, obj))}' if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f'{source} holds {what}, not a DDN snapshot (a dict whose "ema" is a DDNGenerator)')
+    check_finite(net, source)
     return net
+
+def check_finite(net, source='<network>'):
+    """Raise ValueError naming `source` if a parameter of `net` holds NaN or infinity (a diverged
+    run's snapshot would otherwise sample black or noise images with no error)."""
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                bad = int((~torch.isfinite(param)).sum())
+                raise ValueError(f'{source}: parameter {name} holds {bad} non-finite values (NaN or infinity) of {param.numel()}; '
+                                 'the training that wrote it diverged: use an earlier snapshot')
 
 # ----------------------------------------------------------------------------
 # --network FILE | URL | RUNDIR.

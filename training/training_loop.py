@@ -39,6 +39,25 @@ from training.training_step import TrainingStep, autocast_dtype, ema_beta, learn
 STOP_SIGNALS = stopping.STOP_SIGNALS
 
 # ----------------------------------------------------------------------------
+# The loss or the weights became NaN or infinite: the run stops before writing the files of that tick,
+# so the last snapshot and training state on disk are the last good ones.
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+# Checked once per tick, where the statistics reach the host anyway: one device reduction over the
+# parameters and one value read; the same decision on every rank (all-reduced loss, DDP-equal weights).
+def _check_finite(stats, net, cur_nimg, run_dir):
+    loss = stats['Loss/loss'].mean if 'Loss/loss' in stats else 0.0
+    with torch.no_grad():
+        weights_ok = bool(torch.stack([p.isfinite().all() for p in net.parameters()]).all())
+    if weights_ok and loss == loss and abs(loss) != float('inf'):
+        return
+    what = f'the loss is {loss}' if weights_ok else 'the weights hold NaN or infinity'
+    raise TrainingDiverged(f'Training diverged at kimg {cur_nimg / 1e3:.3f}: {what}. Stopped without writing this tick\'s files; '
+                           f'the last good snapshot and training state in {run_dir} are kept (try a lower --lr, then --resume)')
+
+# ----------------------------------------------------------------------------
 # Setup, in the order training_loop runs it: device, batch split, dataset, network, optimizer,
 # transfer, data stream.
 
@@ -270,6 +289,7 @@ def training_loop(
             for b_ema, b_net in zip(ema.buffers(), net.buffers(), strict=True):
                 b_ema.copy_(b_net)
         stats = report(progress.cur_tick, progress.cur_nimg, progress.cur_nimg - progress.tick_start_nimg, tick_end_time)
+        _check_finite(stats, net, progress.cur_nimg, run_dir)
         write_snapshot = snapshot_ticks is not None and (done or progress.cur_tick % snapshot_ticks == 0)
         write_dump = state_dump_ticks is not None and (done or progress.cur_tick % state_dump_ticks == 0) and progress.cur_tick != 0
         tag = progress.take_tag() if write_snapshot or write_dump else None
