@@ -97,6 +97,20 @@ def positional_feature(channels, size):
 def _groups(channels):
     return max(1, min(32, channels // 4))
 
+# GroupNorm in the dtype of its input. Under autocast a bf16 / fp16 input is normalised in that
+# dtype (the kernels accumulate the statistics in fp32) and the output keeps it, with the affine
+# parameters cast to it, as the reference DDN's fp16 GroupNorm does. CUDA autocast would run
+# group_norm in fp32 instead (it is on its fp32 list): an fp32 copy of the input and an fp32 output
+# for the next SiLU, both kept for backward, 2x the activation memory of the block and a cast each
+# way (bench/step_cost.py counts them). Outside autocast, or on an fp32 input, this is nn.GroupNorm
+# exactly (fp32 training is bit-identical).
+class GroupNorm(nn.GroupNorm):
+    def forward(self, x):
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
+
 # EDM's `weight_init(mode='xavier_uniform')` for a conv, times `gain`; zero bias.
 def _init_conv(conv, gain=1.0):
     fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
@@ -120,9 +134,9 @@ class Block(nn.Module):
         super().__init__()
         init = _init_conv if edm_init else (lambda conv, gain=1.0: conv)
         self.up = up
-        self.norm0 = nn.GroupNorm(_groups(in_channels), in_channels, eps=eps)
+        self.norm0 = GroupNorm(_groups(in_channels), in_channels, eps=eps)
         self.conv0 = init(nn.Conv2d(in_channels, out_channels, 3, padding=1))
-        self.norm1 = nn.GroupNorm(_groups(out_channels), out_channels, eps=eps)
+        self.norm1 = GroupNorm(_groups(out_channels), out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv1 = init(nn.Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)
         proj = in_channels != out_channels or (up and resample_proj)
