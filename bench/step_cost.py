@@ -153,7 +153,7 @@ def build_ours(net_name, precision, batch):
     sys.path.insert(0, ROOT)
     from training.loss import DDNLoss
     from training.networks import DDNGenerator
-    from training.training_loop import ADAM_IMPLEMENTATIONS, TrainingStep
+    from training.training_step import ADAM_IMPLEMENTATIONS, TrainingStep
     kwargs = NETS[net_name]
     torch.manual_seed(0)
     net = DDNGenerator(**kwargs).train()
@@ -197,6 +197,7 @@ def build_author(author_repo, precision, batch, fake):
         persistence._check_pickleable = lambda obj: None
     from training import loss as author_loss
     from training import networks as author_networks
+    sddn.DiscreteDistributionOutput.inits.clear()     # Its registry of layers: only this net's.
     torch.manual_seed(0)
     net = author_networks.DDNPrecond(img_resolution=32, img_channels=3, label_dim=0, use_fp16=fp16,
                                      model_type='PHDDN', dropout=0.0)

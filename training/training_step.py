@@ -42,6 +42,18 @@ class _TrainingForward(torch.nn.Module):
 # One optimisation step of a DDN: gradient accumulation, all-reduce, Adam, node balancing, EMA.
 # Shared by the training loop and bench/train_step.py, so the benchmark measures the real step.
 
+# torch.nan_to_num(g, out=g) for every tensor of `tensors`, in three operators per device and dtype
+# instead of one per tensor (577 for the reference net): the tensors are concatenated, cleaned and
+# copied back (torch has no foreach form of nan_to_num). The same values bit for bit.
+def nan_to_num_(tensors, nan=0.0, posinf=None, neginf=None):
+    groups = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        torch.nan_to_num(flat, nan=nan, posinf=posinf, neginf=neginf, out=flat)
+        torch._foreach_copy_(group, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in group]), group, strict=True)])
+
 class TrainingStep:
     def __init__(self,
         net,                            # DDNGenerator in training mode, on `device`.
@@ -114,8 +126,7 @@ class TrainingStep:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         if not self.scaler.is_enabled():    # fp16 leaves inf/nan to the GradScaler, which skips the step.
-            for g in grads:
-                torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+            nan_to_num_(grads, nan=0, posinf=1e5, neginf=-1e5)
         for group in self.optimizer.param_groups:
             group['lr'] = lr
         self.scaler.step(self.optimizer)
