@@ -6,7 +6,9 @@ whatever the batch or the number of processes); `codes` -> decoding those latent
 reconstruction (L2-guided encoding of dataset images, names are their indices). A `scorer` (and
 `chooser`) guides sampling (zero-shot conditional generation, sampling/guidance.py); a
 `condition_fn` gives the condition of a conditional network (training/conditions.py). Every network
-call runs under `batch_invariant()`, the kernels that make an image independent of its batch.
+call runs under `batch_invariant()`, the kernels that make an image independent of its batch, unless
+`exact=False` asks unguided sampling or decoding for the fastest kernels (the same codes per seed,
+images within one grey level whatever the batch).
 
 `Recorder` consumes such a stream: it writes each image's PNG, keeps the latents, the grid images,
 the reconstruction error and the guide distance, and gathers them on rank 0 (generate.py writes
@@ -14,6 +16,7 @@ latents.npz, grid.png and metrics.json from them). Callers split the work across
 `rank_share`; the uint8 images can stream on into evaluation/metrics.py (FID) unchanged.
 """
 
+import contextlib
 import math
 import os
 import re
@@ -67,6 +70,8 @@ def generate_batches(
     condition_fn    = None,     # (names, images or None) -> condition of a conditional net (conditions.make_condition_fn).
     scorer          = None,     # Sampling: guide scorer (guided layers keep the best candidate).
     chooser         = None,     # Sampling: choice rule of guided layers (default: the seed-aware argmin).
+    exact           = True,     # Unguided sampling and decoding: False = the fastest kernels instead of
+                                # batch_invariant(): the same codes per seed, images within a grey level.
 ) -> Iterator[Batch]:
     if codes is not None and dataset is not None:
         raise ValueError('generate_batches: give codes (decoding) or a dataset (reconstruction), not both')
@@ -81,7 +86,10 @@ def generate_batches(
             originals = torch.from_numpy(np.stack([dataset[i][0] for i in chunk])).to(device)
             x = to_float(originals)
         condition = None if condition_fn is None else condition_fn(chunk, x)
-        with batch_invariant():
+        # Encoding and guided choices compare distances, which the kernels' last bits could tip:
+        # they always run exactly. Unguided codes come from the seeds (or the file) alone.
+        fast = not exact and x is None and scorer is None
+        with contextlib.nullcontext() if fast else batch_invariant():
             if x is not None:
                 chosen, images = net.encode(x, condition=condition)
             elif codes is not None:

@@ -61,3 +61,31 @@ def test_selection_statistics_allocate_no_ones():
     assert 'ones_like' not in ops.names and 'ones' not in ops.names, ops.names
     for ddl in net.ddls:
         assert float(ddl.node_stats.pending_count.sum()) == 4
+
+# Regional compilation: every block shape gets its own graph (the digits net has 9, more than torch's
+# default recompile limit of 8, which would leave the last in eager without a word); the compiled
+# calls are installed only during the training forward, so the network stays picklable and eager.
+def test_compiled_regions_cover_every_block_shape():
+    import pickle
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = DDNGenerator(img_resolution=16, img_channels=1, max_channels=32, max_blockn=3, max_outputk=64, chain_dropout=0.0).train()
+    shapes = set()
+    hooks = [b.register_forward_pre_hook(lambda m, args: shapes.add((tuple(args[0].shape), m.up, m.skip is not None,
+                                                                     m.conv0.out_channels))) for b in net.blocks]
+    net(target=torch.rand(4, 1, 16, 16) * 2 - 1)
+    for h in hooks:
+        h.remove()
+    assert len(shapes) > 8
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    step = TrainingStep(net, net, DDNLoss(), opt, batch_size=4, compile='eager')
+    step.accumulate(torch.rand(4, 1, 16, 16) * 2 - 1)
+    step.update(lr=1e-3, ema_beta=0)
+    assert counters['stats']['unique_graphs'] == len(shapes)
+    assert sum(counters['graph_break'].values()) == 0
+    assert all(b._compiled_call_impl is None for b in net.blocks)
+    pickle.dumps(net)
