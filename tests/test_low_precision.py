@@ -121,3 +121,22 @@ def test_generator_training_forward_saves_mostly_bf16():
     assert saved.get(torch.float32, 0) < 0.25 * sum(saved.values()), saved
     out.losses.mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+# GroupNorm + SiLU under autocast keeps only its input for backward (the normalised value is
+# recomputed), with the same output and gradients as autograd through the two ops, bit for bit.
+def test_norm_silu_keeps_only_its_input_and_matches_autograd():
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 16, 8, 8).bfloat16().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y, saved = _saved_bytes(lambda: norm.norm_silu(x), norm.parameters())
+        ref = nn.functional.silu(norm(x))
+    assert torch.equal(y, ref)
+    assert sum(saved.values()) < x.numel() * x.element_size() + 1024, saved   # x (+ the weights cast to bf16).
+    g = torch.randn_like(y)
+    ga = torch.autograd.grad(y, [x, norm.weight, norm.bias], g)
+    gb = torch.autograd.grad(ref, [x, norm.weight, norm.bias], g)
+    for u, v in zip(ga, gb, strict=True):
+        assert torch.equal(u, v)
