@@ -89,3 +89,14 @@ def test_compiled_regions_cover_every_block_shape():
     assert sum(counters['graph_break'].values()) == 0
     assert all(b._compiled_call_impl is None for b in net.blocks)
     pickle.dumps(net)
+
+# Channels-last only with the compiled blocks: eager GroupNorm would copy every NHWC map to NCHW.
+def test_channels_last_needs_compile():
+    import pytest
+    net = DDNGenerator(img_resolution=8, img_channels=3, max_channels=16, max_blockn=2, max_outputk=8).train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match='channels_last=True needs compile=True'):
+        TrainingStep(net, net, DDNLoss(), opt, batch_size=4, channels_last=True)
+    step = TrainingStep(net, net, DDNLoss(), opt, batch_size=4, channels_last=True, compile='eager')
+    assert net.blocks[0].conv0.weight.is_contiguous(memory_format=torch.channels_last)
+    del step

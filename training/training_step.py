@@ -98,11 +98,18 @@ class TrainingStep:
         balance_kwargs  = {},           # method, bias_rate: options of split_prune.balance().
         compile         = False,        # torch.compile the residual blocks (regions, see _TrainingForward);
                                         # a string names the backend (default inductor).
-        channels_last   = False,        # Convolution weights and feature maps in channels-last layout.
+        channels_last   = False,        # Convolution weights and feature maps in channels-last layout
+                                        # (with compile only, see below).
         bucket_cap_mb   = 25,           # Size of DDP's gradient buckets (multi-process runs).
     ):
         if precision not in PRECISIONS:
             raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
+        if channels_last and not compile:
+            # Eager GroupNorm on CUDA makes every NHWC input NCHW-contiguous (a copy each way, 369
+            # per step for the reference net), which made channels-last training slower than NCHW.
+            raise ValueError('channels_last=True needs compile=True: eager GroupNorm copies channels-last '
+                             'feature maps to NCHW and back, which is slower than NCHW; the compiled blocks '
+                             'normalise them in place')
         self.device = next(net.parameters()).device
         self.net, self.ema, self.loss_fn, self.optimizer = net, ema, loss_fn, optimizer
         self.batch_size = batch_size
