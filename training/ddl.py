@@ -212,7 +212,8 @@ class DiscreteDistributionLayer(SplittableNodes):
             sq = gram @ wtw.t()                                              # (B, K) |h_k|^2
             fe = torch.bmm(e, f.transpose(1, 2)).reshape(B, C * Cin)         # (B, C*Cin)
             cross = fe @ self.weight.view(K, C * Cin).t()                    # (B, K) h_k.e
-            dist = (sq + 2 * cross + e.square().sum((1, 2))[:, None]) / (C * P)
+            # sq + 2 * cross in one operator (doubling is exact: the same bits as the two).
+            dist = (sq.add_(cross, alpha=2) + e.square().sum((1, 2))[:, None]) / (C * P)
         else:
             heads = torch.bmm(self.weight.expand(B, -1, -1), f)              # (B, K*C, P)
             heads.view(B, K, C, P).add_(e[:, None])

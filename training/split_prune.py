@@ -98,7 +98,7 @@ class NodeStatistics(nn.Module):
         assert K == self.K
         if K >= 2 and self.track_near2:
             i2 = select.scatter(1, i1[:, None], math.inf).argmin(dim=1)
-            self.pending_near2.index_add_(0, i1 * K + i2, self.one.expand(B))
+            self.pending_near2.index_add_(0, torch.add(i2, i1, alpha=K), self.one.expand(B))    # i1 * K + i2
         self.pending_count.index_add_(0, i1, self.one.expand(B))
         self.pending_dist.add_(dist.sum(0, dtype=torch.float64))
         self.pending_seen.add_(B)
