@@ -4,7 +4,8 @@ Builds the reference CIFAR-10 net (or the README's digits net), runs training st
 training loop's own `TrainingStep(compile=...)` and reports: the graphs dynamo compiled (one per
 block shape), graph breaks, the first step's seconds (tracing + code generation + the step) and a
 later step's. The compile time depends on the machine (C++ on a CPU, Triton on a GPU) and on a
-warm inductor cache (`TORCHINDUCTOR_CACHE_DIR`); the graph count does not.
+warm inductor cache (`TORCHINDUCTOR_CACHE_DIR`); the graph count does not. On a shared machine the
+CPU seconds (this process and the compiler processes it starts) say more than the wall time.
 
     python bench/compile_time.py                       # reference net, bf16, batch 2, inductor
     python bench/compile_time.py --net=digits --backend=aot_eager
@@ -14,6 +15,7 @@ Last line: `compile_s=<first step minus a later step>`; `--json=FILE` writes the
 
 import json
 import os
+import resource
 import sys
 import time
 
@@ -53,18 +55,24 @@ def main(net_name, precision, batch, backend, device, threads, json_path):
     step = TrainingStep(net, net, DDNLoss(), opt, batch_size=batch, precision=precision, compile=backend)
     C, R = kwargs['img_channels'], kwargs['img_resolution']
     images = torch.rand(batch, C, R, R, device=device) * 2 - 1
-    seconds = []
-    for _ in range(2):
-        start = time.perf_counter()
+    def cpu_seconds():
+        return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+                   for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    seconds, cpu = [], []
+    for i in range(2):
+        start, start_cpu = time.perf_counter(), cpu_seconds()
         step.accumulate(images)
         step.update(lr=1e-3, ema_beta=0)
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
+        cpu.append(cpu_seconds() - start_cpu)
+        print(f'step {i}: {seconds[-1]:.1f} s wall, {cpu[-1]:.1f} CPU s, '
+              f'{counters["stats"]["unique_graphs"]} graphs so far', flush=True)
     figures = dict(net=net_name, layers=net.num_layers, precision=precision, batch=batch, backend=backend,
                    device=str(device), torch=torch.__version__, graphs=counters['stats']['unique_graphs'],
                    graph_breaks=sum(counters['graph_break'].values()), first_step_s=seconds[0], later_step_s=seconds[1],
-                   compile_s=seconds[0] - seconds[1])
+                   compile_s=seconds[0] - seconds[1], first_step_cpu_s=cpu[0], later_step_cpu_s=cpu[1])
     for key, value in figures.items():
         print(f'{key:<14} {value:.1f}' if isinstance(value, float) else f'{key:<14} {value}')
     if json_path:

@@ -10,8 +10,9 @@ counts what does not depend on the device:
   excluded), by dtype: the memory that grows with the batch;
 - operators per step: aten operators below autograd that are not views (each launches at least
   one kernel on a GPU), forward (the graph), forward without grad (the DDLs' selection and
-  statistics), backward, and the update (gradient clean-up, Adam (foreach, as on CUDA),
-  Split-and-Prune; run on real tensors with zero gradients, as it does not depend on the batch);
+  statistics, and the forward of custom autograd Functions, which runs without grad: the chosen
+  head's bmm, GroupNorm + SiLU), backward, and the update (gradient clean-up, Adam (foreach, as on
+  CUDA), Split-and-Prune; run on real tensors with zero gradients, as it does not depend on the batch);
 - bytes read + written by the non-GEMM operators per image (every tensor argument and result of
   every operator other than convolutions and matrix products: casts, GroupNorm, SiLU, adds, ...);
 - the modelled peak of live tensor bytes over forward + backward at the batch, with Adam's two
