@@ -63,8 +63,9 @@ def test_selection_statistics_allocate_no_ones():
         assert float(ddl.node_stats.pending_count.sum()) == 4
 
 # Regional compilation: every block shape gets its own graph (the digits net has 9, more than torch's
-# default recompile limit of 8, which would leave the last in eager without a word); the compiled
-# calls are installed only during the training forward, so the network stays picklable and eager.
+# default recompile limit of 8, which would leave the last in eager without a word), with no graph
+# break in bf16 either; the compiled calls are installed only during the training forward, so the
+# network stays picklable and eager.
 def test_compiled_regions_cover_every_block_shape():
     import pickle
 
@@ -82,7 +83,7 @@ def test_compiled_regions_cover_every_block_shape():
         h.remove()
     assert len(shapes) > 8
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    step = TrainingStep(net, net, DDNLoss(), opt, batch_size=4, compile='eager')
+    step = TrainingStep(net, net, DDNLoss(), opt, batch_size=4, compile='eager', precision='bf16')
     step.accumulate(torch.rand(4, 1, 16, 16) * 2 - 1)
     step.update(lr=1e-3, ema_beta=0)
     assert counters['stats']['unique_graphs'] == len(shapes)

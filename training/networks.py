@@ -119,7 +119,9 @@ class GroupNorm(nn.GroupNorm):
         return super().forward(x)
 
     def norm_silu(self, x):
-        if self._low_precision(x):
+        # Compiled (--compile), inductor fuses the two and picks what to save itself; the Function
+        # would break the graph there.
+        if self._low_precision(x) and not torch.compiler.is_compiling():
             with torch.autocast(x.device.type, enabled=False):
                 return _GroupNormSiLU.apply(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.num_groups, self.eps)
         return F.silu(self(x))
