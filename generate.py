@@ -147,7 +147,7 @@ def _sample_work(opts, net, device, shared, chooser, prior=None):
     scorer = build_guide(opts, net, device)
     condition_fn = make_condition_fn(net, device, class_idx=opts.class_idx, shared=shared)
     batches = generate_batches(net, rank_share(names), opts.batch, condition_fn=condition_fn, scorer=scorer, chooser=chooser,
-                               prior=prior)
+                               prior=prior, exact=opts.exact)
     return Work(names, 'seeds', batches, None if shared is None else shared.cpu().numpy(), scorer)
 
 # Decoding the rows of --codes, with their stored conditions unless --class / --condition-image replace them.
@@ -168,7 +168,8 @@ def _decode_work(opts, net, device, shared, net_id):
             stored = latents.conditions
     rows_of = {n: i for i, n in enumerate(latents.names)}   # name -> row of the stored conditions
     condition_fn = make_condition_fn(net, device, opts.class_idx, shared, latents.classes, latents.conditions, rows_of)
-    batches = generate_batches(net, rank_share(latents.names), opts.batch, codes=rank_share(latents.codes), condition_fn=condition_fn)
+    batches = generate_batches(net, rank_share(latents.names), opts.batch, codes=rank_share(latents.codes), condition_fn=condition_fn,
+                               exact=opts.exact)
     return Work(latents.names, latents.name_key, batches, stored)
 
 # Reconstruction of the first --max-images images of the --reconstruct dataset.
@@ -198,7 +199,7 @@ def _guide_info(opts, guide_types, chooser_info):
 def _run_options(opts, mode, net, net_path, names, guide_info, prior_info=None):
     return dict(mode=mode, network=net_path, prior=prior_info, outdir=opts.outdir, num=len(names), images=format_int_list(names),
                 seeds=format_int_list(names) if mode == 'sample' else None, codes=opts.codes_path,
-                reconstruct=opts.data, max_images=opts.max_images, batch=opts.batch, subdirs=opts.subdirs,
+                reconstruct=opts.data, max_images=opts.max_images, batch=opts.batch, exact=opts.exact, subdirs=opts.subdirs,
                 world_size=dist.get_world_size(), condition=getattr(net, 'condition', None),
                 **{'class': opts.class_idx}, condition_image=opts.condition_image, guide=guide_info,
                 fid_ref=opts.fid_ref, detector=opts.detector_url or (DETECTOR_URL if opts.fid_ref is not None else None))
@@ -242,6 +243,7 @@ def _load_metrics(opts, num, device):
 @click.option('--force', help='Write into the --outdir of an earlier generate.py run, replacing the files it wrote (listed in its generation_options.json)', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label of class-conditional networks (and target of --guide classifier)  [default: random per seed]', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--batch', 'batch', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64)
+@click.option('--exact', help='Bit-identical images whatever --batch / processes (batch-invariant kernels); False: the fastest kernels, the same codes, images within one grey level (sampling, decoding)', metavar='BOOL', type=bool, default=True)
 @cli.device_option()
 # DDN options.
 @click.option('--codes', 'codes_path', help='Decode the latents of this file (a latents.npz written here)', metavar='NPZ', type=str, default=None)

@@ -197,7 +197,7 @@ def resolve_resume(path):
 
 # Performance.
 @option(PERF, '--precision',     help='Training precision (autocast; fp16 with loss scaling, CUDA only)', type=click.Choice(['fp32', 'bf16', 'fp16']), default='fp32')
-@option(PERF, '--compile',       help='torch.compile the training forward (network + loss)', metavar='BOOL', type=bool, default=False)
+@option(PERF, '--compile',       help='torch.compile the residual blocks (one graph per block shape; the DDLs stay eager)', metavar='BOOL', type=bool, default=False)
 @option(PERF, '--channels-last', help='Channels-last layout for the convolutions', metavar='BOOL', type=bool, default=False)
 @option(PERF, '--adam',          help='Adam implementation: auto = torch\'s choice (for-loop on CPU, foreach on CUDA; same results), fused = one kernel (faster, last-bit differences)', type=click.Choice(['auto', 'for-loop', 'foreach', 'fused']), default='auto')
 @option(PERF, '--bench',         help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)

@@ -4,7 +4,9 @@ The network is `DDNGenerator(32, 3, max_blockn=32, max_outputk=64)` (L = 63 laye
 parameters) with random weights: speed does not depend on training. Each timed step samples one
 batch from fresh seeds, exactly as `generate.py` does (`net(seeds=...)`, eval mode, batch-invariant
 kernels); the all-K path (`training.ddl.reference_heads`) evaluates every head of every DDL and gathers the chosen
-one, the single-head path computes only the chosen head (DDN.md §2, "Cost").
+one, the single-head path computes only the chosen head (DDN.md §2, "Cost"). The fast path is the
+single head with the fastest kernels instead of the batch-invariant ones (`generate.py --exact=False`:
+the same codes per seed, images within one grey level): the cost of bit-identical images is the ratio.
 
     python bench/generate.py                       # CPU: small batch, few steps (< 3 minutes)
     python bench/generate.py --device=cuda --batch=256 --steps=20
@@ -34,11 +36,12 @@ from training.networks import DDNGenerator
 # Seconds per batch of one generation path: `warmup` untimed steps, then the mean of `steps`.
 
 @torch.no_grad()
-def time_path(net, batch, steps, warmup, all_heads):
+def time_path(net, batch, steps, warmup, all_heads, exact=True):
     device = net.init_feature.device
     def step(i):
         seeds = range(i * batch, (i + 1) * batch)
-        with batch_invariant(), (reference_heads(net) if all_heads else contextlib.nullcontext()):
+        with batch_invariant() if exact else contextlib.nullcontext(), \
+             reference_heads(net) if all_heads else contextlib.nullcontext():
             images = net(seeds=seeds).images
         return images.sum().item()  # The host reads a value: the device work is finished.
     for i in range(warmup):
@@ -69,14 +72,15 @@ def main(batch, steps, warmup, device, json_path):
           f'L={net.num_layers}, {net.bits_per_image:.0f} bits/image; device {device} ({name}); torch {torch.__version__}')
 
     rows = []
-    for label, all_heads in (('single-head', False), ('all-K', True)):
-        sec = time_path(net, batch, steps, warmup, all_heads)
+    for label, all_heads, exact in (('single-head', False, True), ('all-K', True, True), ('fast', False, False)):
+        sec = time_path(net, batch, steps, warmup, all_heads, exact)
         rows.append((label, sec, batch / sec))
     print(f'{"path":<12} {"batch":>6} {"steps":>6} {"s/batch":>9} {"img/s":>9}')
     for label, sec, ips in rows:
         print(f'{label:<12} {batch:>6} {steps:>6} {sec:>9.3f} {ips:>9.2f}')
     ratio = rows[0][2] / rows[1][2]
     print(f'{"ratio":<12} {"":>6} {"":>6} {"":>9} {ratio:>8.2f}x  (single-head / all-K)')
+    print(f'{"ratio":<12} {"":>6} {"":>6} {"":>9} {rows[2][2] / rows[0][2]:>8.2f}x  (fast / single-head exact)')
     if json_path:
         with open(json_path, 'w') as f:
             json.dump(dict(device=name, batch=batch, steps=steps, warmup=warmup, torch=torch.__version__, cuda=torch.version.cuda,

@@ -7,7 +7,9 @@ sampling/prior_sampling.py); `codes` -> decoding those latents; `dataset` ->
 reconstruction (L2-guided encoding of dataset images, names are their indices). A `scorer` (and
 `chooser`) guides sampling (zero-shot conditional generation, sampling/guidance.py); a
 `condition_fn` gives the condition of a conditional network (training/conditions.py). Every network
-call runs under `batch_invariant()`, the kernels that make an image independent of its batch.
+call runs under `batch_invariant()`, the kernels that make an image independent of its batch, unless
+`exact=False` asks unguided sampling or decoding for the fastest kernels (the same codes per seed,
+images within one grey level whatever the batch).
 
 `Recorder` consumes such a stream: it writes each image's PNG, keeps the latents, the grid images,
 the reconstruction error and the guide distance, and gathers them on rank 0 (generate.py writes
@@ -15,6 +17,7 @@ latents.npz, grid.png and metrics.json from them). Callers split the work across
 `rank_share`; the uint8 images can stream on into evaluation/metrics.py (FID) unchanged.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -71,6 +74,8 @@ def generate_batches(
     scorer          = None,     # Sampling: guide scorer (guided layers keep the best candidate).
     chooser         = None,     # Sampling: choice rule of guided layers (default: the seed-aware argmin).
     prior           = None,     # Sampling: a training.prior.PriorRule drawing the codes (sampling/prior_sampling.py).
+    exact           = True,     # Unguided sampling and decoding: False = the fastest kernels instead of
+                                # batch_invariant(): the same codes per seed, images within a grey level.
 ) -> Iterator[Batch]:
     if codes is not None and dataset is not None:
         raise ValueError('generate_batches: give codes (decoding) or a dataset (reconstruction), not both')
@@ -85,7 +90,10 @@ def generate_batches(
             originals = torch.from_numpy(np.stack([dataset[i][0] for i in chunk])).to(device)
             x = to_float(originals)
         condition = None if condition_fn is None else condition_fn(chunk, x)
-        with batch_invariant():
+        # Encoding and guided choices compare distances, which the kernels' last bits could tip:
+        # they always run exactly. Unguided codes come from the seeds (or the file) alone.
+        fast = not exact and x is None and scorer is None and prior is None      # A prior's draws compare probabilities too.
+        with contextlib.nullcontext() if fast else batch_invariant():
             if x is not None:
                 chosen, images = net.encode(x, condition=condition)
             elif codes is not None:

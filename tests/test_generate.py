@@ -148,6 +148,16 @@ def test_batch_size_invariance(reference, snapshot, tmp_path):
     assert _pngs(tmp_path) == _pngs(reference)
     np.testing.assert_array_equal(_latents(tmp_path)['codes'], _latents(reference)['codes'])
 
+# --exact=False (the fastest kernels): the same codes per seed, every pixel within one grey level.
+def test_fast_mode_same_codes_within_one_grey_level(reference, snapshot, tmp_path):
+    _generate(['--network', snapshot, '--outdir', tmp_path, '--seeds', '0-9', '--batch', '7', '--exact', 'False'])
+    np.testing.assert_array_equal(_latents(tmp_path)['codes'], _latents(reference)['codes'])
+    for name in _pngs(reference):
+        diff = _read_png(tmp_path / name).astype(int) - _read_png(reference / name).astype(int)
+        assert np.abs(diff).max() <= 1, name
+    with open(tmp_path / 'generation_options.json') as f:
+        assert json.load(f)['exact'] is False
+
 def test_two_processes(reference, snapshot, tmp_path):
     # Seeds given out of order: the latents come back sorted by seed.
     _generate_subprocess(['--network', snapshot, '--outdir', tmp_path, '--seeds', '5-9,0-4', '--batch', '2'], nproc=2)

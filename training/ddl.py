@@ -89,6 +89,31 @@ def upsample(x, size):
     return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
 
 # ----------------------------------------------------------------------------
+# bmm(w, f.float()) that keeps f in its own dtype for backward. Under autocast the block output f is
+# bf16 / fp16; the chosen head is computed in fp32 as always, but autograd would otherwise keep the
+# fp32 copy of f (2x its bytes) for the gradient of w. The values, and both gradients, are those of
+# bmm(w, f.float()) bit for bit (the same products on the same fp32 numbers); only the saved copy
+# differs. An fp32 f takes the plain bmm.
+
+class _FloatBmm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, f):
+        ctx.save_for_backward(w, f)
+        return torch.bmm(w, f.float())
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, f = ctx.saved_tensors
+        grad_w = torch.bmm(grad, f.float().transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_f = torch.bmm(w.transpose(1, 2), grad).to(f.dtype) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_f
+
+def _float_bmm(w, f):
+    if f.dtype == torch.float32 or not torch.is_grad_enabled():
+        return torch.bmm(w, f.float())
+    return _FloatBmm.apply(w, f)
+
+# ----------------------------------------------------------------------------
 # The reference output path, for tests and benchmarks: inside `with reference_heads(module):` every
 # DDL in `module` evaluates all K heads and gathers the chosen one, instead of computing the chosen
 # head alone. Both paths give the same image up to rounding; production code never enters it.
@@ -147,20 +172,20 @@ class DiscreteDistributionLayer(SplittableNodes):
         return (f'in={self.in_channels}, C={self.out_channels}, K={self.K}, learn_residual={self.learn_residual}, '
                 f'leak={self.leak}, chain_dropout={self.chain_dropout}, loss={self.loss_type}')
 
-    # The chosen head only: (B, Cin, H, W) x codes (B,) -> (B, C, H, W).
+    # The chosen head only: (B, Cin, H, W) x codes (B,) -> (B, C, H, W), fp32 whatever feat's dtype.
     def chosen_head(self, feat, codes):
         B, Cin, H, W = feat.shape
         w = self.weight.view(self.K, self.out_channels, Cin)[codes]          # (B, C, Cin)
-        return torch.bmm(w, feat.flatten(2)).view(B, self.out_channels, H, W)
+        return _float_bmm(w, feat.flatten(2)).view(B, self.out_channels, H, W)
 
     # With leak: the chosen head applied to both halves of the features in one bmm, so autograd
-    # sees no slicing of the feature tensor: (B, 2*Cin, H, W) -> image, leak (B, C, H, W).
+    # sees no slicing of the feature tensor: (B, 2*Cin, H, W) -> image, leak (B, C, H, W), fp32.
     def chosen_head_and_leak(self, feat, codes):
         B, Cf, H, W = feat.shape
         C, Cin = self.out_channels, self.head_channels
         w = self.weight.view(self.K, C, Cin)[codes]                          # (B, C, Cin)
         w2 = w[:, None].expand(B, 2, C, Cin).reshape(2 * B, C, Cin)
-        both = torch.bmm(w2, feat.reshape(2 * B, Cin, H * W)).view(B, 2, C, H, W)
+        both = _float_bmm(w2, feat.reshape(2 * B, Cin, H * W)).view(B, 2, C, H, W)
         return both[:, 0], both[:, 1]
 
     # All K heads: (B, Cin, H, W) -> (B, K, C, H, W), without the residual.
@@ -187,7 +212,8 @@ class DiscreteDistributionLayer(SplittableNodes):
             sq = gram @ wtw.t()                                              # (B, K) |h_k|^2
             fe = torch.bmm(e, f.transpose(1, 2)).reshape(B, C * Cin)         # (B, C*Cin)
             cross = fe @ self.weight.view(K, C * Cin).t()                    # (B, K) h_k.e
-            dist = (sq + 2 * cross + e.square().sum((1, 2))[:, None]) / (C * P)
+            # sq + 2 * cross in one operator (doubling is exact: the same bits as the two).
+            dist = (sq.add_(cross, alpha=2) + e.square().sum((1, 2))[:, None]) / (C * P)
         else:
             heads = torch.bmm(self.weight.expand(B, -1, -1), f)              # (B, K*C, P)
             heads.view(B, K, C, P).add_(e[:, None])
@@ -217,7 +243,9 @@ class DiscreteDistributionLayer(SplittableNodes):
             raise ValueError(f'DDL expects square feature maps, got {H}x{W}')
         device_type = feat.device.type
         with torch.autocast(device_type, enabled=False):
-            feat = feat.float()
+            # The features stay in their dtype (bf16 / fp16 under autocast) for the chosen head,
+            # which computes in fp32 without keeping an fp32 copy; selection reads an fp32 copy
+            # that lives only while the distances are computed.
             feat_head = feat[:, :self.head_channels]
             if self.learn_residual and prev is not None:
                 residual = upsample(prev.float(), H)
@@ -231,7 +259,8 @@ class DiscreteDistributionLayer(SplittableNodes):
             if codes is not None:
                 codes = codes.to(device=feat.device, dtype=torch.long)
             elif target is not None:
-                dist = self.distances(feat_head, residual, target)
+                with torch.no_grad():
+                    dist = self.distances(feat_head.float(), residual, target)
                 if self.training:
                     # The node set selects (nearest after its balancing bias, zero unless
                     # --balance=bias) and records the choice in its statistics. Reconstruction
@@ -245,7 +274,7 @@ class DiscreteDistributionLayer(SplittableNodes):
                     codes = dist.argmin(dim=1)
             elif scorer is not None:
                 with torch.no_grad():
-                    cand = self.all_heads(feat_head) + residual[:, None]
+                    cand = self.all_heads(feat_head.float()) + residual[:, None]
                     info = self.info(H)
                     dist = scorer(cand, info).float()
                     if dist.shape != (B, self.K):
@@ -259,7 +288,7 @@ class DiscreteDistributionLayer(SplittableNodes):
             # Output the chosen candidate through the chosen head only.
             leak = None
             if self.reference:
-                image = self.all_heads(feat_head)[torch.arange(B, device=feat.device), codes]
+                image = self.all_heads(feat_head.float())[torch.arange(B, device=feat.device), codes]
                 if self.leak:
                     leak = self.chosen_head(feat[:, self.head_channels:], codes)
             elif self.leak:

@@ -78,6 +78,55 @@ def positional_feature(channels, size):
 def _groups(channels):
     return max(1, min(32, channels // 4))
 
+# GroupNorm in the dtype of its input. Under autocast a bf16 / fp16 input is normalised in that
+# dtype (the kernels accumulate the statistics in fp32) and the output keeps it, with the affine
+# parameters cast to it, as the reference DDN's fp16 GroupNorm does. CUDA autocast would run
+# group_norm in fp32 instead (it is on its fp32 list): an fp32 copy of the input and an fp32 output
+# for the next SiLU, both kept for backward, 2x the activation memory of the block and a cast each
+# way (bench/step_cost.py counts them). Outside autocast, or on an fp32 input, this is nn.GroupNorm
+# exactly (fp32 training is bit-identical).
+#
+# `norm_silu(x)` is silu(norm(x)); in that low-precision case it keeps only x for backward and
+# recomputes the normalised value there (_GroupNormSiLU): autograd would otherwise also keep the
+# GroupNorm output for SiLU's backward, a third of a block's saved activations.
+class GroupNorm(nn.GroupNorm):
+    def _low_precision(self, x):
+        return x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type)
+
+    def forward(self, x):
+        if self._low_precision(x):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
+
+    def norm_silu(self, x):
+        # Compiled (--compile), inductor fuses the two and picks what to save itself; the Function
+        # would break the graph there.
+        if self._low_precision(x) and not torch.compiler.is_compiling():
+            with torch.autocast(x.device.type, enabled=False):
+                return _GroupNormSiLU.apply(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.num_groups, self.eps)
+        return F.silu(self(x))
+
+# silu(group_norm(x, weight, bias)) that saves x, weight and bias only; backward recomputes the
+# forward (the same kernels, so the same bits) and differentiates it. Gradients equal autograd's
+# through F.silu(F.group_norm(...)) bit for bit.
+class _GroupNormSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):
+        ctx.groups, ctx.eps = groups, eps
+        ctx.save_for_backward(x, weight, bias)
+        return F.silu(F.group_norm(x, groups, weight, bias, eps))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(need) for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True)]
+        with torch.enable_grad():
+            y = F.silu(F.group_norm(inputs[0], ctx.groups, inputs[1], inputs[2], ctx.eps))
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, grad) if wanted else ())
+        return tuple(next(grads) if t.requires_grad else None for t in inputs) + (None, None)
+
 # EDM's `weight_init(mode='xavier_uniform')` for a conv, times `gain`; zero bias.
 def _init_conv(conv, gain=1.0):
     fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
@@ -101,21 +150,21 @@ class Block(nn.Module):
         super().__init__()
         init = _init_conv if edm_init else (lambda conv, gain=1.0: conv)
         self.up = up
-        self.norm0 = nn.GroupNorm(_groups(in_channels), in_channels, eps=eps)
+        self.norm0 = GroupNorm(_groups(in_channels), in_channels, eps=eps)
         self.conv0 = init(nn.Conv2d(in_channels, out_channels, 3, padding=1))
-        self.norm1 = nn.GroupNorm(_groups(out_channels), out_channels, eps=eps)
+        self.norm1 = GroupNorm(_groups(out_channels), out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv1 = init(nn.Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)
         proj = in_channels != out_channels or (up and resample_proj)
         self.skip = init(nn.Conv2d(in_channels, out_channels, 1)) if proj else None
 
     def forward(self, x):
-        h = F.silu(self.norm0(x))
+        h = self.norm0.norm_silu(x)
         if self.up:
             h = F.interpolate(h, scale_factor=2, mode='nearest')
             x = F.interpolate(x, scale_factor=2, mode='nearest')
         h = self.conv0(h)
-        h = self.conv1(self.dropout(F.silu(self.norm1(h))))
+        h = self.conv1(self.dropout(self.norm1.norm_silu(h)))
         if self.skip is not None:
             x = self.skip(x)
         return (h + x) * math.sqrt(0.5)

@@ -280,6 +280,14 @@ class NodeStatistics(nn.Module):
         self.register_buffer('pending_dist', torch.zeros(K, dtype=torch.float64), persistent=False)
         # Shape (1,), not (): torch.compile (2.13, CPU) drops in-place updates of 0-d float64 buffers.
         self.register_buffer('pending_seen', torch.zeros([1], dtype=torch.float64), persistent=False)
+        # A constant 1, expanded (a view) to the batch as the source of the index_add_ counts.
+        self.register_buffer('one', torch.ones([1], dtype=torch.float64), persistent=False)
+
+    # Objects pickled before the `one` buffer existed get it when unpickled.
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if 'one' not in self._buffers:
+            self.register_buffer('one', torch.ones([1], dtype=torch.float64, device=self.count.device), persistent=False)
 
     # Training selection of a batch of distances (B, K), recorded in the statistics: the node
     # minimising `dist * exp(select_bias)`, i.e. the bias is added to log(dist). With a zero bias
@@ -302,8 +310,8 @@ class NodeStatistics(nn.Module):
         assert K == self.K
         if K >= 2 and self.track_near2:
             i2 = select.scatter(1, i1[:, None], math.inf).argmin(dim=1)
-            self.pending_near2.index_add_(0, i1 * K + i2, torch.ones_like(i1, dtype=torch.float64))
-        self.pending_count.index_add_(0, i1, torch.ones_like(i1, dtype=torch.float64))
+            self.pending_near2.index_add_(0, torch.add(i2, i1, alpha=K), self.one.expand(B))    # i1 * K + i2
+        self.pending_count.index_add_(0, i1, self.one.expand(B))
         self.pending_dist.add_(dist.sum(0, dtype=torch.float64))
         self.pending_seen.add_(B)
 

@@ -33,21 +33,66 @@ ADAM_IMPLEMENTATIONS = {'auto': {}, 'for-loop': dict(foreach=False), 'foreach': 
 
 # ----------------------------------------------------------------------------
 # The training forward (network + loss) as one module, so that DistributedDataParallel sees every
-# parameter it reduces and torch.compile can trace the whole of it. `loss_fn` gets the network
-# itself, not a wrapper: it may read the network's attributes (e.g. its condition).
+# parameter it reduces. `loss_fn` gets the network itself, not a wrapper: it may read the network's
+# attributes (e.g. its condition).
+#
+# `compile` compiles regions, not the whole forward (whose 63-layer graph took minutes to compile):
+# every residual Block is compiled with dynamic=False, so blocks of the same shape share one graph
+# (the reference net has 11 shapes, hence 11 graphs) and inductor fuses GroupNorm + SiLU, the
+# residual add and its sqrt(1/2) scale; the DDLs stay eager. The recompile limit is raised to
+# REGION_RECOMPILE_LIMIT (torch's default 8 would silently leave later shapes uncompiled). The
+# compiled call is installed on each block only while this forward runs (as nn.Module.compile()
+# does, but transiently), so the network pickles and generates exactly as an eager one.
+
+REGION_RECOMPILE_LIMIT = 64
+
+def _raise_recompile_limit(limit=REGION_RECOMPILE_LIMIT):
+    import torch._dynamo
+    for name in ('recompile_limit', 'cache_size_limit'):       # torch >= 2.6 / older name.
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+            return
+
+# The modules compiled as regions: every residual block of the generators.
+def compile_regions(net):
+    from training.networks import Block
+    return [m for m in net.modules() if isinstance(m, Block)]
 
 class _TrainingForward(torch.nn.Module):
-    def __init__(self, net, loss_fn):
+    def __init__(self, net, loss_fn, compile=False):
         super().__init__()
         self.net = net
         self.loss_fn = loss_fn
+        self._regions = []          # (module, compiled call) while not installed.
+        if compile:
+            _raise_recompile_limit()
+            backend = compile if isinstance(compile, str) else 'inductor'
+            self._regions = [(m, torch.compile(m._call_impl, backend=backend, dynamic=False)) for m in compile_regions(net)]
 
     def forward(self, images, labels):
-        return self.loss_fn(net=self.net, images=images, labels=labels)
+        for module, call in self._regions:
+            module._compiled_call_impl = call
+        try:
+            return self.loss_fn(net=self.net, images=images, labels=labels)
+        finally:
+            for module, _ in self._regions:
+                module._compiled_call_impl = None
 
 # ----------------------------------------------------------------------------
 # One optimisation step of a DDN: gradient accumulation, all-reduce, Adam, node balancing, EMA.
 # Shared by the training loop and bench/train_step.py, so the benchmark measures the real step.
+
+# torch.nan_to_num(g, out=g) for every tensor of `tensors`, in three operators per device and dtype
+# instead of one per tensor (577 for the reference net): the tensors are concatenated, cleaned and
+# copied back (torch has no foreach form of nan_to_num). The same values bit for bit.
+def nan_to_num_(tensors, nan=0.0, posinf=None, neginf=None):
+    groups = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        torch.nan_to_num(flat, nan=nan, posinf=posinf, neginf=neginf, out=flat)
+        torch._foreach_copy_(group, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in group]), group, strict=True)])
 
 class TrainingStep:
     def __init__(self,
@@ -58,12 +103,19 @@ class TrainingStep:
         batch_size,                     # Global batch of one step (all ranks, all rounds).
         precision       = 'fp32',       # 'fp32', 'bf16' or 'fp16' (fp16: autocast + GradScaler loss scaling).
         balance_kwargs  = {},           # method, bias_rate: options of split_prune.balance().
-        compile         = False,        # torch.compile the training forward (network + loss); a string
-                                        # names the backend (default inductor).
-        channels_last   = False,        # Convolution weights and feature maps in channels-last layout.
+        compile         = False,        # torch.compile the residual blocks (regions, see _TrainingForward);
+                                        # a string names the backend (default inductor).
+        channels_last   = False,        # Convolution weights and feature maps in channels-last layout
+                                        # (with compile only, see below).
         bucket_cap_mb   = 25,           # Size of DDP's gradient buckets (multi-process runs).
     ):
         self.dtype = autocast_dtype(precision)
+        if channels_last and not compile:
+            # Eager GroupNorm on CUDA makes every NHWC input NCHW-contiguous (a copy each way, 369
+            # per step for the reference net), which made channels-last training slower than NCHW.
+            raise ValueError('channels_last=True needs compile=True: eager GroupNorm copies channels-last '
+                             'feature maps to NCHW and back, which is slower than NCHW; the compiled blocks '
+                             'normalise them in place')
         self.device = next(net.parameters()).device
         self.net, self.ema, self.loss_fn, self.optimizer = net, ema, loss_fn, optimizer
         self.batch_size = batch_size
@@ -78,7 +130,7 @@ class TrainingStep:
             self.ema_params = list(ema.parameters())
             self.net_params = list(net.parameters())
         # Several processes: DDP reduces gradients bucket by bucket during the backward pass.
-        self.forward = _TrainingForward(net, loss_fn)
+        self.forward = _TrainingForward(net, loss_fn, compile=compile)
         self.ddp = None
         if distributed.get_world_size() > 1:
             DDP = torch.nn.parallel.DistributedDataParallel
@@ -90,8 +142,6 @@ class TrainingStep:
                            bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
             self.ddp.register_comm_hook(None, distributed.allreduce_sum_hook)   # Sum: the loss is scaled by the global batch.
             self.forward = self.ddp
-        if compile:
-            self.forward = torch.compile(self.forward, backend=compile if isinstance(compile, str) else 'inductor')
         self._synced = True     # Whether the last accumulate() reduced the gradients.
 
     # Forward and backward of one round; gradients add up in .grad. Returns the (B,) loss.
@@ -120,8 +170,7 @@ class TrainingStep:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         if not self.scaler.is_enabled():    # fp16 leaves inf/nan to the GradScaler, which skips the step.
-            for g in grads:
-                torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+            nan_to_num_(grads, nan=0, posinf=1e5, neginf=-1e5)
         for group in self.optimizer.param_groups:
             group['lr'] = lr
         self.scaler.step(self.optimizer)

@@ -1,0 +1,142 @@
+"""Training in bf16 / fp16 without fp32 copies kept for backward: GroupNorm in the input's dtype and the
+DDL's chosen head from the low-precision features (bit-identical to the fp32 copy it replaces), with
+CUDA autocast's policy for group_norm imitated on the CPU (bench/step_cost.py), so that what these
+tests check is what a GPU run keeps. fp32 paths stay exactly nn.GroupNorm / torch.bmm."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from training.ddl import DiscreteDistributionLayer, _float_bmm
+from training.networks import Block, DDNGenerator, GroupNorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
+try:
+    from step_cost import cuda_autocast_policy
+finally:
+    sys.path.pop(0)
+
+# dtype -> bytes of the tensors autograd saves for backward while `fn()` runs (unique storages,
+# parameters excluded).
+def _saved_bytes(fn, params=()):
+    exclude = {p.untyped_storage()._cdata for p in params}
+    seen = {}
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in exclude:
+            seen[st._cdata] = (st.nbytes(), t.dtype, t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    by_dtype = {}
+    for nbytes, dtype, _ in seen.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+    return out, by_dtype
+
+def test_group_norm_fp32_is_nn_group_norm():
+    torch.manual_seed(0)
+    ours, ref = GroupNorm(4, 16, eps=1e-6), nn.GroupNorm(4, 16, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 16, 5, 5, requires_grad=True)
+    a, b = ours(x), ref(x)
+    assert torch.equal(a, b)
+    ga = torch.autograd.grad(a.square().sum(), [x, ours.weight, ours.bias])
+    gb = torch.autograd.grad(b.square().sum(), [x, ref.weight, ref.bias])
+    for u, v in zip(ga, gb, strict=True):
+        assert torch.equal(u, v)
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_group_norm_keeps_the_input_dtype_under_autocast(dtype):
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 16, eps=1e-6)
+    x = torch.randn(2, 16, 8, 8).to(dtype).requires_grad_()
+    with cuda_autocast_policy(), torch.autocast('cpu', dtype=dtype):
+        y, saved = _saved_bytes(lambda: norm(x), norm.parameters())
+    assert y.dtype == dtype
+    assert torch.float32 not in saved, saved        # CUDA autocast would keep an fp32 copy of x.
+    # Statistics in fp32: the result is the fp32 GroupNorm rounded to the dtype (one rounding).
+    ref = nn.functional.group_norm(x.float(), 4, norm.weight, norm.bias, 1e-6)
+    torch.testing.assert_close(y.float(), ref, rtol=0, atol=2 * torch.finfo(dtype).eps * ref.abs().max().item())
+    y.float().square().sum().backward()
+    assert x.grad.dtype == dtype and norm.weight.grad.dtype == torch.float32
+
+def test_float_bmm_is_bmm_of_the_fp32_copy_bit_for_bit():
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 8, requires_grad=True)
+    f = torch.randn(6, 8, 20).bfloat16().requires_grad_()
+    out, saved = _saved_bytes(lambda: _float_bmm(w, f))
+    ref = torch.bmm(w, f.float())
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    assert saved.get(torch.float32, 0) == w.numel() * 4, saved      # w only: no fp32 copy of f.
+    g = torch.randn_like(out)
+    ga = torch.autograd.grad(out, [w, f], g)
+    gb = torch.autograd.grad(ref, [w, f], g)
+    assert ga[1].dtype == torch.bfloat16
+    for u, v in zip(ga, gb, strict=True):
+        assert torch.equal(u, v)
+
+# The DDL's training path under bf16 autocast keeps no fp32 tensor of the features' size, and gives
+# the same image, codes and gradients as the fp32 copy of the same bf16 features did.
+def test_ddl_keeps_no_fp32_copy_of_the_features():
+    torch.manual_seed(0)
+    B, Cf, H = 4, 32, 8
+    layer = DiscreteDistributionLayer(Cf, 3, 16, chain_dropout=0).train()
+    feat = torch.randn(B, Cf, H, H).bfloat16().requires_grad_()
+    target, prev = torch.randn(B, 3, H, H), torch.randn(B, 3, H // 2, H // 2)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, saved = _saved_bytes(lambda: layer(feat, prev, target=target), layer.parameters())
+    assert saved.get(torch.float32, 0) < feat.numel() * 4 // 2, saved
+    feat32 = feat.detach().float().requires_grad_()
+    ref = DiscreteDistributionLayer(Cf, 3, 16, chain_dropout=0).train()
+    ref.load_state_dict(layer.state_dict())
+    out32 = ref(feat32, prev, target=target)
+    assert torch.equal(out.codes, out32.codes) and torch.equal(out.image, out32.image)
+    (g_feat,) = torch.autograd.grad(out.loss.sum(), [feat])
+    (g_feat32,) = torch.autograd.grad(out32.loss.sum(), [feat32])
+    assert torch.equal(g_feat, g_feat32.bfloat16())
+
+# A whole block under bf16 autocast (CUDA's policy imitated): nothing saved in fp32 but the first
+# block's own fp32 input, which exists anyway.
+def test_block_saves_bf16_activations_only():
+    torch.manual_seed(0)
+    block = Block(16, 16)
+    x = torch.randn(2, 16, 8, 8).bfloat16().requires_grad_()
+    with cuda_autocast_policy(), torch.autocast('cpu', dtype=torch.bfloat16):
+        y, saved = _saved_bytes(lambda: block(x), block.parameters())
+    assert y.dtype == torch.bfloat16
+    assert saved.get(torch.float32, 0) == 0, saved
+
+# The same, for the generator's training forward: fp32 tensors saved are a small fraction.
+def test_generator_training_forward_saves_mostly_bf16():
+    torch.manual_seed(0)
+    net = DDNGenerator(img_resolution=8, img_channels=3, max_channels=32, max_blockn=2, max_outputk=8, chain_dropout=0).train()
+    images = torch.rand(4, 3, 8, 8) * 2 - 1
+    with cuda_autocast_policy(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out, saved = _saved_bytes(lambda: net(target=images), net.parameters())
+    assert saved.get(torch.float32, 0) < 0.25 * sum(saved.values()), saved
+    out.losses.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+# GroupNorm + SiLU under autocast keeps only its input for backward (the normalised value is
+# recomputed), with the same output and gradients as autograd through the two ops, bit for bit.
+def test_norm_silu_keeps_only_its_input_and_matches_autograd():
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 16, 8, 8).bfloat16().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y, saved = _saved_bytes(lambda: norm.norm_silu(x), norm.parameters())
+        ref = nn.functional.silu(norm(x))
+    assert torch.equal(y, ref)
+    assert sum(saved.values()) < x.numel() * x.element_size() + 1024, saved   # x (+ the weights cast to bf16).
+    g = torch.randn_like(y)
+    ga = torch.autograd.grad(y, [x, norm.weight, norm.bias], g)
+    gb = torch.autograd.grad(ref, [x, norm.weight, norm.bias], g)
+    for u, v in zip(ga, gb, strict=True):
+        assert torch.equal(u, v)
