@@ -26,8 +26,14 @@ from . import distributed
 # Statistics kept per name: count, sum, sum of squares.
 _NUM_MOMENTS = 3
 
-# Accumulators of everything reported so far: {name: {device: float64 tensor (3,)}}, never reset.
+# Accumulators of everything reported so far: {name: {device: float64 tensor (3,)}}; cleared by reset().
 _counters = {}
+
+# Forget everything reported so far: a new training run in this process starts from clean statistics
+# (a diverged run's NaN would otherwise stay in every later Collector's deltas). Collectors made
+# before a reset must not be used after it.
+def reset():
+    _counters.clear()
 
 # ----------------------------------------------------------------------------
 # Accumulate the elements of `value` under `name`, on the value's device; returns `value`.

@@ -54,6 +54,7 @@ def _check_finite(stats, net, cur_nimg, run_dir):
     if weights_ok and loss == loss and abs(loss) != float('inf'):
         return
     what = f'the loss is {loss}' if weights_ok else 'the weights hold NaN or infinity'
+    training_stats.reset()          # The NaN must not reach a later run of this process.
     raise TrainingDiverged(f'Training diverged at kimg {cur_nimg / 1e3:.3f}: {what}. Stopped without writing this tick\'s files; '
                            f'the last good snapshot and training state in {run_dir} are kept (try a lower --lr, then --resume)')
 
@@ -206,6 +207,7 @@ def training_loop(
 ):
     training_options = run_files.canonical_options(locals())     # The arguments of this call, for the snapshots.
     start_time = time.time()
+    training_stats.reset()          # This run's statistics only (another run may have reported in this process).
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     if 'lr' not in optimizer_kwargs:
         raise ValueError('optimizer_kwargs must give lr, the base learning rate of the schedule')
