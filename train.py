@@ -502,7 +502,9 @@ def open_run_dir(c):
 # Train; a bad image met during training ends the run as a --data error (and drops a run folder left empty).
 def run_training(c, nosubdir, logger):
     try:
-        training_loop.training_loop(**c)
+        result = training_loop.training_loop(**c)
+        if result is not None and result.stopped:     # A stop signal: the state is saved.
+            distributed.print0(f'To continue, run the same command with --resume={c.run_dir}')
     except dataset_module.DatasetError as err:     # Name the image, no traceback.
         message = str(err).strip().splitlines()[-1]
         if logger is not None:
@@ -512,7 +514,7 @@ def run_training(c, nosubdir, logger):
                 shutil.rmtree(c.run_dir, ignore_errors=True)    # Nothing worth keeping was written.
         raise click.ClickException(f'--data: {message.removeprefix("training.dataset.DatasetError: ")}') from None
     except training_loop.TrainingDiverged as err:
-        raise click.ClickException(str(err)) from None
+        raise click.ClickException(f'{err}\nResume from the last good state with --resume={c.run_dir} (and a lower --lr).') from None
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
             raise

@@ -38,7 +38,7 @@ def select_indices(total, num, seed, what):
     if num is None:
         return np.arange(total)
     if num > total:
-        raise ValueError(f'Asked for {num} images but {what} has only {total}; pass a --num of at most {total}')
+        raise ValueError(f'Asked for {num} images but {what} has only {total}; ask for at most {total}')
     return np.sort(np.random.RandomState(seed).choice(total, size=num, replace=False))
 
 # The images of a folder or zip. A generate.py --outdir (it holds generation_options.json) gives its

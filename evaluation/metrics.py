@@ -168,11 +168,11 @@ def check_ref(ref_path, metrics):
     if not {'fid', 'pr', 'kid', 'sfid'} & set(metrics):
         return None, None
     if ref_path is None:
-        raise ValueError('FID, KID, sFID and precision/recall need reference statistics (--ref)')
+        raise ValueError('FID, KID, sFID and precision/recall need reference statistics (ref)')
     ref, name = (ref_path, 'the given reference') if isinstance(ref_path, dict) else (load_ref(ref_path), ref_path)
     for metric in ('pr', 'kid'):
         if metric in metrics and 'features' not in ref:
-            raise ValueError(f'{name} holds no features for {metric}; recreate it with "python fid.py ref --features N" (N > 0)')
+            raise ValueError(f'{name} holds no features for {metric}; recreate it keeping N > 0 features')
     return ref, name
 
 # The requested metrics of accumulated statistics (computed here, on the calling rank).
@@ -232,7 +232,7 @@ def calc_metrics(images, ref_path=None, metrics=('fid',), detector=None, device=
     dataset = scan_folder(images) if named else images
     chosen = select_indices(len(dataset), num, seed, f'"{images}"' if named else 'the dataset')
     if len(chosen) < 2 * splits:
-        raise ValueError(f'--splits {splits} needs at least {2 * splits} images, got {len(chosen)}')
+        raise ValueError(f'splits={splits} needs at least {2 * splits} images, got {len(chosen)}')
     parts = []
     for i, part in enumerate(np.array_split(chosen, splits)):
         dist.print0(f'Split {i + 1}/{splits}: {len(part)} images')

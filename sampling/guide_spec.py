@@ -86,7 +86,7 @@ def load_module(path, device='cpu', trust_pickle=False):
                                  '(save one with torch.jit.script(module).save(path))')
         if not trust_pickle:
             raise UnsafeFileError(f'{path} is a TorchScript archive: loading and calling it runs the code it carries '
-                                  '(it may read or write any file). Pass --trust-code if you trust it')
+                                  '(it may read or write any file); load it with trust_pickle=True only if you trust it')
         try:
             return torch.jit.load(path, map_location=device).eval()
         except RuntimeError as e:

@@ -541,7 +541,7 @@ def prior_from_bytes(data, source='<prior>'):
     from safetensors.torch import load
     metadata = safetensors_metadata(data)
     if metadata is None:
-        raise ValueError(f'{source} is not a safetensors file (expected a prior written by train_prior.py or train.py --prior)')
+        raise ValueError(f'{source} is not a safetensors file (expected a prior written by train_prior.py or by train.py)')
     try:
         meta = json.loads(metadata['ddn'])
     except (KeyError, TypeError, ValueError):

@@ -45,7 +45,7 @@ def load_training_state(path, network_kwargs, dataset_info):
     state = snapshot_io.load_state(path)    # torch.load(weights_only=True): a state runs no code.
     if not isinstance(state, dict) or 'net' not in state or 'config' not in state:
         raise ValueError(f'{path} is not a ddn training state (training-state-*.pt); '
-                         'to start from a network snapshot (.pkl) use --transfer')
+                         'a network snapshot (.pkl) starts a run as its transfer network instead (transfer_pkl)')
     saved = _canonical(state['config'])
     current = _canonical(dict(network_kwargs=network_kwargs, dataset=dataset_info))
     diffs = []
@@ -79,7 +79,7 @@ def transfer_weights(src, net):
     try:
         misc.copy_params_and_buffers(src, net, require_all=True)
     except (KeyError, ValueError) as err:
-        raise ValueError(f'--transfer: the snapshot network does not match this network: {err}') from None
+        raise ValueError(f'the transfer network does not match this network: {err}') from None
     for ns in find_node_sets(net):
         ns.node_stats.reset()
 
@@ -94,7 +94,7 @@ def check_world_size(state, path, world_size):
     elif int(saved) != world_size:
         raise ValueError(f'Training state {path} was written by {saved} process(es), this run has {world_size}: '
                          'each process draws its own random numbers, so the resumed run would not repeat the interrupted one; '
-                         f'resume it with {saved} process(es) (torchrun --nproc_per_node={saved}, or plain python for 1)')
+                         f'resume it with {saved} process(es)')
 
 # The training state to resume from (None: a new run), checked against this configuration, batch
 # size and number of processes.

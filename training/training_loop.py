@@ -56,7 +56,7 @@ def _check_finite(stats, net, cur_nimg, run_dir):
     what = f'the loss is {loss}' if weights_ok else 'the weights hold NaN or infinity'
     training_stats.reset()          # The NaN must not reach a later run of this process.
     raise TrainingDiverged(f'Training diverged at kimg {cur_nimg / 1e3:.3f}: {what}. Stopped without writing this tick\'s files; '
-                           f'the last good snapshot and training state in {run_dir} are kept (try a lower --lr, then --resume)')
+                           f'the last good snapshot and training state in {run_dir} are kept (try a lower learning rate, then resume)')
 
 # ----------------------------------------------------------------------------
 # Setup, in the order training_loop runs it: device, batch split, dataset, network, optimizer,
@@ -279,8 +279,7 @@ def training_loop(
             path = save_state(tag, next_tick=progress.cur_tick, tick_start_nimg=progress.tick_start_nimg) if rank == 0 else None
             distributed.print0(f'Stopped by {signal.Signals(stop.signum).name} at kimg {progress.cur_nimg / 1e3:.3f}: '
                                f'training state saved to {path}')
-            distributed.print0(f'To continue, run the same command with --resume={run_dir}')
-            return
+            return dnnlib.EasyDict(stopped=True, run_dir=run_dir)
 
         # Maintenance once per tick (the first tick is a single step, for quick feedback).
         if not done and progress.cur_tick != 0 and progress.cur_nimg < progress.tick_start_nimg + kimg_per_tick * 1000:
