@@ -2,8 +2,9 @@
 
 The network encodes the dataset's images (L2-guided selection, `net.encode`): each image's latent
 (k_1..k_L). The last `--held-out` share of the images is held out; the prior trains on the rest with
-cross-entropy (a small causal transformer by default, early-stopped on the held-out bits; `--kind
-frequency` is the per-layer node-frequency baseline). It prints the held-out bits per image of uniform
+cross-entropy (a small causal transformer by default, starting from the frequencies and early-stopped
+on the last 10% of the training codes; `--kind frequency` is the per-layer node-frequency baseline,
+fitted to all training codes). It prints the held-out bits per image of uniform
 codes (sum log2 K), of the frequency baseline and of the prior, and the share of code sequences
 sampled from seeds 0..N-1 that equal a training image's codes (a prior that replays its training set is
 not a generator). The last line is `prior_bits=...`.
@@ -85,11 +86,11 @@ def main(network, data, out, kind, max_images, held_out, steps, batch, lr, wd, d
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     train, held = codes[train_idx], codes[held_idx]
-    held_arg = held if len(held_idx) else None
+    fit, val = prior_lib.split_validation(train)     # Early stopping on `val`; the figures on `held`, never seen.
     prior_kwargs = dict(dim=dim, depth=depth, heads=heads, dropout=dropout) if kind == 'transformer' else {}
     log = lambda row: click.echo('  ' + '  '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
     try:
-        prior, history = prior_lib.fit_prior(kind, net.ks, train, held_arg, steps=steps, batch=batch, lr=lr, weight_decay=wd,
+        prior, history = prior_lib.fit_prior(kind, net.ks, fit, val, steps=steps, batch=batch, lr=lr, weight_decay=wd,
                                              eval_every=eval_every, seed=seed, device=device, log=log, **prior_kwargs)
     except ValueError as e:
         raise click.UsageError(str(e)) from e

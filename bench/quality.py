@@ -10,7 +10,8 @@ see the same machine. Then, for each:
 - **recon MSE**: the mean squared error of the reconstruction (L2-guided encoding) of the held-out
   digits, in [0, 1] pixels.
 Then rows of the same network of ours (`--prior-steps`, 0 = none): its held-out reconstructions scored
-as samples (the FD a perfect prior over its codes could approach), and its samples from the same
+as samples (paired with the reference images themselves, so a floor that samples cannot reach: the
+issue's yardstick), and its samples from the same
 per-seed uniforms through priors over its codes (training/prior.py), fitted to the codes of the
 training split: uniform codes (the plain samples again, through the prior's code path), the per-layer
 node-frequency prior, and the causal transformer prior (early-stopped on the last 10% of the training

@@ -214,3 +214,12 @@ def test_transformer_starts_as_the_frequency_prior():
     assert history[0]['step'] == 0
     assert history[0]['held_out_bits'] == pytest.approx(prior_lib.bits_per_image(prior_lib.fit_frequency_prior(codes[:200], KS), codes[200:]))
     assert prior_lib.bits_per_image(p, codes[200:]) <= history[0]['held_out_bits'] + 1e-9
+
+def test_split_validation():
+    codes = _random_codes(25)
+    fit, val = prior_lib.split_validation(codes)
+    assert torch.equal(torch.cat([fit, val]), codes) and val.shape[0] == 2        # round(2.5) = 2.
+    fit, val = prior_lib.split_validation(codes[:1])
+    assert val is None and fit.shape[0] == 1
+    assert prior_lib.split_indices(10, 0.1) == (list(range(9)), [9])
+    assert prior_lib.split_indices(10, 0) == (list(range(10)), [])

@@ -62,7 +62,7 @@ def _run(args):
     return result.output
 
 def test_train_with_prior(tmp_path):
-    common = ['--duration=0.001', *TINY, '--nosubdir']
+    common = ['--duration=0.0005', *TINY, '--tick=0.25', '--nosubdir']
     out = _run([f'--outdir={tmp_path / "prior"}', *common, '--prior=transformer', '--prior-images=100', '--prior-steps=20'])
     run = tmp_path / 'prior'
     assert 'held-out bits/image' in out

@@ -461,6 +461,15 @@ def split_indices(n, held_out=0.1):
         raise ValueError(f'{n} images leave nothing to train the prior on after holding out {num_held}')
     return list(range(n - num_held)), list(range(n - num_held, n))
 
+# Codes (N, L) -> (fit, validation): the last max(1, round(N * fraction)) rows validate (early stopping),
+# so that the held-out codes a prior is reported on are never used to choose its state. (codes, None)
+# when there are too few rows to split.
+def split_validation(codes, fraction=0.1):
+    num_val = max(1, round(codes.shape[0] * fraction))
+    if codes.shape[0] - num_val < 1:
+        return codes, None
+    return codes[:-num_val], codes[-num_val:]
+
 # Per-seed uniforms (B, L) float64, exactly those of `net.seed_uniforms(seeds)` for a network of L layers.
 def seed_uniforms(seeds, num_layers):
     rows = [torch.rand(num_layers, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]

@@ -3,8 +3,8 @@
 Codes move as the network trains, so the prior is refreshed before each snapshot on the codes of the
 snapshot's own (EMA) network: `PriorRefresh.refresh(snapshot)` encodes a fixed subset of the training
 images (the first `num_images`; its last `held_out` share is held out), trains the prior `steps`
-more steps with cross-entropy (warm start from the previous refresh, early-stopped on the held-out
-codes), and returns the figures that go to stats.jsonl and the log: held-out bits per image of the
+more steps with cross-entropy (the first refresh starts from the per-layer frequencies, later ones
+from the previous refresh; early-stopped on the last 10% of the subset's training part), and returns the figures that go to stats.jsonl and the log: held-out bits per image of the
 prior, of the per-layer frequency baseline and of uniform codes, the share of sampled code sequences
 equal to a training code, and the seconds it took. `save(path)` writes it beside the snapshot
 (`network-snapshot-<tag>.prior.safetensors`, training/prior.py), where generate.py `--prior=auto`
@@ -47,6 +47,7 @@ class PriorRefresh:
         self.train_idx, self.held_idx = prior_lib.split_indices(num, held_out)
         self.steps, self.batch, self.lr, self.weight_decay, self.seed = steps, batch, lr, weight_decay, seed
         self.replay_samples = replay_samples
+        self.started = False        # Trained (or loaded) at least once.
         with torch.random.fork_rng(devices=[]):    # The training's own random numbers stay untouched.
             torch.manual_seed(seed)
             self.prior = prior_lib.PRIOR_KINDS[kind](self.ks, **prior_kwargs).to(self.device).eval()
@@ -61,6 +62,7 @@ class PriorRefresh:
         loaded = prior_lib.load_prior(path)
         if type(loaded) is type(self.prior) and loaded.ks == self.ks and dict(loaded.init_kwargs) == dict(self.prior.init_kwargs):
             self.prior.load_state_dict(loaded.state_dict())
+            self.started = True
             return path
         return None
 
@@ -76,9 +78,12 @@ class PriorRefresh:
         if self.kind == 'frequency':
             self.prior = prior_lib.fit_frequency_prior(train, self.ks).to(self.device)
         else:
-            prior_lib.train_prior(self.prior, train, self.steps, batch=self.batch, lr=self.lr, weight_decay=self.weight_decay,
-                                  held_out=held if len(held) else None, eval_every=max(1, min(25, self.steps // 4)),
-                                  seed=self.seed * 1_000_003 + cur_nimg)
+            fit, val = prior_lib.split_validation(train)     # Early stopping on `val`; figures on `held`.
+            if not self.started:                            # The first refresh starts from the frequencies.
+                self.prior.init_from_frequencies(fit)
+                self.started = True
+            prior_lib.train_prior(self.prior, fit, self.steps, batch=self.batch, lr=self.lr, weight_decay=self.weight_decay,
+                                  held_out=val, eval_every=max(1, min(25, self.steps // 4)), seed=self.seed * 1_000_003 + cur_nimg)
         self.prior.eval()
         report = prior_lib.prior_report(self.prior, train, held, prior_lib.seed_uniforms(range(self.replay_samples), len(self.ks)))
         report['sec'] = time.time() - start
