@@ -294,6 +294,9 @@ class _Plan:
         self.fold_dst = [t for st in stats for t in (st.count, st.near2, st.dist_acc, st.seen)]
         self.fold_src = [t for st in stats for t in (st.pending_count, st.pending_near2.view(st.near2.shape),
                                                       st.pending_dist, st.pending_seen.view([]))]
+        # forget(): the targets of this step and K, per node set (see `_fold`).
+        self.step_seen = [st.pending_seen for st in stats]
+        self.node_ks = torch.tensor([float(st.K) for st in stats], dtype=torch.float64, device=self.device)
         by_key: dict[tuple, list[int]] = {}
         for idx, ns in enumerate(node_sets):
             by_key.setdefault((ns.K, ns.node_stats.track_near2), []).append(idx)
@@ -372,7 +375,22 @@ def _reduced_plan(model, optimizer, mirrors):
     return plan
 
 # Add the reduced pending observations to the statistics and clear them, all node sets at once.
-def _fold(plan):
+# With a `halflife` (targets per node), the statistics first forget: count, near2, dist_acc and seen
+# of a node set are multiplied by 0.5 ** (n / (halflife * K)), n its targets of this step, so they
+# describe the recent selections and `count.sum() == seen` still holds. Without, they sum the whole
+# run (the paper's and the reference code's): a node that stops being chosen keeps the count it
+# earned earlier and is pruned only once the run has seen as many targets again, which in a short
+# run is never (the first layer of the README's digits recipe: 30 of 64 nodes chosen on data, every
+# count above 0.6/K).
+def _check_halflife(halflife):
+    if halflife is not None and not halflife > 0:
+        raise ValueError(f'Node statistics half-life must be > 0 targets per node (or None), got {halflife!r}')
+
+def _fold(plan, halflife=None):
+    if halflife is not None:
+        n = torch.cat(plan.step_seen)                                        # (S,) targets of this step.
+        keep = torch.pow(0.5, n / (halflife * plan.node_ks))
+        torch._foreach_mul_(plan.fold_dst, [g for g in keep.unbind(0) for _ in range(4)])
     torch._foreach_add_(plan.fold_dst, plan.fold_src)
     torch._foreach_zero_(plan.pending)
 
@@ -395,13 +413,16 @@ def split_and_prune(
     optimizer:  torch.optim.Optimizer = None,   # Optimizer whose state rows follow the weights.
     mirrors:    Iterable[nn.Module] = (),       # Modules with the same structure (EMA copies).
     rule:       str = 'tv',                     # 'tv' (total variation test) or 'paper' (thresholds).
+    halflife:   float = None,                   # Statistics forget with this half-life, in targets per
+                                                # node (see `_fold`); None = never (the paper's).
 ) -> torch.Tensor:
     if rule not in ('tv', 'paper'):
         raise ValueError(f'Unknown Split-and-Prune rule {rule!r}; expected "tv" or "paper"')
+    _check_halflife(halflife)
     plan = _reduced_plan(model, optimizer, mirrors)
     if plan is None:
         return torch.zeros([], dtype=torch.int64)
-    _fold(plan)
+    _fold(plan, halflife)
     total_splits = torch.zeros([], dtype=torch.int64, device=plan.device)
     for grp in plan.groups:
         # 2. Decide and redistribute, all node sets of equal K together.
@@ -452,17 +473,19 @@ def balance(
     *,
     mirrors:    Iterable[nn.Module] = (),       # Modules with the same structure (EMA copies).
     bias_rate:  float = 1e-2,                   # method 'bias': step of the log-distance bias per call.
+    halflife:   float = None,                   # Half-life of the statistics in targets per node; None = never forget.
 ) -> torch.Tensor:
     if method not in BALANCE_METHODS:
         raise ValueError(f'Unknown balancing method {method!r}; expected one of {", ".join(BALANCE_METHODS)}')
     if method in ('tv', 'paper'):
-        return split_and_prune(model, optimizer, mirrors=mirrors, rule=method)
+        return split_and_prune(model, optimizer, mirrors=mirrors, rule=method, halflife=halflife)
+    _check_halflife(halflife)
     plan = _reduced_plan(model, optimizer, mirrors)
     if plan is None:
         return torch.zeros([], dtype=torch.int64)
     if method == 'bias':
         _update_biases(plan, bias_rate)
-    _fold(plan)
+    _fold(plan, halflife)
     return torch.zeros([], dtype=torch.int64, device=plan.device)
 
 # ----------------------------------------------------------------------------

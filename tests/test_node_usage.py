@@ -1,0 +1,102 @@
+"""Tests of node usage on data (training/code_usage.py) and of what keeps it near uniform: statistics
+that forget (`balance(..., halflife=)`), so that Split-and-Prune sees a node that stopped being chosen,
+and the EMA network's rows following every split."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from training.code_usage import code_usage, usage_line
+from training.ddl import DiscreteDistributionLayer
+from training.loss import DDNLoss
+from training.networks import DDNGenerator
+from training.split_prune import balance, split_and_prune
+from training.training_loop import TrainingStep
+
+# ----------------------------------------------------------------------------
+# code_usage on hand-built codes.
+
+def test_code_usage_counts_nodes_and_entropy():
+    codes = torch.tensor([[0, 1], [0, 2], [0, 3], [0, 0]])
+    u = code_usage(codes, [4, 4])
+    assert u['used'] == [1, 4] and u['ks'] == [4, 4]
+    assert u['entropy'][0] == 0 and u['entropy'][1] == pytest.approx(2.0)
+    assert usage_line(u) == 'used 1/4@0 H 0.50'
+    with pytest.raises(ValueError, match='shape'):
+        code_usage(codes, [4, 4, 4])
+
+# ----------------------------------------------------------------------------
+# Forgetting statistics.
+
+# A layer whose 8 nodes all won 100 targets earlier in the run, then `steps` steps in which node 3
+# wins nothing and every other node 2 targets; returns (splits, the layer).
+def _node_stops_winning(halflife, steps=20, K=8):
+    torch.manual_seed(0)
+    layer = DiscreteDistributionLayer(8, 1, K, chain_dropout=0.0)
+    st = layer.node_stats
+    st.count.fill_(100)
+    st.seen.fill_(100 * K)
+    splits = []
+    for _ in range(steps):
+        st.pending_count.fill_(2)
+        st.pending_count[3] = 0
+        st.pending_seen.fill_(2 * (K - 1))
+        splits.append(int(split_and_prune(layer, None, halflife=halflife)))
+    return splits, layer
+
+def test_forgetting_prunes_a_node_that_stopped_winning():
+    # The whole run's sums: node 3 keeps its share of the early targets (above 1/2K), never pruned.
+    splits, layer = _node_stops_winning(halflife=None)
+    assert sum(splits) == 0 and layer.node_stats.count[3] == 100
+    # Half-life 4 targets per node (32 targets, 2.3 steps of 14): node 3's share falls below 1/2K
+    # once the old counts have shrunk to 6% (10 steps) and it is pruned then.
+    splits, layer = _node_stops_winning(halflife=4)
+    assert splits.index(1) == 9, splits
+    st = layer.node_stats
+    # Mass is conserved under forgetting: the counts sum to the (forgotten) number of targets.
+    assert st.seen < 100 * 8 + 20 * 14
+    assert st.count.sum().item() == pytest.approx(st.seen.item(), rel=1e-9)
+
+def test_forgetting_rate_and_bad_halflife():
+    layer = DiscreteDistributionLayer(8, 1, 4, chain_dropout=0.0)
+    st = layer.node_stats
+    st.count.fill_(10)
+    st.seen.fill_(40)
+    st.pending_count.fill_(1)
+    st.pending_seen.fill_(4)
+    balance(layer, None, 'none', halflife=2)     # 4 targets, half-life 2 * K = 8: keep 2 ** -0.5.
+    keep = 2 ** -0.5
+    torch.testing.assert_close(st.count, torch.full((4,), 10 * keep + 1, dtype=torch.float64))
+    assert st.seen.item() == pytest.approx(40 * keep + 4)
+    for bad in (0, -1.0, math.nan):
+        with pytest.raises(ValueError, match='half-life'):
+            balance(layer, None, 'tv', halflife=bad)
+
+# ----------------------------------------------------------------------------
+# The EMA network follows the splits of the training step: right after a step that splits node s
+# onto node d, the EMA's rows of d equal its rows of s (copied, then averaged with equal rows).
+
+def test_training_step_split_reaches_the_ema():
+    torch.manual_seed(0)
+    net = DDNGenerator(8, 1, max_outputk=8, max_blockn=1, max_channels=16, chain_dropout=0.0).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    with torch.no_grad():                        # An EMA that lags: different weights everywhere.
+        for p in ema.parameters():
+            p.mul_(0.5)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    step = TrainingStep(net, ema, DDNLoss(report_layers=False), opt, 8, balance_kwargs=dict(method='tv'))
+    ddl, ema_ddl = net.ddls[0], ema.ddls[0]
+    st = ddl.node_stats
+    st.count.copy_(torch.tensor([40, 3, 5, 4, 0.5, 6, 2, 4], dtype=torch.float64))
+    st.seen.fill_(st.count.sum())
+    step.accumulate(torch.rand(8, 1, 8, 8) * 2 - 1)
+    step.update(1e-3, 0.9)
+    assert int(st.num_splits) == 1
+    C = ddl.out_channels
+    rows = lambda k: slice(k * C, (k + 1) * C)
+    s = 0                                        # The most chosen node; its clone d has its weights.
+    (d,) = [k for k in range(1, 8) if torch.equal(ddl.weight[rows(k)], ddl.weight[rows(s)])]
+    assert torch.equal(ema_ddl.weight[rows(d)], ema_ddl.weight[rows(s)])
+    assert not torch.equal(ema_ddl.weight[rows(d)], ddl.weight[rows(d)])   # It is still the EMA's own.
