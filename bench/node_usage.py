@@ -122,7 +122,8 @@ def print_figures(name, f):
 @click.option('--chain-dropout', help='Chain dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0, show_default=True)
 @click.option('--balance',       help='Node balancing', type=click.Choice(['tv', 'paper', 'bias', 'none']), default='tv', show_default=True)
 @click.option('--balance-halflife', help='Half-life of the node statistics, targets per node', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-def main(kimg, seed, samples, json_path, **recipe):
+@click.option('--save', 'save_path', help='Also save the trained networks (state dicts) to this file', metavar='PATH', type=str)
+def main(kimg, seed, samples, json_path, save_path, **recipe):
     """Node usage on data, sample FD and held-out reconstruction FD of a DDN trained on the built-in digits."""
     torch.set_num_threads(1)
     train01_u8, labels, held_u8, _ = quality.load_split(16)
@@ -134,6 +135,8 @@ def main(kimg, seed, samples, json_path, **recipe):
     print(f'Trained {kimg:g} kimg in {time.process_time() - t0:.0f} CPU s; seed {seed}; recipe ' +
           ' '.join(f'--{k.replace("_", "-")}={v}' for k, v in recipe.items()))
     result = dict(seed=seed, kimg=kimg, recipe=recipe)
+    if save_path:           # The trained networks' state dicts, to look at them again without training.
+        checkpoint.save_atomic(dict(net=net.state_dict(), ema=None if ema is None else ema.state_dict()), save_path, mode='torch')
     for name, model in [('ema', ema), ('net', net)]:
         if model is not None:
             result[name] = measure(model, clf, real, train01, held01, samples, seed)
