@@ -28,7 +28,9 @@ from training.conditions import parse_condition
 from torch_utils import checkpoint, distributed
 from training import dataset as dataset_module
 from evaluation import metrics as metric_lib
-from training import training_loop
+from training import run_files, training_loop
+from training import snapshot as snapshot_io
+from training.training_step import ADAM_IMPLEMENTATIONS
 from training.split_prune import BALANCE_METHODS
 
 # ----------------------------------------------------------------------------
@@ -92,20 +94,19 @@ def make_run_dir(outdir, desc):
 # True if `path` already holds the files of a training run.
 def holds_run(path):
     return os.path.isfile(os.path.join(path, 'training_options.json')) or \
-        checkpoint.latest(path, training_loop.STATE_PATTERN) is not None or \
-        checkpoint.latest(path, training_loop.SNAPSHOT_PATTERN) is not None
+        holds_saved_work(path)
 
 # True if a run folder holds a snapshot or a training state.
 def holds_saved_work(path):
-    return checkpoint.latest(path, training_loop.STATE_PATTERN) is not None or \
-        checkpoint.latest(path, training_loop.SNAPSHOT_PATTERN) is not None
+    patterns = (snapshot_io.STATE_PATTERN, snapshot_io.SNAPSHOT_PATTERN, snapshot_io.SAFE_SNAPSHOT_PATTERN)
+    return checkpoint.latest(path, patterns) is not None
 
 # --resume FILE or RUNDIR -> the training state file (a folder gives its newest state).
 def resolve_resume(path):
     if os.path.isdir(path):
-        latest = checkpoint.latest(path, training_loop.STATE_PATTERN)
+        latest = checkpoint.latest(path, snapshot_io.STATE_PATTERN)
         if latest is None:
-            raise click.ClickException(f'--resume: no {training_loop.STATE_PATTERN} in folder {path}')
+            raise click.ClickException(f'--resume: no {snapshot_io.STATE_PATTERN} in folder {path}')
         return latest
     if not os.path.isfile(path):
         raise click.ClickException(f'--resume: no such file or folder: {path}')
@@ -241,7 +242,7 @@ def dataset_config(opts, condition):
         except ValueError as err:
             raise click.ClickException(f'--cond/--condition=class needs labels: {err}') from None
     dataset_kwargs.resolution = dataset_obj.resolution         # Be explicit about what the run used.
-    return dataset_kwargs, training_loop.dataset_meta(dataset_obj), dataset_obj.name
+    return dataset_kwargs, run_files.dataset_meta(dataset_obj), dataset_obj.name
 
 # Network config of --arch, validated on the meta device (nothing allocated).
 def network_config(opts, condition, dataset_info):
@@ -274,7 +275,7 @@ def optimizer_config(opts):
     c = dnnlib.EasyDict()
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.DDNLoss')
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
-    c.optimizer_kwargs.update(training_loop.ADAM_IMPLEMENTATIONS[opts.adam])
+    c.optimizer_kwargs.update(ADAM_IMPLEMENTATIONS[opts.adam])
     c.balance_kwargs = dnnlib.EasyDict(method=opts.balance)
     if opts.balance == 'bias':
         c.balance_kwargs.bias_rate = opts.bias_rate
@@ -327,7 +328,7 @@ def transfer_resume_config(opts, network_kwargs, dataset_info):
     resumed_seed = None
     if opts.transfer is not None:
         try:
-            training_loop.load_transfer_network(opts.transfer, opts.trust_pickle)
+            run_files.load_transfer_network(opts.transfer, opts.trust_pickle)
         except (OSError, ValueError, RuntimeError) as err:
             raise click.ClickException(f'--transfer: {err}') from None
         c.transfer_pkl = opts.transfer
@@ -336,7 +337,7 @@ def transfer_resume_config(opts, network_kwargs, dataset_info):
     if opts.resume is not None:
         c.resume_state = resolve_resume(opts.resume)
         try:
-            state = training_loop.load_training_state(c.resume_state, network_kwargs, dataset_info)
+            state = run_files.load_training_state(c.resume_state, network_kwargs, dataset_info)
         except (OSError, ValueError, RuntimeError) as err:
             raise click.ClickException(f'--resume: {err}') from None
         resumed_seed = int(state.get('seed', 0))

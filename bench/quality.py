@@ -73,7 +73,7 @@ from evaluation import metrics
 from training.dataset import DigitsDataset
 from training.loss import DDNLoss
 from training.networks import DDNGenerator
-from training.training_loop import TrainingStep, ema_beta, learning_rate
+from training.training_step import TrainingStep, ema_beta, learning_rate
 
 # Where the README's recipes for the two sizes differ (the search in the README).
 RECIPE = {

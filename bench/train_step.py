@@ -34,7 +34,7 @@ import cli
 from torch_utils import distributed as dist
 from training.loss import DDNLoss
 from training.networks import DDNGenerator
-from training.training_loop import ADAM_IMPLEMENTATIONS, TrainingStep
+from training.training_step import ADAM_IMPLEMENTATIONS, TrainingStep
 
 # The reference CIFAR-10 network of DDN.md §4.
 REFERENCE_NET = dict(img_resolution=32, img_channels=3, max_blockn=32, max_outputk=64)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import training_loop as tl
+from training import training_step
 from training.ddl import DiscreteDistributionLayer
 from training.loss import DDNLoss
 from training.networks import DDNGenerator
@@ -38,7 +38,7 @@ def _step(precision='fp32', compile=False, seed=0, ema=False):
     net = DDNGenerator(**SMALL_NET).cuda().train()
     ema_net = copy.deepcopy(net).eval().requires_grad_(False) if ema else net
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    return net, ema_net, opt, tl.TrainingStep(net, ema_net, DDNLoss(), opt, batch_size=32, precision=precision, compile=compile)
+    return net, ema_net, opt, training_step.TrainingStep(net, ema_net, DDNLoss(), opt, batch_size=32, precision=precision, compile=compile)
 
 # ----------------------------------------------------------------------------
 # A training step in each precision: finite losses that fall over a few steps on a fixed batch;

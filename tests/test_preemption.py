@@ -17,6 +17,7 @@ import torch
 import dnnlib
 import train
 from torch_utils import checkpoint
+from training import snapshot as snapshot_io
 from training import training_loop as tl
 
 TINY_NET = dict(img_resolution=8, img_channels=1, max_blockn=1, max_outputk=8, max_channels=8)
@@ -54,15 +55,15 @@ def test_short_ticks_and_resume_repeat_the_schedule(tmp_path):
     assert len(states) == 3                                 # Ticks 1..3, none overwritten.
     assert _files(tmp_path / 'full', 'network-snapshot-') == sorted(
         f'network-snapshot-{tag}.{ext}' for tag in ('000000', '000000.220', '000000.300') for ext in ('pkl', 'safetensors'))
-    assert checkpoint.latest(str(tmp_path / 'full'), tl.STATE_PATTERN).endswith('training-state-000000.300.pt')
+    assert checkpoint.latest(str(tmp_path / 'full'), snapshot_io.STATE_PATTERN).endswith('training-state-000000.300.pt')
 
     half = os.path.join(tmp_path / 'full', 'training-state-000000.120.pt')
     tl.training_loop(**_loop_kwargs(tmp_path / 'resumed', total_kimg=0.3, resume_state=half))
     assert _ticks(tmp_path / 'resumed') == full[2:]
     assert _files(tmp_path / 'resumed', 'network-snapshot-') == sorted(
         f'network-snapshot-000000.{n}.{ext}' for n in ('220', '300') for ext in ('pkl', 'safetensors'))
-    a = checkpoint.load(checkpoint.latest(str(tmp_path / 'full'), tl.STATE_PATTERN))
-    b = checkpoint.load(checkpoint.latest(str(tmp_path / 'resumed'), tl.STATE_PATTERN))
+    a = checkpoint.load(checkpoint.latest(str(tmp_path / 'full'), snapshot_io.STATE_PATTERN))
+    b = checkpoint.load(checkpoint.latest(str(tmp_path / 'resumed'), snapshot_io.STATE_PATTERN))
     for name, value in a['net'].items():
         assert torch.equal(value, b['net'][name]), name
 
@@ -141,7 +142,7 @@ def test_signal_saves_state_and_resume_matches(tmp_path, env):
     assert proc.returncode == 0, output
     assert 'Stopped by SIGUSR1 at kimg' in output and '--resume=' in output, output
     run_dir = _run_dirs(outdir)[0]
-    state = checkpoint.load(checkpoint.latest(str(run_dir), tl.STATE_PATTERN))
+    state = checkpoint.load(checkpoint.latest(str(run_dir), snapshot_io.STATE_PATTERN))
     assert 0 < state['cur_nimg'] < 1200
 
     # Resume from the run folder to the same duration: the same parameters as the uninterrupted run.
@@ -149,8 +150,8 @@ def test_signal_saves_state_and_resume_matches(tmp_path, env):
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     resumed_dir = _run_dirs(outdir)[-1]
-    a = checkpoint.load(checkpoint.latest(str(full_dir), tl.STATE_PATTERN))
-    b = checkpoint.load(checkpoint.latest(str(resumed_dir), tl.STATE_PATTERN))
+    a = checkpoint.load(checkpoint.latest(str(full_dir), snapshot_io.STATE_PATTERN))
+    b = checkpoint.load(checkpoint.latest(str(resumed_dir), snapshot_io.STATE_PATTERN))
     assert a['cur_nimg'] == b['cur_nimg'] == 1200
     for key in ('net', 'ema'):
         for name, value in (a[key] or {}).items():
@@ -180,14 +181,14 @@ def test_signal_in_process_resumes_exactly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'Stopped by SIGTERM at kimg 0.140' in out and f'--resume={tmp_path / "stopped"}' in out
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL              # Handlers restored.
-    state = checkpoint.latest(str(tmp_path / 'stopped'), tl.STATE_PATTERN)
+    state = checkpoint.latest(str(tmp_path / 'stopped'), snapshot_io.STATE_PATTERN)
     assert os.path.basename(state) == 'training-state-000000.pt'
     assert checkpoint.load(state)['next_tick'] == 2 and checkpoint.load(state)['tick_start_nimg'] == 120
     tl.training_loop(**_loop_kwargs(tmp_path / 'resumed', total_kimg=0.3, snapshot_ticks=None, state_dump_ticks=100,
                                     resume_state=state))
     assert _ticks(tmp_path / 'stopped') + _ticks(tmp_path / 'resumed') == _ticks(tmp_path / 'full')
-    a = checkpoint.load(checkpoint.latest(str(tmp_path / 'full'), tl.STATE_PATTERN))
-    b = checkpoint.load(checkpoint.latest(str(tmp_path / 'resumed'), tl.STATE_PATTERN))
+    a = checkpoint.load(checkpoint.latest(str(tmp_path / 'full'), snapshot_io.STATE_PATTERN))
+    b = checkpoint.load(checkpoint.latest(str(tmp_path / 'resumed'), snapshot_io.STATE_PATTERN))
     for key in ('net', 'ema'):
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), f'{key}.{name}'

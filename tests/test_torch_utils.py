@@ -553,7 +553,7 @@ def test_checkpoint_load_errors(tmp_path):
     with pytest.raises(RuntimeError, match='garbage.pkl'):
         checkpoint.load(str(garbage))
 
-# latest() picks the largest number and ignores temporary and unrelated files.
+# latest() picks the largest number and ignores temporary and unrelated files; of several patterns, ties go to the first.
 def test_checkpoint_latest(tmp_path):
     assert checkpoint.latest(str(tmp_path), 'training-state-*.pt') is None
     assert checkpoint.latest(str(tmp_path / 'missing'), 'training-state-*.pt') is None
@@ -562,7 +562,12 @@ def test_checkpoint_latest(tmp_path):
         (tmp_path / name).write_bytes(b'')
     assert checkpoint.latest(str(tmp_path), 'training-state-*.pt') == str(tmp_path / 'training-state-000900.pt')
     assert checkpoint.latest(str(tmp_path), 'network-snapshot-*.pkl') == str(tmp_path / 'network-snapshot-002000.pkl')
-    assert checkpoint.latest(str(tmp_path)) == str(tmp_path / 'training-state-000900.pt')
+    assert checkpoint.latest(str(tmp_path), ('network-snapshot-*.pkl', 'training-state-*.pt')) == str(tmp_path / 'network-snapshot-002000.pkl')
+    # Several patterns: the largest number of all; at equal numbers the earlier pattern's file.
+    (tmp_path / 'network-snapshot-002000.safetensors').write_bytes(b'')
+    assert checkpoint.latest(str(tmp_path), ('network-snapshot-*.safetensors', 'network-snapshot-*.pkl')).endswith('002000.safetensors')
+    assert checkpoint.latest(str(tmp_path), ('network-snapshot-*.pkl', 'network-snapshot-*.safetensors')).endswith('002000.pkl')
+    assert checkpoint.latest(str(tmp_path), ('training-state-*.pt', 'network-snapshot-*.pkl')).endswith('002000.pkl')
     with pytest.raises(ValueError):
         checkpoint.latest(str(tmp_path), 'training-state.pt')
 

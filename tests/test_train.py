@@ -20,7 +20,8 @@ from click.testing import CliRunner
 import dnnlib
 import train
 from torch_utils import checkpoint
-from training import training_loop as tl
+from training import pictures
+from training import snapshot as snapshot_io
 from training.dataset import DigitsDataset
 
 # A tiny network on the built-in 16x16 digits: 5 layers of K=8, about 2000 images/s on one core.
@@ -118,9 +119,9 @@ def test_tiny_run_folder(tiny_run, env, repo_root):
 
     # Pictures: an 8x8 grid of 16x16 digits upscaled 4x, and 3 node-usage panels (5 layers).
     grid = PIL.Image.open(os.path.join(run_dir, 'samples-000002.png'))
-    assert grid.mode == 'L' and grid.size == (8 * (64 + tl.GRID_GAP) - tl.GRID_GAP,) * 2
+    assert grid.mode == 'L' and grid.size == (8 * (64 + pictures.GRID_GAP) - pictures.GRID_GAP,) * 2
     usage = PIL.Image.open(os.path.join(run_dir, 'node-usage-000002.png'))
-    assert usage.size == (tl.USAGE_PANEL_SIZE[0], 3 * tl.USAGE_PANEL_SIZE[1])
+    assert usage.size == (pictures.USAGE_PANEL_SIZE[0], 3 * pictures.USAGE_PANEL_SIZE[1])
 
     # The training state holds what resume needs.
     state = checkpoint.load(os.path.join(run_dir, 'training-state-000002.pt'))
@@ -137,7 +138,7 @@ def test_resume_run_dir_takes_latest_state(tiny_run, env):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     new_dir = os.path.join(outdir, '00001-digits-resumed')
     assert f'Resuming from "{os.path.join(run_dir, "training-state-000002.pt")}" at kimg 2.000' in proc.stdout
-    state = checkpoint.load(checkpoint.latest(new_dir, tl.STATE_PATTERN))
+    state = checkpoint.load(checkpoint.latest(new_dir, snapshot_io.STATE_PATTERN))
     assert state['cur_nimg'] == 2500 and state['seed'] == 1                # The seed comes from the state.
     assert fingerprint(run_dir) == before
 
@@ -178,7 +179,7 @@ def test_two_process_gloo(tmp_path, env, free_port):
         proc = subprocess.run([sys.executable, *nproc, train.__file__, f'--outdir={tmp_path / outdir}', *short, *extra],
                               env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=240, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    states = [checkpoint.load(checkpoint.latest(str(tmp_path / outdir / f'00000-digits-gpus{n}-batch16-fp32'), tl.STATE_PATTERN))
+    states = [checkpoint.load(checkpoint.latest(str(tmp_path / outdir / f'00000-digits-gpus{n}-batch16-fp32'), snapshot_io.STATE_PATTERN))
               for outdir, _, _, n in runs]
     assert states[0]['cur_nimg'] == states[1]['cur_nimg'] == states[2]['cur_nimg'] == 32
     for name, value in states[2]['net'].items():
@@ -196,7 +197,7 @@ def test_killed_run_leaves_complete_files_and_resumes(tmp_path, env):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while checkpoint.latest(str(run_dir), tl.STATE_PATTERN) is None:
+        while checkpoint.latest(str(run_dir), snapshot_io.STATE_PATTERN) is None:
             assert proc.poll() is None and time.time() < deadline, 'no training state appeared'
             time.sleep(0.05)
         time.sleep(random.uniform(0.0, 1.0))
@@ -217,11 +218,11 @@ def test_killed_run_leaves_complete_files_and_resumes(tmp_path, env):
         elif name == 'stats.jsonl':
             for line in open(path):
                 json.loads(line)
-    state = checkpoint.load(checkpoint.latest(str(run_dir), tl.STATE_PATTERN))
+    state = checkpoint.load(checkpoint.latest(str(run_dir), snapshot_io.STATE_PATTERN))
     duration = (state['cur_nimg'] + 500) / 1e6
     result = run_train([*args[:2], f'--duration={duration}', f'--resume={run_dir}', *args[3:]], env, cwd=str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    final = checkpoint.load(checkpoint.latest(str(run_dir), tl.STATE_PATTERN))
+    final = checkpoint.load(checkpoint.latest(str(run_dir), snapshot_io.STATE_PATTERN))
     assert final['cur_nimg'] == state['cur_nimg'] + 500
 
 # ----------------------------------------------------------------------------
@@ -380,5 +381,5 @@ def test_duration_in_whole_images(tmp_path, env):
     result = run_train([f'--outdir={run_dir}', '--nosubdir', '--duration=0.00205', *TINY[:5], '--tick=10', '--snap=100',
                         '--dump=100', '--seed=1', '--workers=0'], env, cwd=str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    state = checkpoint.load(checkpoint.latest(str(run_dir), tl.STATE_PATTERN))
+    state = checkpoint.load(checkpoint.latest(str(run_dir), snapshot_io.STATE_PATTERN))
     assert state['cur_nimg'] == 2050

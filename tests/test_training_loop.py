@@ -15,6 +15,8 @@ import torch
 
 import dnnlib
 from torch_utils import checkpoint, training_stats
+from training import pictures, run_files, training_step
+from training import snapshot as snapshot_io
 from training import training_loop as tl
 from training.ddl import DiscreteDistributionLayer
 from training.loss import DDNLoss
@@ -67,11 +69,11 @@ def _step_setup(seed=0):
 def test_training_step_accumulation_equals_full_batch():
     images = torch.rand(8, 1, 8, 8) * 2 - 1
     net_a, opt_a = _step_setup()
-    step_a = tl.TrainingStep(net_a, net_a, DDNLoss(), opt_a, batch_size=8)
+    step_a = training_step.TrainingStep(net_a, net_a, DDNLoss(), opt_a, batch_size=8)
     step_a.accumulate(images)
     splits = step_a.update(lr=1e-2, ema_beta=0)
     net_b, opt_b = _step_setup()
-    step_b = tl.TrainingStep(net_b, net_b, DDNLoss(), opt_b, batch_size=8)
+    step_b = training_step.TrainingStep(net_b, net_b, DDNLoss(), opt_b, batch_size=8)
     step_b.accumulate(images[:4])
     step_b.accumulate(images[4:])
     step_b.update(lr=1e-2, ema_beta=0)
@@ -89,7 +91,7 @@ def test_training_step_updates_ema_and_mirrors_splits():
     net, opt = _step_setup()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     before = {name: p.detach().clone() for name, p in net.named_parameters()}
-    step = tl.TrainingStep(net, ema, DDNLoss(), opt, batch_size=8)
+    step = training_step.TrainingStep(net, ema, DDNLoss(), opt, batch_size=8)
     step.accumulate(torch.rand(8, 1, 8, 8) * 2 - 1)
     step.update(lr=1e-2, ema_beta=0.75)
     ema_params = dict(ema.named_parameters())
@@ -112,7 +114,7 @@ def test_training_step_updates_ema_and_mirrors_splits():
 # (weights unchanged, Split-and-Prune statistics still folded) and halves the scale.
 def test_training_step_fp16_loss_scaling():
     net, opt = _step_setup()
-    step = tl.TrainingStep(net, net, DDNLoss(), opt, batch_size=8, precision='fp16')
+    step = training_step.TrainingStep(net, net, DDNLoss(), opt, batch_size=8, precision='fp16')
     assert step.scaler.is_enabled() and step.scaler.get_scale() == 65536
     images = torch.rand(8, 1, 8, 8) * 2 - 1
     losses = []
@@ -144,7 +146,7 @@ def test_training_step_bf16_on_cpu():
                 m.register_forward_hook(lambda m, args, out, seen=conv_dtypes: seen.add(out.dtype))
             elif isinstance(m, DiscreteDistributionLayer):
                 m.register_forward_hook(lambda m, args, out, seen=ddl_dtypes: seen.update((out.image.dtype, out.dist.dtype)))
-        step = tl.TrainingStep(net, net, DDNLoss(), opt, batch_size=4, precision=precision)
+        step = training_step.TrainingStep(net, net, DDNLoss(), opt, batch_size=4, precision=precision)
         losses[precision] = step.accumulate(images).detach()
         before = [p.detach().clone() for p in net.parameters()]
         step.update(lr=1e-3, ema_beta=0)
@@ -168,7 +170,7 @@ def test_training_step_compiled_matches_eager():
     runs = []
     for compile in (False, 'aot_eager'):
         net, opt = _step_setup()
-        step = tl.TrainingStep(net, net, DDNLoss(), opt, batch_size=8, compile=compile)
+        step = training_step.TrainingStep(net, net, DDNLoss(), opt, batch_size=8, compile=compile)
         losses = []
         for i in range(4):
             if i == 3:      # Resume: another state loaded in place, as the training loop does.
@@ -188,35 +190,35 @@ def test_training_step_compiled_matches_eager():
 # Schedules.
 
 def test_learning_rate_rampup():
-    assert tl.learning_rate(1e-3, 0, 0) == 1e-3                          # No ramp-up: full lr from step 0.
-    assert tl.learning_rate(1e-3, 0, 10) == 0
-    assert tl.learning_rate(1e-3, 5000, 10) == pytest.approx(5e-4)
-    assert tl.learning_rate(1e-3, 10**9, 10) == 1e-3
+    assert training_step.learning_rate(1e-3, 0, 0) == 1e-3                          # No ramp-up: full lr from step 0.
+    assert training_step.learning_rate(1e-3, 0, 10) == 0
+    assert training_step.learning_rate(1e-3, 5000, 10) == pytest.approx(5e-4)
+    assert training_step.learning_rate(1e-3, 10**9, 10) == 1e-3
 
 def test_ema_beta_half_life():
     # Half-life of 10 kimg with batch 1000: beta^10 = 1/2.
-    beta = tl.ema_beta(10**9, 1000, ema_halflife_kimg=10, ema_rampup_ratio=None)
+    beta = training_step.ema_beta(10**9, 1000, ema_halflife_kimg=10, ema_rampup_ratio=None)
     assert beta ** 10 == pytest.approx(0.5)
     # Ramp-up: early on the half-life is a fraction of the images seen.
-    assert tl.ema_beta(1000, 100, 10, 0.05) == pytest.approx(0.5 ** (100 / 50))
+    assert training_step.ema_beta(1000, 100, 10, 0.05) == pytest.approx(0.5 ** (100 / 50))
 
 # ----------------------------------------------------------------------------
 # Pictures and files.
 
 def test_sample_grid_and_node_usage_plot_sizes():
     net = DDNGenerator(**TINY_NET).eval()
-    grid = tl.sample_grid(net)
+    grid = pictures.sample_grid(net)
     cell = 8 * 8                                                        # 8x8 images upscaled 8x.
-    assert grid.size == (8 * (cell + tl.GRID_GAP) - tl.GRID_GAP,) * 2 and grid.mode == 'L'
-    rgb = tl.sample_grid(DDNGenerator(img_resolution=32, img_channels=3, max_blockn=1, max_outputk=4, max_channels=8).eval(), seeds=range(6))
-    assert rgb.mode == 'RGB' and rgb.size == (3 * (64 + tl.GRID_GAP) - tl.GRID_GAP, 2 * (64 + tl.GRID_GAP) - tl.GRID_GAP)
+    assert grid.size == (8 * (cell + pictures.GRID_GAP) - pictures.GRID_GAP,) * 2 and grid.mode == 'L'
+    rgb = pictures.sample_grid(DDNGenerator(img_resolution=32, img_channels=3, max_blockn=1, max_outputk=4, max_channels=8).eval(), seeds=range(6))
+    assert rgb.mode == 'RGB' and rgb.size == (3 * (64 + pictures.GRID_GAP) - pictures.GRID_GAP, 2 * (64 + pictures.GRID_GAP) - pictures.GRID_GAP)
     # Node usage: one panel per shown layer; bars follow the statistics.
     ddl = net.ddls[0]
     ddl.node_stats.count.copy_(torch.tensor([8.0, 0, 0, 0, 0, 0, 0, 0]))
-    plot = tl.node_usage_plot(net)
-    assert plot.size == (tl.USAGE_PANEL_SIZE[0], tl.USAGE_PANEL_SIZE[1] * len(tl.usage_layers(net.num_layers)))
-    assert tl.usage_layers(63) == [0, 31, 62] and tl.usage_layers(1) == [0]
-    summary = tl.node_usage_summary(net)
+    plot = pictures.node_usage_plot(net)
+    assert plot.size == (pictures.USAGE_PANEL_SIZE[0], pictures.USAGE_PANEL_SIZE[1] * len(pictures.usage_layers(net.num_layers)))
+    assert pictures.usage_layers(63) == [0, 31, 62] and pictures.usage_layers(1) == [0]
+    summary = pictures.node_usage_summary(net)
     assert summary['dead_nodes'] == 7 and summary['usage_tv'] > 0
 
 def test_save_bytes_atomic_and_append_line(tmp_path):
@@ -249,7 +251,7 @@ def _loop_kwargs(run_dir, **overrides):
     return kwargs
 
 def _final_state(run_dir):
-    return checkpoint.load(checkpoint.latest(str(run_dir), tl.STATE_PATTERN))
+    return checkpoint.load(checkpoint.latest(str(run_dir), snapshot_io.STATE_PATTERN))
 
 def _assert_states_equal(a, b):
     for key in ('net', 'ema'):
@@ -266,7 +268,7 @@ def _assert_states_equal(a, b):
 def test_resume_equivalence(tmp_path):
     tl.training_loop(**_loop_kwargs(tmp_path / 'full', total_kimg=0.4))
     tl.training_loop(**_loop_kwargs(tmp_path / 'half', total_kimg=0.2))
-    half = checkpoint.latest(str(tmp_path / 'half'), tl.STATE_PATTERN)
+    half = checkpoint.latest(str(tmp_path / 'half'), snapshot_io.STATE_PATTERN)
     assert checkpoint.load(half)['cur_nimg'] == 200
     tl.training_loop(**_loop_kwargs(tmp_path / 'resumed', total_kimg=0.4, resume_state=half))
     full, resumed = _final_state(tmp_path / 'full'), _final_state(tmp_path / 'resumed')
@@ -281,7 +283,7 @@ def test_resume_equivalence(tmp_path):
 
 def test_resume_from_other_config_is_refused(tmp_path):
     tl.training_loop(**_loop_kwargs(tmp_path / 'a', total_kimg=0.04))
-    state = checkpoint.latest(str(tmp_path / 'a'), tl.STATE_PATTERN)
+    state = checkpoint.latest(str(tmp_path / 'a'), snapshot_io.STATE_PATTERN)
     other_net = dnnlib.EasyDict(_loop_kwargs(tmp_path / 'b')['network_kwargs'], max_outputk=4)
     with pytest.raises(ValueError, match=r'another configuration:\n  network_kwargs.max_outputk: 8 in the state, 4 now'):
         tl.training_loop(**_loop_kwargs(tmp_path / 'b', total_kimg=0.08, resume_state=state, network_kwargs=other_net))
@@ -290,21 +292,27 @@ def test_resume_from_other_config_is_refused(tmp_path):
         tl.training_loop(**_loop_kwargs(tmp_path / 'c', total_kimg=0.08, resume_state=state, dataset_kwargs=other_data))
     assert not glob.glob(str(tmp_path / 'b' / '*')) and not glob.glob(str(tmp_path / 'c' / '*'))
 
+# The base learning rate is an option the loop reads (optimizer_kwargs.lr), never one read back out of the optimizer.
+def test_loop_requires_the_base_learning_rate(tmp_path):
+    with pytest.raises(ValueError, match='optimizer_kwargs must give lr'):
+        tl.training_loop(**_loop_kwargs(tmp_path / 'a', total_kimg=0.04, optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam')))
+    assert not os.listdir(tmp_path / 'a')
+
 # Transfer: weights come from the snapshot, statistics start from zero.
 def test_transfer_weights(tmp_path):
     tl.training_loop(**_loop_kwargs(tmp_path / 'a', total_kimg=0.04, snapshot_ticks=1))
-    pkl = checkpoint.latest(str(tmp_path / 'a'), tl.SNAPSHOT_PATTERN)
-    src = tl.load_transfer_network(pkl)
+    pkl = checkpoint.latest(str(tmp_path / 'a'), snapshot_io.SNAPSHOT_PATTERN)
+    src = run_files.load_transfer_network(pkl)
     net = DDNGenerator(**TINY_NET)
-    tl.transfer_weights(src, net)
+    run_files.transfer_weights(src, net)
     for (name, a), b in zip(net.named_parameters(), src.parameters(), strict=True):
         assert torch.equal(a, b), name
     assert all(float(d.node_stats.seen) == 0 for d in net.ddls)
     with pytest.raises(ValueError, match='does not match'):
-        tl.transfer_weights(src, DDNGenerator(**dict(TINY_NET, max_outputk=4)))
+        run_files.transfer_weights(src, DDNGenerator(**dict(TINY_NET, max_outputk=4)))
     # Snapshot pictures exist with the expected sizes.
     grid = PIL.Image.open(glob.glob(str(tmp_path / 'a' / 'samples-*.png'))[0])
-    assert grid.size == (8 * (64 + tl.GRID_GAP) - tl.GRID_GAP,) * 2
+    assert grid.size == (8 * (64 + pictures.GRID_GAP) - pictures.GRID_GAP,) * 2
     assert np.asarray(grid).std() > 0
 
 # ----------------------------------------------------------------------------
@@ -313,7 +321,7 @@ def test_transfer_weights(tmp_path):
 def test_training_step_has_no_host_syncs(monkeypatch):
     net, opt = _step_setup()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    step = tl.TrainingStep(net, ema, DDNLoss(), opt, batch_size=8)
+    step = training_step.TrainingStep(net, ema, DDNLoss(), opt, batch_size=8)
     images = torch.rand(8, 1, 8, 8) * 2 - 1
 
     # Adam keeps its step counter on the CPU (capturable=False): reading it is no device sync.

@@ -132,28 +132,34 @@ def load(path, map_location='cpu'):
                            '(is the file truncated or corrupt, or does it need code that is not importable?)') from err
 
 # ----------------------------------------------------------------------------
-# Newest file in run_dir whose name matches pattern, '*' standing for the number; None if none.
+# Newest file in run_dir whose name matches a pattern, '*' standing for the number; None if none.
 
-def latest(run_dir, pattern='training-state-*.pt'):
+def latest(run_dir, patterns):
     """Path of the matching file with the largest number, e.g. `training-state-000500.pt`.
 
-    `pattern` is a file name with one `*` for the digits (`network-snapshot-*.pkl`); `000002.500`
+    `patterns` is a file name with one `*` for the digits (`network-snapshot-*.pkl`), or several in
+    order of preference: of two files with the same number, the earlier pattern's wins. `000002.500`
     (kimg 2.5, the name of a file of a tick shorter than 1 kimg) comes after `000002`. Temporary
-    files of an interrupted save (`...pt.tmp-<pid>`) never match, because the pattern must match the
+    files of an interrupted save (`...pt.tmp-<pid>`) never match, because a pattern must match the
     whole name.
     """
-    if pattern.count('*') != 1:
-        raise ValueError(f"pattern must contain exactly one '*' for the number, got {pattern!r}")
-    prefix, suffix = pattern.split('*')
-    # The number: kimg (6 digits), optionally with 3 decimals (files of ticks shorter than 1 kimg).
-    regex = re.compile(re.escape(prefix) + r'(\d+)(?:\.(\d{3}))?' + re.escape(suffix))
-    best_num, best_path = None, None
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    regexes = []
+    for pattern in patterns:
+        if pattern.count('*') != 1:
+            raise ValueError(f"pattern must contain exactly one '*' for the number, got {pattern!r}")
+        prefix, suffix = pattern.split('*')
+        # The number: kimg (6 digits), optionally with 3 decimals (files of ticks shorter than 1 kimg).
+        regexes.append(re.compile(re.escape(prefix) + r'(\d+)(?:\.(\d{3}))?' + re.escape(suffix)))
+    best_key, best_path = None, None
     if not os.path.isdir(run_dir):
         return None
     for name in os.listdir(run_dir):
-        match = regex.fullmatch(name)
-        if match and os.path.isfile(os.path.join(run_dir, name)):
-            num = (int(match.group(1)), int(match.group(2) or 0))
-            if best_num is None or num > best_num:
-                best_num, best_path = num, os.path.join(run_dir, name)
+        for preference, regex in enumerate(regexes):
+            match = regex.fullmatch(name)
+            if match and os.path.isfile(os.path.join(run_dir, name)):
+                key = (int(match.group(1)), int(match.group(2) or 0), -preference)
+                if best_key is None or key > best_key:
+                    best_key, best_path = key, os.path.join(run_dir, name)
+                break
     return best_path

@@ -42,8 +42,14 @@ PICKLE_EXT = '.pkl'
 # The classes a network file may name (the safe format's class_name, a pickle's persistent class).
 NETWORK_CLASSES = ('training.networks.DDNGenerator', 'training.networks.DDNRecurrent')
 
-# File names of snapshots in a run folder, '*' standing for the kimg tag.
-SNAPSHOT_PATTERNS = ('network-snapshot-*' + SAFE_EXT, 'network-snapshot-*' + PICKLE_EXT)
+# File names in a run folder, '*' standing for the kimg tag (training.run_files.file_tag): the
+# training states, and the snapshots in both formats. The one definition; `run_file` fills in a tag.
+STATE_PATTERN = 'training-state-*.pt'
+SNAPSHOT_PATTERN = 'network-snapshot-*' + PICKLE_EXT
+SAFE_SNAPSHOT_PATTERN = 'network-snapshot-*' + SAFE_EXT
+
+def run_file(pattern, tag):
+    return pattern.replace('*', tag)
 
 # First bytes of a zip archive (torch.save's format, TorchScript).
 _ZIP_MAGIC = b'PK\x03\x04'
@@ -246,27 +252,14 @@ def network_from_bytes(data, source, trust_pickle=False):
 # ----------------------------------------------------------------------------
 # --network FILE | URL | RUNDIR.
 
-_TAG = r'(\d+)(?:\.(\d{3}))?'
-
-# Newest snapshot of a run folder: the largest kimg tag, the safe file when both formats have it.
-def latest_snapshot(run_dir):
-    best_key, best_path = None, None
-    for name in os.listdir(run_dir):
-        match = re.fullmatch(r'network-snapshot-' + _TAG + r'(\.safetensors|\.pkl)', name)
-        if match and os.path.isfile(os.path.join(run_dir, name)):
-            key = (int(match.group(1)), int(match.group(2) or 0), match.group(3) == SAFE_EXT)
-            if best_key is None or key > best_key:
-                best_key, best_path = key, os.path.join(run_dir, name)
-    return best_path
-
 def resolve_network(source):
-    """The file or URL that `--network` names: a run folder gives its newest snapshot.
-    Raises FileNotFoundError with the reason."""
+    """The file or URL that `--network` names: a run folder gives its newest snapshot (the largest
+    kimg tag; the safe file when both formats have it). Raises FileNotFoundError with the reason."""
     source = os.fspath(source)
     if dnnlib.util.is_url(source):
         return source
     if os.path.isdir(source):
-        path = latest_snapshot(source)
+        path = checkpoint.latest(source, (SAFE_SNAPSHOT_PATTERN, SNAPSHOT_PATTERN))
         if path is None:
             raise FileNotFoundError(f'No network-snapshot-*.safetensors or .pkl in run folder {source}')
         return path

@@ -1,0 +1,88 @@
+"""Pictures of a snapshot, written beside it by the training loop: a grid of samples of fixed seeds
+and the node usage of Split-and-Prune (a bar plot of a few layers, and the summary numbers of all
+layers that the tick report logs). Pixels go through `images.py`, as generate.py's do.
+"""
+
+import math
+
+import PIL.Image
+import PIL.ImageDraw
+import torch
+
+from training.images import make_grid, to_pil, to_uint8
+from training.networks import batch_invariant
+from training.split_prune import find_node_sets
+
+# Seeds of the images in every sample grid (a fixed 8x8 grid, so grids of a run are comparable).
+SAMPLE_GRID_SEEDS = range(64)
+
+# Gap between the cells of a sample grid, in pixels, and its grey level.
+GRID_GAP, GRID_GAP_VALUE = 2, 128
+
+# Samples of fixed seeds as a square grid, upscaled (nearest) so that cells are at least 64 px, with
+# grey gaps between cells (digits touch their borders); pixels as generate.py saves them.
+@torch.no_grad()
+def sample_grid(net, seeds=SAMPLE_GRID_SEEDS, batch=64, cond_images=None, cond_labels=None):
+    seeds = list(seeds)
+    condition = None
+    if getattr(net, 'condition', None):  # Conditional nets: the conditions of the first dataset images.
+        condition = net.make_condition(cond_images[:len(seeds)], cond_labels[:len(seeds)])
+    with batch_invariant():
+        images = torch.cat([net(seeds=seeds[i : i + batch],
+                                condition=None if condition is None else condition[i : i + batch]).images.float().cpu()
+                            for i in range(0, len(seeds), batch)])
+    return to_pil(make_grid(to_uint8(images).numpy(), min_cell=64, gap=GRID_GAP, fill=GRID_GAP_VALUE))
+
+# Size of one panel of the node-usage plot.
+USAGE_PANEL_SIZE = (640, 160)
+
+# Layers shown in the node-usage plot: first, middle, last (without repeats).
+def usage_layers(num_layers):
+    return sorted({0, num_layers // 2, num_layers - 1})
+
+# Bars of K * frequency (1 = the uniform share 1/K) of the nodes of a few layers, with the 1/K line.
+@torch.no_grad()
+def node_usage_plot(net):
+    ddls = find_node_sets(net)
+    layers = usage_layers(len(ddls))
+    pw, ph = USAGE_PANEL_SIZE
+    image = PIL.Image.new('RGB', (pw, ph * len(layers)), 'white')
+    draw = PIL.ImageDraw.Draw(image)
+    for row, l in enumerate(layers):
+        stats = ddls[l].node_stats
+        K = stats.K
+        usage = (stats.frequency() * K).double().cpu().numpy()
+        dead = int((stats.count == 0).sum()) if float(stats.count.sum()) > 0 else 0
+        top = row * ph
+        left, right, y0, y1 = 40, pw - 10, top + 22, top + ph - 12    # Plot area; y1 = value 0.
+        ymax = max(2.0, math.ceil(float(usage.max())))
+        draw.text((left, top + 4), f'layer {l}  K={K}  splits {int(stats.num_splits)}  dead {dead}  '
+                  f'max {usage.max():.2f}/K  min {usage.min():.2f}/K', fill='black')
+        draw.line([(left, y0), (left, y1), (right, y1)], fill='black')
+        for v in range(int(ymax) + 1):
+            y = y1 - (y1 - y0) * v / ymax
+            draw.text((left - 14, y - 5), str(v), fill='black')
+        bar_w = (right - left) / K
+        for k, u in enumerate(usage):
+            h = (y1 - y0) * min(u, ymax) / ymax
+            x0 = left + k * bar_w
+            draw.rectangle([x0 + 0.15 * bar_w, y1 - h, x0 + max(0.85 * bar_w, 1), y1], fill=(70, 110, 200))
+        y_uniform = y1 - (y1 - y0) / ymax
+        draw.line([(left, y_uniform), (right, y_uniform)], fill=(220, 40, 40))
+    return image
+
+# Summary of Split-and-Prune over all layers, as host numbers (one device-to-host copy).
+@torch.no_grad()
+def node_usage_summary(net):
+    ddls = find_node_sets(net)
+    rows = []
+    for ns in ddls:
+        st = ns.node_stats
+        freq = st.frequency()
+        tv = 0.5 * (freq - 1 / st.K).abs().sum()                      # Distance to uniform usage.
+        dead = torch.where(st.count.sum() > 0, (st.count == 0).sum().double(), torch.zeros_like(tv))
+        rows.append(torch.stack([st.num_splits.double(), dead.double(), tv.double()]))
+    if not rows:
+        return dict(splits=0, dead_nodes=0, usage_tv=0.0)
+    total = torch.stack(rows).cpu().numpy()
+    return dict(splits=int(total[:, 0].sum()), dead_nodes=int(total[:, 1].sum()), usage_tv=float(total[:, 2].mean()))
