@@ -36,7 +36,7 @@ from torch_utils import checkpoint, misc
 from training.code_usage import code_usage, usage_line
 from training.loss import DDNLoss
 from training.networks import DDNGenerator
-from training.training_loop import TrainingStep, ema_beta, learning_rate
+from training.training_step import TrainingStep, ema_beta, learning_rate
 
 # Train on uint8 `train` images for `kimg` thousand images with train.py's recipe; returns
 # (training net, EMA net or None). Node statistics are copied into the EMA as the loop does.

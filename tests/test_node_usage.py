@@ -3,17 +3,24 @@ that forget (`balance(..., halflife=)`), so that Split-and-Prune sees a node tha
 and the EMA network's rows following every split."""
 
 import copy
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from training.code_usage import code_usage, usage_line
+import dnnlib
+from training import pictures
+from training import snapshot as snapshot_io
+from training.code_usage import code_usage, usage_batch, usage_line, usage_on_data
+from training.dataset import DigitsDataset
 from training.ddl import DiscreteDistributionLayer
 from training.loss import DDNLoss
 from training.networks import DDNGenerator
 from training.split_prune import balance, split_and_prune
-from training.training_loop import TrainingStep
+from training.training_loop import training_loop
+from training.training_step import TrainingStep
 
 # ----------------------------------------------------------------------------
 # code_usage on hand-built codes.
@@ -100,3 +107,52 @@ def test_training_step_split_reaches_the_ema():
     (d,) = [k for k in range(1, 8) if torch.equal(ddl.weight[rows(k)], ddl.weight[rows(s)])]
     assert torch.equal(ema_ddl.weight[rows(d)], ema_ddl.weight[rows(s)])
     assert not torch.equal(ema_ddl.weight[rows(d)], ddl.weight[rows(d)])   # It is still the EMA's own.
+
+# ----------------------------------------------------------------------------
+# The node-usage plot shows the usage on data beside the statistics, and its least used layer.
+
+def test_node_usage_plot_shows_usage_on_data():
+    net = DDNGenerator(8, 1, max_outputk=8, max_blockn=1, max_channels=8).eval()
+    L, K = net.num_layers, net.ks[0]
+    assert L == 4 and set(net.ks) == {K}
+    codes = torch.arange(64)[:, None].repeat(1, L) % K      # Every node of every layer equally ...
+    codes[:, 1] = 3                                          # ... but layer 1 uses one node only.
+    plot = pictures.node_usage_plot(net, code_usage(codes, net.ks))
+    ph = pictures.USAGE_PANEL_SIZE[1]
+    assert pictures.usage_layers(L) == [0, 2, 3]
+    assert plot.size[1] == 4 * ph                            # Layer 1, the least used, gets a panel too.
+    orange = (np.asarray(plot) == pictures.DATA_COLOR).all(-1)
+    bars = lambda row: int((np.diff(orange[row * ph:(row + 1) * ph].any(0).astype(int)) == 1).sum())
+    assert [bars(row) for row in range(4)] == [K, 1, K, K]  # Panels of layers 0, 1, 2, 3.
+    plain = pictures.node_usage_plot(net)                    # Without usage on data: statistics only.
+    assert plain.size[1] == 3 * ph and not (np.asarray(plain) == pictures.DATA_COLOR).all(-1).any()
+
+# ----------------------------------------------------------------------------
+# The training loop reports the snapshot's usage on data: in the tick line, stats.jsonl and the plot.
+
+def test_training_loop_reports_usage_on_data(tmp_path, capsys):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    training_loop(run_dir=str(run_dir), seed=1, device='cpu', batch_size=20, total_kimg=0.06, kimg_per_tick=0.02,
+        snapshot_ticks=3, state_dump_ticks=None, ema_halflife_kimg=0.01, lr_rampup_kimg=0,
+        dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.DigitsDataset', resolution=8, max_size=50),
+        data_loader_kwargs=dnnlib.EasyDict(num_workers=0),
+        network_kwargs=dnnlib.EasyDict(class_name='training.networks.DDNGenerator', img_resolution=8, img_channels=1,
+                                       max_blockn=1, max_outputk=8, max_channels=8),
+        loss_kwargs=dnnlib.EasyDict(class_name='training.loss.DDNLoss'),
+        optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=1e-2),
+        balance_kwargs=dnnlib.EasyDict(method='tv', halflife=16))
+    ticks = [line for line in capsys.readouterr().out.splitlines() if line.startswith('tick ')]
+    assert len(ticks) == 3 and all(' data used ' in line for line in ticks), ticks
+    stats = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
+    last = stats[-1]
+    # The snapshot (EMA) encodes the 50 training images: its layer 0 figures match code_usage's.
+    snap = snapshot_io.load_network(str(run_dir))[1]
+    images, labels = usage_batch(DigitsDataset(resolution=8, max_size=50))
+    assert images.shape[0] == 50
+    u = usage_on_data(snap, images)
+    assert last['Usage/layer0_used']['mean'] == u['used'][0]
+    assert last['Usage/layer0_bits']['mean'] == pytest.approx(u['entropy'][0])
+    assert 0 < last['Usage/min_used_share']['mean'] <= 1 and 0 <= last['Usage/entropy_share']['mean'] <= 1
+    assert f'data {usage_line(u)}' in ticks[-1]
+    assert len(list(run_dir.glob('node-usage-*.png'))) == 2

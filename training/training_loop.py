@@ -28,7 +28,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed, misc, training_stats
-from training import run_files
+from training import code_usage, run_files
 from training import snapshot as snapshot_io
 from training.images import to_float
 from training.pictures import SAMPLE_GRID_SEEDS
@@ -237,7 +237,8 @@ def training_loop(
         return
 
     # Steps until `total_nimg` images or a stop signal; once per tick a report and the files due.
-    report = TickReport(net, device, start_time)
+    # The tick report also encodes a fixed batch of training images with the EMA (rank 0).
+    report = TickReport(net, device, start_time, ema=ema, usage_images=code_usage.usage_batch(dataset_obj) if rank == 0 else None)
     bar = TickProgress(enabled=(rank == 0))
     bar.start(round(kimg_per_tick * 1000) if progress.cur_tick else batch_size)
     stop = _StopRequest()
@@ -285,7 +286,8 @@ def training_loop(
             misc.check_ddp_consistency(net)
             misc.check_ddp_consistency(snapshot)
             if rank == 0:
-                run_files.save_snapshot(run_dir, tag, snapshot, grid_cond, training_options, loss_fn=step_fn.loss_fn,
+                run_files.save_snapshot(run_dir, tag, snapshot, grid_cond, training_options, data_usage=report.data_usage,
+                                        loss_fn=step_fn.loss_fn,
                                         dataset_kwargs=dict(dataset_kwargs), network_kwargs=dict(network_kwargs))
             if snapshot_metrics is not None:
                 snapshot_metrics(snapshot, snapshot_io.run_file(snapshot_io.SNAPSHOT_PATTERN, tag), progress.cur_nimg / 1e3)
