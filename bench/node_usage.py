@@ -130,11 +130,14 @@ def main(kimg, seed, samples, json_path, save_path, **recipe):
     train01, held01 = train01_u8.float() / 255, held_u8.float() / 255
     clf = quality.train_classifier(train01, labels)
     real = quality.classifier_features(clf, held01)
+    # The floor of any model of the training set: 1000 training images against the held-out digits.
+    train_fd = quality.quality_figures(real, quality.classifier_features(clf, train01[:samples]))['fd']
+    print(f'FD of {min(samples, train01.shape[0])} training images to the held-out digits (the floor): {train_fd:.3f}')
     t0 = time.process_time()
     net, ema = train(train01_u8, kimg, recipe, seed)
     print(f'Trained {kimg:g} kimg in {time.process_time() - t0:.0f} CPU s; seed {seed}; recipe ' +
           ' '.join(f'--{k.replace("_", "-")}={v}' for k, v in recipe.items()))
-    result = dict(seed=seed, kimg=kimg, recipe=recipe)
+    result = dict(seed=seed, kimg=kimg, recipe=recipe, train_fd=train_fd)
     if save_path:           # The trained networks' state dicts, to look at them again without training.
         checkpoint.save_atomic(dict(net=net.state_dict(), ema=None if ema is None else ema.state_dict()), save_path, mode='torch')
     for name, model in [('ema', ema), ('net', net)]:

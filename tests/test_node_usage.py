@@ -156,3 +156,13 @@ def test_training_loop_reports_usage_on_data(tmp_path, capsys):
     assert 0 < last['Usage/min_used_share']['mean'] <= 1 and 0 <= last['Usage/entropy_share']['mean'] <= 1
     assert f'data {usage_line(u)}' in ticks[-1]
     assert len(list(run_dir.glob('node-usage-*.png'))) == 2
+
+# train.py --balance-halflife reaches split_prune.balance (balance_kwargs); omitted, the statistics never forget.
+@pytest.mark.parametrize('args,expected', [([], dict(method='tv')), (['--balance-halflife=32'], dict(method='tv', halflife=32.0))])
+def test_train_cli_balance_halflife(tmp_path, args, expected):
+    import train
+    from click.testing import CliRunner
+    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "out"}', '--dry-run', '--batch=50', *args])
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.output[result.output.index('{') : result.output.rindex('}') + 1])
+    assert config['balance_kwargs'] == expected

@@ -18,7 +18,9 @@ This file holds the pieces, each named after the paper:
   GPU the launches do not grow with L), and its result is bit-identical to treating the node sets
   one by one (tests/test_split_prune.py checks it against that loop, kept in bench/split_prune.py);
 - `balance()`: what training calls after every step, by method: 'tv' / 'paper' (Split-and-Prune with
-  that rule), 'bias' or 'none' (statistics only: the paper's ablation).
+  that rule), 'bias' or 'none' (statistics only: the paper's ablation); with `halflife`, the
+  statistics forget old selections (beyond the paper, see `_fold`), so that a node the data stopped
+  choosing is pruned while the run is still short.
 
 Beyond the paper, `balance(method='bias')` is the balanced alternative the author suggests
 (our spec `DDN.md` §3): nothing is split or pruned and no parameter is discarded; instead each node
@@ -374,6 +376,11 @@ def _reduced_plan(model, optimizer, mirrors):
     distributed.all_reduce_(plan.pending)
     return plan
 
+# A half-life of the statistics must be None or a positive number of targets per node.
+def _check_halflife(halflife):
+    if halflife is not None and not halflife > 0:
+        raise ValueError(f'Node statistics half-life must be > 0 targets per node (or None), got {halflife!r}')
+
 # Add the reduced pending observations to the statistics and clear them, all node sets at once.
 # With a `halflife` (targets per node), the statistics first forget: count, near2, dist_acc and seen
 # of a node set are multiplied by 0.5 ** (n / (halflife * K)), n its targets of this step, so they
@@ -382,10 +389,6 @@ def _reduced_plan(model, optimizer, mirrors):
 # earned earlier and is pruned only once the run has seen as many targets again, which in a short
 # run is never (the first layer of the README's digits recipe: 30 of 64 nodes chosen on data, every
 # count above 0.6/K).
-def _check_halflife(halflife):
-    if halflife is not None and not halflife > 0:
-        raise ValueError(f'Node statistics half-life must be > 0 targets per node (or None), got {halflife!r}')
-
 def _fold(plan, halflife=None):
     if halflife is not None:
         n = torch.cat(plan.step_seen)                                        # (S,) targets of this step.
