@@ -128,7 +128,8 @@ def test_node_usage_plot_shows_usage_on_data():
     assert plain.size[1] == 3 * ph and not (np.asarray(plain) == pictures.DATA_COLOR).all(-1).any()
 
 # ----------------------------------------------------------------------------
-# The training loop reports the snapshot's usage on data: in the tick line, stats.jsonl and the plot.
+# The training loop reports the snapshot's usage on data at snapshot ticks: in the tick line,
+# stats.jsonl and the plot.
 
 def test_training_loop_reports_usage_on_data(tmp_path, capsys):
     run_dir = tmp_path / 'run'
@@ -143,8 +144,10 @@ def test_training_loop_reports_usage_on_data(tmp_path, capsys):
         optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=1e-2),
         balance_kwargs=dnnlib.EasyDict(method='tv', halflife=16))
     ticks = [line for line in capsys.readouterr().out.splitlines() if line.startswith('tick ')]
-    assert len(ticks) == 3 and all(' data used ' in line for line in ticks), ticks
+    # Snapshots at ticks 0 and 2 (the last): the usage on data is measured there only.
+    assert [' data used ' in line for line in ticks] == [True, False, True], ticks
     stats = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
+    assert stats[1]['Usage/layer0_used'] == stats[0]['Usage/layer0_used']    # The collector keeps the last snapshot's.
     last = stats[-1]
     # The snapshot (EMA) encodes the 50 training images: its layer 0 figures match code_usage's.
     snap = snapshot_io.load_network(str(run_dir))[1]

@@ -60,7 +60,7 @@ def usage_line(usage):
 # training set (all of them if fewer), as float images in [-1, 1] and float labels, on the CPU.
 # Fixed, so that the figures of successive ticks differ only by the network.
 
-USAGE_IMAGES = 1024
+USAGE_IMAGES = 512
 
 def usage_batch(dataset_obj, num=USAGE_IMAGES):
     items = [dataset_obj[i] for i in range(min(num, len(dataset_obj)))]

@@ -4,9 +4,9 @@ the images of the tick in progress, on an interactive terminal. The device's sta
 host here, once per tick.
 
 Besides Split-and-Prune's own statistics (how often each node was the nearest during training), the
-report measures the node usage of the snapshot network (the EMA) on data: a fixed batch of training
-images is encoded under no_grad and each layer's nodes used and entropy are logged
-(training/code_usage.py). The two can disagree: statistics that never forget call a node balanced
+report measures, at snapshot ticks, the node usage of the snapshot network (the EMA) on data: a fixed
+batch of training images is encoded under no_grad and each layer's nodes used and entropy are logged
+(training/code_usage.py) and drawn in the node-usage plot. The two can disagree: statistics that never forget call a node balanced
 long after the data stopped choosing it.
 """
 
@@ -34,13 +34,15 @@ class TickReport:
         self.net, self.device, self.start_time = net, device, start_time
         self.ema = net if ema is None else ema
         self.usage_images = usage_images
-        self.data_usage = None          # code_usage dict of the last tick (the snapshot's, when one is written).
+        self.data_usage = None          # code_usage dict of this tick's snapshot; None at other ticks.
         self.tick_start_time = time.time()
         self.maintenance_time = self.tick_start_time - start_time   # Time outside the last tick's steps.
         self.prev_splits = node_usage_summary(net)['splits']        # Splits before the tick.
 
     # Report the tick that ended at `tick_end_time` after `tick_img` images; returns the statistics.
-    def __call__(self, cur_tick, cur_nimg, tick_img, tick_end_time):
+    # With `data_usage` (at snapshot ticks), also the snapshot's usage on data (about 2 ms of CPU per
+    # image on the README's digits net, so not at every tick).
+    def __call__(self, cur_tick, cur_nimg, tick_img, tick_end_time, data_usage=False):
         usage = node_usage_summary(self.net)
         tick_sec = tick_end_time - self.tick_start_time
         report0 = training_stats.report0
@@ -60,7 +62,8 @@ class TickReport:
         report0('SplitPrune/splits_tick', usage['splits'] - self.prev_splits)
         report0('SplitPrune/dead_nodes', usage['dead_nodes'])
         report0('SplitPrune/usage_tv', usage['usage_tv'])
-        if self.usage_images is not None:
+        self.data_usage = None
+        if data_usage and self.usage_images is not None:
             self.data_usage = snapshot_usage(self.ema, *self.usage_images)
             for name, value in data_usage_stats(self.data_usage).items():
                 report0(f'Usage/{name}', value)

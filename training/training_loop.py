@@ -237,7 +237,7 @@ def training_loop(
         return
 
     # Steps until `total_nimg` images or a stop signal; once per tick a report and the files due.
-    # The tick report also encodes a fixed batch of training images with the EMA (rank 0).
+    # At snapshot ticks the report also encodes a fixed batch of training images with the EMA (rank 0).
     report = TickReport(net, device, start_time, ema=ema, usage_images=code_usage.usage_batch(dataset_obj) if rank == 0 else None)
     bar = TickProgress(enabled=(rank == 0))
     bar.start(round(kimg_per_tick * 1000) if progress.cur_tick else batch_size)
@@ -277,8 +277,9 @@ def training_loop(
         if ema is not net:          # Buffers (node statistics) are not averaged: copy them.
             for b_ema, b_net in zip(ema.buffers(), net.buffers(), strict=True):
                 b_ema.copy_(b_net)
-        stats = report(progress.cur_tick, progress.cur_nimg, progress.cur_nimg - progress.tick_start_nimg, tick_end_time)
         write_snapshot = snapshot_ticks is not None and (done or progress.cur_tick % snapshot_ticks == 0)
+        stats = report(progress.cur_tick, progress.cur_nimg, progress.cur_nimg - progress.tick_start_nimg, tick_end_time,
+                       data_usage=write_snapshot)
         write_dump = state_dump_ticks is not None and (done or progress.cur_tick % state_dump_ticks == 0) and progress.cur_tick != 0
         tag = progress.take_tag() if write_snapshot or write_dump else None
         if write_snapshot:          # The EMA network; its metrics on all ranks, each generating its share.
