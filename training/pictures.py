@@ -75,7 +75,7 @@ def node_usage_plot(net, data_usage=None):
             title += f'  |  on data: used {data_usage["used"][l]}/{K}, {data_usage["entropy"][l]:.2f} of {math.log2(K):.2f} bits'
         draw.text((left, top + 4), title, fill='black')
         draw.line([(left, y0), (left, y1), (right, y1)], fill='black')
-        for v in range(int(ymax) + 1):
+        for v in range(0, int(ymax) + 1, max(1, math.ceil(ymax / 5))):      # At most about 6 labels.
             y = y1 - (y1 - y0) * v / ymax
             draw.text((left - 14, y - 5), str(v), fill='black')
         bar_w = (right - left) / K

@@ -386,9 +386,9 @@ def _check_halflife(halflife):
 # of a node set are multiplied by 0.5 ** (n / (halflife * K)), n its targets of this step, so they
 # describe the recent selections and `count.sum() == seen` still holds. Without, they sum the whole
 # run (the paper's and the reference code's): a node that stops being chosen keeps the count it
-# earned earlier and is pruned only once the run has seen as many targets again, which in a short
-# run is never (the first layer of the README's digits recipe: 30 of 64 nodes chosen on data, every
-# count above 0.6/K).
+# earned earlier and is pruned only once the run has seen about as many targets again; in a short
+# run that is too late (the first layer of the README's digits recipe after 48 kimg: 18-30 of 64
+# nodes chosen on the training images, every count above 0.6/K).
 def _fold(plan, halflife=None):
     if halflife is not None:
         n = torch.cat(plan.step_seen)                                        # (S,) targets of this step.
