@@ -131,8 +131,9 @@ def resume(state, path, step_fn):
 # Writing (rank 0).
 
 # Snapshot `tag`: the sample grid (conditions `grid_cond`) and node-usage plot of `snapshot` (the
-# EMA network, a copy; with its usage on data `data_usage`, a code_usage dict, if given), then the network as a pickle with `contents` (loss_fn, dataset_kwargs,
-# network_kwargs, training_options) and, beside it, in the safe format. The network goes to the CPU
+# EMA network, a copy; with its usage on data `data_usage`, a code_usage dict, if given), then the
+# network as a pickle with `contents` (loss_fn, dataset_kwargs, network_kwargs, training_options)
+# and, beside it, in the safe format. The network goes to the CPU
 # for the files and comes back to its device.
 def save_snapshot(run_dir, tag, snapshot, grid_cond, training_options, data_usage=None, **contents):
     device = next(snapshot.parameters()).device

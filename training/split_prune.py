@@ -296,7 +296,7 @@ class _Plan:
         self.fold_dst = [t for st in stats for t in (st.count, st.near2, st.dist_acc, st.seen)]
         self.fold_src = [t for st in stats for t in (st.pending_count, st.pending_near2.view(st.near2.shape),
                                                       st.pending_dist, st.pending_seen.view([]))]
-        # forget(): the targets of this step and K, per node set (see `_fold`).
+        # Forgetting statistics (`_fold` with a half-life): this step's targets and K, per node set.
         self.step_seen = [st.pending_seen for st in stats]
         self.node_ks = torch.tensor([float(st.K) for st in stats], dtype=torch.float64, device=self.device)
         by_key: dict[tuple, list[int]] = {}
