@@ -189,6 +189,7 @@ def resolve_resume(path):
 @option(DDN, '--leak',           help='Leak feature of the chosen head into the next block', metavar='BOOL', type=bool, default=True)
 @option(DDN, '--loss',           help='Loss and selection distance', type=click.Choice(['l2', 'l1']), default='l2')
 @option(DDN, '--balance',        help='Node balancing after every step: Split-and-Prune with the total-variation test (tv) or the paper\'s thresholds (paper), a per-node selection bias (bias, nothing split), or none (the ablation)', type=click.Choice(list(BALANCE_METHODS)), default='tv')
+@option(DDN, '--balance-halflife', help='Node statistics forget with this half-life, in targets per node (beyond the paper: a node that stops being chosen is pruned in a short run too); omit to sum the whole run (the paper\'s)', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True))
 @option(DDN, '--bias-rate',      help='--balance=bias: step of the log-distance bias per training step', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True), default=1e-2)
 @option(DDN, '--prior',          help='Prior over the codes, refreshed on the EMA network\'s codes of a fixed subset of training images before each snapshot and saved beside it (network-snapshot-*.prior.safetensors)', type=click.Choice(['none', 'frequency', 'transformer']), default='none')
 @option(DDN, '--prior-images',   help='--prior: size of the fixed subset (the first images; the last 10% held out)', metavar='INT', type=click.IntRange(min=2), default=2000)
@@ -342,6 +343,8 @@ def optimizer_config(opts):
     c.balance_kwargs = dnnlib.EasyDict(method=opts.balance)
     if opts.balance == 'bias':
         c.balance_kwargs.bias_rate = opts.bias_rate
+    if opts.balance_halflife is not None:
+        c.balance_kwargs.halflife = opts.balance_halflife
     return c
 
 # Training and performance options: batch sizes, duration, EMA, precision, ticks, device, compile, layout.

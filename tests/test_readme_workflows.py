@@ -329,7 +329,8 @@ def test_convert_and_python_loading(work):
     assert info['L'] == b.num_layers
 
 # FFHQ: dataset_tool on a folder of non-square photos, then the FFHQ recipe; the other paradigm and
-# the bias balancing (their README lines end in "...", the options of the recipes above).
+# the bias balancing and the forgetting statistics (their README lines end in "...", the options of
+# the recipes above).
 def test_ffhq_recurrence_and_bias(work):
     photos = work / 'downloads' / 'ffhq' / 'images1024x1024'
     photos.mkdir(parents=True)
@@ -345,9 +346,10 @@ def test_ffhq_recurrence_and_bias(work):
         (readme('--data=datasets/ffhq-64x64.zip --batch=512'), dict(set_={'--batch': '8', '--batch-gpu': '8'}, add=tiny)),
         (readme('--arch=recurrence --iters=9'), dict(set_={'--iters': '3', '--max-channels': '8', '--max-outputk': '4'},
                                                      add=['--duration=0.00008', '--batch=8', '--tick=0.04', *EXTRA_TRAIN])),
-        (readme('--balance=bias --bias-rate=0.01'), dict(add=['--batch=8', *tiny]))])
+        (readme('--balance=bias --bias-rate=0.01'), dict(add=['--batch=8', *tiny])),
+        (readme('--balance-halflife=32'), dict(add=['--batch=8', *tiny]))])
     assert all('Exiting...' in proc.stdout for proc in procs)
     runs = sorted(_runs(work))
     assert any('ffhq-64x64' in r for r in runs)
-    for name in runs[-3:]:
+    for name in runs[-4:]:
         assert list((work / 'training-runs' / name).glob('network-snapshot-*.safetensors')), name

@@ -1,6 +1,6 @@
 """Pictures of a snapshot, written beside it by the training loop: a grid of samples of fixed seeds
-and the node usage of Split-and-Prune (a bar plot of a few layers, and the summary numbers of all
-layers that the tick report logs). Pixels go through `images.py`, as generate.py's do.
+and the node usage of Split-and-Prune (a bar plot of a few layers, with the snapshot's usage on
+data beside the statistics, and the summary numbers of all layers that the tick report logs). Pixels go through `images.py`, as generate.py's do.
 """
 
 import math
@@ -36,15 +36,27 @@ def sample_grid(net, seeds=SAMPLE_GRID_SEEDS, batch=64, cond_images=None, cond_l
 # Size of one panel of the node-usage plot.
 USAGE_PANEL_SIZE = (640, 160)
 
-# Layers shown in the node-usage plot: first, middle, last (without repeats).
-def usage_layers(num_layers):
-    return sorted({0, num_layers // 2, num_layers - 1})
+# Layers shown in the node-usage plot: first, middle, last, and `extra` (e.g. the layer that uses
+# the fewest nodes on data), without repeats.
+def usage_layers(num_layers, extra=()):
+    return sorted({0, num_layers // 2, num_layers - 1, *extra})
 
-# Bars of K * frequency (1 = the uniform share 1/K) of the nodes of a few layers, with the 1/K line.
+# Colours of the bars: Split-and-Prune's statistics, and the usage on data.
+STATS_COLOR, DATA_COLOR = (70, 110, 200), (240, 140, 30)
+
+# Bars of K * frequency (1 = the uniform share 1/K) of the nodes of a few layers, with the 1/K line:
+# blue, how often each node was the nearest in training (Split-and-Prune's statistics); orange,
+# beside it, how often the encoded training images choose it (`data_usage`, a code_usage dict of
+# this network; its least used layer is shown too). A node with a blue bar and no orange one is
+# balanced in the statistics but dead on data.
 @torch.no_grad()
-def node_usage_plot(net):
+def node_usage_plot(net, data_usage=None):
     ddls = find_node_sets(net)
-    layers = usage_layers(len(ddls))
+    extra = ()
+    if data_usage is not None:
+        shares = [n / k for n, k in zip(data_usage['used'], data_usage['ks'])]
+        extra = (min(range(len(shares)), key=shares.__getitem__),)
+    layers = usage_layers(len(ddls), extra)
     pw, ph = USAGE_PANEL_SIZE
     image = PIL.Image.new('RGB', (pw, ph * len(layers)), 'white')
     draw = PIL.ImageDraw.Draw(image)
@@ -52,21 +64,31 @@ def node_usage_plot(net):
         stats = ddls[l].node_stats
         K = stats.K
         usage = (stats.frequency() * K).double().cpu().numpy()
+        data = None if data_usage is None else [f * K for f in data_usage['freq'][l]]
         dead = int((stats.count == 0).sum()) if float(stats.count.sum()) > 0 else 0
         top = row * ph
         left, right, y0, y1 = 40, pw - 10, top + 22, top + ph - 12    # Plot area; y1 = value 0.
-        ymax = max(2.0, math.ceil(float(usage.max())))
-        draw.text((left, top + 4), f'layer {l}  K={K}  splits {int(stats.num_splits)}  dead {dead}  '
-                  f'max {usage.max():.2f}/K  min {usage.min():.2f}/K', fill='black')
+        ymax = max(2.0, math.ceil(float(max(usage.max(), max(data) if data else 0))))
+        title = (f'layer {l}  K={K}  splits {int(stats.num_splits)}  dead {dead}  '
+                 f'max {usage.max():.2f}/K  min {usage.min():.2f}/K')
+        if data is not None:
+            title += f'  |  on data: used {data_usage["used"][l]}/{K}, {data_usage["entropy"][l]:.2f} of {math.log2(K):.2f} bits'
+        draw.text((left, top + 4), title, fill='black')
         draw.line([(left, y0), (left, y1), (right, y1)], fill='black')
-        for v in range(int(ymax) + 1):
+        for v in range(0, int(ymax) + 1, max(1, math.ceil(ymax / 5))):      # At most about 6 labels.
             y = y1 - (y1 - y0) * v / ymax
             draw.text((left - 14, y - 5), str(v), fill='black')
         bar_w = (right - left) / K
-        for k, u in enumerate(usage):
-            h = (y1 - y0) * min(u, ymax) / ymax
+        for k in range(K):
             x0 = left + k * bar_w
-            draw.rectangle([x0 + 0.15 * bar_w, y1 - h, x0 + max(0.85 * bar_w, 1), y1], fill=(70, 110, 200))
+            bars = [(usage[k], STATS_COLOR)] if data is None else [(usage[k], STATS_COLOR), (data[k], DATA_COLOR)]
+            w = 0.7 * bar_w / len(bars)
+            for i, (u, color) in enumerate(bars):
+                if u <= 0:              # No bar at all for a node never chosen (not even a 1-pixel line).
+                    continue
+                h = (y1 - y0) * min(u, ymax) / ymax
+                xa = x0 + 0.15 * bar_w + i * w
+                draw.rectangle([xa, y1 - h, xa + max(w, 1), y1], fill=color)
         y_uniform = y1 - (y1 - y0) / ymax
         draw.line([(left, y_uniform), (right, y_uniform)], fill=(220, 40, 40))
     return image

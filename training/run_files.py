@@ -145,13 +145,14 @@ def resume(state, path, step_fn):
 # Writing (rank 0).
 
 # Snapshot `tag`: the sample grid (conditions `grid_cond`) and node-usage plot of `snapshot` (the
-# EMA network, a copy), then the network as a pickle with `contents` (loss_fn, dataset_kwargs,
-# network_kwargs, training_options) and, beside it, in the safe format. The network goes to the CPU
+# EMA network, a copy; with its usage on data `data_usage`, a code_usage dict, if given), then the
+# network as a pickle with `contents` (loss_fn, dataset_kwargs, network_kwargs, training_options)
+# and, beside it, in the safe format. The network goes to the CPU
 # for the files and comes back to its device.
-def save_snapshot(run_dir, tag, snapshot, grid_cond, training_options, **contents):
+def save_snapshot(run_dir, tag, snapshot, grid_cond, training_options, data_usage=None, **contents):
     device = next(snapshot.parameters()).device
     save_png(sample_grid(snapshot, **grid_cond), os.path.join(run_dir, f'samples-{tag}.png'))
-    save_png(node_usage_plot(snapshot), os.path.join(run_dir, f'node-usage-{tag}.png'))
+    save_png(node_usage_plot(snapshot, data_usage), os.path.join(run_dir, f'node-usage-{tag}.png'))
     data = dict(ema=snapshot.cpu(), **contents, training_options=training_options)
     checkpoint.save_atomic(data, os.path.join(run_dir, snapshot_io.run_file(snapshot_io.SNAPSHOT_PATTERN, tag)), mode='pickle')
     snapshot_io.save_network_safe(data['ema'], os.path.join(run_dir, snapshot_io.run_file(snapshot_io.SAFE_SNAPSHOT_PATTERN, tag)),

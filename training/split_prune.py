@@ -21,7 +21,9 @@ This file reads top-down like the paper:
 The pass is batched over the node sets by `split_prune_plan.py` (a fixed number of tensor
 operations, however many layers: on a GPU the launches do not grow with L), and its result is
 bit-identical to treating the node sets one by one (tests/test_split_prune.py checks it against that
-loop, kept in tests/split_prune_reference.py).
+loop, kept in tests/split_prune_reference.py). With `halflife`, the statistics forget old selections
+(beyond the paper, see `Plan.fold`), so that a node the data stopped choosing is pruned while the run
+is still short.
 
 Beyond the paper, `balance(method='bias')` is the balanced alternative the author suggests
 (our spec `DDN.md` §3): nothing is split or pruned and no parameter is discarded; instead each node
@@ -51,14 +53,17 @@ def split_and_prune(
     optimizer:  torch.optim.Optimizer = None,   # Optimizer whose state rows follow the weights.
     mirrors:    Iterable[nn.Module] = (),       # Modules with the same structure (EMA copies).
     rule:       str = 'tv',                     # 'tv' (total variation test) or 'paper' (thresholds).
+    halflife:   float = None,                   # Statistics forget with this half-life, in targets per
+                                                # node (beyond the paper, see Plan.fold); None = never.
 ) -> torch.Tensor:
     if rule not in ('tv', 'paper'):
         raise ValueError(f'Unknown Split-and-Prune rule {rule!r}; expected "tv" or "paper"')
+    _check_halflife(halflife)
     # 1. All ranks' observations of this step are summed with ONE all-reduce and folded in.
     plan = _reduced_plan(model, optimizer, mirrors)
     if plan is None:
         return torch.zeros([], dtype=torch.int64)
-    plan.fold()
+    plan.fold(halflife)
     total_splits = torch.zeros([], dtype=torch.int64, device=plan.device)
     for grp in plan.groups:
         # 2. Node sets with equal K are stacked and decided together: split the most frequent node,
@@ -100,17 +105,19 @@ def balance(
     *,
     mirrors:    Iterable[nn.Module] = (),       # Modules with the same structure (EMA copies).
     bias_rate:  float = 1e-2,                   # method 'bias': step of the log-distance bias per call.
+    halflife:   float = None,                   # Half-life of the statistics in targets per node; None = never forget.
 ) -> torch.Tensor:
     if method not in BALANCE_METHODS:
         raise ValueError(f'Unknown balancing method {method!r}; expected one of {", ".join(BALANCE_METHODS)}')
     if method in ('tv', 'paper'):
-        return split_and_prune(model, optimizer, mirrors=mirrors, rule=method)
+        return split_and_prune(model, optimizer, mirrors=mirrors, rule=method, halflife=halflife)
+    _check_halflife(halflife)
     plan = _reduced_plan(model, optimizer, mirrors)
     if plan is None:
         return torch.zeros([], dtype=torch.int64)
     if method == 'bias':
         _update_biases(plan, bias_rate)
-    plan.fold()
+    plan.fold(halflife)
     return torch.zeros([], dtype=torch.int64, device=plan.device)
 
 # Balancing by selection bias (beyond the paper, DDN.md §3): each node set's `select_bias` takes one
@@ -121,6 +128,11 @@ def _update_biases(plan, bias_rate):
 
 # The plan of `model`'s node sets (None if it has none), after checking that every mirror has the
 # same node sets; then this step's pending observations summed over ranks with ONE all-reduce.
+# A half-life of the statistics must be None or a positive number of targets per node.
+def _check_halflife(halflife):
+    if halflife is not None and not halflife > 0:
+        raise ValueError(f'Node statistics half-life must be > 0 targets per node (or None), got {halflife!r}')
+
 def _reduced_plan(model, optimizer, mirrors):
     node_sets = find_node_sets(model)
     if not node_sets:

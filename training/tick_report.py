@@ -2,8 +2,15 @@
 `stats.jsonl` line) and the progress line on the console and in log.txt; and the progress bar over
 the images of the tick in progress, on an interactive terminal. The device's statistics reach the
 host here, once per tick.
+
+Besides Split-and-Prune's own statistics (how often each node was the nearest during training), the
+report measures, at snapshot ticks, the node usage of the snapshot network (the EMA) on data: a fixed
+batch of training images is encoded under no_grad and each layer's nodes used and entropy are logged
+(training/code_usage.py) and drawn in the node-usage plot. The two can disagree: statistics that never forget call a node balanced
+long after the data stopped choosing it.
 """
 
+import math
 import os
 import sys
 import time
@@ -13,20 +20,29 @@ import torch
 
 import dnnlib
 from torch_utils import distributed, training_stats
+from training.code_usage import snapshot_usage, usage_line
 from training.pictures import node_usage_summary
 
 # ----------------------------------------------------------------------------
 # Statistics and the progress line of each tick.
 
 class TickReport:
-    def __init__(self, net, device, start_time):
+    def __init__(self, net, device, start_time,
+        ema             = None,         # The snapshot network (EMA copy, or `net`), for the usage on data.
+        usage_images    = None,         # (images, labels) of code_usage.usage_batch; None = no usage on data.
+    ):
         self.net, self.device, self.start_time = net, device, start_time
+        self.ema = net if ema is None else ema
+        self.usage_images = usage_images
+        self.data_usage = None          # code_usage dict of this tick's snapshot; None at other ticks.
         self.tick_start_time = time.time()
         self.maintenance_time = self.tick_start_time - start_time   # Time outside the last tick's steps.
         self.prev_splits = node_usage_summary(net)['splits']        # Splits before the tick.
 
     # Report the tick that ended at `tick_end_time` after `tick_img` images; returns the statistics.
-    def __call__(self, cur_tick, cur_nimg, tick_img, tick_end_time):
+    # With `data_usage` (at snapshot ticks), also the snapshot's usage on data (about 2 ms of CPU per
+    # image on the README's digits net, so not at every tick).
+    def __call__(self, cur_tick, cur_nimg, tick_img, tick_end_time, data_usage=False):
         usage = node_usage_summary(self.net)
         tick_sec = tick_end_time - self.tick_start_time
         report0 = training_stats.report0
@@ -46,6 +62,11 @@ class TickReport:
         report0('SplitPrune/splits_tick', usage['splits'] - self.prev_splits)
         report0('SplitPrune/dead_nodes', usage['dead_nodes'])
         report0('SplitPrune/usage_tv', usage['usage_tv'])
+        self.data_usage = None
+        if data_usage and self.usage_images is not None:
+            self.data_usage = snapshot_usage(self.ema, *self.usage_images)
+            for name, value in data_usage_stats(self.data_usage).items():
+                report0(f'Usage/{name}', value)
         training_stats.default_collector.update()
         stats = training_stats.default_collector.as_dict()
         distributed.print0(self.progress_line(cur_tick, cur_nimg, tick_img, tick_sec, tick_end_time, usage))
@@ -65,6 +86,7 @@ class TickReport:
             f'sec/kimg {tick_sec / max(tick_img, 1) * 1e3:<8.2f}',
             f'splits {usage["splits"]} (+{usage["splits"] - self.prev_splits})',
             f'tv {usage["usage_tv"]:<6.3f}',
+            *([f'data {usage_line(self.data_usage)}'] if self.data_usage is not None else []),
             f'maintenance {self.maintenance_time:<5.1f}',
             f'cpumem {mean("Resources/cpu_mem_gb"):<5.2f}',
         ]
@@ -76,6 +98,16 @@ class TickReport:
     def next_tick(self, tick_end_time):
         self.tick_start_time = time.time()
         self.maintenance_time = self.tick_start_time - tick_end_time
+
+# The stats.jsonl figures of a usage on data (code_usage dict): the share of nodes used by the
+# least used layer and its index, the mean entropy as a share of log2(K), and layer 0's nodes used
+# and entropy in bits (the first layer is where collapse shows first).
+def data_usage_stats(u):
+    shares = [n / k for n, k in zip(u['used'], u['ks'])]
+    worst = min(range(len(shares)), key=shares.__getitem__)
+    entropy = [h / math.log2(k) for h, k in zip(u['entropy'], u['ks']) if k > 1]
+    return dict(min_used_share=shares[worst], min_used_layer=worst, entropy_share=sum(entropy) / max(len(entropy), 1),
+                layer0_used=u['used'][0], layer0_bits=u['entropy'][0])
 
 # ----------------------------------------------------------------------------
 # A tqdm bar over the images of the current tick, shown only on an interactive terminal. It writes

@@ -28,7 +28,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed, misc, training_stats
-from training import prior_training, run_files, stopping
+from training import code_usage, prior_training, run_files, stopping
 from training import snapshot as snapshot_io
 from training.images import to_float
 from training.pictures import SAMPLE_GRID_SEEDS
@@ -251,7 +251,8 @@ def training_loop(
         return
 
     # Steps until `total_nimg` images or a stop signal; once per tick a report and the files due.
-    report = TickReport(net, device, start_time)
+    # At snapshot ticks the report also encodes a fixed batch of training images with the EMA (rank 0).
+    report = TickReport(net, device, start_time, ema=ema, usage_images=code_usage.usage_batch(dataset_obj) if rank == 0 else None)
     bar = TickProgress(enabled=(rank == 0))
     bar.start(round(kimg_per_tick * 1000) if progress.cur_tick else batch_size)
     stop = stopping.StopRequest()
@@ -289,9 +290,10 @@ def training_loop(
         if ema is not net:          # Buffers (node statistics) are not averaged: copy them.
             for b_ema, b_net in zip(ema.buffers(), net.buffers(), strict=True):
                 b_ema.copy_(b_net)
-        stats = report(progress.cur_tick, progress.cur_nimg, progress.cur_nimg - progress.tick_start_nimg, tick_end_time)
-        _check_finite(stats, net, progress.cur_nimg, run_dir)
         write_snapshot = snapshot_ticks is not None and (done or progress.cur_tick % snapshot_ticks == 0)
+        stats = report(progress.cur_tick, progress.cur_nimg, progress.cur_nimg - progress.tick_start_nimg, tick_end_time,
+                       data_usage=write_snapshot)
+        _check_finite(stats, net, progress.cur_nimg, run_dir)
         write_dump = state_dump_ticks is not None and (done or progress.cur_tick % state_dump_ticks == 0) and progress.cur_tick != 0
         tag = progress.take_tag() if write_snapshot or write_dump else None
         if write_snapshot:          # The EMA network; its metrics on all ranks, each generating its share.
@@ -299,7 +301,8 @@ def training_loop(
             misc.check_ddp_consistency(net)
             misc.check_ddp_consistency(snapshot)
             if rank == 0:
-                run_files.save_snapshot(run_dir, tag, snapshot, grid_cond, training_options, loss_fn=step_fn.loss_fn,
+                run_files.save_snapshot(run_dir, tag, snapshot, grid_cond, training_options, data_usage=report.data_usage,
+                                        loss_fn=step_fn.loss_fn,
                                         dataset_kwargs=dict(dataset_kwargs), network_kwargs=dict(network_kwargs))
             if prior_refresh is not None:   # On the snapshot's codes, saved beside it; its figures join this tick's stats.
                 prior_report = prior_refresh.refresh(snapshot, progress.cur_nimg)
