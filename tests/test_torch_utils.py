@@ -630,3 +630,14 @@ def test_check_writable(tmp_path, monkeypatch):
     monkeypatch.setattr(os, 'access', lambda path, mode: os.fspath(path) != str(tmp_path))
     with pytest.raises(ValueError, match=f'no permission to write in {tmp_path}$'):
         check_writable(tmp_path / 'a' / 'b.png')
+
+# A reset forgets what was reported (a diverged run's NaN), also for a collector made before it.
+def test_training_stats_reset_clears_old_totals():
+    collector = training_stats.Collector(regex='^Test/reset$')
+    training_stats.report('Test/reset', torch.tensor([float('nan')]))
+    collector.update()
+    assert np.isnan(collector.mean('Test/reset'))
+    training_stats.reset()
+    training_stats.report('Test/reset', torch.tensor([1.0, 3.0]))
+    collector.update()
+    assert collector.num('Test/reset') == 2 and collector.mean('Test/reset') == 2.0

@@ -29,11 +29,15 @@ _NUM_MOMENTS = 3
 # Accumulators of everything reported so far: {name: {device: float64 tensor (3,)}}; cleared by reset().
 _counters = {}
 
+# Number of reset() calls so far: a Collector whose totals predate the last reset starts afresh.
+_generation = 0
+
 # Forget everything reported so far: a new training run in this process starts from clean statistics
-# (a diverged run's NaN would otherwise stay in every later Collector's deltas). Collectors made
-# before a reset must not be used after it.
+# (a diverged run's NaN would otherwise stay in every later Collector's deltas).
 def reset():
+    global _generation
     _counters.clear()
+    _generation += 1
 
 # ----------------------------------------------------------------------------
 # Accumulate the elements of `value` under `name`, on the value's device; returns `value`.
@@ -74,6 +78,7 @@ class Collector:
         self._cumulative = {}   # name -> reduced totals (np.float64 (3,)) at the previous update()
         self._moments = {}      # name -> totals of the last interval (np.float64 (3,))
         self._names_cache = {}  # name -> whether it matches the regex
+        self._generation = _generation  # reset() count that _cumulative belongs to
 
     # Whether `name` is collected by this collector.
     def _matches(self, name):
@@ -83,6 +88,10 @@ class Collector:
 
     # Reduce all matching accumulators across ranks (one collective, one host copy) and take deltas.
     def update(self):
+        if self._generation != _generation:     # The counters were reset: the old totals are void.
+            self._cumulative.clear()
+            self._moments.clear()
+            self._generation = _generation
         names = sorted(name for name in _counters if self._matches(name))
         # One float64 buffer for everything: (names + 1 check row, 3) on a single device.
         on_device = [dev for name in names for dev in _counters[name] if dev.type != 'cpu']
