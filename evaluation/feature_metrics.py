@@ -11,7 +11,6 @@ the Frechet distance (FID, sFID, FD-DINOv2), the Inception Score, improved preci
 import math
 
 import numpy as np
-import scipy.linalg
 import torch
 
 # Inception Score splits (as in the paper): IS needs at least this many images.
@@ -38,13 +37,19 @@ def calculate_fid(mu1, sigma1, mu2, sigma2):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f'FID needs matching statistics, got mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}')
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    # A singular product (fewer samples than dimensions) can make sqrtm diverge; a tiny ridge is the usual remedy.
-    if not np.isfinite(covmean).all():
-        ridge = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
-    # Round-off leaves a negligible imaginary part on a real-valued root; the trace uses the real part.
-    return float(diff @ diff + np.trace(sigma1 + sigma2 - 2 * np.real(covmean)))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
+
+# tr sqrt(S1 S2) of two covariance matrices (symmetric, positive semi-definite). S1 S2 is similar to
+# the symmetric A S2 A with A = S1^(1/2), whose eigenvalues are real and >= 0, so the trace is the
+# sum of their square roots: two symmetric eigen-decompositions, about 6x faster than
+# scipy.linalg.sqrtm(S1 @ S2) at 2048 x 2048 and free of its complex round-off (the same value to
+# ~1e-10 relative; tests/test_fid.py checks it against closed forms and sqrtm). Eigenvalues below
+# zero are round-off of a singular matrix (fewer samples than dimensions) and count as zero.
+def trace_sqrt_product(sigma1, sigma2):
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root @ sigma2 @ root
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
 
 # Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) per split; mean and std over splits.
 def inception_score(probs, splits=IS_SPLITS):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import scipy.linalg
 import pytest
 import torch
 from click.testing import CliRunner
@@ -128,17 +129,20 @@ def test_fid_matches_analytic_diagonal_gaussians():
     expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
     assert feature_metrics.calculate_fid(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
 
-def test_fid_matches_eigenvalue_computation_for_full_covariances():
+def test_fid_matches_sqrtm_for_full_covariances():
     rng = np.random.RandomState(3)
     a, b = rng.standard_normal((48, 48)), rng.standard_normal((48, 48))
     s1, s2 = a @ a.T / 48 + 0.1 * np.eye(48), b @ b.T / 48 + 0.1 * np.eye(48)
     mu1, mu2 = rng.standard_normal(48), rng.standard_normal(48)
-    # tr((S1 S2)^(1/2)) = sum of sqrt(eig(S1^(1/2) S2 S1^(1/2))), a symmetric route independent of sqrtm.
-    w, v = np.linalg.eigh(s1)
-    root1 = v @ np.diag(np.sqrt(w)) @ v.T
-    trace_root = np.sum(np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1)))
-    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * trace_root
+    # The textbook formula with scipy's general matrix square root (the route of the reference code).
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * np.real(scipy.linalg.sqrtm(s1 @ s2)))
     assert feature_metrics.calculate_fid(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    # Singular covariances (fewer samples than dimensions) give a finite value, the same as sqrtm's.
+    f1, f2 = rng.standard_normal((20, 48)), rng.standard_normal((30, 48)) + 0.5
+    c1, c2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    m1, m2 = f1.mean(0), f2.mean(0)
+    expected = np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2 * np.real(scipy.linalg.sqrtm(c1 @ c2)))
+    assert feature_metrics.calculate_fid(m1, c1, m2, c2) == pytest.approx(expected, rel=1e-6)
 
 def test_compute_stats_of_samples_approaches_the_true_gaussian():
     rng = np.random.RandomState(4)
