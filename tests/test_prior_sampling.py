@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from sampling.generation import generate_batches
-from sampling.guidance import TemperatureChooser, TopKChooser
+from sampling.choosers import TemperatureChooser, TopKChooser
 from sampling.prior_sampling import PriorChooser, sample_with_prior
 from training import prior as prior_lib
 from training.ddl import LayerInfo
