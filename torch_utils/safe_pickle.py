@@ -32,7 +32,8 @@ def _load_storage_from_bytes(data):
 
 # Constructors a pickle may call, bounded: each takes only what the file holds (a list, bytes), never
 # a count it could inflate (`bytearray(4_000_000_000)`, `set(range(400_000_000))`: a few bytes of
-# pickle, gigabytes of memory). `range` is not allowed at all.
+# pickle, gigabytes of memory). A `range` is allowed (the author's snapshots hold some): it takes no
+# memory itself, and none of these constructors accepts one.
 def _from_contents(cls):
     def build(*args):
         if any(not isinstance(a, (bytes, bytearray, str, list, tuple, set, frozenset, dict)) for a in args[:1]):
@@ -50,7 +51,7 @@ def _bounded_reconstructor(cls, base, state):
 
 def _safe_globals():
     table = {('builtins', name): _from_contents(getattr(builtins, name)) for name in ('set', 'frozenset', 'bytearray')}
-    table.update({('builtins', name): getattr(builtins, name) for name in ('slice', 'complex')})
+    table.update({('builtins', name): getattr(builtins, name) for name in ('slice', 'complex', 'range')})
     table.update({
         ('collections', 'OrderedDict'):             collections.OrderedDict,
         ('_codecs', 'encode'):                      codecs.encode,      # bytes in protocol 2
