@@ -132,7 +132,7 @@ def test_stylegan3_style_pickle_needs_exactly_one_global_and_its_torchscript_nee
     data = pickle.dumps(_TorchScriptInPickle(buffer.getvalue()))
     assert safe_pickle.globals_of(data) == [('torch.storage', '_load_from_bytes')]
     # A TorchScript archive that is not the Inception would run its code: refused unless trusted.
-    with pytest.raises(detectors.UntrustedDetectorError, match='not the FID Inception-v3.*--trust-code'):
+    with pytest.raises(detectors.UntrustedDetectorError, match='not the FID Inception-v3.*trust_pickle=True'):
         detectors.deserialize(data, 'inception-like.pkl')
     detector = detectors.deserialize(data, 'inception-like.pkl', trust_pickle=True)
     images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)

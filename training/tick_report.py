@@ -29,11 +29,14 @@ from training.pictures import node_usage_summary
 class TickReport:
     def __init__(self, net, device, start_time,
         ema             = None,         # The snapshot network (EMA copy, or `net`), for the usage on data.
-        usage_images    = None,         # (images, labels) of code_usage.usage_batch; None = no usage on data.
+        usage_images    = None,         # (images, labels) of code_usage.usage_batch; None = no usage on data here.
+        measure_usage   = None,         # Whether any rank measures it (the same on every rank, so every rank
+                                        # reports the same statistic names); None = usage_images is not None.
     ):
         self.net, self.device, self.start_time = net, device, start_time
         self.ema = net if ema is None else ema
         self.usage_images = usage_images
+        self.measure_usage = usage_images is not None if measure_usage is None else measure_usage
         self.data_usage = None          # code_usage dict of this tick's snapshot; None at other ticks.
         self.tick_start_time = time.time()
         self.maintenance_time = self.tick_start_time - start_time   # Time outside the last tick's steps.
@@ -63,10 +66,13 @@ class TickReport:
         report0('SplitPrune/dead_nodes', usage['dead_nodes'])
         report0('SplitPrune/usage_tv', usage['usage_tv'])
         self.data_usage = None
-        if data_usage and self.usage_images is not None:
-            self.data_usage = snapshot_usage(self.ema, *self.usage_images)
-            for name, value in data_usage_stats(self.data_usage).items():
-                report0(f'Usage/{name}', value)
+        if data_usage and self.measure_usage:
+            values = {}
+            if self.usage_images is not None:       # Rank 0 measures; the others report the names, empty.
+                self.data_usage = snapshot_usage(self.ema, *self.usage_images)
+                values = data_usage_stats(self.data_usage)
+            for name in USAGE_STATS:
+                report0(f'Usage/{name}', values.get(name, []))
         training_stats.default_collector.update()
         stats = training_stats.default_collector.as_dict()
         distributed.print0(self.progress_line(cur_tick, cur_nimg, tick_img, tick_sec, tick_end_time, usage))
@@ -102,6 +108,8 @@ class TickReport:
 # The stats.jsonl figures of a usage on data (code_usage dict): the share of nodes used by the
 # least used layer and its index, the mean entropy as a share of log2(K), and layer 0's nodes used
 # and entropy in bits (the first layer is where collapse shows first).
+USAGE_STATS = ('min_used_share', 'min_used_layer', 'entropy_share', 'layer0_used', 'layer0_bits')
+
 def data_usage_stats(u):
     shares = [n / k for n, k in zip(u['used'], u['ks'])]
     worst = min(range(len(shares)), key=shares.__getitem__)

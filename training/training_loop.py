@@ -252,7 +252,8 @@ def training_loop(
 
     # Steps until `total_nimg` images or a stop signal; once per tick a report and the files due.
     # At snapshot ticks the report also encodes a fixed batch of training images with the EMA (rank 0).
-    report = TickReport(net, device, start_time, ema=ema, usage_images=code_usage.usage_batch(dataset_obj) if rank == 0 else None)
+    report = TickReport(net, device, start_time, ema=ema, usage_images=code_usage.usage_batch(dataset_obj) if rank == 0 else None,
+                        measure_usage=True)
     bar = TickProgress(enabled=(rank == 0))
     bar.start(round(kimg_per_tick * 1000) if progress.cur_tick else batch_size)
     stop = stopping.StopRequest()

@@ -280,14 +280,15 @@ class _Detector(torch.nn.Module):
         return f if return_features else torch.softmax(f, dim=1)
 
 def _demo_load(source):
-    """demo.py's Load button with a file (class 6/7), through its session object with a stand-in gradio."""
+    """demo.py's Load button with a file (class 6/7), through its page object with a stand-in gradio."""
     import demo
+    from sampling import interactive
     class GrError(Exception):
         pass
     gr = type('gr', (), {'Error': GrError})
-    session = demo._Session(gr, 'cpu')
+    page = demo._Page(gr, 'cpu', interactive.MAX_NETWORK_BYTES)
     try:
-        session.load(source)
+        page.load(source)
     except GrError as err:
         return 1, f'Error: {err}', SystemExit(1)
     except Exception as err:
