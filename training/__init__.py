@@ -25,6 +25,8 @@ Data and file formats:
 - `author.py`: the author's released networks, read without running their code.
 
 Priors over the codes (k_1..k_L) and entropy coding:
-- `prior.py`: the frequency baseline and the causal-transformer prior; `prior_training.py`: train.py --prior.
+- `prior.py`: the frequency baseline and the causal-transformer prior (prior files name these classes);
+  `prior_rule.py`: drawing codes from a prior (temperature, top-k, top-p); `prior_files.py`: prior files;
+  `prior_training.py`: fitting a prior to a network's codes of a dataset, and train.py --prior.
 - `entropy_coding.py`: arithmetic coding of latents with a prior over the codes (compress.py).
 """
