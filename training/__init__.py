@@ -21,6 +21,8 @@ Data and file formats:
 - `dataset.py`: image folders / zips in EDM's format and the built-in digits.
 - `images.py`: pixels (uint8 <-> [-1, 1]), grids and PNG files.
 - `snapshot.py`: network files (safetensors, restricted pickles), training states, run-folder file names.
+  `checked_build.py`: what a network file may build (allowed classes, argument bounds, shapes checked on
+  the meta device) and the pickle layouts read without running code.
 - `latent.py`: the codes of images as bit strings and latents.npz files.
 - `author.py`: the author's released networks, read without running their code.
 
