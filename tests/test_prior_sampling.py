@@ -193,7 +193,7 @@ def test_zscg_with_prior(snapshot_with_prior, tmp_path):
     outputs = {}
     for prior in (str(prior_file), 'off'):
         code, output = _run('zscg', [f'--network={net_path}', '--task=superres', '--images=0-1', '--seeds=0-2',
-                                     f'--out={tmp_path / "z.png"}', f'--prior={prior}', '--device=cpu', '--cell=16'])
+                                     f'--out={tmp_path / f"z-{len(outputs)}.png"}', f'--prior={prior}', '--device=cpu', '--cell=16'])
         assert code == 0, output
         outputs[prior] = output
     assert 'Prior: ' in outputs[str(prior_file)] and 'Prior: ' not in outputs['off']
