@@ -23,7 +23,8 @@ from torch_utils import checkpoint
 from sampling.generation import existing_files, recorded_outputs
 from torch_utils import distributed as dist
 from training import dataset as dataset_lib
-from training import prior as prior_lib
+from training import prior_files
+from training import prior_rule
 from training import snapshot
 
 # ----------------------------------------------------------------------------
@@ -194,19 +195,19 @@ def load_prior(prior, net, net_path, device, temperature=1.0, top_k=0, top_p=1.0
         return None, None
     path = prior
     if prior == 'auto':
-        path = None if dnnlib.util.is_url(net_path) else prior_lib.find_prior(net_path)
+        path = None if dnnlib.util.is_url(net_path) else prior_files.find_prior(net_path)
         if path is None:
             if rule_given:
                 raise click.UsageError(f'--prior-temp/--prior-topk/--prior-topp: {net_path} has no prior '
-                                       f'({prior_lib.prior_path(net_path)}); fit one with train_prior.py or give --prior PATH')
+                                       f'({prior_files.prior_path(net_path)}); fit one with train_prior.py or give --prior PATH')
             return None, None
     if getattr(net, 'condition', None) is not None:
         raise click.UsageError(f'--prior: {net_path} is a conditional network; a prior applies to unconditional networks')
     try:
-        loaded = prior_lib.check_prior_fits(prior_lib.load_prior(path, device), net.ks, path)
+        loaded = prior_files.check_prior_fits(prior_files.load_prior(path, device), net.ks, path)
     except (OSError, ValueError) as e:
         raise click.BadParameter(str(e), param_hint='--prior') from e
-    return prior_lib.PriorRule(loaded, temperature, top_k, top_p), path
+    return prior_rule.PriorRule(loaded, temperature, top_k, top_p), path
 
 # ----------------------------------------------------------------------------
 # Outputs: a script replaces only what an earlier run of the same script wrote, and only with

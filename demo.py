@@ -37,7 +37,8 @@ import PIL.Image
 import dnnlib
 from cli import device_option
 from torch_utils.distributed import pick_device
-from training import prior as prior_lib
+from training import prior_files
+from training import prior_rule
 from sampling import interactive
 from training.images import to_uint8
 from sampling.interactive import CANVAS_SIZE, MAX_SEEDS, UPLOAD_GUIDES
@@ -122,10 +123,10 @@ class _Page:
         if net.condition is not None:
             raise self.gr.Error(f'{path} is conditioned on {net.condition!r}; the demo guides unconditional networks')
         # The network file's own prior (X.prior.safetensors), as generate.py --prior=auto.
-        found = None if dnnlib.util.is_url(path) else prior_lib.find_prior(path)
+        found = None if dnnlib.util.is_url(path) else prior_files.find_prior(path)
         try:
-            prior = None if found is None else prior_lib.PriorRule(
-                prior_lib.check_prior_fits(prior_lib.load_prior(found, self.device), net.ks, found))
+            prior = None if found is None else prior_rule.PriorRule(
+                prior_files.check_prior_fits(prior_files.load_prior(found, self.device), net.ks, found))
         except (OSError, ValueError) as e:
             raise self.gr.Error(f'Could not load the prior of the network: {e}') from None
         return path, net, prior

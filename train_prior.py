@@ -28,6 +28,9 @@ import cli
 import dnnlib
 from torch_utils import distributed as dist
 from training import prior as prior_lib
+from training import prior_files
+from training import prior_rule
+from training import prior_training
 from training.dataset import open_dataset
 from training.snapshot import fingerprint, load_network
 
@@ -63,7 +66,7 @@ def main(network, data, out, kind, max_images, held_out, steps, batch, lr, wd, d
     if out is None:
         if dnnlib.util.is_url(path):
             raise click.UsageError('--network is a URL: give --out for the prior file')
-        out = prior_lib.prior_path(path)
+        out = prior_files.prior_path(path)
     if os.path.isdir(out):
         raise click.BadParameter(f'{out} is a folder; give a file name', param_hint='--out')
     try:
@@ -75,29 +78,29 @@ def main(network, data, out, kind, max_images, held_out, steps, batch, lr, wd, d
         raise click.BadParameter(f'{data} has images of shape {dataset.image_shape}, the network makes {shape}', param_hint='--data')
     num = len(dataset) if max_images is None else min(max_images, len(dataset))
     try:
-        train_idx, held_idx = prior_lib.split_indices(num, held_out)
+        train_idx, held_idx = prior_training.split_indices(num, held_out)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint='--held-out') from e
 
     click.echo(f'Network: {path} (L={net.num_layers}, {net.bits_per_image:.1f} bits per image)')
     click.echo(f'Encoding {num} images of {data} ({len(train_idx)} to train on, {len(held_idx)} held out)...')
     try:
-        codes = prior_lib.dataset_codes(net, dataset, range(num), batch)
+        codes = prior_training.dataset_codes(net, dataset, range(num), batch)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     train, held = codes[train_idx], codes[held_idx]
-    fit, val = prior_lib.split_validation(train)     # Early stopping on `val`; the figures on `held`, never seen.
+    fit, val = prior_training.split_validation(train)     # Early stopping on `val`; the figures on `held`, never seen.
     prior_kwargs = dict(dim=dim, depth=depth, heads=heads, dropout=dropout) if kind == 'transformer' else {}
     log = lambda row: click.echo('  ' + '  '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
     try:
-        prior, history = prior_lib.fit_prior(kind, net.ks, fit, val, steps=steps, batch=batch, lr=lr, weight_decay=wd,
+        prior, history = prior_training.fit_prior(kind, net.ks, fit, val, steps=steps, batch=batch, lr=lr, weight_decay=wd,
                                              eval_every=eval_every, seed=seed, device=device, log=log, **prior_kwargs)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    report = prior_lib.prior_report(prior, train, held, prior_lib.seed_uniforms(range(samples), net.num_layers))
+    report = prior_training.prior_report(prior, train, held, prior_rule.seed_uniforms(range(samples), net.num_layers))
     report.update(kind=kind, network=os.path.basename(path), network_fingerprint=fingerprint(net), data=str(data),
                   steps=steps, held_out=held_out)
-    prior_lib.save_prior(prior.cpu(), out, extra_metadata=dict(report=report))
+    prior_files.save_prior(prior.cpu(), out, extra_metadata=dict(report=report))
     click.echo(f'Saved {kind} prior to {out}')
     click.echo(json.dumps(report))
     if 'prior_bits' in report:

@@ -81,6 +81,8 @@ from evaluation import feature_metrics
 from training.dataset import DigitsDataset
 from training.loss import DDNLoss
 from training import prior as prior_lib
+from training import prior_rule
+from training import prior_training
 from training.networks import DDNGenerator
 from training.training_step import TrainingStep, ema_beta, learning_rate
 
@@ -261,16 +263,16 @@ def evaluate_priors(net, train, held_out, num, steps, seed=0, batch=250):
     num_val = max(1, train_codes.shape[0] // 10)
     t0 = time.monotonic()
     with torch.enable_grad():
-        transformer, _ = prior_lib.fit_prior('transformer', net.ks, train_codes[:-num_val], train_codes[-num_val:], steps=steps, seed=seed)
+        transformer, _ = prior_training.fit_prior('transformer', net.ks, train_codes[:-num_val], train_codes[-num_val:], steps=steps, seed=seed)
     prior_sec = time.monotonic() - t0
     uniforms = net.seed_uniforms(range(num))
     results = []
     for name, prior in (('uniform codes', prior_lib.FrequencyPrior(net.ks)),
                         ('frequency prior', prior_lib.fit_frequency_prior(train_codes, net.ks)),
                         ('transformer prior', transformer)):
-        codes = prior_lib.sample(prior, uniforms)
+        codes = prior_rule.sample(prior, uniforms)
         images = torch.cat([net(codes=part).images for part in codes.split(batch)])
-        info = dict(bits=prior_lib.bits_per_image(prior, held_codes), replay=prior_lib.replay_share(codes, train_codes))
+        info = dict(bits=prior_lib.bits_per_image(prior, held_codes), replay=prior_training.replay_share(codes, train_codes))
         results.append((name, quantize((images + 1) / 2), info))
     return results, prior_sec
 

@@ -73,7 +73,7 @@ def generate_batches(
     condition_fn    = None,     # (names, images or None) -> condition of a conditional net (conditions.make_condition_fn).
     scorer          = None,     # Sampling: guide scorer (guided layers keep the best candidate).
     chooser         = None,     # Sampling: choice rule of guided layers (default: the seed-aware argmin).
-    prior           = None,     # Sampling: a training.prior.PriorRule drawing the codes (sampling/prior_sampling.py).
+    prior           = None,     # Sampling: a training.prior_rule.PriorRule drawing the codes (sampling/prior_sampling.py).
     exact           = True,     # Unguided sampling and decoding: False = the fastest kernels instead of
                                 # batch_invariant(): the same codes per seed, images within a grey level.
 ) -> Iterator[Batch]:

@@ -243,7 +243,7 @@ class GuidedResult(NamedTuple):
 def run_guided(net, scorer, seeds: Sequence[int], chooser=argmin, path_seed: Optional[int] = None,
                condition_fn=None, prior=None) -> GuidedResult:
     """Sample `seeds` with `scorer` (a guidance scorer, e.g. from `guide_spec.parse_guides`; None for
-    unguided only) and without it, through `prior` (a training.prior.PriorRule) when given. Images
+    unguided only) and without it, through `prior` (a training.prior_rule.PriorRule) when given. Images
     depend only on the seed, not on the batch, so each one is the image generate.py writes for that
     seed with the same guide, chooser and prior."""
     seeds = [int(s) for s in seeds]

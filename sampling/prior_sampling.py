@@ -1,7 +1,7 @@
 """Sampling a DDN through a prior over its codes (training/prior.py), unguided or guided.
 
 Unguided: the prior draws the whole latent first, layer after layer from p(k_l | k_<l) with the seed's
-own uniforms (inverse CDF, `training.prior.sample`), then the network decodes it (`net(codes=...)`):
+own uniforms (inverse CDF, `training.prior_rule.sample`), then the network decodes it (`net(codes=...)`):
 the image of seed s does not depend on the batch, and a uniform prior gives exactly today's samples.
 
 Guided (zero-shot conditional generation): the scorer ranks a layer's K candidates, the prior weighs
@@ -21,9 +21,10 @@ import math
 
 import torch
 
-from training import prior as prior_lib
+from training import prior_files
+from training import prior_rule
 from training.ddl import argmin
-from training.prior import PriorRule
+from training.prior_rule import PriorRule
 from sampling.choosers import TemperatureChooser, TopKChooser
 from sampling.guidance import normalize_distances
 
@@ -40,7 +41,7 @@ class PriorChooser:
         chooser = argmin if chooser is None else chooser
         if not (chooser is argmin or isinstance(chooser, (TemperatureChooser, TopKChooser))):
             raise ValueError(f'a prior combines with the argmin, temperature or top-k guided choice, not {chooser!r}')
-        prior_lib.check_rule(rule.temperature, rule.top_k, rule.top_p)
+        prior_rule.check_rule(rule.temperature, rule.top_k, rule.top_p)
         self.rule, self.base = rule, chooser
         self._state = self._prev = None
 
@@ -65,10 +66,10 @@ class PriorChooser:
     # The rule of the module docstring, for one layer: distances and prior log-probs (B, K) -> (B,).
     def choose(self, dist, log_p, u):
         T = self.rule.temperature
-        allowed = prior_lib.allowed_codes(log_p, self.rule.top_k, self.rule.top_p)
+        allowed = prior_rule.allowed_codes(log_p, self.rule.top_k, self.rule.top_p)
         if isinstance(self.base, TemperatureChooser) and self.base.temperature > 0:
             score = (log_p / T if T > 0 else torch.zeros_like(log_p)) - normalize_distances(dist) / self.base.temperature
-            return prior_lib.inverse_cdf(torch.where(allowed, score, -math.inf), u)
+            return prior_rule.inverse_cdf(torch.where(allowed, score, -math.inf), u)
         masked = torch.where(allowed, dist, math.inf)
         if isinstance(self.base, TopKChooser):
             flat = (dist == dist[:, :1]).all(1, keepdim=True)
@@ -77,7 +78,7 @@ class PriorChooser:
             chosen = allowed & ((rank < self.base.n) | flat)
         else:                                               # argmin (also --guide-temp 0).
             chosen = allowed & (masked == masked.amin(1, keepdim=True))
-        return prior_lib.choose(torch.where(chosen, log_p, -math.inf), u, T)
+        return prior_rule.choose(torch.where(chosen, log_p, -math.inf), u, T)
 
 # ----------------------------------------------------------------------------
 # One batch of samples with a prior: codes from the seeds (unguided) or the guided rule above.
@@ -85,8 +86,8 @@ class PriorChooser:
 
 @torch.no_grad()
 def sample_with_prior(net, seeds, rule: PriorRule, scorer=None, chooser=None, condition=None):
-    prior_lib.check_prior_fits(rule.prior, net.ks)
+    prior_files.check_prior_fits(rule.prior, net.ks)
     if scorer is None:
-        codes = prior_lib.sample(rule.prior, net.seed_uniforms(seeds), rule.temperature, rule.top_k, rule.top_p)
+        codes = prior_rule.sample(rule.prior, net.seed_uniforms(seeds), rule.temperature, rule.top_k, rule.top_p)
         return net(codes=codes, condition=condition)
     return net(seeds=seeds, scorer=scorer, chooser=PriorChooser(rule, chooser), condition=condition)

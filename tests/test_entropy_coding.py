@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import compress
 from training import entropy_coding as ec
 from training import prior as prior_lib
+from training import prior_files
 from training.dataset import open_dataset
 from training.images import to_float
 from training.latent import stored_bits
@@ -150,7 +151,7 @@ def net_files(tmp_path_factory):
     images = torch.from_numpy(np.stack([dataset[i][0] for i in range(200, 400)]))
     codes = net.encode(to_float(images))[0]
     prior = prior_lib.fit_frequency_prior(codes, net.ks)            # On other images than those encoded below.
-    prior_lib.save_prior(prior, prior_lib.prior_path(pkl))
+    prior_files.save_prior(prior, prior_files.prior_path(pkl))
     return net, pkl, folder
 
 def _cli(*args):
@@ -175,7 +176,7 @@ def test_compress_with_the_prior_decodes_the_same_images_in_fewer_bits(net_files
     assert payload[0] < payload[1]
     # The PSNR line is about the same images in both.
     assert coded.split('psnr=')[1] == fixed.split('psnr=')[1]
-    codes_p, ks = compress.read_codes_file(tmp_path / 'p.bin', prior=prior_lib.load_prior(prior_lib.prior_path(pkl)))
+    codes_p, ks = compress.read_codes_file(tmp_path / 'p.bin', prior=prior_files.load_prior(prior_files.prior_path(pkl)))
     np.testing.assert_array_equal(codes_p, compress.read_codes_file(tmp_path / 'f.bin')[0])
     _cli('decode', *common, '--codes', tmp_path / 'p.bin', '--outdir', tmp_path / 'dp')
     _cli('decode', *common, '--codes', tmp_path / 'f.bin', '--outdir', tmp_path / 'df')
@@ -192,7 +193,7 @@ def test_prior_coded_files_need_their_prior(net_files, tmp_path):
                                                 '--outdir', str(tmp_path / 'o1'), '--prior', 'off'])
     assert result.exit_code != 0 and 'entropy-coded with a prior' in result.output and 'Traceback' not in result.output
     other = folder / 'other.prior.safetensors'
-    prior_lib.save_prior(prior_lib.fit_frequency_prior(torch.zeros(3, net.num_layers, dtype=torch.long), net.ks), other)
+    prior_files.save_prior(prior_lib.fit_frequency_prior(torch.zeros(3, net.num_layers, dtype=torch.long), net.ks), other)
     result = CliRunner().invoke(compress.main, ['decode', *map(str, common), '--codes', str(tmp_path / 'p.bin'),
                                                 '--outdir', str(tmp_path / 'o2'), '--prior', str(other)])
     assert result.exit_code != 0 and 'another prior' in result.output

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from training import prior as prior_lib
+from training import prior_files
+from training import prior_rule
+from training import prior_training
 from training.ddl import uniform_to_codes
 from training.prior import FrequencyPrior, TransformerPrior
 from training.snapshot import UnsafeFileError
@@ -73,12 +76,12 @@ def test_step_matches_log_probs():
 def test_save_load_round_trip(tmp_path, kind):
     p = _random_prior() if kind == 'transformer' else prior_lib.fit_frequency_prior(_random_codes(50), KS)
     path = tmp_path / 'net.prior.safetensors'
-    prior_lib.save_prior(p, path, extra_metadata=dict(held_out_bits=12.5))
-    q = prior_lib.load_prior(path)
+    prior_files.save_prior(p, path, extra_metadata=dict(held_out_bits=12.5))
+    q = prior_files.load_prior(path)
     assert type(q) is type(p) and q.ks == KS and not q.training
     codes = _random_codes(9)
     assert torch.equal(q.log_probs(codes), p.log_probs(codes))
-    assert prior_lib.prior_metadata(path.read_bytes())['held_out_bits'] == 12.5
+    assert prior_files.prior_metadata(path.read_bytes())['held_out_bits'] == 12.5
 
 def test_load_refuses_other_files(tmp_path):
     from training.networks import DDNGenerator
@@ -86,18 +89,18 @@ def test_load_refuses_other_files(tmp_path):
     net = DDNGenerator(4, 1, max_channels=8, max_blockn=1, max_outputk=4)
     save_network_safe(net, tmp_path / 'net.safetensors')
     with pytest.raises(ValueError, match='not a prior file'):
-        prior_lib.load_prior(tmp_path / 'net.safetensors')
+        prior_files.load_prior(tmp_path / 'net.safetensors')
     (tmp_path / 'junk.safetensors').write_bytes(b'not a file at all')
     with pytest.raises(ValueError, match='not a safetensors file'):
-        prior_lib.load_prior(tmp_path / 'junk.safetensors')
+        prior_files.load_prior(tmp_path / 'junk.safetensors')
     # A prior file naming another class is refused before anything is built.
-    data = prior_lib.prior_bytes(_random_prior()).replace(b'training.prior.TransformerPrior', b'training.prior.TransformerPriox')
+    data = prior_files.prior_bytes(_random_prior()).replace(b'training.prior.TransformerPrior', b'training.prior.TransformerPriox')
     with pytest.raises(UnsafeFileError, match='refusing prior class'):
-        prior_lib.prior_from_bytes(data, 'evil.safetensors')
+        prior_files.prior_from_bytes(data, 'evil.safetensors')
 
 def test_prior_path():
-    assert prior_lib.prior_path('run/network-snapshot-000480.safetensors') == 'run/network-snapshot-000480.prior.safetensors'
-    assert prior_lib.prior_path('run/network-snapshot-000480.pkl') == 'run/network-snapshot-000480.prior.safetensors'
+    assert prior_files.prior_path('run/network-snapshot-000480.safetensors') == 'run/network-snapshot-000480.prior.safetensors'
+    assert prior_files.prior_path('run/network-snapshot-000480.pkl') == 'run/network-snapshot-000480.prior.safetensors'
     # A run folder's prior files are never taken for its newest snapshot.
     import os
     import tempfile
@@ -112,8 +115,8 @@ def test_uniform_prior_gives_uniform_codes():
     p = FrequencyPrior(KS)
     u = torch.rand(200, len(KS), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = torch.stack([uniform_to_codes(u[:, l], k) for l, k in enumerate(KS)], dim=1)
-    assert torch.equal(prior_lib.sample(p, u), expected)
-    assert torch.equal(prior_lib.sample(_random_prior().requires_grad_(False).apply(_zero_head), u), expected)
+    assert torch.equal(prior_rule.sample(p, u), expected)
+    assert torch.equal(prior_rule.sample(_random_prior().requires_grad_(False).apply(_zero_head), u), expected)
 
 def _zero_head(m):
     if isinstance(m, TransformerPrior):
@@ -125,27 +128,27 @@ def test_sample_is_per_row():
     # Row i's codes depend only on row i's uniforms: the same whatever the batch.
     p = _random_prior()
     u = torch.rand(10, len(KS), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    whole = prior_lib.sample(p, u, temperature=0.8, top_p=0.95)
-    parts = torch.cat([prior_lib.sample(p, u[i:i + 3], temperature=0.8, top_p=0.95) for i in range(0, 10, 3)])
+    whole = prior_rule.sample(p, u, temperature=0.8, top_p=0.95)
+    parts = torch.cat([prior_rule.sample(p, u[i:i + 3], temperature=0.8, top_p=0.95) for i in range(0, 10, 3)])
     assert torch.equal(whole, parts)
-    single = torch.cat([prior_lib.sample(p, u[i:i + 1], temperature=0.8, top_p=0.95) for i in range(10)])
+    single = torch.cat([prior_rule.sample(p, u[i:i + 1], temperature=0.8, top_p=0.95) for i in range(10)])
     assert torch.equal(whole, single)
 
 def test_temperature_zero_is_argmax():
     p = _random_prior()
     u = torch.rand(20, len(KS), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    codes = prior_lib.sample(p, u, temperature=0)
+    codes = prior_rule.sample(p, u, temperature=0)
     lp = p.log_probs(codes)
     for l, k in enumerate(KS):
         assert torch.equal(codes[:, l], lp[:, l, :k].argmax(1))
     # ... and a small temperature draws it too (not the same code path).
-    assert torch.equal(prior_lib.sample(p, u, temperature=1e-4), codes)
+    assert torch.equal(prior_rule.sample(p, u, temperature=1e-4), codes)
 
 def test_top_k_and_top_p_restrict_the_codes():
     p = _random_prior()
     u = torch.rand(300, len(KS), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     for top_k, top_p in ((2, 1.0), (0, 0.5)):
-        codes = prior_lib.sample(p, u, top_k=top_k, top_p=top_p)
+        codes = prior_rule.sample(p, u, top_k=top_k, top_p=top_p)
         lp = p.log_probs(codes)
         for l, k in enumerate(KS):
             row = lp[:, l, :k]
@@ -163,7 +166,7 @@ def test_sampled_codes_follow_the_prior():
     codes[:, 1] = torch.where(codes[:, 1] < 4, 0, codes[:, 1])   # Skewed layer 1.
     p = prior_lib.fit_frequency_prior(codes, KS)
     u = torch.rand(20000, len(KS), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    s = prior_lib.sample(p, u)
+    s = prior_rule.sample(p, u)
     freq = torch.bincount(s[:, 1], minlength=8).double() / s.shape[0]
     torch.testing.assert_close(freq, p.log_probs(s[:1])[0, 1].exp().double(), atol=0.015, rtol=0)
 
@@ -196,7 +199,7 @@ def test_bad_codes_are_refused():
     with pytest.raises(ValueError, match='shape'):
         prior_lib.fit_frequency_prior(torch.zeros(3, 4, dtype=torch.long), KS)
     with pytest.raises(ValueError, match='temperature'):
-        prior_lib.sample(p, torch.zeros(1, 5, dtype=torch.float64), temperature=-1)
+        prior_rule.sample(p, torch.zeros(1, 5, dtype=torch.float64), temperature=-1)
 
 def test_bits_per_image_of_a_uniform_prior():
     p = FrequencyPrior(KS)
@@ -209,7 +212,7 @@ def test_transformer_starts_as_the_frequency_prior():
     p = TransformerPrior(KS, dim=16, depth=1, heads=2).init_from_frequencies(codes).eval()
     torch.testing.assert_close(p.log_probs(codes[:7]), freq.log_probs(codes[:7]))
     # fit_prior starts there, and with early stopping never ends worse on its held-out codes.
-    p, history = prior_lib.fit_prior('transformer', KS, codes[:200], codes[200:], steps=30, eval_every=10, lr=3e-2,
+    p, history = prior_training.fit_prior('transformer', KS, codes[:200], codes[200:], steps=30, eval_every=10, lr=3e-2,
                                      dim=16, depth=1, heads=2)
     assert history[0]['step'] == 0
     assert history[0]['held_out_bits'] == pytest.approx(prior_lib.bits_per_image(prior_lib.fit_frequency_prior(codes[:200], KS), codes[200:]))
@@ -217,9 +220,9 @@ def test_transformer_starts_as_the_frequency_prior():
 
 def test_split_validation():
     codes = _random_codes(25)
-    fit, val = prior_lib.split_validation(codes)
+    fit, val = prior_training.split_validation(codes)
     assert torch.equal(torch.cat([fit, val]), codes) and val.shape[0] == 2        # round(2.5) = 2.
-    fit, val = prior_lib.split_validation(codes[:1])
+    fit, val = prior_training.split_validation(codes[:1])
     assert val is None and fit.shape[0] == 1
-    assert prior_lib.split_indices(10, 0.1) == (list(range(9)), [9])
-    assert prior_lib.split_indices(10, 0) == (list(range(10)), [])
+    assert prior_training.split_indices(10, 0.1) == (list(range(9)), [9])
+    assert prior_training.split_indices(10, 0) == (list(range(10)), [])

@@ -12,9 +12,12 @@ from sampling.generation import generate_batches
 from sampling.choosers import TemperatureChooser, TopKChooser
 from sampling.prior_sampling import PriorChooser, sample_with_prior
 from training import prior as prior_lib
+from training import prior_files
+from training import prior_rule
 from training.ddl import LayerInfo
 from training.networks import DDNGenerator, batch_invariant
-from training.prior import FrequencyPrior, PriorRule, TransformerPrior
+from training.prior import FrequencyPrior, TransformerPrior
+from training.prior_rule import PriorRule
 
 # A tiny 16x16 network: L = 5 layers of K = 8.
 def _net(seed=0):
@@ -56,7 +59,7 @@ def test_prior_samples_are_per_seed():
     parts = _images_and_codes(generate_batches(net, seeds, batch=4, prior=rule))
     assert torch.equal(whole[1], parts[1]) and torch.equal(whole[0], parts[0])
     # The codes are the prior's, and decoding them gives the images.
-    assert torch.equal(whole[1], prior_lib.sample(rule.prior, net.seed_uniforms(seeds), 0.9, 0, 0.9))
+    assert torch.equal(whole[1], prior_rule.sample(rule.prior, net.seed_uniforms(seeds), 0.9, 0, 0.9))
     uniform = _images_and_codes(generate_batches(net, seeds, batch=11))
     assert not torch.equal(whole[1], uniform[1])
 
@@ -82,7 +85,7 @@ def test_guided_argmin_with_prior():
         # With top-k = 1 the prior allows one code per layer: its most probable, whatever the guide.
         rule = PriorRule(_prior(net.ks), top_k=1)
         forced = sample_with_prior(net, seeds, rule, scorer=_l2_scorer).codes
-        assert torch.equal(forced, prior_lib.sample(rule.prior, net.seed_uniforms(seeds), temperature=0))
+        assert torch.equal(forced, prior_rule.sample(rule.prior, net.seed_uniforms(seeds), temperature=0))
         assert not torch.equal(forced, guided)
 
 def test_guided_temperature_weighs_prior_and_guide():
@@ -131,7 +134,7 @@ def test_train_prior_then_generate(snapshot_with_prior):
     assert code == 0, output
     assert 'held-out bits/image: uniform 15.00  frequency' in output
     prior_file = root / 'network-snapshot-000000.prior.safetensors'
-    report = prior_lib.prior_metadata(prior_file.read_bytes())['report']
+    report = prior_files.prior_metadata(prior_file.read_bytes())['report']
     assert report['num_train'] == 270 and report['num_held_out'] == 30 and report['prior_bits'] < 15
     assert output.strip().splitlines()[-1] == f'prior_bits={report["prior_bits"]:.4f}'
 
@@ -147,9 +150,9 @@ def test_train_prior_then_generate(snapshot_with_prior):
             assert 'Prior: ' in output and opts['prior']['path'] == str(prior_file)
         else:
             assert opts['prior'] is None
-    prior = prior_lib.load_prior(prior_file)
+    prior = prior_files.load_prior(prior_file)
     net = _net()
-    assert (codes['auto'] == prior_lib.sample(prior, net.seed_uniforms(range(16))).numpy()).all()
+    assert (codes['auto'] == prior_rule.sample(prior, net.seed_uniforms(range(16))).numpy()).all()
     assert (codes['off'] == net.sample_codes(range(16)).numpy()).all()
 
 def test_generate_prior_usage_errors(snapshot_with_prior, tmp_path):
@@ -159,7 +162,7 @@ def test_generate_prior_usage_errors(snapshot_with_prior, tmp_path):
     code, output = _run('generate', [f'--network={net_path}', f'--outdir={tmp_path / "b"}', f'--prior={net_path}'])
     assert code != 0 and 'not a prior file' in output
     other = tmp_path / 'other.prior.safetensors'
-    prior_lib.save_prior(FrequencyPrior([8] * 4), other)
+    prior_files.save_prior(FrequencyPrior([8] * 4), other)
     code, output = _run('generate', [f'--network={net_path}', f'--outdir={tmp_path / "c"}', f'--prior={other}'])
     assert code != 0 and 'the prior is for 4 layers' in output
     code, output = _run('generate', [f'--network={net_path}', f'--outdir={tmp_path / "d"}', '--reconstruct=digits',
@@ -173,7 +176,7 @@ def test_reconstruct_reports_prior_bits(snapshot_with_prior, tmp_path):
     root, net_path = snapshot_with_prior
     prior_file = tmp_path / 'p.prior.safetensors'
     prior = _prior([8] * 5)
-    prior_lib.save_prior(prior, prior_file)
+    prior_files.save_prior(prior, prior_file)
     out = tmp_path / 'rec'
     code, output = _run('generate', [f'--network={net_path}', f'--outdir={out}', '--reconstruct=digits', '--max-images=20',
                                      f'--prior={prior_file}'])
@@ -186,11 +189,11 @@ def test_reconstruct_reports_prior_bits(snapshot_with_prior, tmp_path):
 def test_zscg_with_prior(snapshot_with_prior, tmp_path):
     root, net_path = snapshot_with_prior
     prior_file = tmp_path / 'p.prior.safetensors'
-    prior_lib.save_prior(_prior([8] * 5), prior_file)
+    prior_files.save_prior(_prior([8] * 5), prior_file)
     outputs = {}
     for prior in (str(prior_file), 'off'):
         code, output = _run('zscg', [f'--network={net_path}', '--task=superres', '--images=0-1', '--seeds=0-2',
-                                     f'--out={tmp_path / "z.png"}', f'--prior={prior}', '--device=cpu', '--cell=16'])
+                                     f'--out={tmp_path / f"z-{len(outputs)}.png"}', f'--prior={prior}', '--device=cpu', '--cell=16'])
         assert code == 0, output
         outputs[prior] = output
     assert 'Prior: ' in outputs[str(prior_file)] and 'Prior: ' not in outputs['off']

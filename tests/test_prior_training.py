@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 import train
 from training import prior as prior_lib
+from training import prior_files
 from training.dataset import DigitsDataset
 from training.networks import DDNGenerator
 from training.prior_training import PriorRefresh, prior_file, report_line, report_stats
@@ -37,7 +38,7 @@ def test_refresh_save_and_warm_start(tmp_path):
     path = prior_file(str(tmp_path), '000004')
     assert path.endswith('network-snapshot-000004.prior.safetensors')
     refresh.save(path, report)
-    assert prior_lib.prior_metadata(open(path, 'rb').read())['report']['prior_bits'] == report['prior_bits']
+    assert prior_files.prior_metadata(open(path, 'rb').read())['report']['prior_bits'] == report['prior_bits']
     again = PriorRefresh(dataset, net.ks, 'cpu', num_images=200, steps=20, seed=5, dim=16, depth=1, heads=2)
     codes = torch.zeros(1, 5, dtype=torch.long)
     assert not torch.equal(again.prior.log_probs(codes), refresh.prior.log_probs(codes))

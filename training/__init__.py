@@ -21,10 +21,14 @@ Data and file formats:
 - `dataset.py`: image folders / zips in EDM's format and the built-in digits.
 - `images.py`: pixels (uint8 <-> [-1, 1]), grids and PNG files.
 - `snapshot.py`: network files (safetensors, restricted pickles), training states, run-folder file names.
+  `checked_build.py`: what a network file may build (allowed classes, argument bounds, shapes checked on
+  the meta device) and the pickle layouts read without running code.
 - `latent.py`: the codes of images as bit strings and latents.npz files.
 - `author.py`: the author's released networks, read without running their code.
 
 Priors over the codes (k_1..k_L) and entropy coding:
-- `prior.py`: the frequency baseline and the causal-transformer prior; `prior_training.py`: train.py --prior.
+- `prior.py`: the frequency baseline and the causal-transformer prior (prior files name these classes);
+  `prior_rule.py`: drawing codes from a prior (temperature, top-k, top-p); `prior_files.py`: prior files;
+  `prior_training.py`: fitting a prior to a network's codes of a dataset, and train.py --prior.
 - `entropy_coding.py`: arithmetic coding of latents with a prior over the codes (compress.py).
 """

@@ -1,5 +1,10 @@
-"""A prior over the codes, trained by the training loop beside the DDN (train.py `--prior`).
+"""Fitting a prior over the codes (training/prior.py) to a network, and the prior the training loop keeps.
 
+Fitting (train_prior.py, bench/quality.py): `dataset_codes` encodes dataset images, `split_indices` /
+`split_validation` hold codes out, `fit_prior` makes and trains a prior of a kind, `prior_report` gives
+its figures (held-out bits per image against the baselines, replayed training codes).
+
+The prior trained beside the DDN (train.py `--prior`):
 Codes move as the network trains, so the prior is refreshed before each snapshot on the codes of the
 snapshot's own (EMA) network: `PriorRefresh.refresh(snapshot)` encodes a fixed subset of the training
 images (the first `num_images`; its last `held_out` share is held out), trains the prior `steps`
@@ -14,13 +19,100 @@ Only rank 0 refreshes and writes (the prior never touches the network or its gra
 draws its batches from a generator seeded by (seed, images seen), so a resumed run repeats it.
 """
 
+import math
 import os
 import time
 
 import torch
 
 from training import prior as prior_lib
+from training import prior_files
+from training import prior_rule
 from training import snapshot as snapshot_io
+
+# ----------------------------------------------------------------------------
+# Fitting a prior to a network: its codes of a dataset, a held-out split, the figures to report.
+
+# The codes (N, L) int64 on the CPU of dataset images `indices` (uint8 CHW), encoded by `net` (L2-guided,
+# `net.encode`, in eval mode under batch_invariant()). Unconditional networks only.
+@torch.no_grad()
+def dataset_codes(net, dataset, indices, batch=256):
+    import numpy as np
+    from training.images import to_float
+    if getattr(net, 'condition', None) is not None:
+        raise ValueError(f'a prior over the codes of a conditional network ({net.condition!r}) is not supported')
+    device = net.init_feature.device
+    indices, out = list(indices), []
+    for start in range(0, len(indices), batch):
+        x = torch.from_numpy(np.stack([dataset[int(i)][0] for i in indices[start:start + batch]])).to(device)
+        codes, _ = net.encode(to_float(x))
+        out.append(codes.cpu())
+    return torch.cat(out) if out else torch.zeros(0, net.num_layers, dtype=torch.long)
+
+# (train, held-out) index lists of n images: the last max(1, round(n * fraction)) are held out (0: none).
+def split_indices(n, held_out=0.1):
+    if not 0 <= held_out < 1:
+        raise ValueError(f'held_out must be a fraction in [0, 1), got {held_out}')
+    num_held = 0 if held_out == 0 else max(1, round(n * held_out))
+    if n - num_held < 1:
+        raise ValueError(f'{n} images leave nothing to train the prior on after holding out {num_held}')
+    return list(range(n - num_held)), list(range(n - num_held, n))
+
+# Codes (N, L) -> (fit, validation): the last max(1, round(N * fraction)) rows validate (early stopping),
+# so that the held-out codes a prior is reported on are never used to choose its state. (codes, None)
+# when there are too few rows to split.
+def split_validation(codes, fraction=0.1):
+    num_val = max(1, round(codes.shape[0] * fraction))
+    if codes.shape[0] - num_val < 1:
+        return codes, None
+    return codes[:-num_val], codes[-num_val:]
+
+# The share of rows of `sampled` (N, L) equal to some row of `reference` (M, L): a prior that replays the
+# training codes is not a generator.
+def replay_share(sampled, reference):
+    known = {bytes(row) for row in torch.as_tensor(reference).long().cpu().numpy()}
+    rows = torch.as_tensor(sampled).long().cpu().numpy()
+    return sum(bytes(row) in known for row in rows) / max(len(rows), 1)
+
+# Make and train a prior of `kind` ('frequency' or 'transformer') on `train` codes (N, L), early-stopped
+# on `held` (None: no early stopping); the transformer starts from the frequencies of `train`
+# (`from_frequencies`). Returns (prior in eval mode, training history).
+def fit_prior(kind, ks, train, held=None, steps=300, batch=128, lr=1e-3, weight_decay=0.1, eval_every=25, seed=0,
+              device='cpu', log=None, from_frequencies=True, **prior_kwargs):
+    if kind not in prior_lib.PRIOR_KINDS:
+        raise ValueError(f'prior kind must be one of {", ".join(prior_lib.PRIOR_KINDS)}, got {kind!r}')
+    if kind == 'frequency':
+        if prior_kwargs:
+            raise ValueError(f'the frequency prior takes no options, got {sorted(prior_kwargs)}')
+        return prior_lib.fit_frequency_prior(train, ks).to(device).eval(), []
+    torch.manual_seed(seed)
+    prior = prior_lib.PRIOR_KINDS[kind](ks, **prior_kwargs).to(device)
+    if from_frequencies:
+        prior.init_from_frequencies(train)
+    history = prior_lib.train_prior(prior, train, steps, batch=batch, lr=lr, weight_decay=weight_decay, held_out=held,
+                          eval_every=eval_every, seed=seed, log=log)
+    return prior.eval(), history
+
+# The figures of a prior: held-out bits per image of uniform codes (sum log2 K), of the frequency baseline
+# fitted to `train`, and of the prior; the share of sampled code sequences (from `uniforms`, (N, L)) equal
+# to a training image's codes, for the prior, the frequency baseline and uniform codes.
+@torch.no_grad()
+def prior_report(prior, train, held, uniforms):
+    freq = prior_lib.fit_frequency_prior(train, prior.ks).to(prior.valid.device)
+    uniform = prior_lib.FrequencyPrior(prior.ks).to(prior.valid.device)
+    report = dict(num_train=int(train.shape[0]), num_held_out=int(held.shape[0]),
+                  uniform_bits=sum(math.log2(k) for k in prior.ks))
+    if held.shape[0]:
+        report.update(frequency_bits=prior_lib.bits_per_image(freq, held), prior_bits=prior_lib.bits_per_image(prior, held))
+    if uniforms.shape[0]:
+        uniforms = uniforms.to(prior.valid.device)
+        report.update(num_samples=int(uniforms.shape[0]), prior_replay=replay_share(prior_rule.sample(prior, uniforms), train),
+                      frequency_replay=replay_share(prior_rule.sample(freq, uniforms), train),
+                      uniform_replay=replay_share(prior_rule.sample(uniform, uniforms), train))
+    return report
+
+# ----------------------------------------------------------------------------
+# The prior refreshed by the training loop.
 
 class PriorRefresh:
     def __init__(self,
@@ -44,7 +136,7 @@ class PriorRefresh:
             raise ValueError(f'the frequency prior takes no options, got {sorted(prior_kwargs)}')
         self.dataset, self.ks, self.device, self.kind = dataset, list(ks), torch.device(device), kind
         num = min(int(num_images), len(dataset))
-        self.train_idx, self.held_idx = prior_lib.split_indices(num, held_out)
+        self.train_idx, self.held_idx = split_indices(num, held_out)
         self.steps, self.batch, self.lr, self.weight_decay, self.seed = steps, batch, lr, weight_decay, seed
         self.replay_samples = replay_samples
         self.started = False        # Trained (or loaded) at least once.
@@ -54,12 +146,12 @@ class PriorRefresh:
 
     # Warm start from the newest prior file of a run folder (on resume), if there is one that fits.
     def load_latest(self, run_dir):
-        names = [n for n in os.listdir(run_dir) if n.startswith('network-snapshot-') and n.endswith(prior_lib.PRIOR_SUFFIX)] \
+        names = [n for n in os.listdir(run_dir) if n.startswith('network-snapshot-') and n.endswith(prior_files.PRIOR_SUFFIX)] \
             if os.path.isdir(run_dir) else []
         if not names:
             return None
         path = os.path.join(run_dir, max(names))
-        loaded = prior_lib.load_prior(path)
+        loaded = prior_files.load_prior(path)
         if type(loaded) is type(self.prior) and loaded.ks == self.ks and dict(loaded.init_kwargs) == dict(self.prior.init_kwargs):
             self.prior.load_state_dict(loaded.state_dict())
             self.started = True
@@ -73,29 +165,29 @@ class PriorRefresh:
 
     def _refresh(self, net, cur_nimg):
         start = time.time()
-        codes = prior_lib.dataset_codes(net, self.dataset, self.train_idx + self.held_idx, batch=self.batch)
+        codes = dataset_codes(net, self.dataset, self.train_idx + self.held_idx, batch=self.batch)
         train, held = codes[:len(self.train_idx)], codes[len(self.train_idx):]
         if self.kind == 'frequency':
             self.prior = prior_lib.fit_frequency_prior(train, self.ks).to(self.device)
         else:
-            fit, val = prior_lib.split_validation(train)     # Early stopping on `val`; figures on `held`.
+            fit, val = split_validation(train)     # Early stopping on `val`; figures on `held`.
             if not self.started:                            # The first refresh starts from the frequencies.
                 self.prior.init_from_frequencies(fit)
                 self.started = True
             prior_lib.train_prior(self.prior, fit, self.steps, batch=self.batch, lr=self.lr, weight_decay=self.weight_decay,
                                   held_out=val, eval_every=max(1, min(25, self.steps // 4)), seed=self.seed * 1_000_003 + cur_nimg)
         self.prior.eval()
-        report = prior_lib.prior_report(self.prior, train, held, prior_lib.seed_uniforms(range(self.replay_samples), len(self.ks)))
+        report = prior_report(self.prior, train, held, prior_rule.seed_uniforms(range(self.replay_samples), len(self.ks)))
         report['sec'] = time.time() - start
         return report
 
     # Write the prior to `path` (atomically) with the figures of its last refresh.
     def save(self, path, report=None):
-        prior_lib.save_prior(self.prior, path, extra_metadata=dict(report=report or {}))
+        prior_files.save_prior(self.prior, path, extra_metadata=dict(report=report or {}))
 
 # The prior file beside the snapshot of `tag` in `run_dir`.
 def prior_file(run_dir, tag):
-    return prior_lib.prior_path(os.path.join(run_dir, snapshot_io.run_file(snapshot_io.SAFE_SNAPSHOT_PATTERN, tag)))
+    return prior_files.prior_path(os.path.join(run_dir, snapshot_io.run_file(snapshot_io.SAFE_SNAPSHOT_PATTERN, tag)))
 
 # The stats.jsonl entries of a refresh report (training_stats' {num, mean, std} layout).
 def report_stats(report):

@@ -16,32 +16,30 @@ Two formats hold a DDN:
 `load_network(source)` takes a file, a URL (downloaded once into the cache) or a run folder (its
 newest snapshot; the safe file when both exist) and returns the network. `file_format(data)` is the
 one place that tells the formats apart; another pickle layout (the author's released networks)
-plugs in through `PICKLE_FORMATS`.
+plugs in through `PICKLE_FORMATS`. The checks before a network is built (`NETWORK_CLASSES`,
+`ARG_LIMITS`, `build_checked`) and the pickle layouts live in training/checked_build.py; the names
+used everywhere (`UnsafeFileError`, `NETWORK_CLASSES`, ...) are importable from here too.
 """
 
-import importlib
-import inspect
 import io
 import json
 import os
 import pickle
 import re
 import struct
-from typing import Callable, NamedTuple
 
 import torch
 
 import dnnlib
-from torch_utils import checkpoint, distributed, limits, persistence, safe_pickle
+from torch_utils import checkpoint, distributed, limits, safe_pickle
+from training.checked_build import (NETWORK_CLASSES, PICKLE_FORMATS, UnsafeFileError, _author_formats, build_checked,
+                                    check_network_args, network_class)
 
 # Name and version of the safe format, stored in its metadata.
 SAFE_FORMAT = 'ddn-network'
 SAFE_VERSION = 1
 SAFE_EXT = '.safetensors'
 PICKLE_EXT = '.pkl'
-
-# The classes a network file may name (the safe format's class_name, a pickle's persistent class).
-NETWORK_CLASSES = ('training.networks.DDNGenerator', 'training.networks.DDNRecurrent')
 
 # File names in a run folder, '*' standing for the kimg tag (training.run_files.file_tag): the
 # training states, and the snapshots in both formats. The one definition; `run_file` fills in a tag.
@@ -59,20 +57,8 @@ _ZIP_MAGIC = b'PK\x03\x04'
 TRUST_HINT = ('Load a file you trust with trust_pickle=True (the file then runs as code), '
               'or convert it once to the safe format (save_network_safe, convert.py)')
 
-class UnsafeFileError(ValueError):
-    """A file would need to run code to load, and the caller did not allow it."""
-
 class NotANetworkError(ValueError):
     """A torch.save / TorchScript archive (a training state, say) where a network file was expected."""
-
-# ----------------------------------------------------------------------------
-# The allowlisted network classes, imported on first use.
-
-def network_class(class_name, source='<network>'):
-    if class_name not in NETWORK_CLASSES:
-        raise UnsafeFileError(f'{source}: refusing network class {class_name!r}; a network file may only name '
-                              f'{", ".join(NETWORK_CLASSES)}')
-    return dnnlib.util.get_obj_by_name(class_name)
 
 # ----------------------------------------------------------------------------
 # Safe format: safetensors + the constructor call as JSON metadata.
@@ -132,74 +118,6 @@ def safetensors_metadata(data, source='<network>'):
     metadata = header.get('__metadata__') or {}
     return metadata if isinstance(metadata, dict) else {}
 
-# Sane bounds on the constructor arguments a network file names, checked before anything is built:
-# a 200 KB file must not make us build a network of gigabytes, or loop for minutes building modules.
-ARG_LIMITS = dict(
-    img_resolution  = 4096,     # Side of the output images.
-    img_channels    = 4,
-    start_size      = 4096,
-    max_blockn      = 256,      # Blocks per scale (the paper's largest setting is 32).
-    max_outputk     = 65536,    # K per DDL.
-    max_channels    = 16384,
-    min_channels    = 16384,
-    label_dim       = 1 << 20,
-    num_iters       = 65536,    # DDNRecurrent: the shared layer's repeats (no modules per repeat).
-    outputk         = 65536,
-    channels        = 16384,
-    levels          = 16,
-)
-
-def check_network_args(class_name, args, kwargs, source='<network>'):
-    """Raise ValueError unless a network file's constructor call is plain JSON values within ARG_LIMITS
-    (finite numbers, no argument above its bound)."""
-    if not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise ValueError(f'{source}: init_args must be a list and init_kwargs an object')
-    def check(key, value, depth=0):
-        if isinstance(value, bool) or value is None or isinstance(value, str):
-            return
-        if isinstance(value, (list, tuple, dict)) and depth < 2 and len(value) <= 4096:
-            for item in (value.values() if isinstance(value, dict) else value):
-                check(key, item, depth + 1)
-            return
-        if not isinstance(value, (int, float)):
-            raise ValueError(f'{source}: constructor argument {key}={value!r:.60} is not a number, string, bool or short list')
-        if value != value or value in (float('inf'), float('-inf')):
-            raise ValueError(f'{source}: constructor argument {key}={value} is not finite')
-        if key in ARG_LIMITS and not -ARG_LIMITS[key] <= value <= ARG_LIMITS[key]:
-            raise ValueError(f'{source}: constructor argument {key}={value} is beyond the limit of {ARG_LIMITS[key]}; '
-                             'not a network this code builds')
-    for key, value in [*((f'init_args[{i}]', v) for i, v in enumerate(args)), *kwargs.items()]:
-        check(key, value)
-
-def build_checked(cls, args, kwargs, shapes, source='<network>', materialise=True):
-    """`cls(*args, **kwargs)`, built first on the meta device (no memory) and compared with the file's tensor
-    `shapes` ({name: shape}); only a network whose state dict has exactly those names and shapes is
-    then built for real (with `materialise=False`, only checked; returns None). Raises ValueError naming `source`."""
-    class_name = f'{cls.__module__}.{cls.__qualname__}'
-    try:
-        named = inspect.signature(cls).bind(*args, **kwargs).arguments
-    except TypeError as err:
-        raise ValueError(f'{source}: arguments that {class_name} does not take: {err}') from None
-    check_network_args(class_name, [], dict(named.pop('kwargs', {}), **named), source)
-    try:
-        with torch.device('meta'):
-            probe = cls(*args, **kwargs)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f'{source}: cannot build {class_name}({kwargs}): {err}') from None
-    expected = {name: tuple(value.shape) for name, value in probe.state_dict().items()}
-    del probe
-    found = {name: tuple(shape) for name, shape in shapes.items()}
-    if expected != found:
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        wrong = sorted(name for name in set(expected) & set(found) if expected[name] != found[name])
-        parts = [f'{len(missing)} missing (e.g. {missing[0]})' if missing else '',
-                 f'{len(extra)} unexpected (e.g. {extra[0]})' if extra else '',
-                 f'{len(wrong)} of another shape (e.g. {wrong[0]}: {found[wrong[0]]} in the file, {expected[wrong[0]]} '
-                 'for the arguments)' if wrong else '']
-        raise ValueError(f'{source}: the tensors do not fit {class_name}({kwargs}): ' + ', '.join(p for p in parts if p))
-    return cls(*args, **kwargs) if materialise else None
-
 def load_safe(data, source='<network>'):
     """A network from the bytes of a safe-format file. Raises ValueError naming `source`."""
     from safetensors import SafetensorError
@@ -240,61 +158,6 @@ def load_safe(data, source='<network>'):
         raise ValueError(f'{source}: the weights do not fit {meta["class_name"]}({kwargs}): {err}') from None
     return net
 
-# ----------------------------------------------------------------------------
-# Pickles: our snapshot layout under the restricted unpickler.
-
-# The persistence hook as the restricted unpickler sees it: builds only allowlisted classes.
-def _checked_reconstruct(source):
-    def reconstruct(meta):
-        if not isinstance(meta, dict):
-            raise UnsafeFileError(f'{source}: malformed persistent object ({type(meta).__name__})')
-        if 'module_src' in meta:    # EDM's persistence carries the class's source code, to be exec'd.
-            raise UnsafeFileError(f'{source}: an EDM-style pickle that carries source code to run (class {meta.get("class_name")!r}), '
-                                  'not a ddn snapshot')
-        cls = network_class(f'{meta.get("module_name")}.{meta.get("class_name")}', source)  # Refuses anything else.
-        state = meta.get('state_dict')
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f'{source}: malformed persistent object (its state_dict is not a dict of tensors)')
-        args, kwargs = meta.get('init_args'), meta.get('init_kwargs')
-        check_network_args(meta['class_name'], list(args) if isinstance(args, tuple) else args, kwargs, source)
-        build_checked(cls, args, kwargs, {k: v.shape for k, v in state.items()}, source, materialise=False)
-        return persistence._reconstruct_persistent_obj(meta)
-    return reconstruct
-
-def _ddn_allowed(source):
-    from training.loss import DDNLoss
-    return {
-        ('torch_utils.persistence', '_reconstruct_persistent_obj'): _checked_reconstruct(source),
-        ('training.loss', 'DDNLoss'): DDNLoss,
-        ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
-    }
-
-def _is_ddn_pickle(data, globals_found):
-    return ('torch_utils.persistence', '_reconstruct_persistent_obj') in globals_found
-
-def _load_ddn_pickle(data, source):
-    return safe_pickle.load(data, allowed=_ddn_allowed(source), source=source)
-
-class PickleFormat(NamedTuple):
-    name:   str                                 # Shown in messages.
-    detect: Callable                            # (bytes, [(module, name), ...] globals of the pickle) -> bool.
-    load:   Callable                            # (bytes, source) -> network, or a dict with 'ema'; no code runs.
-
-# The author's released networks (EDM persistence pickles naming `sddn` classes; training/author.py,
-# read without running their code), where that module exists. They name the same persistence hook
-# as ours, so they are tried first.
-def _author_formats():
-    try:
-        author = importlib.import_module('training.author')
-    except ModuleNotFoundError as err:
-        if err.name != 'training.author':
-            raise
-        return []
-    return [PickleFormat("the author's DDN snapshot", lambda data, found: author.is_author_pickle(data),
-                         lambda data, source: author.load_author_pickle(data, source=source))]
-
-# Pickle layouts we can read without trusting the file, tried in order after the author's.
-PICKLE_FORMATS = [PickleFormat('ddn snapshot', _is_ddn_pickle, _load_ddn_pickle)]
 
 # ----------------------------------------------------------------------------
 # The one dispatch point: what a network file is, from its bytes.
