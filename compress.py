@@ -75,6 +75,10 @@ def write_codes_file(path, codes, ks, network=None, prior=None, chunk=256):
 
 # Whether a codes file needs a prior to decode (version 3).
 def file_needs_prior(path):
+    try:
+        limits.require_regular_file(path, f'--codes {path}')     # A FIFO would block the read below.
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     with open(path, 'rb') as f:
         head = f.read(5)
     return head[:4] == MAGIC and len(head) == 5 and head[4] == ENTROPY_VERSION

@@ -10,6 +10,7 @@ file (training/snapshot.py). SIGTERM, SIGUSR1 or a first Ctrl+C stops a run afte
 training state (a second Ctrl+C aborts); a run folder in use by a live process is refused (its run.lock).
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -110,6 +111,7 @@ def holds_saved_work(path):
 def lock_folder(folder, option, dry_run, held=(), create=True):
     locks, error = [], None
     if distributed.get_rank() == 0 and folder is not None:
+        created = not os.path.exists(folder)
         try:
             if option == '--outdir' and create and not dry_run:
                 os.makedirs(folder, exist_ok=True)      # --nosubdir: the folder may not exist yet.
@@ -120,6 +122,13 @@ def lock_folder(folder, option, dry_run, held=(), create=True):
         except OSError as err:
             if option != '--resume':    # A read-only folder to resume from cannot be in use by a run.
                 error = f'{option}: cannot lock {folder}: {err}'
+                if created:             # A folder made here (a full disk): not left behind, nor its lock file.
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:                   # An existing folder keeps nothing of ours: an empty lock file goes.
+                    lock_file = os.path.join(folder, checkpoint.RUN_LOCK_NAME)
+                    with contextlib.suppress(OSError):
+                        if os.path.getsize(lock_file) == 0:
+                            os.remove(lock_file)
     error = distributed.broadcast_object(error)
     if error is not None:
         raise click.ClickException(error)
