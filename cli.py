@@ -291,17 +291,15 @@ def seed_range():
 
 def check_writable_dir(folder, option):
     """Usage error naming `option` unless `folder` exists, is a folder, and a file can be created in it
-    (tried for real: permissions alone do not tell a read-only mount, and root passes every permission)."""
-    import tempfile
+    (checkpoint.check_writable: tried for real)."""
     folder = folder or '.'
     if not os.path.isdir(folder):
         raise click.UsageError(f'{option}: folder {folder} does not exist' if not os.path.exists(folder) else
                                f'{option}: {folder} is not a folder')
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-test-'):
-            pass
-    except OSError as err:
-        raise click.UsageError(f'{option}: cannot write in {folder}: {err.strerror or err}') from None
+        checkpoint.check_writable(folder)
+    except ValueError as e:
+        raise click.UsageError(f'{option}: {e}') from None
 
 def write_error(err, option, path):
     """A one-line click error for an OSError met while writing `path` (a full disk named as such)."""

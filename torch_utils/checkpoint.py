@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import tempfile
 
 try:
     import fcntl
@@ -52,7 +53,9 @@ def write_atomic(path, write, mode='wb'):
 
 def check_writable(path):
     """Raise ValueError unless `path` (a file or folder, new or existing) may be written: an existing
-    folder must be writable, else the nearest existing folder above it (the missing ones can be made)."""
+    folder must be writable, else the nearest existing folder above it (the missing ones can be made).
+    Writing is tried for real (a temporary file made and removed): permissions alone miss a read-only
+    mount or a full disk, and root passes every permission check."""
     path = os.path.abspath(os.fspath(path))
     where = path if os.path.isdir(path) else os.path.dirname(path)
     while not os.path.exists(where):
@@ -61,6 +64,11 @@ def check_writable(path):
         raise ValueError(f'{path}: {where} is a file, not a folder')
     if not os.access(where, os.W_OK):
         raise ValueError(f'{path}: no permission to write in {where}')
+    try:
+        with tempfile.NamedTemporaryFile(dir=where, prefix='.write-test-'):
+            pass
+    except OSError as err:
+        raise ValueError(f'{"" if path == where else path + ": "}cannot write in {where}: {err.strerror or err}') from None
 
 def save_atomic(obj, path, mode='torch'):
     """Save `obj` with `torch.save` (mode='torch'), `pickle.dump` (mode='pickle'), or as raw
