@@ -197,3 +197,17 @@ def ddl_two_ranks(tmp_path_factory):
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
+
+# ----------------------------------------------------------------------------
+# An untrained tiny network (8x8 grayscale, K=4) saved as .safetensors: the network file of the
+# bad-input and output tests, which need a valid file and not a trained one.
+
+NET_FILE_KWARGS = dict(img_resolution=8, img_channels=1, max_channels=8, max_blockn=1, max_outputk=4)
+
+@pytest.fixture
+def net_file(tmp_path):
+    from training import snapshot
+    torch.manual_seed(0)
+    path = tmp_path / 'net.safetensors'
+    snapshot.save_network_safe(DDNGenerator(**NET_FILE_KWARGS), path)
+    return path

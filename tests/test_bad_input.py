@@ -34,13 +34,6 @@ def _fails(cli, args, message):
     assert message in result.output, result.output
     return result.output
 
-@pytest.fixture
-def net_file(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / 'net.safetensors'
-    snapshot.save_network_safe(DDNGenerator(**TINY), path)
-    return path
-
 def _gray16(path, values):
     PIL.Image.fromarray(np.asarray(values, np.uint16)).save(path)
 

@@ -8,24 +8,13 @@ import os
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from click.testing import CliRunner
 
 import compress
 import fid
 import generate
 from evaluation import metrics
-from training import snapshot
-from training.networks import DDNGenerator
 
-TINY = dict(img_resolution=8, img_channels=1, max_channels=8, max_blockn=1, max_outputk=4)
-
-@pytest.fixture
-def net_file(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / 'net.safetensors'
-    snapshot.save_network_safe(DDNGenerator(**TINY), path)
-    return path
 
 def _invoke(cli, args):
     return CliRunner().invoke(cli, [str(a) for a in args])
