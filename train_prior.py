@@ -4,7 +4,9 @@ The network encodes the dataset's images (L2-guided selection, `net.encode`): ea
 (k_1..k_L). The last `--held-out` share of the images is held out; the prior trains on the rest with
 cross-entropy (a small causal transformer by default, starting from the frequencies and early-stopped
 on the last 10% of the training codes; `--kind frequency` is the per-layer node-frequency baseline,
-fitted to all training codes). It prints the held-out bits per image of uniform
+fitted to all training codes; `--kind mixture` mixes, per layer, that transformer, a smoothed
+conditional on one earlier layer and the frequencies, its parts and weights chosen on the last 10%,
+then its counts refitted to all training codes: the baseline is inside it). It prints the held-out bits per image of uniform
 codes (sum log2 K), of the frequency baseline and of the prior, and the share of code sequences
 sampled from seeds 0..N-1 that equal a training image's codes (a prior that replays its training set is
 not a generator). The last line is `prior_bits=...`.
@@ -49,12 +51,13 @@ from training.snapshot import fingerprint, load_network
 @click.option('--depth',        help='Transformer blocks', metavar='INT', type=click.IntRange(min=1), default=2)
 @click.option('--heads',        help='Attention heads', metavar='INT', type=click.IntRange(min=1), default=4)
 @click.option('--dropout',      help='Transformer dropout', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True), default=0.3)
+@click.option('--code-dropout', help='Transformer: share of input codes read as unknown in training', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True), default=0.0)
 @click.option('--eval-every',   help='Score the held-out codes every N steps (the best state is kept)', metavar='INT', type=click.IntRange(min=1), default=25)
 @click.option('--samples',      help='Sampled code sequences (seeds 0..N-1) for the replay share', metavar='INT', type=click.IntRange(min=0), default=1000)
 @click.option('--seed',         help='Random seed of the prior\'s training', metavar='INT', type=int, default=0)
 @click.option('--trust-pickle', help='Load a --network pickle that is not a plain ddn snapshot (it runs code)', is_flag=True)
 @cli.device_option()
-def main(network, data, out, kind, max_images, held_out, steps, batch, lr, wd, dim, depth, heads, dropout, eval_every,
+def main(network, data, out, kind, max_images, held_out, steps, batch, lr, wd, dim, depth, heads, dropout, code_dropout, eval_every,
          samples, seed, trust_pickle, device):
     """Fit a prior over a DDN's codes; report held-out bits per image against uniform codes and the
     per-layer frequency baseline."""
@@ -90,11 +93,12 @@ def main(network, data, out, kind, max_images, held_out, steps, batch, lr, wd, d
         raise click.ClickException(str(e)) from e
     train, held = codes[train_idx], codes[held_idx]
     fit, val = prior_training.split_validation(train)     # Early stopping on `val`; the figures on `held`, never seen.
-    prior_kwargs = dict(dim=dim, depth=depth, heads=heads, dropout=dropout) if kind == 'transformer' else {}
+    prior_kwargs = dict(dim=dim, depth=depth, heads=heads, dropout=dropout, code_dropout=code_dropout) if kind != 'frequency' else {}
     log = lambda row: click.echo('  ' + '  '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
     try:
         prior, history = prior_training.fit_prior(kind, net.ks, fit, val, steps=steps, batch=batch, lr=lr, weight_decay=wd,
-                                             eval_every=eval_every, seed=seed, device=device, log=log, **prior_kwargs)
+                                             eval_every=eval_every, seed=seed, device=device, log=log,
+                                             refit=train if kind == 'mixture' else None, **prior_kwargs)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     report = prior_training.prior_report(prior, train, held, prior_rule.seed_uniforms(range(samples), net.num_layers))

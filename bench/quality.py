@@ -262,19 +262,28 @@ def evaluate_priors(net, train, held_out, num, steps, seed=0, batch=250):
     train_codes, held_codes = encode(train), encode(held_out)
     num_val = max(1, train_codes.shape[0] // 10)
     t0 = time.monotonic()
-    with torch.enable_grad():
-        transformer, _ = prior_training.fit_prior('transformer', net.ks, train_codes[:-num_val], train_codes[-num_val:], steps=steps, seed=seed)
-    prior_sec = time.monotonic() - t0
+    fit, val = train_codes[:-num_val], train_codes[-num_val:]
+    learned, seconds = {}, {}
+    for kind in ('transformer', 'mixture'):
+        t0 = time.monotonic()
+        with torch.enable_grad():
+            learned[kind], _ = prior_training.fit_prior(kind, net.ks, fit, val, steps=steps, seed=seed,
+                                                        refit=train_codes if kind == 'mixture' else None)
+        seconds[kind] = time.monotonic() - t0
     uniforms = net.seed_uniforms(range(num))
     results = []
     for name, prior in (('uniform codes', prior_lib.FrequencyPrior(net.ks)),
                         ('frequency prior', prior_lib.fit_frequency_prior(train_codes, net.ks)),
-                        ('transformer prior', transformer)):
+                        ('transformer prior', learned['transformer']),
+                        ('mixture prior', learned['mixture'])):
         codes = prior_rule.sample(prior, uniforms)
         images = torch.cat([net(codes=part).images for part in codes.split(batch)])
         info = dict(bits=prior_lib.bits_per_image(prior, held_codes), replay=prior_training.replay_share(codes, train_codes))
+        kind = name.split()[0]
+        if kind in seconds:
+            info['wall'] = seconds[kind]
         results.append((name, quantize((images + 1) / 2), info))
-    return results, prior_sec
+    return results
 
 # ----------------------------------------------------------------------------
 # The peer: lucidrains' discrete-distribution-network, trained by its own Trainer.
@@ -472,9 +481,8 @@ def main(size, budget, clock, seed, samples, threads, peer, peer_dim, prior_step
     add_row('ours: held-out reconstructions', recon, float(F.mse_loss(recon, held01)))
     if prior_steps:
         print(f'Fitting priors to the codes of ours ({prior_steps} transformer steps)...', flush=True)
-        results, prior_sec = evaluate_priors(net, train, held_out, samples, prior_steps, seed=seed)
-        for name, gen, extra in results:
-            add_row(f'ours + {name}', gen, None, **extra, **(dict(wall=prior_sec) if name == 'transformer prior' else {}))
+        for name, gen, extra in evaluate_priors(net, train, held_out, samples, prior_steps, seed=seed):
+            add_row(f'ours + {name}', gen, None, **extra)
     del net
     if peer:
         print(f'Training the peer for {budget:g} {unit} at {size}x{size}...', flush=True)

@@ -185,8 +185,12 @@ class TransformerPrior(CodePrior):
         heads       = 4,            # Attention heads.
         mlp_ratio   = 4,            # Hidden width of the MLPs, in multiples of dim.
         dropout     = 0.3,          # Dropout (embeddings, attention, residual branches) in training.
+        code_dropout= 0.0,          # In training, the share of input codes read as unknown (the BOS vector).
     ):
         super().__init__(ks)
+        if not 0 <= code_dropout < 1:
+            raise ValueError(f'code_dropout must be in [0, 1), got {code_dropout}')
+        self.code_dropout = float(code_dropout)
         L, kmax = self.num_layers, self.kmax
         self.embed = nn.Parameter(torch.randn(L, kmax, dim) * 0.02)       # Code k of layer l, read at position l+1.
         self.bos = nn.Parameter(torch.zeros(dim))                          # What position 0 reads.
@@ -209,7 +213,10 @@ class TransformerPrior(CodePrior):
         layers = torch.arange(first - 1, first - 1 + T, device=prev_codes.device)                # Layer of each code.
         idx = layers.clamp(min=0)[None] * kmax + prev_codes.clamp(0, kmax - 1)                    # Anything is safe.
         x = self.embed.view(L * kmax, D)[idx]
-        x = torch.where((layers < 0)[None, :, None], self.bos.to(x.dtype), x)
+        unknown = (layers < 0)[None, :, None]
+        if self.training and self.code_dropout > 0:     # Code dropout: the model learns from partial prefixes.
+            unknown = unknown | (torch.rand(B, T, 1, device=x.device) < self.code_dropout)
+        x = torch.where(unknown, self.bos.to(x.dtype), x)
         return self.drop(x + self.pos[first:first + T])
 
     def _head(self, h, first):
@@ -251,8 +258,168 @@ class TransformerPrior(CodePrior):
     def extra_repr(self):
         return f'L={self.num_layers}, ks={sorted(set(self.ks))}'
 
+# ----------------------------------------------------------------------------
+# The learned prior that contains the baseline: a per-layer mixture of the transformer, a smoothed
+# pairwise conditional and the frequencies.
+
+# The components of a MixturePrior, in the order of its weights.
+MIXTURE_COMPONENTS = ('transformer', 'pair', 'frequency')
+
+# The smoothings tried for the pairwise conditionals (pseudo-counts of the frequency prior).
+PAIR_SMOOTHINGS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+
+@persistence.persistent_class
+class MixturePrior(CodePrior):
+    """p(k_l | k_<l) = w_l0 p_transformer(k_l | k_<l) + w_l1 p_pair(k_l | k_parent(l)) + w_l2 p_frequency(k_l).
+
+    The pairwise component conditions layer l on one earlier layer parent(l) (none: the frequencies):
+    p(b | a) = (n(a, b) + alpha_l p_frequency(b)) / (n(a) + alpha_l), counts of codes. `fit_pairs`
+    chooses parent(l) and alpha_l, `fit_mixture_weights` the weights w_l (a point of the simplex), both
+    on validation codes; on those codes the mixture then scores no worse than any of its components
+    (a concave problem per layer). With w_l = (0, 0, 1) it is the per-layer frequency prior, the baseline.
+    """
+    def __init__(self,
+        ks,                         # K of each layer.
+        **transformer_kwargs,       # Options of the TransformerPrior component (dim, depth, heads, mlp_ratio, dropout, code_dropout).
+    ):
+        super().__init__(ks)
+        L, kmax = self.num_layers, self.kmax
+        self.transformer = TransformerPrior(ks, **transformer_kwargs)
+        self.frequency = FrequencyPrior(ks)
+        self.register_buffer('parent', torch.full([L], -1, dtype=torch.long))           # parent(l) < l, -1: none.
+        self.register_buffer('pair_log_p', torch.zeros(L, kmax, kmax))                   # log p_pair(b | a) at [l, a, b].
+        weights = torch.zeros(L, len(MIXTURE_COMPONENTS))
+        weights[:, 0] = 1                                                                 # The transformer alone.
+        self.register_buffer('weights', weights)
+
+    # log p_pair (B, L, Kmax) of codes (B, L): row l reads only codes[:, parent(l)] (0 where there is none).
+    def _pair_log_probs(self, codes):
+        prev = torch.where(self.parent[None] >= 0, codes.gather(1, self.parent.clamp(min=0)[None].expand(codes.shape[0], -1)), 0)
+        prev = prev.clamp(0, self.kmax - 1)
+        return self.pair_log_p[torch.arange(self.num_layers, device=codes.device)[None], prev]
+
+    # The mixture of component rows (..., C, K) with weights (..., C) (rows outside K are -inf).
+    def _mix(self, rows, weights, valid):
+        rows = rows.double().masked_fill(~valid[..., None, :], 0) + weights.double().log()[..., None]
+        return torch.logsumexp(rows, dim=-2).masked_fill(~valid, -math.inf).float()
+
+    def _components(self, codes):   # (B, L, C, Kmax) log-probabilities of the components.
+        return torch.stack([self.transformer.log_probs(codes), self._pair_log_probs(codes),
+                            self.frequency.log_probs(codes)], dim=2)
+
+    def logits(self, codes):        # Normalised log-probabilities (a valid set of logits).
+        return self._mix(self._components(codes), self.weights[None], self.valid)
+
+    def begin(self, batch_size):
+        return dnnlib.EasyDict(l=0, inner=self.transformer.begin(batch_size), batch_size=batch_size,
+                               codes=torch.zeros(batch_size, self.num_layers, dtype=torch.long, device=self.valid.device))
+
+    def step(self, state, prev):
+        l = state.l
+        row_t = self.transformer.step(state.inner, prev)
+        if l > 0:
+            state.codes[:, l - 1] = prev.to(self.valid.device, torch.long)
+        row_p = self._pair_log_probs(state.codes)[:, l]
+        row_f = self.frequency.log_probs(state.codes[:1])[:, l].expand_as(row_t)
+        state.l += 1
+        return self._mix(torch.stack([row_t, row_p, row_f], dim=1), self.weights[l][None], self.valid[l])
+
+    # The frequency and pairwise components from codes (N, L): add-one frequencies, and the pairwise
+    # conditionals of the chosen parents and smoothings (`parents`, `alphas`: lists of L; parent -1 = none).
+    @torch.no_grad()
+    def set_counts(self, codes, parents=None, alphas=None):
+        codes = check_codes(codes, self.ks)
+        L, kmax = self.num_layers, self.kmax
+        parents = [-1] * L if parents is None else [int(j) for j in parents]
+        alphas = [1.0] * L if alphas is None else [float(a) for a in alphas]
+        if len(parents) != L or len(alphas) != L or any(not -1 <= j < l for l, j in enumerate(parents)) or min(alphas) <= 0:
+            raise ValueError(f'parents must be L={L} layers each -1 or earlier than its own, alphas L values > 0; got {parents}, {alphas}')
+        freq = fit_frequency_prior(codes, self.ks)
+        self.frequency.counts.copy_(freq.counts.to(self.frequency.counts.device))
+        p_f = (freq.counts / freq.counts.sum(1, keepdim=True)).double()                  # (L, Kmax)
+        table = torch.zeros(L, kmax, kmax, dtype=torch.float64)
+        for l, (j, a) in enumerate(zip(parents, alphas)):
+            joint = torch.zeros(kmax, kmax, dtype=torch.float64)
+            if j >= 0:
+                joint.index_put_((codes[:, j].cpu(), codes[:, l].cpu()), torch.ones(codes.shape[0], dtype=torch.float64), accumulate=True)
+            table[l] = (joint + a * p_f[l][None]) / (joint.sum(1, keepdim=True) + a)
+        log_table = table.clamp(min=1e-300).log().masked_fill(~self.valid.cpu()[:, None, :], 0)
+        self.pair_log_p.copy_(log_table.float().to(self.pair_log_p.device))
+        self.parent.copy_(torch.tensor(parents, dtype=torch.long))
+        return self
+
+    def extra_repr(self):
+        return f'L={self.num_layers}, ks={sorted(set(self.ks))}, parents={self.parent.tolist()}'
+
+# The -log p (N,) of codes (N, L) at layer l under a pairwise conditional on layer j (-1: the
+# frequencies) with smoothing a, counted on `fit` (N', L); all in float64.
+def _pair_bits(fit, codes, l, j, a, k):
+    freq = (torch.bincount(fit[:, l], minlength=k)[:k].double() + 1)
+    p_f = freq / freq.sum()
+    if j < 0:
+        return -p_f[codes[:, l]].log()
+    joint = torch.zeros(int(max(fit[:, j].max(), codes[:, j].max())) + 1, k, dtype=torch.float64)
+    joint.index_put_((fit[:, j], fit[:, l]), torch.ones(fit.shape[0], dtype=torch.float64), accumulate=True)
+    cond = (joint + a * p_f[None]) / (joint.sum(1, keepdim=True) + a)
+    return -cond[codes[:, j], codes[:, l]].log()
+
+# Choose each layer's parent and smoothing for the pairwise component of a MixturePrior: the pair
+# (parent j < l or none, alpha in `smoothings`) whose conditional counted on `fit` codes gives the
+# `val` codes the highest likelihood. Returns (parents, alphas), lists of L.
+def choose_pairs(fit, val, ks, smoothings=PAIR_SMOOTHINGS):
+    ks = _check_ks(ks)
+    fit, val = check_codes(fit, ks).cpu(), check_codes(val, ks, 'validation codes').cpu()
+    if fit.shape[0] == 0 or val.shape[0] == 0:
+        raise ValueError('choosing the pairwise conditionals needs fit and validation codes')
+    parents, alphas = [], []
+    for l, k in enumerate(ks):
+        best = (float(_pair_bits(fit, val, l, -1, 1.0, k).sum()), -1, 1.0)
+        for j in range(l):
+            for a in smoothings:
+                best = min(best, (float(_pair_bits(fit, val, l, j, a, k).sum()), j, float(a)))
+        parents.append(best[1])
+        alphas.append(best[2])
+    return parents, alphas
+
+# The weights w in the simplex maximising sum_n log(sum_c w_c p[n, c]) for probabilities p (N, C) > 0:
+# EM (monotone; the problem is concave), then the best of that and the C single components.
+def _best_weights(p, iters=500):
+    p = p.double().clamp(min=1e-300)
+    total = lambda w: float((p @ w).log().sum())
+    w = torch.full([p.shape[1]], 1 / p.shape[1], dtype=torch.float64)
+    for _ in range(iters):
+        w = (p * w / (p @ w)[:, None]).mean(0)
+    candidates = [w] + list(torch.eye(p.shape[1], dtype=torch.float64))
+    return max(candidates, key=total)
+
+# Choose the mixture weights of `prior` (a MixturePrior) on validation codes (N, L): per layer
+# (`per_layer`, the default) or one set for all layers; on these codes the mixture then scores no
+# worse than any of its components. Returns the weights (L, C) as a tensor.
+@torch.no_grad()
+def fit_mixture_weights(prior, codes, per_layer=True, batch=1024):
+    codes = check_codes(codes, prior.ks, 'validation codes')
+    if codes.shape[0] == 0:
+        raise ValueError('fit_mixture_weights needs at least one row of validation codes')
+    was_training = prior.training
+    prior.eval()
+    try:
+        p = []
+        for start in range(0, codes.shape[0], batch):
+            c = codes[start:start + batch].to(prior.valid.device)
+            lp = prior._components(c)                                                    # (B, L, C, Kmax)
+            p.append(lp.gather(3, c[:, :, None, None].expand(-1, -1, lp.shape[2], 1))[..., 0].double().exp().cpu())
+        p = torch.cat(p)                                                                 # (N, L, C)
+        if per_layer:
+            weights = torch.stack([_best_weights(p[:, l]) for l in range(prior.num_layers)])
+        else:
+            weights = _best_weights(p.flatten(0, 1))[None].expand(prior.num_layers, -1)
+        prior.weights.copy_(weights.to(prior.weights))
+        return weights.float()
+    finally:
+        prior.train(was_training)
+
 # The prior classes by short name (train.py --prior, train_prior.py --kind).
-PRIOR_KINDS = dict(frequency=FrequencyPrior, transformer=TransformerPrior)
+PRIOR_KINDS = dict(frequency=FrequencyPrior, transformer=TransformerPrior, mixture=MixturePrior)
 
 # ----------------------------------------------------------------------------
 # Likelihood and training.

@@ -22,7 +22,7 @@ PRIOR_VERSION = 1
 PRIOR_SUFFIX = '.prior.safetensors'
 
 # The classes a prior file may name.
-PRIOR_CLASSES = ('training.prior.FrequencyPrior', 'training.prior.TransformerPrior')
+PRIOR_CLASSES = ('training.prior.FrequencyPrior', 'training.prior.TransformerPrior', 'training.prior.MixturePrior')
 
 
 def prior_class(class_name, source='<prior>'):

@@ -78,19 +78,28 @@ def replay_share(sampled, reference):
 # on `held` (None: no early stopping); the transformer starts from the frequencies of `train`
 # (`from_frequencies`). Returns (prior in eval mode, training history).
 def fit_prior(kind, ks, train, held=None, steps=300, batch=128, lr=1e-3, weight_decay=0.1, eval_every=25, seed=0,
-              device='cpu', log=None, from_frequencies=True, **prior_kwargs):
+              device='cpu', log=None, from_frequencies=True, refit=None, **prior_kwargs):
     if kind not in prior_lib.PRIOR_KINDS:
         raise ValueError(f'prior kind must be one of {", ".join(prior_lib.PRIOR_KINDS)}, got {kind!r}')
     if kind == 'frequency':
         if prior_kwargs:
             raise ValueError(f'the frequency prior takes no options, got {sorted(prior_kwargs)}')
-        return prior_lib.fit_frequency_prior(train, ks).to(device).eval(), []
+        return prior_lib.fit_frequency_prior(train if refit is None else refit, ks).to(device).eval(), []
+    if kind == 'mixture' and (held is None or held.shape[0] == 0):
+        raise ValueError('the mixture prior chooses its parts on validation codes; it needs some (too few codes to split?)')
     torch.manual_seed(seed)
     prior = prior_lib.PRIOR_KINDS[kind](ks, **prior_kwargs).to(device)
+    transformer = prior.transformer if kind == 'mixture' else prior
     if from_frequencies:
-        prior.init_from_frequencies(train)
-    history = prior_lib.train_prior(prior, train, steps, batch=batch, lr=lr, weight_decay=weight_decay, held_out=held,
+        transformer.init_from_frequencies(train)
+    history = prior_lib.train_prior(transformer, train, steps, batch=batch, lr=lr, weight_decay=weight_decay, held_out=held,
                           eval_every=eval_every, seed=seed, log=log)
+    if kind == 'mixture':
+        parents, alphas = prior_lib.choose_pairs(train, held, ks)
+        prior.set_counts(train, parents, alphas)
+        prior_lib.fit_mixture_weights(prior, held)
+        if refit is not None:       # The counts of all codes, with the parents and weights chosen above.
+            prior.set_counts(refit, parents, alphas)
     return prior.eval(), history
 
 # The figures of a prior: held-out bits per image of uniform codes (sum log2 K), of the frequency baseline
@@ -171,11 +180,19 @@ class PriorRefresh:
             self.prior = prior_lib.fit_frequency_prior(train, self.ks).to(self.device)
         else:
             fit, val = split_validation(train)     # Early stopping on `val`; figures on `held`.
+            transformer = self.prior.transformer if self.kind == 'mixture' else self.prior
             if not self.started:                            # The first refresh starts from the frequencies.
-                self.prior.init_from_frequencies(fit)
+                transformer.init_from_frequencies(fit)
                 self.started = True
-            prior_lib.train_prior(self.prior, fit, self.steps, batch=self.batch, lr=self.lr, weight_decay=self.weight_decay,
+            prior_lib.train_prior(transformer, fit, self.steps, batch=self.batch, lr=self.lr, weight_decay=self.weight_decay,
                                   held_out=val, eval_every=max(1, min(25, self.steps // 4)), seed=self.seed * 1_000_003 + cur_nimg)
+            if self.kind == 'mixture':      # Parts and weights chosen on `val`, then the counts of all of `train`.
+                if val is None:
+                    raise ValueError('the mixture prior needs validation codes: use more --prior-images')
+                parents, alphas = prior_lib.choose_pairs(fit, val, self.ks)
+                self.prior.set_counts(fit, parents, alphas)
+                prior_lib.fit_mixture_weights(self.prior, val)
+                self.prior.set_counts(train, parents, alphas)
         self.prior.eval()
         report = prior_report(self.prior, train, held, prior_rule.seed_uniforms(range(self.replay_samples), len(self.ks)))
         report['sec'] = time.time() - start
