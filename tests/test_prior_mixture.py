@@ -122,3 +122,26 @@ def test_bad_parents_are_refused():
     p = MixturePrior(KS, dim=16, depth=1, heads=2)
     with pytest.raises(ValueError, match='parents'):
         p.set_counts(_source(10), parents=[-1, 1, 0, 0, 0])
+
+def test_refresh_and_train_prior_cli_with_a_mixture(tmp_path):
+    from training.dataset import DigitsDataset
+    from training.networks import DDNGenerator
+    from training.prior_training import PriorRefresh
+    from training.snapshot import save_network_safe
+    torch.manual_seed(0)
+    net = DDNGenerator(16, 1, max_channels=8, max_blockn=1, max_outputk=8).eval().requires_grad_(False)
+    refresh = PriorRefresh(DigitsDataset(resolution=16), net.ks, 'cpu', kind='mixture', num_images=200, steps=10,
+                           replay_samples=50, dim=16, depth=1, heads=2)
+    report = refresh.refresh(net)
+    assert isinstance(refresh.prior, MixturePrior) and report['prior_bits'] < report['uniform_bits']
+    assert torch.allclose(refresh.prior.weights.sum(1), torch.ones(net.num_layers))
+    # train_prior.py --kind mixture writes a prior file that loads as one.
+    from click.testing import CliRunner
+
+    import train_prior
+    save_network_safe(net, tmp_path / 'net.safetensors')
+    result = CliRunner().invoke(train_prior.main, [f'--network={tmp_path / "net.safetensors"}', '--kind=mixture', '--max-images=300',
+                                                   '--steps=10', '--dim=16', '--depth=1', '--heads=2', '--samples=20', '--device=cpu'])
+    assert result.exit_code == 0, result.output
+    prior = prior_files.load_prior(tmp_path / 'net.prior.safetensors')
+    assert isinstance(prior, MixturePrior) and 'mixture' in result.output
