@@ -200,7 +200,7 @@ def resolve_resume(path):
 @option(DDN, '--balance',        help='Node balancing after every step: Split-and-Prune with the total-variation test (tv) or the paper\'s thresholds (paper), a per-node selection bias (bias, nothing split), or none (the ablation)', type=click.Choice(list(BALANCE_METHODS)), default='tv')
 @option(DDN, '--balance-halflife', help='Node statistics forget with this half-life, in targets per node (beyond the paper: a node that stops being chosen is pruned in a short run too); omit to sum the whole run (the paper\'s)', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True))
 @option(DDN, '--bias-rate',      help='--balance=bias: step of the log-distance bias per training step', metavar='FLOAT', type=cli.FiniteFloatRange(min=0, min_open=True), default=1e-2)
-@option(DDN, '--prior',          help='Prior over the codes, refreshed on the EMA network\'s codes of a fixed subset of training images before each snapshot and saved beside it (network-snapshot-*.prior.safetensors)', type=click.Choice(['none', 'frequency', 'transformer']), default='none')
+@option(DDN, '--prior',          help='Prior over the codes, refreshed on the EMA network\'s codes of a fixed subset of training images before each snapshot and saved beside it (network-snapshot-*.prior.safetensors)', type=click.Choice(['none', 'frequency', 'transformer', 'mixture']), default='none')
 @option(DDN, '--prior-images',   help='--prior: size of the fixed subset (the first images; the last 10% held out)', metavar='INT', type=click.IntRange(min=2), default=2000)
 @option(DDN, '--prior-steps',    help='--prior=transformer: training steps per refresh (warm start)', metavar='INT', type=click.IntRange(min=0), default=300)
 @option(DDN, '--condition',      help='Conditional training: the condition is fed into the network', metavar='class|color|edge|resizeN', type=str)
@@ -408,10 +408,10 @@ def prior_config(opts, condition):
     if condition is not None:
         raise click.UsageError(f'--prior: a prior over the codes applies to unconditional networks, not --condition={condition}')
     c.prior_kwargs = dnnlib.EasyDict(class_name='training.prior_training.PriorRefresh', kind=opts.prior, num_images=opts.prior_images)
-    if opts.prior == 'transformer':
+    if opts.prior in ('transformer', 'mixture'):
         c.prior_kwargs.steps = opts.prior_steps
     elif opts.prior_steps != PRIOR_DEFAULTS['prior_steps']:
-        raise click.UsageError('--prior-steps is only used with --prior=transformer')
+        raise click.UsageError('--prior-steps is only used with --prior=transformer or mixture')
     return c
 
 # Defaults of the --prior options (a changed one without --prior is an error).
