@@ -219,6 +219,8 @@ def test_readme_prior_commands(tmp_path, monkeypatch):
         return result.output
     out = invoke('train_prior.py --network RUN', set_={'--steps': '10'}, add=['--max-images=200', '--samples=20'])
     assert 'prior_bits=' in out and (run / 'network-snapshot-000000.prior.safetensors').is_file()
+    out = invoke('train_prior.py --kind mixture', set_={'--steps': '10'}, add=['--max-images=200', '--samples=20'])
+    assert 'mixture' in out and type(prior_files.load_prior(run / 'network-snapshot-000000.prior.safetensors')).__name__ == 'MixturePrior'
     assert 'Prior: ' in invoke('--outdir out/prior --seeds 0-63 --prior auto', set_={'--seeds': '0-3'})
     assert 'Prior: ' not in invoke('--outdir out/uniform --seeds 0-63 --prior off', set_={'--seeds': '0-3'})
     assert 'Prior: ' in invoke('--outdir out/prior-sr', set_={'--seeds': '0-1'})
