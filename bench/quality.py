@@ -14,8 +14,9 @@ as samples (paired with the reference images themselves, so a floor that samples
 issue's yardstick), and its samples from the same
 per-seed uniforms through priors over its codes (training/prior.py), fitted to the codes of the
 training split: uniform codes (the plain samples again, through the prior's code path), the per-layer
-node-frequency prior, and the causal transformer prior (early-stopped on the last 10% of the training
-codes; its training seconds in "wall s"). "bits" is the held-out digits' code length under the prior
+node-frequency prior, the causal transformer prior (early-stopped on the last 10% of the training
+codes) and the mixture prior (transformer + pairwise conditionals + frequencies, parts and weights
+chosen on that last 10%, counts refitted to all training codes); their fitting seconds in "wall s"). "bits" is the held-out digits' code length under the prior
 (-sum log2 p per image); "replay" the share of sampled code sequences equal to a training image's codes.
 `--clock=cpu` counts the CPU seconds the process was given instead (threads summed), which depends
 much less on what else runs on the machine: the recipe search in the README uses it. img/s in the
@@ -252,10 +253,11 @@ def evaluate_ours(net, held_out, num, batch=250):
     return quantize((samples + 1) / 2), quantize((recon + 1) / 2)
 
 # The same network sampled through priors over its codes (training/prior.py), fitted to the codes of
-# the training split (the transformer early-stopped on its last 10%): for each of uniform codes, the
-# per-layer frequency prior and the transformer prior, `num` samples in [0, 1] (seeds 0..num-1, the same
-# per-seed uniforms), the held-out digits' bits per image, and the share of sampled code sequences
-# equal to a training image's codes. Returns [(name, samples, info)], and the transformer's training seconds.
+# the training split (the transformer early-stopped on its last 10%, the mixture's parts and weights chosen
+# there): for each of uniform codes, the per-layer frequency prior, the transformer prior and the mixture
+# prior, `num` samples in [0, 1] (seeds 0..num-1, the same per-seed uniforms), the held-out digits' bits
+# per image, the share of sampled code sequences equal to a training image's codes, and (learned priors)
+# the fitting seconds ('wall'). Returns [(name, samples, info)].
 @torch.no_grad()
 def evaluate_priors(net, train, held_out, num, steps, seed=0, batch=250):
     encode = lambda images: torch.cat([net.encode(part.float() / 127.5 - 1)[0] for part in images.split(batch)])
