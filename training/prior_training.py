@@ -74,9 +74,11 @@ def replay_share(sampled, reference):
     rows = torch.as_tensor(sampled).long().cpu().numpy()
     return sum(bytes(row) in known for row in rows) / max(len(rows), 1)
 
-# Make and train a prior of `kind` ('frequency' or 'transformer') on `train` codes (N, L), early-stopped
-# on `held` (None: no early stopping); the transformer starts from the frequencies of `train`
-# (`from_frequencies`). Returns (prior in eval mode, training history).
+# Make and train a prior of `kind` ('frequency', 'transformer' or 'mixture') on `train` codes (N, L),
+# early-stopped on `held` (None: no early stopping); the transformer starts from the frequencies of `train`
+# (`from_frequencies`). The mixture chooses its parts and weights on `held` (required); `refit` codes
+# (e.g. train + held), when given, replace the counts afterwards (the frequency prior's too).
+# Returns (prior in eval mode, training history).
 def fit_prior(kind, ks, train, held=None, steps=300, batch=128, lr=1e-3, weight_decay=0.1, eval_every=25, seed=0,
               device='cpu', log=None, from_frequencies=True, refit=None, **prior_kwargs):
     if kind not in prior_lib.PRIOR_KINDS:
@@ -128,7 +130,7 @@ class PriorRefresh:
         dataset,                    # The training set (uint8 CHW images).
         ks,                         # K of each layer of the network.
         device,                     # Where the prior trains.
-        kind        = 'transformer',# 'transformer' or 'frequency' (training/prior.py PRIOR_KINDS).
+        kind        = 'transformer',# 'transformer', 'mixture' or 'frequency' (training/prior.py PRIOR_KINDS).
         num_images  = 2000,         # Size of the fixed subset of training images (the first ones).
         held_out    = 0.1,          # Share of the subset held out (its last images).
         steps       = 300,          # Training steps per refresh (transformer).
