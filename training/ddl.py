@@ -186,7 +186,7 @@ class DiscreteDistributionLayer(SplittableNodes):
         w = self.weight.view(self.K, C, Cin)[codes]                          # (B, C, Cin)
         w2 = w[:, None].expand(B, 2, C, Cin).reshape(2 * B, C, Cin)
         both = _float_bmm(w2, feat.reshape(2 * B, Cin, H * W)).view(B, 2, C, H, W)
-        return both[:, 0], both[:, 1]
+        return both.unbind(1)           # unbind: one operator in backward (two select's would make two zero tensors).
 
     # All K heads: (B, Cin, H, W) -> (B, K, C, H, W), without the residual.
     def all_heads(self, feat):
@@ -298,8 +298,8 @@ class DiscreteDistributionLayer(SplittableNodes):
             image = image + residual
             loss = None
             if target is not None:
-                diff = image - target
-                loss = (diff.square() if self.loss_type == 'l2' else diff.abs()).mean((1, 2, 3))
+                lossf = F.mse_loss if self.loss_type == 'l2' else F.l1_loss     # One operator each way.
+                loss = lossf(image, target, reduction='none').mean((1, 2, 3))
         return DDLOutput(image, codes, loss, leak, dist)
 
 # ----------------------------------------------------------------------------

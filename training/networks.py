@@ -28,6 +28,7 @@ from training.conditions import condition_channels, condition_tensor, parse_cond
 from training.determinism import batch_invariant     # Also importable from here, as before the move.
 from training.ddl import Chooser, DiscreteDistributionLayer, Scorer, resize_area, uniform_to_codes
 from training.latent import latent_bits
+from training.low_precision import autocast_dtype_of, param_as
 
 # ----------------------------------------------------------------------------
 # The architecture schedule of DDN.md §4, as plain functions of the scale s (size 2^s).
@@ -96,7 +97,7 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x):
         if self._low_precision(x):
             with torch.autocast(x.device.type, enabled=False):
-                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+                return F.group_norm(x, self.num_groups, param_as(self.weight, x.dtype), param_as(self.bias, x.dtype), self.eps)
         return super().forward(x)
 
     def norm_silu(self, x):
@@ -104,27 +105,28 @@ class GroupNorm(nn.GroupNorm):
         # would break the graph there.
         if self._low_precision(x) and not torch.compiler.is_compiling():
             with torch.autocast(x.device.type, enabled=False):
-                return _GroupNormSiLU.apply(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.num_groups, self.eps)
+                return _GroupNormSiLU.apply(x, param_as(self.weight, x.dtype), param_as(self.bias, x.dtype), self.num_groups, self.eps)
         return F.silu(self(x))
 
 # silu(group_norm(x, weight, bias)) that saves x, weight and bias only; backward recomputes the
-# forward (the same kernels, so the same bits) and differentiates it. Gradients equal autograd's
-# through F.silu(F.group_norm(...)) bit for bit.
+# normalised value (the same kernel, so the same bits), applies SiLU's backward to it (SiLU's
+# gradient needs its input only, so SiLU itself is not recomputed) and differentiates GroupNorm.
+# Gradients equal autograd's through F.silu(F.group_norm(...)) bit for bit.
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps):
         ctx.groups, ctx.eps = groups, eps
         ctx.save_for_backward(x, weight, bias)
-        return F.silu(F.group_norm(x, groups, weight, bias, eps))
+        return F.silu(F.group_norm(x, groups, weight, bias, eps), inplace=True)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
         inputs = [t.detach().requires_grad_(need) for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True)]
         with torch.enable_grad():
-            y = F.silu(F.group_norm(inputs[0], ctx.groups, inputs[1], inputs[2], ctx.eps))
+            y = F.group_norm(inputs[0], ctx.groups, inputs[1], inputs[2], ctx.eps)
         wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, grad) if wanted else ())
+        grads = iter(torch.autograd.grad(y, wanted, torch.ops.aten.silu_backward(grad, y.detach())) if wanted else ())
         return tuple(next(grads) if t.requires_grad else None for t in inputs) + (None, None)
 
 # EDM's `weight_init(mode='xavier_uniform')` for a conv, times `gain`; zero bias.
@@ -163,11 +165,56 @@ class Block(nn.Module):
         if self.up:
             h = F.interpolate(h, scale_factor=2, mode='nearest')
             x = F.interpolate(x, scale_factor=2, mode='nearest')
-        h = self.conv0(h)
-        h = self.conv1(self.dropout(self.norm1.norm_silu(h)))
+        h = _conv(self.conv0, h)
+        h = _conv(self.conv1, self.dropout(self.norm1.norm_silu(h)))
         if self.skip is not None:
-            x = self.skip(x)
+            x = _conv(self.skip, x)
         return (h + x) * math.sqrt(0.5)
+
+# conv(x), its weight and bias read through `param_as` under autocast (the training step's
+# low-precision copies, made once per step, see training/low_precision.py); else conv(x) exactly.
+def _conv(conv, x):
+    dtype = autocast_dtype_of(x)
+    if dtype is None:
+        return conv(x)
+    return conv._conv_forward(x, param_as(conv.weight, dtype), param_as(conv.bias, dtype))
+
+# The parameters a network reads through `param_as` under autocast (its blocks' convolutions and its
+# GroupNorms), for the training step's once-per-step low-precision copies (training/low_precision.py).
+def low_precision_params(module):
+    params = {}
+    for m in module.modules():
+        if isinstance(m, Block):
+            for conv in (m.conv0, m.conv1, m.skip):
+                if conv is not None:
+                    params.update((id(p), p) for p in conv.parameters())
+        elif isinstance(m, GroupNorm):
+            params.update((id(p), p) for p in m.parameters())
+    return list(params.values())
+
+# ----------------------------------------------------------------------------
+# feat + pad(image) into the first C channels + pad(leak) into the last C (leak may be None), in the
+# dtype of feat: the values of `feat + F.pad(image.to(feat.dtype), ...) + F.pad(leak.to(...), ...)`
+# (the same additions, in the same order), in one copy of feat instead of two padded copies and two
+# full-size additions; backward passes feat's gradient through and slices the two small ones.
+
+class _AddIntoChannels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, feat, image, leak):
+        C = image.shape[1]
+        x = feat.clone()
+        x[:, :C] += image.to(feat.dtype)
+        if leak is not None:
+            x[:, x.shape[1] - C:] += leak.to(feat.dtype)
+        ctx.C, ctx.dtypes = C, (image.dtype, None if leak is None else leak.dtype)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        C, (image_dtype, leak_dtype) = ctx.C, ctx.dtypes
+        g_image = grad[:, :C].to(image_dtype) if ctx.needs_input_grad[1] else None
+        g_leak = grad[:, grad.shape[1] - C:].to(leak_dtype) if leak_dtype is not None and ctx.needs_input_grad[2] else None
+        return grad if ctx.needs_input_grad[0] else None, g_image, g_leak
 
 # ----------------------------------------------------------------------------
 # Results of a generator call.
@@ -275,11 +322,7 @@ class _DDNBase(nn.Module):
     # Add the chosen image into the first C feature channels and the leak map into the last C
     # (DDN.md §2.7: an addition, not a concatenation, so the block widths stay the paper's).
     def _next_input(self, feat, image, leak):
-        pad = feat.shape[1] - self.img_channels
-        x = feat + F.pad(image.to(feat.dtype), (0, 0, 0, 0, 0, pad))
-        if leak is not None:
-            x = x + F.pad(leak.to(feat.dtype), (0, 0, 0, 0, pad, 0))
-        return x
+        return _AddIntoChannels.apply(feat, image, leak)
 
     # Run the network. The mode follows from the arguments (per layer, in this order, see `Drive`):
     #   codes (B, Lc)  -> the first Lc layers decode these codes;
