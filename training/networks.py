@@ -29,6 +29,7 @@ from training.determinism import batch_invariant     # Also importable from here
 from training.ddl import Chooser, DiscreteDistributionLayer, Scorer, resize_area, uniform_to_codes
 from training.latent import latent_bits
 from training.low_precision import autocast_dtype_of, param_as
+from training.split_prune import batched_statistics
 
 # ----------------------------------------------------------------------------
 # The architecture schedule of DDN.md §4, as plain functions of the scale s (size 2^s).
@@ -203,9 +204,9 @@ class _AddIntoChannels(torch.autograd.Function):
     def forward(ctx, feat, image, leak):
         C = image.shape[1]
         x = feat.clone()
-        x[:, :C] += image.to(feat.dtype)
+        x[:, :C].add_(image.to(feat.dtype))
         if leak is not None:
-            x[:, x.shape[1] - C:] += leak.to(feat.dtype)
+            x[:, x.shape[1] - C:].add_(leak.to(feat.dtype))
         ctx.C, ctx.dtypes = C, (image.dtype, None if leak is None else leak.dtype)
         return x
 
@@ -402,7 +403,7 @@ class _DDNBase(nn.Module):
 
     # One DDL call of layer l inside _run(): picks the layer's code source and target (`targets`
     # caches the area-resized target per size).
-    def _layer(self, ddl, l, feat, prev, drive, targets):
+    def _layer(self, ddl, l, feat, prev, drive, targets, chain=None):
         size = feat.shape[-1]
         codes = drive.codes[:, l] if drive.codes is not None and l < drive.codes.shape[1] else None
         target = None
@@ -412,7 +413,27 @@ class _DDNBase(nn.Module):
             target = targets[size]
         return ddl(feat, prev, target=target, codes=codes,
                    scorer=drive.scorer if target is None else None, chooser=drive.chooser,
-                   uniform=drive.uniforms[:, l] if drive.uniforms is not None else None)
+                   uniform=drive.uniforms[:, l] if drive.uniforms is not None else None,
+                   chain=chain[l] if chain is not None and target is not None else None)
+
+    # Chain dropout of a training forward, drawn for all L layers at once: per layer (drop, codes), a
+    # 0-d bool (True with probability ddl.chain_dropout: the whole batch takes random codes there) and
+    # (B,) uniform random codes. A few operators per step instead of four per layer; None when no
+    # layer drops.
+    def _chain_dropout(self, ddls, B, device):
+        ps = [ddl.chain_dropout for ddl in ddls]
+        if not any(p > 0 for p in ps):
+            return None
+        threshold = ps[0] if len(set(ps)) == 1 else torch.tensor(ps, device=device)
+        drop = torch.rand(len(ddls), device=device) < threshold
+        layers_of_k = {}
+        for l, ddl in enumerate(ddls):
+            layers_of_k.setdefault(ddl.K, []).append(l)
+        codes = [None] * len(ddls)
+        for K, layers in layers_of_k.items():
+            for l, c in zip(layers, torch.randint(0, K, [len(layers), B], device=device).unbind(0), strict=True):
+                codes[l] = c
+        return list(zip(drop.unbind(0), codes, strict=True))
 
     # Temporarily in evaluation mode (no chain dropout, no statistics, no dropout) and under
     # `batch_invariant()`: the context of every generation entry point of the network.
@@ -561,13 +582,20 @@ class DDNGenerator(_DDNBase):
         embed = self.class_embed[self.cond_layers.index(l)] if self.label_dim else None
         return self._inject_condition(x, condition, embed)
 
-    # The layer loop of forward().
+    # The layer loop of forward(). Training selection records the node statistics of all layers
+    # together when the loop ends (batched_statistics: the same statistics, fewer operators).
     def _run(self, L, B, drive, condition, trace):
+        training = self.training and drive.target is not None
+        with batched_statistics(self) if training else contextlib.nullcontext():
+            self._layers(L, B, drive, condition, trace)
+
+    def _layers(self, L, B, drive, condition, trace):
         x = self.init_feature.expand(B, -1, -1, -1)
         prev, targets = None, {}
+        chain = self._chain_dropout(self.ddls[:L], B, x.device) if self.training and drive.target is not None else None
         for l in range(L):
             feat = self.blocks[l](self._add_condition(x, l, condition))
-            out = self._layer(self.ddls[l], l, feat, prev, drive, targets)
+            out = self._layer(self.ddls[l], l, feat, prev, drive, targets, chain)
             if l + 1 < L:
                 x = self._next_input(feat, out.image, out.leak)
             prev = out.image

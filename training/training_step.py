@@ -16,7 +16,7 @@ import torch
 
 from torch_utils import distributed
 from training.low_precision import StepWeights
-from training.split_prune import balance
+from training.split_prune import balance, find_node_sets
 
 # Precisions: autocast dtype of each (None = plain fp32).
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -148,6 +148,11 @@ class TrainingStep:
         # are cast once per step (training/low_precision.py; the same numbers, ~1,100 fewer operators
         # per step for the reference net). Compiled regions fuse the casts themselves; under DDP the
         # gradients must reach the parameters DDP registered, so both keep autocast's casts.
+        # The selection bias multiplies the distances under balance 'bias' only; the other methods
+        # select the plain nearest node (DDN.md §3), which the product with a zero bias equals exactly.
+        method = self.balance_kwargs.get('method', 'tv')
+        for m in find_node_sets(net):
+            m.node_stats.bias_active = method == 'bias'
         self.weights = None
         if self.dtype is not None and not compile and self.ddp is None:
             from training.networks import low_precision_params
