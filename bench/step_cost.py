@@ -162,12 +162,10 @@ def build_ours(net_name, precision, batch):
     step = TrainingStep(net, net, DDNLoss(), opt, batch_size=batch, precision=precision)
     C, R = kwargs['img_channels'], kwargs['img_resolution']
     images = torch.rand(batch, C, R, R) * 2 - 1
-    dtype = AUTOCAST_DTYPES[precision]
-    def fwd():     # TrainingStep.accumulate(), split in its forward and backward halves.
-        with torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None):
-            return step.forward(images, None)
+    def fwd():     # TrainingStep.accumulate(), in its forward and backward halves.
+        return step.round_forward(images, None)
     def bwd(loss):
-        step.scaler.scale(loss.sum() / step.batch_size).backward()
+        step.round_backward(loss)
     def update():
         step.update(lr=1e-3, ema_beta=0)
     info = dict(layers=net.num_layers, params=sum(p.numel() for p in net.parameters()))

@@ -140,3 +140,92 @@ def test_norm_silu_keeps_only_its_input_and_matches_autograd():
     gb = torch.autograd.grad(ref, [x, norm.weight, norm.bias], g)
     for u, v in zip(ga, gb, strict=True):
         assert torch.equal(u, v)
+
+# The generator's next-block input (the chosen image into the first C channels, the leak map into the
+# last C) equals the padded sum it replaces, values and gradients, in fp32 and bf16, with and without a
+# leak, and with overlapping channels (Cf < 2C).
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('Cf,with_leak', [(8, True), (8, False), (4, True)])
+def test_add_into_channels_equals_the_padded_sum(dtype, Cf, with_leak):
+    from training.networks import _AddIntoChannels
+    torch.manual_seed(0)
+    C = 3
+    def inputs():
+        torch.manual_seed(1)
+        feat = torch.randn(2, Cf, 5, 5).to(dtype).requires_grad_()
+        image = torch.randn(2, C, 5, 5, requires_grad=True)
+        leak = torch.randn(2, C, 5, 5, requires_grad=True) if with_leak else None
+        return feat, image, leak
+    def padded(feat, image, leak):
+        x = feat + nn.functional.pad(image.to(feat.dtype), (0, 0, 0, 0, 0, Cf - C))
+        if leak is not None:
+            x = x + nn.functional.pad(leak.to(feat.dtype), (0, 0, 0, 0, Cf - C, 0))
+        return x
+    grad = torch.randn(2, Cf, 5, 5).to(dtype)
+    results = []
+    for fn in (padded, _AddIntoChannels.apply):
+        feat, image, leak = inputs()
+        out = fn(feat, image, leak)
+        out.backward(grad)
+        results.append([out.detach(), feat.grad, image.grad] + ([leak.grad] if with_leak else []))
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+# The training step's once-per-step low-precision weights (training/low_precision.py) give the same
+# weights, bit for bit, as autocast's cast at every use: two steps of two accumulation rounds, bf16
+# and fp16 (GradScaler); and no parameter is cast inside the forward.
+@pytest.mark.parametrize('precision', ['bf16', 'fp16'])
+def test_step_weights_equal_autocast_casts(precision):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from training.loss import DDNLoss
+    from training.training_step import TrainingStep
+
+    class ParamCasts(TorchDispatchMode):
+        def __init__(self, params):
+            super().__init__()
+            self.ids, self.n = {p.untyped_storage()._cdata for p in params}, 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == '_to_copy' and args[0].untyped_storage()._cdata in self.ids:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    images = torch.rand(8, 1, 16, 16) * 2 - 1
+    states = []
+    for use_copies in (False, True):
+        torch.manual_seed(0)
+        net = DDNGenerator(img_resolution=16, img_channels=1, max_channels=32, max_blockn=2, max_outputk=8, chain_dropout=0.0).train()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        step = TrainingStep(net, net, DDNLoss(), opt, batch_size=8, precision=precision)
+        assert step.weights is not None and len(step.weights.params) > 10
+        if not use_copies:
+            step.weights = None
+        for _ in range(2):
+            casts = ParamCasts(net.parameters())
+            with casts:
+                step.accumulate(images[:4])
+                step.accumulate(images[4:])
+            assert (casts.n == 0) == use_copies, casts.n
+            step.update(lr=1e-2, ema_beta=0)
+        states.append({k: v.clone() for k, v in net.state_dict().items()})
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+# Weights changed outside update() (a loaded state, a test) reach the next step's copies.
+def test_step_weights_refresh_after_outside_changes():
+    from training.loss import DDNLoss
+    from training.training_step import TrainingStep
+    torch.manual_seed(0)
+    net = DDNGenerator(img_resolution=8, img_channels=1, max_channels=16, max_blockn=1, max_outputk=4, chain_dropout=0.0).train()
+    step = TrainingStep(net, net, DDNLoss(), torch.optim.SGD(net.parameters(), lr=0.0), batch_size=4, precision='bf16')
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    loss0 = step.accumulate(images).detach()
+    step.update(lr=0.0, ema_beta=0)
+    with torch.no_grad():
+        for p in step.weights.params:
+            p.mul_(2)
+    loss1 = step.accumulate(images).detach()
+    step.weights = None
+    step.net.zero_grad(set_to_none=True)
+    assert not torch.equal(loss0, loss1)
+    assert torch.equal(loss1, step.accumulate(images).detach())

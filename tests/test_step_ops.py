@@ -2,6 +2,7 @@
 in a few operators instead of one per parameter, and the DDL statistics without per-layer `ones`
 tensors (counted below autograd, where every operator launches a kernel on a GPU)."""
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -101,3 +102,68 @@ def test_channels_last_needs_compile():
     step = TrainingStep(net, net, DDNLoss(), opt, batch_size=4, channels_last=True, compile='eager')
     assert net.blocks[0].conv0.weight.is_contiguous(memory_format=torch.channels_last)
     del step
+
+# The statistics of a training forward, recorded for all layers together on exit (batched_statistics),
+# equal recording each layer's batch at once, exactly, with the selection bias on and off.
+@pytest.mark.parametrize('bias_active', [False, True])
+def test_batched_statistics_equal_per_layer_recording(monkeypatch, bias_active):
+    import contextlib
+
+    import training.networks as networks
+    torch.manual_seed(0)
+    net = DDNGenerator(img_resolution=8, img_channels=3, max_channels=16, max_blockn=2, max_outputk=8, chain_dropout=0.0).train()
+    for m in net.ddls:
+        m.node_stats.bias_active = bias_active
+        m.node_stats.select_bias.copy_(torch.randn(m.K, dtype=torch.float64) * 0.1 * bias_active)
+    images = torch.rand(6, 3, 8, 8) * 2 - 1
+    def pending():
+        out = [t.clone() for m in net.ddls for t in m.node_stats.pending_tensors()]
+        for m in net.ddls:
+            for t in m.node_stats.pending_tensors():
+                t.zero_()
+        return out
+    codes = net(target=images).codes
+    batched = pending()
+    monkeypatch.setattr(networks, 'batched_statistics', lambda model: contextlib.nullcontext())
+    assert torch.equal(net(target=images).codes, codes)
+    single = pending()
+    assert len({m.K for m in net.ddls}) < len(net.ddls)     # Some node sets were recorded as a group.
+    for a, b in zip(batched, single, strict=True):
+        assert torch.equal(a, b)
+    assert sum(float(t.sum()) for t in batched) > 0
+
+# Chain dropout of the network, drawn once per forward for all layers: each layer drops (its whole
+# batch takes random codes) with probability chain_dropout, independently; the codes are uniform in
+# [0, K) of that layer; and the draws reach the layers (p = 1: layer 0 never keeps the nearest codes).
+def test_network_chain_dropout_draws():
+    torch.manual_seed(3)
+    p, steps, B = 0.25, 2000, 8
+    net = DDNGenerator(img_resolution=8, img_channels=1, max_channels=8, max_blockn=2, max_outputk=16, chain_dropout=p).train()
+    from training.ddl import DiscreteDistributionLayer
+    layers = [DiscreteDistributionLayer(8, 1, k, chain_dropout=p) for k in (4, 16, 7, 16)]      # Mixed K.
+    ks = [m.K for m in layers]
+    drops, hist = torch.zeros(len(ks)), [torch.zeros(k) for k in ks]
+    pair = 0
+    for _ in range(steps):
+        draws = net._chain_dropout(layers, B, torch.device('cpu'))
+        d = torch.stack([dr for dr, _ in draws]).float()
+        drops += d
+        pair += float(d[0] * d[1])
+        for l, (_, c) in enumerate(draws):
+            assert c.shape == (B,) and int(c.min()) >= 0 and int(c.max()) < ks[l]
+            hist[l] += torch.bincount(c, minlength=ks[l]).float()
+    sd = (p * (1 - p) / steps) ** 0.5
+    assert torch.all((drops / steps - p).abs() < 4 * sd), drops / steps
+    assert abs(pair / steps - p * p) < 4 * (p * p * (1 - p * p) / steps) ** 0.5       # Independent layers.
+    for h in hist:
+        assert (h / h.sum() - 1 / h.numel()).abs().max() < 0.2 / h.numel() ** 0.5
+    images = torch.rand(32, 1, 8, 8) * 2 - 1
+    nearest = net.eval()(target=images).codes[:, 0]
+    net.train()
+    for m in net.ddls:
+        m.chain_dropout = 1.0
+    assert (net(target=images).codes[:, 0] != nearest).float().mean() > 0.5
+    for m in net.ddls:
+        m.chain_dropout = 0.0
+    assert torch.equal(net(target=images).codes[:, 0], nearest)
+    assert net._chain_dropout(net.ddls, B, torch.device('cpu')) is None

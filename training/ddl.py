@@ -97,21 +97,29 @@ def upsample(x, size):
 
 class _FloatBmm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, f):
+    def forward(ctx, w, f, f32):
         ctx.save_for_backward(w, f)
-        return torch.bmm(w, f.float())
+        return torch.bmm(w, f.float() if f32 is None else f32)
 
     @staticmethod
     def backward(ctx, grad):
         w, f = ctx.saved_tensors
         grad_w = torch.bmm(grad, f.float().transpose(1, 2)) if ctx.needs_input_grad[0] else None
         grad_f = torch.bmm(w.transpose(1, 2), grad).to(f.dtype) if ctx.needs_input_grad[1] else None
-        return grad_w, grad_f
+        return grad_w, grad_f, None
 
-def _float_bmm(w, f):
+# The chosen nodes' rows of the head weight (K*C, Cin), C rows per node: (B, C*Cin). An embedding
+# lookup, whose backward is one operator (indexing's is two: a zero tensor and an index_put).
+def _rows(weight, codes, C):
+    return F.embedding(codes, weight.view(-1, C * weight.shape[1]))
+
+# `f32`: f.float() when the caller has it already (the DDL's selection made it), to cast once.
+def _float_bmm(w, f, f32=None):
+    if f32 is None:
+        f32 = f.float()
     if f.dtype == torch.float32 or not torch.is_grad_enabled():
-        return torch.bmm(w, f.float())
-    return _FloatBmm.apply(w, f)
+        return torch.bmm(w, f32)
+    return _FloatBmm.apply(w, f, f32)
 
 # ----------------------------------------------------------------------------
 # The reference output path, for tests and benchmarks: inside `with reference_heads(module):` every
@@ -172,21 +180,24 @@ class DiscreteDistributionLayer(SplittableNodes):
         return (f'in={self.in_channels}, C={self.out_channels}, K={self.K}, learn_residual={self.learn_residual}, '
                 f'leak={self.leak}, chain_dropout={self.chain_dropout}, loss={self.loss_type}')
 
-    # The chosen head only: (B, Cin, H, W) x codes (B,) -> (B, C, H, W), fp32 whatever feat's dtype.
-    def chosen_head(self, feat, codes):
+    # The chosen head only: (B, Cin, H, W) x codes (B,) -> (B, C, H, W), fp32 whatever feat's dtype
+    # (`feat32`: feat.float(), if the caller has it).
+    def chosen_head(self, feat, codes, feat32=None):
         B, Cin, H, W = feat.shape
-        w = self.weight.view(self.K, self.out_channels, Cin)[codes]          # (B, C, Cin)
-        return _float_bmm(w, feat.flatten(2)).view(B, self.out_channels, H, W)
+        w = _rows(self.weight, codes, self.out_channels).view(B, self.out_channels, Cin)
+        f32 = None if feat32 is None else feat32.flatten(2)
+        return _float_bmm(w, feat.flatten(2), f32).view(B, self.out_channels, H, W)
 
     # With leak: the chosen head applied to both halves of the features in one bmm, so autograd
     # sees no slicing of the feature tensor: (B, 2*Cin, H, W) -> image, leak (B, C, H, W), fp32.
-    def chosen_head_and_leak(self, feat, codes):
+    def chosen_head_and_leak(self, feat, codes, feat32=None):
         B, Cf, H, W = feat.shape
         C, Cin = self.out_channels, self.head_channels
-        w = self.weight.view(self.K, C, Cin)[codes]                          # (B, C, Cin)
+        w = _rows(self.weight, codes, C).view(B, C, Cin)                     # (B, C, Cin)
         w2 = w[:, None].expand(B, 2, C, Cin).reshape(2 * B, C, Cin)
-        both = _float_bmm(w2, feat.reshape(2 * B, Cin, H * W)).view(B, 2, C, H, W)
-        return both[:, 0], both[:, 1]
+        f32 = None if feat32 is None else feat32.reshape(2 * B, Cin, H * W)
+        both = _float_bmm(w2, feat.reshape(2 * B, Cin, H * W), f32).view(B, 2, C, H, W)
+        return both.unbind(1)           # unbind: one operator in backward (two select's would make two zero tensors).
 
     # All K heads: (B, Cin, H, W) -> (B, K, C, H, W), without the residual.
     def all_heads(self, feat):
@@ -209,11 +220,10 @@ class DiscreteDistributionLayer(SplittableNodes):
             W3 = self.weight.view(K, C, Cin)
             gram = torch.bmm(f, f.transpose(1, 2)).reshape(B, Cin * Cin)     # (B, Cin^2)
             wtw = torch.einsum('kci,kcj->kij', W3, W3).reshape(K, Cin * Cin)  # (K, Cin^2)
-            sq = gram @ wtw.t()                                              # (B, K) |h_k|^2
             fe = torch.bmm(e, f.transpose(1, 2)).reshape(B, C * Cin)         # (B, C*Cin)
-            cross = fe @ self.weight.view(K, C * Cin).t()                    # (B, K) h_k.e
-            # sq + 2 * cross in one operator (doubling is exact: the same bits as the two).
-            dist = (sq.add_(cross, alpha=2) + e.square().sum((1, 2))[:, None]) / (C * P)
+            # |e|^2 + 2 h_k.e, then + |h_k|^2: two matrix products that add into their input.
+            dist = torch.addmm(e.square().sum((1, 2))[:, None], fe, self.weight.view(K, C * Cin).t(), alpha=2)
+            dist = torch.addmm(dist, gram, wtw.t()).div_(C * P)
         else:
             heads = torch.bmm(self.weight.expand(B, -1, -1), f)              # (B, K*C, P)
             heads.view(B, K, C, P).add_(e[:, None])
@@ -237,6 +247,10 @@ class DiscreteDistributionLayer(SplittableNodes):
         scorer:     Optional[Scorer] = None,        # Guidance distances for the candidates.
         chooser:    Optional[Chooser] = None,       # Turns scorer distances into codes.
         uniform:    Optional[torch.Tensor] = None,  # (B,) per-sample uniform numbers in [0, 1).
+        chain:      Optional[tuple] = None,         # Training: this step's chain-dropout draw for the layer,
+                                                    # (drop, codes): a 0-d bool and (B,) random codes
+                                                    # (drawn for all layers at once by the network);
+                                                    # None: drawn here with probability chain_dropout.
     ) -> DDLOutput:
         B, Cf, H, W = feat.shape
         if H != W:
@@ -255,18 +269,22 @@ class DiscreteDistributionLayer(SplittableNodes):
                 target = resize_area(target.float(), H)
 
             # Select.
-            dist = None
+            dist, feat32 = None, None
             if codes is not None:
                 codes = codes.to(device=feat.device, dtype=torch.long)
             elif target is not None:
+                # One fp32 copy of the features serves the selection and the chosen head.
+                feat32 = feat.detach().float() if feat.dtype != torch.float32 and not self.reference else None
                 with torch.no_grad():
-                    dist = self.distances(feat_head.float(), residual, target)
+                    dist = self.distances(feat_head.float() if feat32 is None else feat32[:, :self.head_channels], residual, target)
                 if self.training:
                     # The node set selects (nearest after its balancing bias, zero unless
                     # --balance=bias) and records the choice in its statistics. Reconstruction
                     # (eval) stays the plain nearest node.
                     codes = self.node_stats.select(dist)
-                    if self.chain_dropout > 0:
+                    if chain is not None:
+                        codes = torch.where(chain[0], chain[1], codes)
+                    elif self.chain_dropout > 0:
                         # One draw per layer per step, kept on the device.
                         drop = torch.rand([], device=feat.device) < self.chain_dropout
                         codes = torch.where(drop, torch.randint(0, self.K, [B], device=feat.device), codes)
@@ -292,14 +310,14 @@ class DiscreteDistributionLayer(SplittableNodes):
                 if self.leak:
                     leak = self.chosen_head(feat[:, self.head_channels:], codes)
             elif self.leak:
-                image, leak = self.chosen_head_and_leak(feat, codes)
+                image, leak = self.chosen_head_and_leak(feat, codes, feat32)
             else:
-                image = self.chosen_head(feat_head, codes)
+                image = self.chosen_head(feat_head, codes, feat32)
             image = image + residual
             loss = None
             if target is not None:
-                diff = image - target
-                loss = (diff.square() if self.loss_type == 'l2' else diff.abs()).mean((1, 2, 3))
+                lossf = F.mse_loss if self.loss_type == 'l2' else F.l1_loss     # One operator each way.
+                loss = lossf(image, target, reduction='none').mean((1, 2, 3))
         return DDLOutput(image, codes, loss, leak, dist)
 
 # ----------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from training.conditions import condition_channels, condition_tensor, parse_cond
 from training.determinism import batch_invariant     # Also importable from here, as before the move.
 from training.ddl import Chooser, DiscreteDistributionLayer, Scorer, resize_area, uniform_to_codes
 from training.latent import latent_bits
+from training.low_precision import autocast_dtype_of, param_as
+from training.split_prune import batched_statistics
 
 # ----------------------------------------------------------------------------
 # The architecture schedule of DDN.md §4, as plain functions of the scale s (size 2^s).
@@ -96,7 +98,7 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x):
         if self._low_precision(x):
             with torch.autocast(x.device.type, enabled=False):
-                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+                return F.group_norm(x, self.num_groups, param_as(self.weight, x.dtype), param_as(self.bias, x.dtype), self.eps)
         return super().forward(x)
 
     def norm_silu(self, x):
@@ -104,27 +106,28 @@ class GroupNorm(nn.GroupNorm):
         # would break the graph there.
         if self._low_precision(x) and not torch.compiler.is_compiling():
             with torch.autocast(x.device.type, enabled=False):
-                return _GroupNormSiLU.apply(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.num_groups, self.eps)
+                return _GroupNormSiLU.apply(x, param_as(self.weight, x.dtype), param_as(self.bias, x.dtype), self.num_groups, self.eps)
         return F.silu(self(x))
 
 # silu(group_norm(x, weight, bias)) that saves x, weight and bias only; backward recomputes the
-# forward (the same kernels, so the same bits) and differentiates it. Gradients equal autograd's
-# through F.silu(F.group_norm(...)) bit for bit.
+# normalised value (the same kernel, so the same bits), applies SiLU's backward to it (SiLU's
+# gradient needs its input only, so SiLU itself is not recomputed) and differentiates GroupNorm.
+# Gradients equal autograd's through F.silu(F.group_norm(...)) bit for bit.
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps):
         ctx.groups, ctx.eps = groups, eps
         ctx.save_for_backward(x, weight, bias)
-        return F.silu(F.group_norm(x, groups, weight, bias, eps))
+        return F.silu(F.group_norm(x, groups, weight, bias, eps), inplace=True)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
         inputs = [t.detach().requires_grad_(need) for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True)]
         with torch.enable_grad():
-            y = F.silu(F.group_norm(inputs[0], ctx.groups, inputs[1], inputs[2], ctx.eps))
+            y = F.group_norm(inputs[0], ctx.groups, inputs[1], inputs[2], ctx.eps)
         wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, grad) if wanted else ())
+        grads = iter(torch.autograd.grad(y, wanted, torch.ops.aten.silu_backward(grad, y.detach())) if wanted else ())
         return tuple(next(grads) if t.requires_grad else None for t in inputs) + (None, None)
 
 # EDM's `weight_init(mode='xavier_uniform')` for a conv, times `gain`; zero bias.
@@ -163,11 +166,56 @@ class Block(nn.Module):
         if self.up:
             h = F.interpolate(h, scale_factor=2, mode='nearest')
             x = F.interpolate(x, scale_factor=2, mode='nearest')
-        h = self.conv0(h)
-        h = self.conv1(self.dropout(self.norm1.norm_silu(h)))
+        h = _conv(self.conv0, h)
+        h = _conv(self.conv1, self.dropout(self.norm1.norm_silu(h)))
         if self.skip is not None:
-            x = self.skip(x)
+            x = _conv(self.skip, x)
         return (h + x) * math.sqrt(0.5)
+
+# conv(x), its weight and bias read through `param_as` under autocast (the training step's
+# low-precision copies, made once per step, see training/low_precision.py); else conv(x) exactly.
+def _conv(conv, x):
+    dtype = autocast_dtype_of(x)
+    if dtype is None:
+        return conv(x)
+    return conv._conv_forward(x, param_as(conv.weight, dtype), param_as(conv.bias, dtype))
+
+# The parameters a network reads through `param_as` under autocast (its blocks' convolutions and its
+# GroupNorms), for the training step's once-per-step low-precision copies (training/low_precision.py).
+def low_precision_params(module):
+    params = {}
+    for m in module.modules():
+        if isinstance(m, Block):
+            for conv in (m.conv0, m.conv1, m.skip):
+                if conv is not None:
+                    params.update((id(p), p) for p in conv.parameters())
+        elif isinstance(m, GroupNorm):
+            params.update((id(p), p) for p in m.parameters())
+    return list(params.values())
+
+# ----------------------------------------------------------------------------
+# feat + pad(image) into the first C channels + pad(leak) into the last C (leak may be None), in the
+# dtype of feat: the values of `feat + F.pad(image.to(feat.dtype), ...) + F.pad(leak.to(...), ...)`
+# (the same additions, in the same order), in one copy of feat instead of two padded copies and two
+# full-size additions; backward passes feat's gradient through and slices the two small ones.
+
+class _AddIntoChannels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, feat, image, leak):
+        C = image.shape[1]
+        x = feat.clone()
+        x[:, :C].add_(image.to(feat.dtype))
+        if leak is not None:
+            x[:, x.shape[1] - C:].add_(leak.to(feat.dtype))
+        ctx.C, ctx.dtypes = C, (image.dtype, None if leak is None else leak.dtype)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        C, (image_dtype, leak_dtype) = ctx.C, ctx.dtypes
+        g_image = grad[:, :C].to(image_dtype) if ctx.needs_input_grad[1] else None
+        g_leak = grad[:, grad.shape[1] - C:].to(leak_dtype) if leak_dtype is not None and ctx.needs_input_grad[2] else None
+        return grad if ctx.needs_input_grad[0] else None, g_image, g_leak
 
 # ----------------------------------------------------------------------------
 # Results of a generator call.
@@ -275,11 +323,7 @@ class _DDNBase(nn.Module):
     # Add the chosen image into the first C feature channels and the leak map into the last C
     # (DDN.md §2.7: an addition, not a concatenation, so the block widths stay the paper's).
     def _next_input(self, feat, image, leak):
-        pad = feat.shape[1] - self.img_channels
-        x = feat + F.pad(image.to(feat.dtype), (0, 0, 0, 0, 0, pad))
-        if leak is not None:
-            x = x + F.pad(leak.to(feat.dtype), (0, 0, 0, 0, pad, 0))
-        return x
+        return _AddIntoChannels.apply(feat, image, leak)
 
     # Run the network. The mode follows from the arguments (per layer, in this order, see `Drive`):
     #   codes (B, Lc)  -> the first Lc layers decode these codes;
@@ -359,7 +403,7 @@ class _DDNBase(nn.Module):
 
     # One DDL call of layer l inside _run(): picks the layer's code source and target (`targets`
     # caches the area-resized target per size).
-    def _layer(self, ddl, l, feat, prev, drive, targets):
+    def _layer(self, ddl, l, feat, prev, drive, targets, chain=None):
         size = feat.shape[-1]
         codes = drive.codes[:, l] if drive.codes is not None and l < drive.codes.shape[1] else None
         target = None
@@ -369,7 +413,27 @@ class _DDNBase(nn.Module):
             target = targets[size]
         return ddl(feat, prev, target=target, codes=codes,
                    scorer=drive.scorer if target is None else None, chooser=drive.chooser,
-                   uniform=drive.uniforms[:, l] if drive.uniforms is not None else None)
+                   uniform=drive.uniforms[:, l] if drive.uniforms is not None else None,
+                   chain=chain[l] if chain is not None and target is not None else None)
+
+    # Chain dropout of a training forward, drawn for all L layers at once: per layer (drop, codes), a
+    # 0-d bool (True with probability ddl.chain_dropout: the whole batch takes random codes there) and
+    # (B,) uniform random codes. A few operators per step instead of four per layer; None when no
+    # layer drops.
+    def _chain_dropout(self, ddls, B, device):
+        ps = [ddl.chain_dropout for ddl in ddls]
+        if not any(p > 0 for p in ps):
+            return None
+        threshold = ps[0] if len(set(ps)) == 1 else torch.tensor(ps, device=device)
+        drop = torch.rand(len(ddls), device=device) < threshold
+        layers_of_k = {}
+        for l, ddl in enumerate(ddls):
+            layers_of_k.setdefault(ddl.K, []).append(l)
+        codes = [None] * len(ddls)
+        for K, layers in layers_of_k.items():
+            for l, c in zip(layers, torch.randint(0, K, [len(layers), B], device=device).unbind(0), strict=True):
+                codes[l] = c
+        return list(zip(drop.unbind(0), codes, strict=True))
 
     # Temporarily in evaluation mode (no chain dropout, no statistics, no dropout) and under
     # `batch_invariant()`: the context of every generation entry point of the network.
@@ -518,13 +582,20 @@ class DDNGenerator(_DDNBase):
         embed = self.class_embed[self.cond_layers.index(l)] if self.label_dim else None
         return self._inject_condition(x, condition, embed)
 
-    # The layer loop of forward().
+    # The layer loop of forward(). Training selection records the node statistics of all layers
+    # together when the loop ends (batched_statistics: the same statistics, fewer operators).
     def _run(self, L, B, drive, condition, trace):
+        training = self.training and drive.target is not None
+        with batched_statistics(self) if training else contextlib.nullcontext():
+            self._layers(L, B, drive, condition, trace)
+
+    def _layers(self, L, B, drive, condition, trace):
         x = self.init_feature.expand(B, -1, -1, -1)
         prev, targets = None, {}
+        chain = self._chain_dropout(self.ddls[:L], B, x.device) if self.training and drive.target is not None else None
         for l in range(L):
             feat = self.blocks[l](self._add_condition(x, l, condition))
-            out = self._layer(self.ddls[l], l, feat, prev, drive, targets)
+            out = self._layer(self.ddls[l], l, feat, prev, drive, targets, chain)
             if l + 1 < L:
                 x = self._next_input(feat, out.image, out.leak)
             prev = out.image

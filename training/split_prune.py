@@ -32,6 +32,7 @@ argmin of dist * exp(bias)), nudged after every step toward uniform frequencies,
 auxiliary-loss-free load balancing of mixture-of-experts models. See `bias_step()`.
 """
 
+import contextlib
 import math
 from typing import Iterable, NamedTuple
 
@@ -301,16 +302,29 @@ class NodeStatistics(nn.Module):
         if 'one' not in self._buffers:
             self.register_buffer('one', torch.ones([1], dtype=torch.float64, device=self.count.device), persistent=False)
 
+    # Batches waiting for `batched_statistics` to record them are not part of the state.
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop('_deferred', None)
+        return state
+
     # Training selection of a batch of distances (B, K), recorded in the statistics: the node
     # minimising `dist * exp(select_bias)`, i.e. the bias is added to log(dist). With a zero bias
     # (Split-and-Prune, or no balancing) that product equals `dist` exactly, so the choice is the
     # plain nearest node. Returns the codes (B,).
+    # `bias_active = False` (set by the training step when the balancing method never moves the bias and
+    # the bias is zero) skips the product, which is then `dist` exactly. Inside `batched_statistics`
+    # the batch is recorded when the block exits, together with the other node sets'.
     @torch.no_grad()
     def select(self, dist):
         dist = dist.detach()
-        biased = dist * self.select_bias.exp().to(dist.dtype)
+        biased = dist * self.select_bias.exp().to(dist.dtype) if getattr(self, 'bias_active', True) else dist
         codes = biased.argmin(dim=1)
-        self._record(dist, biased, codes)
+        deferred = getattr(self, '_deferred', None)
+        if deferred is not None:
+            deferred.append((dist, biased, codes))
+        else:
+            self._record(dist, biased, codes)
         return codes
 
     # Add one batch to the pending statistics: `i1` (B,) are the chosen nodes, the argmin of
@@ -351,6 +365,60 @@ class NodeStatistics(nn.Module):
     def frequency(self):
         total = self.count.sum()
         return torch.where(total > 0, self.count / total.clamp(min=1), torch.full_like(self.count, 1 / self.K))
+
+# ----------------------------------------------------------------------------
+# Inside `with batched_statistics(model):` every node set of `model` keeps the batches its `select()`
+# sees, and on exit they are recorded together: node sets of equal K (and batch) are stacked and
+# their counts, second-nearest pairs, distance sums and target counts added in ~20 operators per group
+# instead of ~8 per node set (the reference net's training forward: 63 node sets, 1 group). The
+# statistics are exactly those of recording each batch at once: integer counts, and each node set's
+# distance sum over the batch added once per batch, as before. A node set that selects several times
+# inside the block (a shared layer) has its batches recorded in the order it saw them.
+# On an exception nothing is recorded (the step failed).
+
+@contextlib.contextmanager
+def batched_statistics(model: nn.Module):
+    sets = [m.node_stats for m in find_node_sets(model)]
+    for ns in sets:
+        if getattr(ns, '_deferred', None) is not None:
+            raise RuntimeError('batched_statistics: already recording this model')
+        ns._deferred = []
+    try:
+        yield
+        groups = {}
+        for ns in sets:
+            for j, (dist, select, codes) in enumerate(ns._deferred):
+                key = (j, ns.K, ns.track_near2 and ns.K >= 2, dist.shape[0], dist.dtype, dist.device)
+                groups.setdefault(key, []).append((ns, dist, select, codes))
+        for key, entries in groups.items():
+            _record_group(entries, near2=key[2])
+    finally:
+        for ns in sets:
+            ns._deferred = None
+
+# Record one batch of each of G node sets (equal K, equal batch N) with stacked operators.
+def _record_group(entries, near2):
+    stats = [e[0] for e in entries]
+    G, (N, K) = len(entries), entries[0][1].shape
+    if G == 1:
+        ns, dist, select, codes = entries[0]
+        ns._record(dist, select, codes)
+        return
+    dist = torch.stack([e[1] for e in entries])                                  # (G, N, K)
+    codes = torch.stack([e[3] for e in entries])                                 # (G, N)
+    one = stats[0].one.expand(G * N)
+    offset = torch.arange(0, G * K, K, device=dist.device)[:, None]              # Node set g's first row.
+    if near2:
+        select = dist if all(e[2] is e[1] for e in entries) else torch.stack([e[2] for e in entries])
+        i2 = select.scatter(2, codes[:, :, None], math.inf).argmin(dim=2)        # (G, N) second nearest.
+        pairs = torch.zeros(G * K * K, dtype=torch.float64, device=dist.device)
+        pairs.index_add_(0, (torch.add(i2, codes, alpha=K) + offset * K).flatten(), one)
+        torch._foreach_add_([ns.pending_near2 for ns in stats], list(pairs.view(G, K * K).unbind(0)))
+    counts = torch.zeros(G * K, dtype=torch.float64, device=dist.device)
+    counts.index_add_(0, (codes + offset).flatten(), one)
+    torch._foreach_add_([ns.pending_count for ns in stats], list(counts.view(G, K).unbind(0)))
+    torch._foreach_add_([ns.pending_dist for ns in stats], list(dist.sum(1, dtype=torch.float64).unbind(0)))
+    torch._foreach_add_([ns.pending_seen for ns in stats], N)
 
 # ----------------------------------------------------------------------------
 # Base class of a module that owns K nodes. Subclasses create `self.node_stats`
