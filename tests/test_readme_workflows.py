@@ -213,6 +213,7 @@ def test_first_command_run_folder(work):
         assert name in names
     for prefix in ('network-snapshot-', 'training-state-', 'samples-', 'node-usage-'):
         assert any(n.startswith(prefix) for n in names), prefix
+    assert any(n.endswith('.prior.safetensors') for n in names), names     # --prior=mixture
     assert any(n.endswith('.safetensors') for n in names)
 
 # generate -> fid ref -> fid calc, generate --fid-ref, decode latents, reconstruct.
