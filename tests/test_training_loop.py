@@ -135,19 +135,32 @@ def test_training_step_fp16_loss_scaling():
 
 # bf16 on the CPU: the blocks' convolutions run under autocast in bf16, while every DDL selects
 # and builds its candidates in fp32; the loss is the fp32 step's up to bf16 rounding, not equal to it.
+# Convolutions are recorded at the dispatcher (below autocast): the blocks call the functional
+# convolution with once-per-step low-precision weights, which module hooks would not see.
 def test_training_step_bf16_on_cpu():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ConvDtypes(TorchDispatchMode):
+        def __init__(self, seen):
+            super().__init__()
+            self.seen = seen
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ('convolution', '_convolution', 'mkldnn_convolution'):
+                self.seen.add(out.dtype)
+            return out
+
     images = torch.rand(4, 1, 8, 8) * 2 - 1
     losses, convs, ddls = {}, {}, {}
     for precision in ('fp32', 'bf16'):
         net, opt = _step_setup()
         conv_dtypes, ddl_dtypes = convs[precision], ddls[precision] = set(), set()
         for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.register_forward_hook(lambda m, args, out, seen=conv_dtypes: seen.add(out.dtype))
-            elif isinstance(m, DiscreteDistributionLayer):
+            if isinstance(m, DiscreteDistributionLayer):
                 m.register_forward_hook(lambda m, args, out, seen=ddl_dtypes: seen.update((out.image.dtype, out.dist.dtype)))
         step = training_step.TrainingStep(net, net, DDNLoss(), opt, batch_size=4, precision=precision)
-        losses[precision] = step.accumulate(images).detach()
+        with ConvDtypes(conv_dtypes):
+            losses[precision] = step.accumulate(images).detach()
         before = [p.detach().clone() for p in net.parameters()]
         step.update(lr=1e-3, ema_beta=0)
         assert all(torch.isfinite(p).all() for p in net.parameters())

@@ -190,7 +190,7 @@ class PriorRefresh:
                                   held_out=val, eval_every=max(1, min(25, self.steps // 4)), seed=self.seed * 1_000_003 + cur_nimg)
             if self.kind == 'mixture':      # Parts and weights chosen on `val`, then the counts of all of `train`.
                 if val is None:
-                    raise ValueError('the mixture prior needs validation codes: use more --prior-images')
+                    raise ValueError('the mixture prior needs validation codes: encode more images for the prior (none were left for validation)')
                 parents, alphas = prior_lib.choose_pairs(fit, val, self.ks)
                 self.prior.set_counts(fit, parents, alphas)
                 prior_lib.fit_mixture_weights(self.prior, val)
