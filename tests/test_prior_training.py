@@ -3,13 +3,16 @@
 import json
 import os
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
 
 import train
+from training import pictures, prior_files
 from training import prior as prior_lib
-from training import prior_files
+from training import snapshot as snapshot_io
 from training.dataset import DigitsDataset
 from training.networks import DDNGenerator
 from training.prior_training import PriorRefresh, prior_file, report_line, report_stats
@@ -73,6 +76,16 @@ def test_train_with_prior(tmp_path):
     lines = [json.loads(line) for line in open(run / 'stats.jsonl')]
     curve = [line['Prior/held_out_bits']['mean'] for line in lines if 'Prior/held_out_bits' in line]
     assert len(curve) == 2 and all(b < 15 for b in curve)
+    # Each snapshot's sample grid through its prior: the grid of the seeds' codes drawn from that prior.
+    last = snaps[-1].replace('.safetensors', '')
+    tag = last.rsplit('-', 1)[1]
+    assert sorted(n for n in os.listdir(run) if n.startswith('prior-samples-')) == [
+        'prior-samples-' + n.replace('.safetensors', '').rsplit('-', 1)[1] + '.png' for n in snaps]
+    _, net = snapshot_io.load_network(str(run / snaps[-1]))
+    expected = np.asarray(pictures.sample_grid(net, prior=prior_files.load_prior(run / priors[-1])))
+    written = np.asarray(PIL.Image.open(run / f'prior-samples-{tag}.png'))
+    assert np.array_equal(written, expected)
+    assert not np.array_equal(written, np.asarray(PIL.Image.open(run / f'samples-{tag}.png')))
     # The prior does not change the training: the same snapshots as without it.
     _run([f'--outdir={tmp_path / "plain"}', *common])
     from safetensors.torch import load_file

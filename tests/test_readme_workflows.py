@@ -214,6 +214,7 @@ def test_first_command_run_folder(work):
     for prefix in ('network-snapshot-', 'training-state-', 'samples-', 'node-usage-'):
         assert any(n.startswith(prefix) for n in names), prefix
     assert any(n.endswith('.prior.safetensors') for n in names), names     # --prior=mixture
+    assert any(n.startswith('prior-samples-') and n.endswith('.png') for n in names), names
     assert any(n.endswith('.safetensors') for n in names)
 
 # generate -> fid ref -> fid calc, generate --fid-ref, decode latents, reconstruct.

@@ -89,23 +89,23 @@ def upsample(x, size):
     return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
 
 # ----------------------------------------------------------------------------
-# bmm(w, f.float()) that keeps f in its own dtype for backward. Under autocast the block output f is
-# bf16 / fp16; the chosen head is computed in fp32 as always, but autograd would otherwise keep the
-# fp32 copy of f (2x its bytes) for the gradient of w. The values, and both gradients, are those of
-# bmm(w, f.float()) bit for bit (the same products on the same fp32 numbers); only the saved copy
-# differs. An fp32 f takes the plain bmm.
+# bmm(w, f.float()) with f in a lower precision (the block output under autocast), where the caller
+# has the fp32 copy f32 already (the DDL's selection made it): the chosen head is computed in fp32 as
+# always, backward reads that copy (no second cast of f) and returns f's gradient in f's dtype. The
+# values, and both gradients, are those of bmm(w, f.float()) bit for bit. An fp32 f takes the plain bmm.
 
 class _FloatBmm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, f, f32):
-        ctx.save_for_backward(w, f)
-        return torch.bmm(w, f.float() if f32 is None else f32)
+        ctx.save_for_backward(w, f32)
+        ctx.f_dtype = f.dtype
+        return torch.bmm(w, f32)
 
     @staticmethod
     def backward(ctx, grad):
-        w, f = ctx.saved_tensors
-        grad_w = torch.bmm(grad, f.float().transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        grad_f = torch.bmm(w.transpose(1, 2), grad).to(f.dtype) if ctx.needs_input_grad[1] else None
+        w, f32 = ctx.saved_tensors
+        grad_w = torch.bmm(grad, f32.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_f = torch.bmm(w.transpose(1, 2), grad).to(ctx.f_dtype) if ctx.needs_input_grad[1] else None
         return grad_w, grad_f, None
 
 # The chosen nodes' rows of the head weight (K*C, Cin), C rows per node: (B, C*Cin). An embedding
@@ -221,9 +221,12 @@ class DiscreteDistributionLayer(SplittableNodes):
             gram = torch.bmm(f, f.transpose(1, 2)).reshape(B, Cin * Cin)     # (B, Cin^2)
             wtw = torch.einsum('kci,kcj->kij', W3, W3).reshape(K, Cin * Cin)  # (K, Cin^2)
             fe = torch.bmm(e, f.transpose(1, 2)).reshape(B, C * Cin)         # (B, C*Cin)
-            # |e|^2 + 2 h_k.e, then + |h_k|^2: two matrix products that add into their input.
-            dist = torch.addmm(e.square().sum((1, 2))[:, None], fe, self.weight.view(K, C * Cin).t(), alpha=2)
-            dist = torch.addmm(dist, gram, wtw.t()).div_(C * P)
+            # |e|^2 (one product), + 2 h_k.e, then + |h_k|^2: two matrix products that add into their
+            # input, the mean over C*P folded into their scale factors.
+            e_sq = torch.bmm(e.view(B, 1, C * P), e.view(B, C * P, 1)).view(B, 1)
+            scale = 1 / (C * P)
+            dist = torch.addmm(e_sq, fe, self.weight.view(K, C * Cin).t(), beta=scale, alpha=2 * scale)
+            dist = torch.addmm(dist, gram, wtw.t(), alpha=scale)
         else:
             heads = torch.bmm(self.weight.expand(B, -1, -1), f)              # (B, K*C, P)
             heads.view(B, K, C, P).add_(e[:, None])

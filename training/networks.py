@@ -161,15 +161,17 @@ class Block(nn.Module):
         proj = in_channels != out_channels or (up and resample_proj)
         self.skip = init(nn.Conv2d(in_channels, out_channels, 1)) if proj else None
 
+    # The 1x1 skip runs before the nearest upsampling (each output pixel is the same product as
+    # after it): a quarter of the work, and it reads the input that GroupNorm keeps anyway.
     def forward(self, x):
         h = self.norm0.norm_silu(x)
+        if self.skip is not None:
+            x = _conv(self.skip, x)
         if self.up:
             h = F.interpolate(h, scale_factor=2, mode='nearest')
             x = F.interpolate(x, scale_factor=2, mode='nearest')
         h = _conv(self.conv0, h)
         h = _conv(self.conv1, self.dropout(self.norm1.norm_silu(h)))
-        if self.skip is not None:
-            x = _conv(self.skip, x)
         return (h + x) * math.sqrt(0.5)
 
 # conv(x), its weight and bias read through `param_as` under autocast (the training step's
@@ -195,18 +197,22 @@ def low_precision_params(module):
 
 # ----------------------------------------------------------------------------
 # feat + pad(image) into the first C channels + pad(leak) into the last C (leak may be None), in the
-# dtype of feat: the values of `feat + F.pad(image.to(feat.dtype), ...) + F.pad(leak.to(...), ...)`
-# (the same additions, in the same order), in one copy of feat instead of two padded copies and two
-# full-size additions; backward passes feat's gradient through and slices the two small ones.
+# dtype of feat: each addition computed in the wider dtype and rounded once to feat's, the values of
+# `(feat + F.pad(image, ...)).to(feat.dtype)` then the same with the leak, in one copy of feat instead
+# of two padded copies and two full-size additions (and no cast of the small maps: in-place adds of
+# mixed dtypes); backward passes feat's gradient through and slices the two small ones. `inplace`:
+# add into feat itself (no copy), for a caller that knows nothing else reads or saved feat.
 
 class _AddIntoChannels(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, feat, image, leak):
+    def forward(ctx, feat, image, leak, inplace=False):
         C = image.shape[1]
-        x = feat.clone()
-        x[:, :C].add_(image.to(feat.dtype))
+        x = feat if inplace else feat.clone()
+        if inplace:
+            ctx.mark_dirty(x)
+        x[:, :C].add_(image)
         if leak is not None:
-            x[:, x.shape[1] - C:].add_(leak.to(feat.dtype))
+            x[:, x.shape[1] - C:].add_(leak)
         ctx.C, ctx.dtypes = C, (image.dtype, None if leak is None else leak.dtype)
         return x
 
@@ -215,7 +221,7 @@ class _AddIntoChannels(torch.autograd.Function):
         C, (image_dtype, leak_dtype) = ctx.C, ctx.dtypes
         g_image = grad[:, :C].to(image_dtype) if ctx.needs_input_grad[1] else None
         g_leak = grad[:, grad.shape[1] - C:].to(leak_dtype) if leak_dtype is not None and ctx.needs_input_grad[2] else None
-        return grad if ctx.needs_input_grad[0] else None, g_image, g_leak
+        return grad if ctx.needs_input_grad[0] else None, g_image, g_leak, None
 
 # ----------------------------------------------------------------------------
 # Results of a generator call.
@@ -322,8 +328,9 @@ class _DDNBase(nn.Module):
 
     # Add the chosen image into the first C feature channels and the leak map into the last C
     # (DDN.md §2.7: an addition, not a concatenation, so the block widths stay the paper's).
-    def _next_input(self, feat, image, leak):
-        return _AddIntoChannels.apply(feat, image, leak)
+    # `inplace`: feat may be overwritten (see DDNGenerator._layers).
+    def _next_input(self, feat, image, leak, inplace=False):
+        return _AddIntoChannels.apply(feat, image, leak, inplace)
 
     # Run the network. The mode follows from the arguments (per layer, in this order, see `Drive`):
     #   codes (B, Lc)  -> the first Lc layers decode these codes;
@@ -597,7 +604,10 @@ class DDNGenerator(_DDNBase):
             feat = self.blocks[l](self._add_condition(x, l, condition))
             out = self._layer(self.ddls[l], l, feat, prev, drive, targets, chain)
             if l + 1 < L:
-                x = self._next_input(feat, out.image, out.leak)
+                # A block output in a lower precision is read by nothing else (the DDL kept an fp32
+                # copy of it for its head and selection): the next input is made in its place.
+                inplace = feat.dtype != torch.float32 and feat._base is None and not torch.compiler.is_compiling()
+                x = self._next_input(feat, out.image, out.leak, inplace)
             prev = out.image
             trace.add(out)
 

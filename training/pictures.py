@@ -9,6 +9,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from training import prior_rule
 from training.images import make_grid, to_pil, to_uint8
 from training.determinism import batch_invariant
 from training.split_prune import find_node_sets
@@ -21,16 +22,21 @@ GRID_GAP, GRID_GAP_VALUE = 2, 128
 
 # Samples of fixed seeds as a square grid, upscaled (nearest) so that cells are at least 64 px, with
 # grey gaps between cells (digits touch their borders); pixels as generate.py saves them.
+# With `prior` (training/prior.py, unconditional nets), each seed's codes are drawn through it at
+# temperature 1 from that seed's uniforms, as generate.py --prior does.
 @torch.no_grad()
-def sample_grid(net, seeds=SAMPLE_GRID_SEEDS, batch=64, cond_images=None, cond_labels=None):
+def sample_grid(net, seeds=SAMPLE_GRID_SEEDS, batch=64, cond_images=None, cond_labels=None, prior=None):
     seeds = list(seeds)
     condition = None
     if getattr(net, 'condition', None):  # Conditional nets: the conditions of the first dataset images.
         condition = net.make_condition(cond_images[:len(seeds)], cond_labels[:len(seeds)])
+    def chunk(i):
+        if prior is not None:
+            codes = prior_rule.sample(prior, prior_rule.seed_uniforms(seeds[i : i + batch], prior.num_layers))
+            return net(codes=codes.to(next(net.parameters()).device))
+        return net(seeds=seeds[i : i + batch], condition=None if condition is None else condition[i : i + batch])
     with batch_invariant():
-        images = torch.cat([net(seeds=seeds[i : i + batch],
-                                condition=None if condition is None else condition[i : i + batch]).images.float().cpu()
-                            for i in range(0, len(seeds), batch)])
+        images = torch.cat([chunk(i).images.float().cpu() for i in range(0, len(seeds), batch)])
     return to_pil(make_grid(to_uint8(images).numpy(), min_cell=64, gap=GRID_GAP, fill=GRID_GAP_VALUE))
 
 # Size of one panel of the node-usage plot.

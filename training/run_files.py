@@ -160,6 +160,11 @@ def save_snapshot(run_dir, tag, snapshot, grid_cond, training_options, data_usag
     del data
     snapshot.to(device)
 
+# The sample grid of `snapshot` with its codes drawn through `prior` (the seeds of samples-{tag}.png),
+# written beside the snapshot's prior file.
+def save_prior_samples(run_dir, tag, snapshot, prior):
+    save_png(sample_grid(snapshot, prior=prior), os.path.join(run_dir, f'prior-samples-{tag}.png'))
+
 # A training state for exact resume: the state dicts of `step_fn` (net, EMA, optimizer, loss scaler),
 # the next tick and where it starts. No RNG state: every step seeds itself from (seed, rank, step).
 # Resume reads `seed` (train.py's default --seed) and checks `batch_size`, `world_size` (the number of

@@ -308,6 +308,7 @@ def training_loop(
             if prior_refresh is not None:   # On the snapshot's codes, saved beside it; its figures join this tick's stats.
                 prior_report = prior_refresh.refresh(snapshot, progress.cur_nimg)
                 prior_refresh.save(prior_training.prior_file(run_dir, tag), prior_report)
+                run_files.save_prior_samples(run_dir, tag, snapshot, prior_refresh.prior)
                 stats.update(prior_training.report_stats(prior_report))
                 distributed.print0(prior_training.report_line(prior_report))
             if snapshot_metrics is not None:
