@@ -260,9 +260,8 @@ class DiscreteDistributionLayer(SplittableNodes):
             raise ValueError(f'DDL expects square feature maps, got {H}x{W}')
         device_type = feat.device.type
         with torch.autocast(device_type, enabled=False):
-            # The features stay in their dtype (bf16 / fp16 under autocast) for the chosen head,
-            # which computes in fp32 without keeping an fp32 copy; selection reads an fp32 copy
-            # that lives only while the distances are computed.
+            # Features in a lower precision (bf16 / fp16 under autocast) are cast to fp32 once, for
+            # the selection and the chosen head, whose backward keeps that copy; nothing keeps feat.
             feat_head = feat[:, :self.head_channels]
             if self.learn_residual and prev is not None:
                 residual = upsample(prev.float(), H)
