@@ -215,6 +215,8 @@ def train_ours(train, budget, recipe, seed=0, clock='wall'):
     balance_kwargs = dict(method=recipe['split_rule'] if recipe['split_prune'] else 'none')
     if balance_kwargs['method'] == 'bias':
         balance_kwargs['bias_rate'] = recipe['bias_rate']
+    if recipe['balance_halflife'] is not None:
+        balance_kwargs['halflife'] = recipe['balance_halflife']
     batch = recipe['batch']
     step_fn = TrainingStep(net, ema, DDNLoss(report_layers=False), optimizer, batch, 'fp32', balance_kwargs)
     data = train.float() / 127.5 - 1
@@ -439,6 +441,7 @@ def print_table(rows):
 @click.option('--split-prune/--no-split-prune', help='Split-and-Prune after every step', default=True, show_default=True)
 @click.option('--split-rule',    help='Node balancing rule', type=click.Choice(['tv', 'paper', 'bias']), default='tv', show_default=True)
 @click.option('--bias-rate',     help='--split-rule=bias: step of the bias', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
+@click.option('--balance-halflife', help='Node statistics forget with this half-life, in targets per node (train.py\'s); omit to sum the whole run', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 def main(size, budget, clock, seed, samples, threads, peer, peer_dim, prior_steps, json_path, **recipe):
     """Sample quality (classifier-feature FD, precision/recall) and held-out reconstruction MSE of our DDN
     and of lucidrains' DDN, each trained for the same wall-clock budget on the built-in digits."""
@@ -502,7 +505,7 @@ def main(size, budget, clock, seed, samples, threads, peer, peer_dim, prior_step
     print(f'Conditions: torch threads {threads}, {os.cpu_count()} CPUs, load average (1/5/15 min) '
           f'{load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f} at start, '
           f'{load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f} at end')
-    print('Recipe: ' + ' '.join(f'--{k.replace("_", "-")}={v}' for k, v in recipe.items()))
+    print('Recipe: ' + ' '.join(f'--{k.replace("_", "-")}={v}' for k, v in recipe.items() if v is not None))
     if json_path:
         result = dict(size=size, budget=budget, clock=clock, seed=seed, samples=samples, threads=threads, recipe=recipe,
             classifier_held_out_accuracy=held_acc, load_start=load_start, load_end=load_end, rows=rows)
