@@ -199,6 +199,21 @@ def test_training_step_compiled_matches_eager():
     assert float(net_c.ddls[0].node_stats.seen) == float(resumed['ddls.0.node_stats.seen']) + 8
     assert int(net_c.ddls[0].node_stats.num_splits) > 0
 
+# In bf16 the compiled blocks' outputs take the eager path's in-place next input (the DDL keeps its own
+# fp32 copy): the same losses as eager bf16 (aot_eager: the same kernels), over steps with splits.
+def test_training_step_compiled_bf16_matches_eager():
+    images = torch.rand(8, 1, 8, 8) * 2 - 1
+    runs = []
+    for compile in (False, 'aot_eager'):
+        net, opt = _step_setup()
+        step = training_step.TrainingStep(net, net, DDNLoss(), opt, batch_size=8, compile=compile, precision='bf16')
+        losses = []
+        for _ in range(3):
+            losses.append(step.accumulate(images).detach())
+            step.update(lr=1e-2, ema_beta=0)
+        runs.append(torch.cat(losses))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)
+
 # ----------------------------------------------------------------------------
 # Schedules.
 
