@@ -89,8 +89,8 @@ from training.training_step import TrainingStep, ema_beta, learning_rate
 
 # Where the README's recipes for the two sizes differ (the search in the README).
 RECIPE = {
-    16: dict(max_blockn=3, max_outputk=64, lr_rampup=2, chain_dropout=0),
-    32: dict(max_blockn=2, max_outputk=128, lr_rampup=0, chain_dropout=0.05),
+    16: dict(max_blockn=3, max_outputk=64, lr_rampup=2, chain_dropout=0, balance_halflife=32),
+    32: dict(max_blockn=2, max_outputk=128, lr_rampup=0, chain_dropout=0.05, balance_halflife=0),
 }
 
 # The fixed split of scikit-learn's 1797 digits.
@@ -215,7 +215,7 @@ def train_ours(train, budget, recipe, seed=0, clock='wall'):
     balance_kwargs = dict(method=recipe['split_rule'] if recipe['split_prune'] else 'none')
     if balance_kwargs['method'] == 'bias':
         balance_kwargs['bias_rate'] = recipe['bias_rate']
-    if recipe['balance_halflife'] is not None:
+    if recipe['balance_halflife']:
         balance_kwargs['halflife'] = recipe['balance_halflife']
     batch = recipe['batch']
     step_fn = TrainingStep(net, ema, DDNLoss(report_layers=False), optimizer, batch, 'fp32', balance_kwargs)
@@ -441,7 +441,7 @@ def print_table(rows):
 @click.option('--split-prune/--no-split-prune', help='Split-and-Prune after every step', default=True, show_default=True)
 @click.option('--split-rule',    help='Node balancing rule', type=click.Choice(['tv', 'paper', 'bias']), default='tv', show_default=True)
 @click.option('--bias-rate',     help='--split-rule=bias: step of the bias', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
-@click.option('--balance-halflife', help='Node statistics forget with this half-life, in targets per node (train.py\'s); omit to sum the whole run', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--balance-halflife', help='Node statistics forget with this half-life, in targets per node (train.py\'s); 0 = sum the whole run  [default: 32 at 16 px, 0 at 32 px]', metavar='FLOAT', type=click.FloatRange(min=0))
 def main(size, budget, clock, seed, samples, threads, peer, peer_dim, prior_steps, json_path, **recipe):
     """Sample quality (classifier-feature FD, precision/recall) and held-out reconstruction MSE of our DDN
     and of lucidrains' DDN, each trained for the same wall-clock budget on the built-in digits."""

@@ -100,7 +100,8 @@ def test_scheduled_lr():
     assert quality.scheduled_lr(1e-3, 500, 1, 'cosine', 0) == pytest.approx(5e-4)   # Half-way through warm-up.
 
 RECIPE = dict(batch=16, lr=3e-3, lr_rampup=0, lr_decay='cosine', ema=0.001, max_channels=8, max_blockn=1,
-              max_outputk=8, start_size=4, dropout=0, chain_dropout=0.05, split_prune=True, split_rule='tv', bias_rate=1e-2)
+              max_outputk=8, start_size=4, dropout=0, chain_dropout=0.05, split_prune=True, split_rule='tv', bias_rate=1e-2,
+              balance_halflife=32)
 
 def test_train_ours_for_a_budget(split16):
     train_u8 = (split16[0][:64] * 255).round().to(torch.uint8)
