@@ -349,7 +349,7 @@ def test_ffhq_recurrence_and_bias(work):
         (readme('--arch=recurrence --iters=9'), dict(set_={'--iters': '3', '--max-channels': '8', '--max-outputk': '4'},
                                                      add=['--duration=0.00008', '--batch=8', '--tick=0.04', *EXTRA_TRAIN])),
         (readme('--balance=bias --bias-rate=0.01'), dict(add=['--batch=8', *tiny])),
-        (readme('--balance-halflife=32'), dict(add=['--batch=8', *tiny]))])
+        (readme('--outdir=training-runs --balance-halflife=32'), dict(add=['--batch=8', *tiny]))])
     assert all('Exiting...' in proc.stdout for proc in procs)
     runs = sorted(_runs(work))
     assert any('ffhq-64x64' in r for r in runs)
