@@ -32,8 +32,7 @@ def sample_grid(net, seeds=SAMPLE_GRID_SEEDS, batch=64, cond_images=None, cond_l
         condition = net.make_condition(cond_images[:len(seeds)], cond_labels[:len(seeds)])
     def chunk(i):
         if prior is not None:
-            codes = prior_rule.sample(prior, prior_rule.seed_uniforms(seeds[i : i + batch], prior.num_layers))
-            return net(codes=codes.to(next(net.parameters()).device))
+            return net(codes=prior_rule.sample(prior, net.seed_uniforms(seeds[i : i + batch])))
         return net(seeds=seeds[i : i + batch], condition=None if condition is None else condition[i : i + batch])
     with batch_invariant():
         images = torch.cat([chunk(i).images.float().cpu() for i in range(0, len(seeds), batch)])

@@ -84,6 +84,7 @@ def sample(prior, uniforms, temperature=1.0, top_k=0, top_p=1.0):
     prior.eval()
     try:
         B, L = uniforms.shape
+        uniforms = uniforms.to(prior.valid.device)      # Per-seed uniforms may come from the host.
         state = prior.begin(B)
         codes = torch.zeros(B, L, dtype=torch.long, device=prior.valid.device)
         prev = None
