@@ -303,6 +303,7 @@ def _main(opts):
     chooser, chooser_info = cli.chooser(opts.guide_temp, opts.guide_topk)
     device = dist.pick_device(opts.device)
     earlier_files = check_outdir(opts.outdir, opts.force)
+    dist.barrier()      # Every rank has checked the folder before rank 0 writes into it.
 
     dist.print0(f'Loading network from "{opts.network}"...')
     net_path, net = cli.load_network(opts.network, device, trust_pickle=opts.trust_pickle)
