@@ -233,14 +233,14 @@ def recorded_outputs(outdir, marker='generation_options.json'):
     return files
 
 # The relative paths of every file under `outdir` (none if it does not exist), temporary files
-# of a killed run (`*.tmp-<pid>`) left out.
+# of a killed run (`*.tmp-<pid>`) and another rank's write probe (checkpoint.check_writable) left out.
 def existing_files(outdir):
     found = set()
     if not os.path.isdir(outdir):
         return found
     for root, _dirs, files in os.walk(outdir):
         for name in files:
-            if not re.search(r'\.tmp-\d+', name):
+            if not re.search(r'\.tmp-\d+', name) and not name.startswith(checkpoint.WRITE_TEST_PREFIX):
                 found.add(os.path.relpath(os.path.join(root, name), outdir).replace(os.sep, '/'))
     return found
 

@@ -11,6 +11,7 @@ import pickle
 import subprocess
 import sys
 
+import click
 import numpy as np
 import PIL.Image
 import pytest
@@ -26,6 +27,7 @@ from evaluation import metrics as metrics_lib
 import generate
 from dnnlib.util import format_int_list, parse_int_list
 from training.dataset import DigitsDataset
+from torch_utils import checkpoint
 from training.networks import DDNGenerator
 
 # The stand-in detector is TorchScript on purpose (the Inception pickle is one); PyTorch warns that TorchScript is deprecated.
@@ -165,6 +167,15 @@ def test_two_processes(reference, snapshot, tmp_path):
     latents, ref = _latents(tmp_path), _latents(reference)
     np.testing.assert_array_equal(latents['seeds'], ref['seeds'])
     np.testing.assert_array_equal(latents['codes'], ref['codes'])
+
+def test_outdir_check_ignores_another_ranks_write_probe(tmp_path):
+    # Under torchrun every rank checks --outdir at once; one rank's write probe (a race CI hit) is not
+    # an earlier run's file, but any other file is.
+    (tmp_path / (checkpoint.WRITE_TEST_PREFIX + 'abc123')).write_bytes(b'')
+    assert generate.check_outdir(str(tmp_path), False) == set()
+    (tmp_path / 'seed0000.png').write_bytes(b'')
+    with pytest.raises(click.UsageError, match='is not empty'):
+        generate.check_outdir(str(tmp_path), False)
 
 def test_subdirs(snapshot, tmp_path):
     _generate(['--network', snapshot, '--outdir', tmp_path, '--seeds', '998-1001', '--subdirs'])

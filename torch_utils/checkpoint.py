@@ -51,6 +51,10 @@ def write_atomic(path, write, mode='wb'):
             os.remove(tmp_path)
     _fsync_dir(folder)
 
+# Name prefix of check_writable's probe files: a folder listing skips them, since another rank may be
+# probing the same folder at that moment.
+WRITE_TEST_PREFIX = '.write-test-'
+
 def check_writable(path):
     """Raise ValueError unless `path` (a file or folder, new or existing) may be written: an existing
     folder must be writable, else the nearest existing folder above it (the missing ones can be made).
@@ -65,7 +69,7 @@ def check_writable(path):
     if not os.access(where, os.W_OK):
         raise ValueError(f'{path}: no permission to write in {where}')
     try:
-        with tempfile.NamedTemporaryFile(dir=where, prefix='.write-test-'):
+        with tempfile.NamedTemporaryFile(dir=where, prefix=WRITE_TEST_PREFIX):
             pass
     except OSError as err:
         raise ValueError(f'{"" if path == where else path + ": "}cannot write in {where}: {err.strerror or err}') from None
