@@ -199,12 +199,16 @@ def train_classifier(images, labels, steps=400, batch=64, lr=3e-3, seed=0):
 def classifier_features(clf, images, batch=500):
     return torch.cat([clf.features(part.float()) for part in images.split(batch)]).double()
 
-# FD, precision and recall of generated features against real ones (evaluation/feature_metrics.py, as fid.py).
-def quality_figures(real_features, gen_features):
+# Frechet distance of generated features to real ones (evaluation/feature_metrics.py, as fid.py).
+def frechet_distance(real_features, gen_features):
     mu_r, sigma_r = feature_metrics.compute_stats(real_features)
     mu_g, sigma_g = feature_metrics.compute_stats(gen_features)
+    return feature_metrics.calculate_fid(mu_g, sigma_g, mu_r, sigma_r)
+
+# FD, precision and recall of generated features against real ones.
+def quality_figures(real_features, gen_features):
     precision, recall = feature_metrics.precision_recall(real_features, gen_features, k=3)
-    return dict(fd=feature_metrics.calculate_fid(mu_g, sigma_g, mu_r, sigma_r), precision=precision, recall=recall)
+    return dict(fd=frechet_distance(real_features, gen_features), precision=precision, recall=recall)
 
 # ----------------------------------------------------------------------------
 # Ours: DDNGenerator + the training loop's TrainingStep, for a wall-clock budget.
@@ -347,12 +351,6 @@ def compression_figures(net, held_out, priors, chunk=64, batch=250):
 def inception_features(detector, images, batch=50):
     images = (images * 255).round().to(torch.uint8)
     return torch.cat([detector_features(detector, to_rgb(part), 'cpu') for part in images.split(batch)]).double()
-
-# FID of generated features against real ones (feature_metrics, as fid.py).
-def frechet_distance(real_features, gen_features):
-    mu_r, sigma_r = feature_metrics.compute_stats(real_features)
-    mu_g, sigma_g = feature_metrics.compute_stats(gen_features)
-    return feature_metrics.calculate_fid(mu_g, sigma_g, mu_r, sigma_r)
 
 # ----------------------------------------------------------------------------
 # The peer: lucidrains' discrete-distribution-network, trained by its own Trainer.
